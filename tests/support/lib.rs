@@ -1,0 +1,307 @@
+//! Test kit for Bulwark's cross-crate scenarios (`tests/*.rs`) and benchmarks.
+//!
+//! * [`root_or_skip`] gates tests that need root: they skip with a clear message when not root,
+//!   and fail instead when `BULWARK_REQUIRE_ROOT_TESTS=1` (CI sets it).
+//! * [`LoopFs`] makes a file system of the test's own (ext4, XFS with reflink, btrfs) on a loop
+//!   device under the test's temporary directory. Its `Drop` always thaws, unmounts and detaches,
+//!   also when the test panics. Nothing here ever touches `/` or a mount it did not create.
+//! * [`controller_bin`] and [`agent_bin`] give the paths of the built binaries (building them once
+//!   per test process if needed), for tests that run the real programs.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The environment variable that turns a skipped root test into a failure.
+pub const REQUIRE_ROOT_ENV: &str = "BULWARK_REQUIRE_ROOT_TESTS";
+
+fn require_root() -> bool {
+    std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Returns true when the test may run as root, with every tool in `tools` on the PATH.
+///
+/// When not root (or a tool is missing) it prints why the test is skipped and returns false,
+/// unless `BULWARK_REQUIRE_ROOT_TESTS=1`, in which case it panics so that CI cannot pass
+/// by skipping.
+pub fn root_or_skip(test: &str, tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root privileges".to_string());
+    }
+    for tool in tools {
+        if which(tool).is_none() {
+            missing.push(format!("the `{tool}` command"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("{test}: needs {}", missing.join(", "));
+    if require_root() {
+        panic!("{why}, and {REQUIRE_ROOT_ENV}=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {why} (run as root to include it)");
+    false
+}
+
+/// Finds an executable on the PATH (and in /sbin, /usr/sbin, where root's tools live).
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run<I, S>(program: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = Command::new(program)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {:?} failed ({}):\nstdout: {}\nstderr: {}",
+        args,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A file-system type that [`LoopFs`] can make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    /// ext4 (`mkfs.ext4`).
+    Ext4,
+    /// XFS with reflink enabled (`mkfs.xfs -m reflink=1`): the datastore for reflink snapshots.
+    XfsReflink,
+    /// btrfs (`mkfs.btrfs`), which also supports reflinks.
+    Btrfs,
+}
+
+impl FsType {
+    /// The mkfs command this type needs.
+    pub fn mkfs(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "mkfs.ext4",
+            FsType::XfsReflink => "mkfs.xfs",
+            FsType::Btrfs => "mkfs.btrfs",
+        }
+    }
+}
+
+/// Makes a file system of `fs` in the image file `image` (created sparse, `size` bytes).
+pub fn make_fs_image(image: &Path, size: u64, fs: FsType) {
+    let f = File::create(image).expect("create image file");
+    f.set_len(size).expect("size image file");
+    drop(f);
+    let img = image.as_os_str();
+    match fs {
+        FsType::Ext4 => run("mkfs.ext4", [OsStr::new("-q"), OsStr::new("-F"), img]),
+        FsType::XfsReflink => run(
+            "mkfs.xfs",
+            [OsStr::new("-q"), OsStr::new("-f"), OsStr::new("-m"), OsStr::new("reflink=1"), img],
+        ),
+        FsType::Btrfs => run("mkfs.btrfs", [OsStr::new("-q"), OsStr::new("-f"), img]),
+    };
+}
+
+/// A file system on a loop device, mounted under a directory of the test's own.
+///
+/// Dropping it thaws the file system (in case a test froze it), unmounts it and detaches the
+/// loop device, also while a panic unwinds.
+#[derive(Debug)]
+pub struct LoopFs {
+    image: PathBuf,
+    mountpoint: PathBuf,
+    device: String,
+    mounted: bool,
+}
+
+impl LoopFs {
+    /// Makes an image of `size` bytes at `<dir>/<name>.img`, formats it as `fs` and mounts it at
+    /// `<dir>/<name>`.
+    pub fn create(dir: &Path, name: &str, size: u64, fs: FsType) -> LoopFs {
+        let image = dir.join(format!("{name}.img"));
+        make_fs_image(&image, size, fs);
+        Self::mount_image(&image, &dir.join(name))
+    }
+
+    /// Mounts an existing file-system image at `mountpoint` (created if missing).
+    pub fn mount_image(image: &Path, mountpoint: &Path) -> LoopFs {
+        std::fs::create_dir_all(mountpoint).expect("create mountpoint");
+        let out = run("losetup", [OsStr::new("--find"), OsStr::new("--show"), image.as_os_str()]);
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mut fs = LoopFs {
+            image: image.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+            device,
+            mounted: false,
+        };
+        run("mount", [OsStr::new(&fs.device), mountpoint.as_os_str()]);
+        fs.mounted = true;
+        fs
+    }
+
+    /// Where the file system is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The image file that holds the file system.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    /// The loop device.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Syncs, unmounts and detaches now (a second call, and the later drop, do nothing).
+    pub fn unmount(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        self.mounted = false;
+        // Thaw first: unmounting a frozen file system blocks. Failure means "was not frozen".
+        let _ = Command::new("fsfreeze").arg("--unfreeze").arg(&self.mountpoint).output();
+        let mut unmounted = false;
+        for attempt in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.mountpoint)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                unmounted = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20 * (attempt + 1).min(10)));
+        }
+        if !unmounted {
+            eprintln!("warning: {} is busy; lazy unmount", self.mountpoint.display());
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).output();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Writes `len` bytes of deterministic pseudo-random data (from `seed`) at `offset` of `path`.
+pub fn write_random(path: &Path, offset: u64, len: usize, seed: u64) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("open for write");
+    f.seek(SeekFrom::Start(offset)).expect("seek");
+    f.write_all(&pseudo_random(len, seed)).expect("write");
+}
+
+/// `len` bytes of deterministic pseudo-random data (xorshift), incompressible enough for tests.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// BLAKE3-free, dependency-free digest of a whole file for equality checks in tests (SHA-like
+/// strength is not needed: it compares a restore with its source).
+pub fn file_digest(path: &Path) -> String {
+    let out = run("sha256sum", [path.as_os_str()]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Reads a whole file.
+pub fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    v
+}
+
+/// Bytes of `path` actually allocated on disk (st_blocks × 512): small for sparse files.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    let st = rustix::fs::stat(path).expect("stat");
+    st.st_blocks as u64 * 512
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        let dir = PathBuf::from(dir);
+        return if dir.is_absolute() { dir } else { workspace_root().join(dir) };
+    }
+    workspace_root().join("target")
+}
+
+fn built_binaries() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Build both binaries with the same profile the tests run under, once per process.
+        // When `cargo test --workspace` already built them this is a quick no-op.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
+            .unwrap_or_else(|| target_dir().join("debug"));
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "bulwark-controller-bin",
+            "-p",
+            "bulwark-agent-bin",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the binaries");
+        assert!(status.success(), "building the bulwark binaries failed");
+        profile_dir
+    })
+}
+
+/// Path of the built `bulwark-controller` binary.
+pub fn controller_bin() -> PathBuf {
+    built_binaries().join("bulwark-controller")
+}
+
+/// Path of the built `bulwark-agent` binary.
+pub fn agent_bin() -> PathBuf {
+    built_binaries().join("bulwark-agent")
+}
