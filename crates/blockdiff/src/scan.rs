@@ -1,0 +1,436 @@
+//! The pipelined, parallel scanner: reads a disk image block by block and says, for each block,
+//! whether it is a hole or zero, unchanged since the previous block map, or changed (with its
+//! content address and data).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use crate::Error;
+use crate::blockmap::{Address, BlockMap, BlockSize, Entry, block_len};
+
+/// How to scan a disk.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// The block size.
+    pub block_size: BlockSize,
+    /// The seed of the XXH3-128 change hash (per vault: a guest cannot precompute collisions
+    /// against a seed it does not know).
+    pub change_seed: u64,
+    /// Key for keyed BLAKE3 addresses (encrypted vaults), or `None` for plain BLAKE3.
+    pub address_key: Option<[u8; 32]>,
+    /// How many batches of blocks are read and hashed at once. Memory in flight is at most
+    /// `parallelism × max(block size, 4 MiB)`.
+    pub parallelism: usize,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            block_size: BlockSize::default(),
+            change_seed: 0,
+            address_key: None,
+            parallelism: default_parallelism(),
+        }
+    }
+}
+
+/// Two batches per core keep every core busy while one batch waits for I/O.
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+}
+
+/// What the scanner found for one block.
+#[derive(Debug, Clone)]
+pub enum BlockEvent {
+    /// The block is all zero. `hole` is true when it was a hole, found with SEEK_DATA and not
+    /// read at all.
+    Zero {
+        /// Block index.
+        index: u64,
+        /// True when the block lay in a hole and was not read.
+        hole: bool,
+    },
+    /// The block has the same length and change hash as in the previous block map: its entry
+    /// is reused and nothing needs storing.
+    Unchanged {
+        /// Block index.
+        index: u64,
+        /// The entry reused from the previous block map.
+        entry: Entry,
+    },
+    /// The block is new or changed.
+    Changed {
+        /// Block index.
+        index: u64,
+        /// XXH3-128 of the data (seeded).
+        change: u128,
+        /// The content address (BLAKE3, keyed if the options say so).
+        address: Address,
+        /// The block's bytes.
+        data: Bytes,
+    },
+}
+
+impl BlockEvent {
+    /// The block index.
+    pub fn index(&self) -> u64 {
+        match self {
+            BlockEvent::Zero { index, .. }
+            | BlockEvent::Unchanged { index, .. }
+            | BlockEvent::Changed { index, .. } => *index,
+        }
+    }
+
+    /// The entry this block gets in the new block map.
+    pub fn entry(&self) -> Entry {
+        match self {
+            BlockEvent::Zero { .. } => Entry::Zero,
+            BlockEvent::Unchanged { entry, .. } => *entry,
+            BlockEvent::Changed {
+                change, address, ..
+            } => Entry::Data {
+                change: *change,
+                address: *address,
+            },
+        }
+    }
+}
+
+/// An open disk image (or block device) to scan.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    path: PathBuf,
+    file: Arc<File>,
+    size: u64,
+}
+
+impl Disk {
+    /// Opens `path` read-only. It must be a regular file or a block device.
+    pub fn open(path: &Path) -> Result<Disk, Error> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(Error::NotADiskImage {
+                path: path.to_path_buf(),
+            });
+        }
+        let file = File::open(path).map_err(io)?;
+        let size = if ft.is_block_device() {
+            rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| io(std::io::Error::from(e)))?
+        } else {
+            meta.len()
+        };
+        Ok(Disk {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            size,
+        })
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Scans `disk` against the block map of its previous backup (if any, and if its block size
+/// matches) and yields one [`BlockEvent`] per block, in block order.
+///
+/// Reading and hashing run on tokio's blocking pool, `options.parallelism` batches at a time;
+/// the stream is ordered and bounded, so memory stays flat however large the disk.
+pub fn scan(
+    disk: &Disk,
+    previous: Option<Arc<BlockMap>>,
+    options: &ScanOptions,
+) -> impl Stream<Item = Result<BlockEvent, Error>> + Send + 'static {
+    let bs = options.block_size;
+    let previous = previous.filter(|p| p.block_size() == bs);
+    let count = bs.block_count(disk.size);
+    // Small blocks are grouped so that each blocking task handles about 4 MiB.
+    let per_batch = (4 * 1024 * 1024 / bs.bytes()).max(1);
+    let ctx = Arc::new(Ctx {
+        file: disk.file.clone(),
+        path: disk.path.clone(),
+        size: disk.size,
+        previous,
+        options: options.clone(),
+    });
+    let batches = count.div_ceil(per_batch);
+    futures::stream::iter(0..batches)
+        .map(move |b| {
+            let ctx = ctx.clone();
+            async move {
+                let first = b * per_batch;
+                let last = (first + per_batch).min(count);
+                tokio::task::spawn_blocking(move || ctx.scan_range(first, last))
+                    .await
+                    .map_err(|e| Error::Worker(e.to_string()))?
+            }
+        })
+        .buffered(options.parallelism.max(1))
+        .flat_map(|r| match r {
+            Ok(events) => futures::stream::iter(events.into_iter().map(Ok)).left_stream(),
+            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+        })
+}
+
+struct Ctx {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    previous: Option<Arc<BlockMap>>,
+    options: ScanOptions,
+}
+
+impl Ctx {
+    fn scan_range(&self, first: u64, last: u64) -> Result<Vec<BlockEvent>, Error> {
+        let bs = self.options.block_size;
+        let mut out = Vec::with_capacity((last - first) as usize);
+        // The next offset known to hold data (from SEEK_DATA), so that a run of hole blocks
+        // costs one system call, not one per block.
+        let mut next_data: Option<u64> = None;
+        for index in first..last {
+            let offset = index * bs.bytes();
+            let len = block_len(bs, self.size, index);
+            let end = offset + len;
+            let data_at = match next_data {
+                Some(d) if d >= offset => d,
+                _ => {
+                    let d = self.seek_data(offset);
+                    next_data = Some(d);
+                    d
+                }
+            };
+            if data_at >= end {
+                out.push(BlockEvent::Zero { index, hole: true });
+                continue;
+            }
+            let mut buf = vec![0u8; len as usize];
+            self.file
+                .read_exact_at(&mut buf, offset)
+                .map_err(|source| Error::Read {
+                    path: self.path.clone(),
+                    index,
+                    offset,
+                    source,
+                })?;
+            out.push(self.classify(index, buf));
+        }
+        Ok(out)
+    }
+
+    /// The first offset at or after `offset` that holds data; the end of the disk when there is
+    /// none. File systems without SEEK_DATA support (or any error) report `offset` itself, so
+    /// the block is read: correctness never depends on hole detection.
+    fn seek_data(&self, offset: u64) -> u64 {
+        match rustix::fs::seek(&*self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => self.size,
+            Err(_) => offset,
+        }
+    }
+
+    fn classify(&self, index: u64, buf: Vec<u8>) -> BlockEvent {
+        if is_zero(&buf) {
+            return BlockEvent::Zero { index, hole: false };
+        }
+        let change = xxh3_128_with_seed(&buf, self.options.change_seed);
+        if let Some(Entry::Data {
+            change: prev,
+            address,
+        }) = self.previous.as_ref().and_then(|p| p.entry(index))
+        {
+            let same_len = self
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.block_len(index) == buf.len() as u64);
+            if *prev == change && same_len {
+                return BlockEvent::Unchanged {
+                    index,
+                    entry: Entry::Data {
+                        change,
+                        address: *address,
+                    },
+                };
+            }
+        }
+        let address = content_address(&buf, self.options.address_key.as_ref());
+        BlockEvent::Changed {
+            index,
+            change,
+            address,
+            data: Bytes::from(buf),
+        }
+    }
+}
+
+/// The content address of `data`: BLAKE3, or keyed BLAKE3 when `key` is given.
+pub fn content_address(data: &[u8], key: Option<&[u8; 32]>) -> Address {
+    let hash = match key {
+        Some(k) => blake3::keyed_hash(k, data),
+        None => blake3::hash(data),
+    };
+    Address(*hash.as_bytes())
+}
+
+/// True when every byte of `buf` is zero. Checks 64-byte chunks so the compiler vectorises it,
+/// and stops at the first chunk holding data.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockmap::MIN_BLOCK_SIZE;
+    use std::io::{Seek, SeekFrom, Write};
+
+    fn opts() -> ScanOptions {
+        ScanOptions {
+            block_size: BlockSize::new(MIN_BLOCK_SIZE).unwrap(),
+            change_seed: 42,
+            address_key: None,
+            parallelism: 3,
+        }
+    }
+
+    async fn collect(disk: &Disk, prev: Option<Arc<BlockMap>>) -> Vec<BlockEvent> {
+        let mut s = std::pin::pin!(scan(disk, prev, &opts()));
+        let mut v = Vec::new();
+        while let Some(e) = s.next().await {
+            v.push(e.unwrap());
+        }
+        v
+    }
+
+    fn map_of(events: &[BlockEvent], size: u64) -> Arc<BlockMap> {
+        let entries = events.iter().map(BlockEvent::entry).collect();
+        Arc::new(BlockMap::new(opts().block_size, size, entries).unwrap())
+    }
+
+    #[tokio::test]
+    async fn holes_zeros_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let bs = u64::from(MIN_BLOCK_SIZE);
+        let size = 10 * bs + 123;
+        let mut f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        // Block 1: data. Block 3: written zeros (allocated, not a hole). Last block: short data.
+        f.seek(SeekFrom::Start(bs)).unwrap();
+        f.write_all(&vec![7u8; bs as usize]).unwrap();
+        f.seek(SeekFrom::Start(3 * bs)).unwrap();
+        f.write_all(&vec![0u8; bs as usize]).unwrap();
+        f.seek(SeekFrom::Start(10 * bs)).unwrap();
+        f.write_all(&[9u8; 123]).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+
+        let disk = Disk::open(&path).unwrap();
+        let ev = collect(&disk, None).await;
+        assert_eq!(ev.len(), 11);
+        assert!(
+            ev.iter().enumerate().all(|(i, e)| e.index() == i as u64),
+            "ordered"
+        );
+        assert!(matches!(ev[0], BlockEvent::Zero { hole: true, .. }));
+        assert!(matches!(ev[1], BlockEvent::Changed { .. }));
+        assert!(
+            matches!(ev[3], BlockEvent::Zero { hole: false, .. }),
+            "{:?}",
+            ev[3]
+        );
+        match &ev[10] {
+            BlockEvent::Changed { data, .. } => assert_eq!(data.len(), 123),
+            other => panic!("{other:?}"),
+        }
+
+        // Same content again: everything unchanged, nothing to store.
+        let prev = map_of(&ev, size);
+        let ev2 = collect(&disk, Some(prev.clone())).await;
+        assert!(ev2.iter().all(|e| !matches!(e, BlockEvent::Changed { .. })));
+        assert_eq!(map_of(&ev2, size), prev);
+
+        // Change one block: exactly that block is changed.
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(bs + 10)).unwrap();
+        f.write_all(b"x").unwrap();
+        drop(f);
+        let ev3 = collect(&disk, Some(prev)).await;
+        let changed: Vec<u64> = ev3
+            .iter()
+            .filter(|e| matches!(e, BlockEvent::Changed { .. }))
+            .map(BlockEvent::index)
+            .collect();
+        assert_eq!(changed, vec![1]);
+    }
+
+    #[tokio::test]
+    async fn grown_last_block_is_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![5u8; 1000]).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        let ev = collect(&disk, None).await;
+        let prev = map_of(&ev, 1000);
+        // Grow by appending the same byte: the block's bytes differ in length only.
+        std::fs::write(&path, vec![5u8; 2000]).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        let ev = collect(&disk, Some(prev)).await;
+        assert!(matches!(ev[0], BlockEvent::Changed { .. }));
+    }
+
+    #[test]
+    fn directory_is_not_a_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Disk::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("not a disk image"), "{err}");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1000]));
+        let mut v = vec![0u8; 1000];
+        v[999] = 1;
+        assert!(!is_zero(&v));
+        v[999] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn keyed_addresses_differ() {
+        let a = content_address(b"hello", None);
+        let b = content_address(b"hello", Some(&[1; 32]));
+        assert_ne!(a, b);
+        assert_eq!(a.0, *blake3::hash(b"hello").as_bytes());
+    }
+}
