@@ -1,0 +1,244 @@
+//! The envelope every vault object (block, manifest, point) is stored in.
+//!
+//! # Format, version 1
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `BWOB` |
+//! | 4 | 1 | envelope version (1) |
+//! | 5 | 1 | kind: 1 block, 2 manifest, 3 point |
+//! | 6 | 1 | flags: bit 0 = payload is zstd-compressed; other bits reserved (0) |
+//! | 7 | 1 | reserved (0) |
+//! | 8 | 8 | plain length (little-endian) |
+//! | 16 | 32 | BLAKE3 of the plain content |
+//! | 48 | … | payload |
+//!
+//! For a block the digest is its content address, so a block stored under the wrong key, or
+//! corrupted in any way, fails to open. Decoding checks every field, bounds the plain length
+//! before decompressing, and compares the digest: a mismatch is an error, never wrong bytes.
+
+use crate::Error;
+
+const MAGIC: &[u8; 4] = b"BWOB";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 48;
+const FLAG_ZSTD: u8 = 1;
+
+/// What an object holds; stored in its header so that one kind is never read as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A disk block.
+    Block = 1,
+    /// A block map.
+    Manifest = 2,
+    /// A recovery point.
+    Point = 3,
+}
+
+impl Kind {
+    /// The largest plain content this kind may have: a bound checked before decompressing.
+    fn max_plain_len(self) -> u64 {
+        match self {
+            Kind::Block => u64::from(bulwark_blockdiff::MAX_BLOCK_SIZE),
+            // 49 bytes per block: 1 GiB covers a 20 TiB disk at 1 MiB blocks.
+            Kind::Manifest => 1 << 30,
+            Kind::Point => 16 << 20,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Block => "block",
+            Kind::Manifest => "manifest",
+            Kind::Point => "point",
+        }
+    }
+}
+
+/// The result of sealing: the stored bytes and the digest of the plain content.
+#[derive(Debug)]
+pub struct Sealed {
+    /// The bytes to store.
+    pub bytes: Vec<u8>,
+    /// BLAKE3 of the plain content.
+    pub digest: [u8; 32],
+}
+
+/// Seals `plain` as an object of `kind`, zstd-compressed at `level` unless that does not make
+/// it smaller (then stored raw). `digest` is the BLAKE3 of `plain` when the caller knows it.
+pub fn seal(kind: Kind, plain: &[u8], level: Option<i32>, digest: Option<[u8; 32]>) -> Sealed {
+    let digest = digest.unwrap_or_else(|| *blake3::hash(plain).as_bytes());
+    let compressed = level
+        .and_then(|l| compress(plain, l))
+        .filter(|c| c.len() < plain.len());
+    let (flags, payload): (u8, &[u8]) = match &compressed {
+        Some(c) => (FLAG_ZSTD, c),
+        None => (0, plain),
+    };
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.push(VERSION);
+    bytes.push(kind as u8);
+    bytes.push(flags);
+    bytes.push(0);
+    bytes.extend_from_slice(&(plain.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&digest);
+    bytes.extend_from_slice(payload);
+    Sealed { bytes, digest }
+}
+
+fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(level).ok();
+        }
+        let comp = c.as_mut()?;
+        comp.set_compression_level(level).ok()?;
+        comp.compress(plain).ok()
+    })
+}
+
+/// Opens an object read from `key`: checks the header, decompresses within the kind's bound and
+/// verifies the digest. Returns the plain content and its digest.
+pub fn open(kind: Kind, key: &str, bytes: &[u8]) -> Result<(Vec<u8>, [u8; 32]), Error> {
+    let corrupt = |why: String| Error::Corrupt {
+        key: key.to_string(),
+        why,
+    };
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(format!(
+            "object is truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if &bytes[0..4] != MAGIC {
+        return Err(corrupt("not a Bulwark object (bad magic)".into()));
+    }
+    if bytes[4] != VERSION {
+        return Err(Error::UnsupportedObjectVersion {
+            key: key.to_string(),
+            found: bytes[4],
+        });
+    }
+    if bytes[5] != kind as u8 {
+        return Err(corrupt(format!(
+            "object kind {} where a {} was expected",
+            bytes[5],
+            kind.name()
+        )));
+    }
+    let flags = bytes[6];
+    if flags & !FLAG_ZSTD != 0 || bytes[7] != 0 {
+        return Err(corrupt(format!("unknown flags {flags:#04x}")));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[8..16]);
+    let plain_len = u64::from_le_bytes(len8);
+    if plain_len > kind.max_plain_len() {
+        return Err(corrupt(format!(
+            "plain length {plain_len} exceeds the {} limit of {}",
+            kind.name(),
+            kind.max_plain_len()
+        )));
+    }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&bytes[16..48]);
+    let payload = &bytes[HEADER_LEN..];
+    let plain = if flags & FLAG_ZSTD != 0 {
+        let plain = zstd::bulk::decompress(payload, plain_len as usize)
+            .map_err(|e| corrupt(format!("payload does not decompress: {e}")))?;
+        if plain.len() as u64 != plain_len {
+            return Err(corrupt(format!(
+                "payload decompresses to {} bytes, header says {plain_len}",
+                plain.len()
+            )));
+        }
+        plain
+    } else {
+        if payload.len() as u64 != plain_len {
+            return Err(corrupt(format!(
+                "payload is {} bytes, header says {plain_len} (truncated?)",
+                payload.len()
+            )));
+        }
+        payload.to_vec()
+    };
+    if blake3::hash(&plain).as_bytes() != &digest {
+        return Err(corrupt("content does not match its digest".into()));
+    }
+    Ok((plain, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn seal_open_round_trip_compressed_and_raw() {
+        let text = b"hello hello hello hello hello hello hello hello".repeat(100);
+        let s = seal(Kind::Manifest, &text, Some(1), None);
+        assert!(
+            s.bytes.len() < text.len(),
+            "compressible content is compressed"
+        );
+        assert_eq!(open(Kind::Manifest, "k", &s.bytes).unwrap().0, text);
+
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let s = seal(Kind::Block, &noise, Some(1), None);
+        assert_eq!(open(Kind::Block, "k", &s.bytes).unwrap().0, noise);
+    }
+
+    #[test]
+    fn wrong_kind_and_version_are_errors() {
+        let s = seal(Kind::Point, b"{}", None, None);
+        let e = open(Kind::Block, "points/x", &s.bytes).unwrap_err();
+        assert!(e.to_string().contains("points/x"), "{e}");
+        let mut b = s.bytes.clone();
+        b[4] = 7;
+        assert!(matches!(
+            open(Kind::Point, "k", &b),
+            Err(Error::UnsupportedObjectVersion { found: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_plain_length_is_rejected_before_decompressing() {
+        let mut s = seal(Kind::Block, &[1u8; 100_000], Some(1), None).bytes;
+        s[8..16].copy_from_slice(&(u64::MAX).to_le_bytes());
+        let e = open(Kind::Block, "k", &s).unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn prop_any_flip_or_truncation_is_detected(
+            data in proptest::collection::vec(any::<u8>(), 1..3000),
+            compress in any::<bool>(),
+            pos in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let s = seal(Kind::Block, &data, compress.then_some(3), None).bytes;
+            let mut flipped = s.clone();
+            let i = pos.index(flipped.len());
+            flipped[i] ^= 1 << bit;
+            prop_assert!(open(Kind::Block, "k", &flipped).is_err());
+            let c = cut.index(s.len());
+            prop_assert!(open(Kind::Block, "k", &s[..c]).is_err());
+            prop_assert_eq!(open(Kind::Block, "k", &s).unwrap().0, data);
+        }
+
+        #[test]
+        fn prop_random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = open(Kind::Manifest, "k", &bytes);
+        }
+    }
+}

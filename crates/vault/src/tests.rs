@@ -1,0 +1,233 @@
+//! Unit tests of the vault on the in-memory store and a local directory.
+
+use super::*;
+use bulwark_blockdiff::{Entry, content_address};
+use jiff::Timestamp;
+
+async fn mem() -> Vault {
+    Vault::create_store(
+        Arc::new(object_store::memory::InMemory::new()),
+        "memory:",
+        &CreateOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn one_point(v: &Vault, vm: &str, data: &[u8]) -> RecoveryPoint {
+    let bs = BlockSize::new(bulwark_blockdiff::MIN_BLOCK_SIZE).unwrap();
+    let address = content_address(data, None);
+    v.put_block(address, Bytes::copy_from_slice(data))
+        .await
+        .unwrap();
+    let map = BlockMap::new(
+        bs,
+        data.len() as u64,
+        vec![Entry::Data { change: 1, address }],
+    )
+    .unwrap();
+    let id = new_point_id(Timestamp::now());
+    let (digest, _) = v
+        .put_manifest(
+            &ManifestRef {
+                vm,
+                disk: "d0",
+                point: &id,
+            },
+            &map,
+        )
+        .await
+        .unwrap();
+    let p = RecoveryPoint {
+        id,
+        vm: vm.into(),
+        created: Timestamp::now(),
+        committed: Timestamp::now(),
+        consistency: ConsistencyRecord::crash(),
+        disks: vec![DiskRecord {
+            name: "d0".into(),
+            size: data.len() as u64,
+            block_size: bs.get(),
+            manifest_digest: digest,
+            source: String::new(),
+            stats: DiskStats::default(),
+        }],
+        policy: None,
+        agent: None,
+    };
+    v.commit_point(&p).await.unwrap();
+    p
+}
+
+#[tokio::test]
+async fn put_get_dedup() {
+    let v = mem().await;
+    let data = Bytes::from(vec![3u8; 10_000]);
+    let a = content_address(&data, None);
+    let first = v.put_block(a, data.clone()).await.unwrap();
+    assert!(!first.existed && first.stored_bytes > 0 && first.stored_bytes < 10_000);
+    let second = v.put_block(a, data.clone()).await.unwrap();
+    assert!(second.existed && second.stored_bytes == 0);
+    assert_eq!(v.get_block(a).await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn points_list_resolve_verify() {
+    let v = mem().await;
+    let p1 = one_point(&v, "vm1", b"first").await;
+    let p2 = one_point(&v, "vm1", b"second").await;
+    one_point(&v, "vm2", b"other").await;
+    let list = v.list_points(Some("vm1")).await.unwrap();
+    assert_eq!(
+        list.points.iter().map(|p| &p.id).collect::<Vec<_>>(),
+        vec![&p1.id, &p2.id]
+    );
+    assert_eq!(v.resolve_point("vm1", "latest").await.unwrap(), p2);
+    assert_eq!(v.resolve_point("vm1", &p1.id).await.unwrap(), p1);
+    assert!(matches!(
+        v.resolve_point("vm3", "latest").await,
+        Err(Error::NoSuchPoint { .. })
+    ));
+    assert_eq!(
+        v.vms().await.unwrap().into_iter().collect::<Vec<_>>(),
+        vec![("vm1".into(), 2), ("vm2".into(), 1)]
+    );
+    let r = v.verify(None, &|_, _| {}).await.unwrap();
+    assert!(r.is_ok(), "{:?}", r.problems);
+    assert_eq!((r.points, r.manifests, r.blocks), (3, 3, 3));
+}
+
+#[tokio::test]
+async fn committing_a_point_twice_is_refused() {
+    let v = mem().await;
+    let p = one_point(&v, "vm", b"x").await;
+    assert!(matches!(
+        v.commit_point(&p).await,
+        Err(Error::PointExists { .. })
+    ));
+}
+
+#[tokio::test]
+async fn corrupt_and_missing_objects_are_named() {
+    let v = mem().await;
+    let p = one_point(&v, "vm", b"payload payload payload").await;
+    let address = content_address(b"payload payload payload", None);
+    let key = block_key(&address);
+    // Flip a byte of the stored block.
+    let mut raw = v
+        .store
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let last = raw.len() - 1;
+    raw[last] ^= 0x40;
+    v.store.put(&key, PutPayload::from(raw)).await.unwrap();
+    let e = v.get_block(address).await.unwrap_err();
+    assert!(e.to_string().contains(&key.to_string()), "{e}");
+    let r = v.verify(Some("vm"), &|_, _| {}).await.unwrap();
+    assert_eq!(r.problems.len(), 1);
+    assert_eq!(r.problems[0].key, key.to_string());
+    assert_eq!(r.problems[0].points, vec![format!("vm/{}", p.id)]);
+
+    // Missing block.
+    v.store.delete(&key).await.unwrap();
+    let r = v.verify(Some("vm"), &|_, _| {}).await.unwrap();
+    assert!(
+        r.problems[0].message.contains("missing"),
+        "{:?}",
+        r.problems
+    );
+}
+
+#[tokio::test]
+async fn a_swapped_manifest_is_detected() {
+    let v = mem().await;
+    let p1 = one_point(&v, "vm", b"one").await;
+    let p2 = one_point(&v, "vm", b"two").await;
+    let k1 = manifest_key(&ManifestRef {
+        vm: "vm",
+        disk: "d0",
+        point: &p1.id,
+    });
+    let k2 = manifest_key(&ManifestRef {
+        vm: "vm",
+        disk: "d0",
+        point: &p2.id,
+    });
+    let b2 = v.store.get(&k2).await.unwrap().bytes().await.unwrap();
+    v.store.put(&k1, PutPayload::from(b2)).await.unwrap();
+    let e = v
+        .get_manifest(
+            &ManifestRef {
+                vm: "vm",
+                disk: "d0",
+                point: &p1.id,
+            },
+            &p1.disks[0].manifest_digest,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("pinned"), "{e}");
+}
+
+#[tokio::test]
+async fn local_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let e = Vault::open(missing.to_str().unwrap()).await.unwrap_err();
+    assert!(matches!(e, Error::NoVault { .. }), "{e}");
+    assert!(e.to_string().contains("nope"), "{e}");
+
+    let loc = dir.path().join("vault");
+    let loc = loc.to_str().unwrap();
+    let (v, created) = Vault::open_or_create(loc, &CreateOptions::default())
+        .await
+        .unwrap();
+    assert!(created);
+    assert!(matches!(
+        Vault::create(loc, &CreateOptions::default()).await,
+        Err(Error::VaultExists { .. })
+    ));
+    let (again, created) =
+        Vault::open_or_create(&format!("file://{loc}"), &CreateOptions::default())
+            .await
+            .unwrap();
+    assert!(!created);
+    assert_eq!(again.config(), v.config());
+
+    let e = Vault::open("ftp://x/y").await.unwrap_err();
+    assert!(e.to_string().contains("unknown URL scheme"), "{e}");
+}
+
+#[tokio::test]
+async fn unknown_vault_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().to_str().unwrap();
+    Vault::create(loc, &CreateOptions::default()).await.unwrap();
+    let cfg = dir.path().join(CONFIG_KEY);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["version"] = 2.into();
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    let e = Vault::open(loc).await.unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedVaultVersion { found: 2, .. }),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn bad_names_are_refused() {
+    let v = mem().await;
+    assert!(matches!(
+        v.list_points(Some("../etc")).await,
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(matches!(
+        v.get_point("vm", "a/b").await,
+        Err(Error::InvalidName { .. })
+    ));
+}
