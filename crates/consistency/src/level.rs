@@ -59,7 +59,9 @@ impl FromStr for Level {
             "crash" => Ok(Level::Crash),
             "file_system" | "filesystem" | "fs" => Ok(Level::FileSystem),
             "application" | "app" => Ok(Level::Application),
-            _ => Err(UnknownLevel { given: s.to_string() }),
+            _ => Err(UnknownLevel {
+                given: s.to_string(),
+            }),
         }
     }
 }
