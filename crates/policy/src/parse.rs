@@ -106,8 +106,19 @@ impl Ctx<'_> {
         self.invalid(
             span,
             field,
-            format!("not allowed for a {frequency} schedule{hint}"),
+            format!(
+                "not allowed for {} {frequency} schedule{hint}",
+                article(frequency)
+            ),
         )
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with('h') || word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
     }
 }
 
@@ -178,7 +189,9 @@ fn shape_error(cx: &Ctx<'_>, e: &toml::de::Error) -> Error {
         file,
         line,
         field: field_path(cx.text, &span, None),
-        message,
+        message: message
+            .replace("expected i64", "expected an integer")
+            .replace("expected u8", "expected an integer"),
     }
 }
 
@@ -804,4 +817,485 @@ fn validate_retention(
         instant_restore_days,
         soft_delete_days,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::{Error, Policy};
+
+    const BASE: &str = "\
+time_zone = \"Europe/Berlin\"
+
+[schedule]
+frequency = \"daily\"
+times = [\"02:30\"]
+
+[retention]
+daily = 7
+";
+
+    /// The error message for `text` (which must be rejected).
+    fn error(text: &str) -> String {
+        match Policy::from_toml_str(text, "policy.toml") {
+            Ok(p) => panic!("accepted:\n{text}\nas\n{p}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn with(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        BASE.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn base_and_example_parse() {
+        let p = Policy::from_toml_str(BASE, "policy.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.time_zone_name(), "Europe/Berlin");
+        assert_eq!(p.block_size(), 1 << 20);
+        assert_eq!(p.retention().instant_restore_days, 2);
+        assert_eq!(p.retention().soft_delete_days, 14);
+        assert_eq!(p.consistency().wanted, crate::Level::Application);
+        assert_eq!(p.consistency().minimum, crate::Level::Crash);
+
+        let text = include_str!("../examples/policy.toml");
+        let p =
+            Policy::from_toml_str(text, "examples/policy.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.to_string(),
+            "\
+policy gold (examples/policy.toml)
+  time zone:       Europe/Berlin
+  schedule:        daily at 02:30
+  retention:       daily 7, weekly 4 (on sunday), monthly 12 (on last day), yearly 2 (on last day of december)
+  instant restore: 2 days
+  soft delete:     14 days
+  consistency:     wanted application, minimum crash
+  block size:      1 MiB"
+        );
+    }
+
+    #[test]
+    fn all_fields_and_spellings() {
+        let text = "\
+name = \"vm-db_01\"
+time_zone = \"America/New_York\"
+block_size = 65536
+
+[schedule]
+frequency = \"Weekly\"
+weekdays = [\"sat\", \"Monday\"]
+times = [\"23:59\", \"00:00\"]
+
+[retention.weekly]
+count = 5163
+weekday = \"sat\"
+
+[retention.monthly]
+count = 1188
+day = 28
+
+[retention.yearly]
+count = 99
+month = \"feb\"
+day = \"last\"
+
+[retention]
+instant_restore_days = 5
+soft_delete_days = 180
+
+[consistency]
+wanted = \"file_system\"
+minimum = \"file_system\"
+";
+        // (TOML allows [retention] after its sub-tables.)
+        let p = Policy::from_toml_str(text, "p.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.name(), Some("vm-db_01"));
+        assert_eq!(p.block_size(), 64 * 1024);
+        assert_eq!(
+            p.schedule().to_string(),
+            "weekly on monday, saturday at 00:00, 23:59"
+        );
+        assert_eq!(
+            p.retention().to_string(),
+            "weekly 5163 (on saturday), monthly 1188 (on day 28), yearly 99 (on last day of february)"
+        );
+        let hourly = with(
+            "frequency = \"daily\"\ntimes = [\"02:30\"]",
+            "frequency = \"hourly\"\nevery_hours = 6\nwindow_start = \"06:30\"\nwindow_hours = 12",
+        )
+        .replace("daily = 7", "daily = 9999\ninstant_restore_days = 30");
+        let p = Policy::from_toml_str(&hourly, "p.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.schedule().to_string(),
+            "every 6 hours from 06:30 for 12 hours"
+        );
+        assert_eq!(p.retention().instant_restore_days, 30);
+        for (size, bytes) in [
+            ("\"16MiB\"", 16u32 << 20),
+            ("\"256KiB\"", 256 << 10),
+            ("\"1 MiB\"", 1 << 20),
+        ] {
+            let p = Policy::from_toml_str(&format!("block_size = {size}\n{BASE}"), "p.toml")
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(p.block_size(), bytes);
+        }
+    }
+
+    #[test]
+    fn malformed_toml() {
+        assert_eq!(
+            error("time_zone = \"Europe/Berlin\"\n[schedule\nfrequency = 1\n"),
+            "policy.toml:2: malformed TOML: unclosed table, expected `]`"
+        );
+        assert_eq!(
+            error("time_zone = \"Europe/Berlin\"\nname = \"unterminated\n"),
+            "policy.toml:2: malformed TOML: invalid basic string, expected `\"`"
+        );
+        let e = error(&format!("{BASE}daily = 8\n"));
+        assert!(e.starts_with("policy.toml:9: malformed TOML: "), "{e}");
+        assert!(matches!(
+            Policy::from_toml_str("x = ", "f"),
+            Err(Error::Syntax { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields() {
+        assert_eq!(
+            error(&with(
+                "times = [\"02:30\"]",
+                "times = [\"02:30\"]\nevery_hour = 4"
+            )),
+            "policy.toml:6: schedule.every_hour: unknown field; allowed here: `frequency`, \
+             `times`, `weekdays`, `every_hours`, `window_start`, `window_hours`"
+        );
+        assert_eq!(
+            error(&with(
+                "daily = 7",
+                "daily = 7\nweekly = { count = 4, wekday = \"sunday\" }"
+            )),
+            "policy.toml:9: retention.weekly.wekday: unknown field; allowed here: `count` or `weekday`"
+        );
+        assert_eq!(
+            error(&format!("colour = \"red\"\n{BASE}")),
+            "policy.toml:1: colour: unknown field; allowed here: `name`, `time_zone`, \
+             `block_size`, `schedule`, `retention`, `consistency`"
+        );
+        assert_eq!(
+            error(&format!(
+                "{BASE}\n[consistency]\nwanted = \"crash\"\nmaximum = \"crash\"\n"
+            )),
+            "policy.toml:12: consistency.maximum: unknown field; allowed here: `wanted` or `minimum`"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields() {
+        assert_eq!(
+            error(&with("daily = 7", "daily = \"seven\"")),
+            "policy.toml:8: retention.daily: invalid type: string \"seven\", expected an integer"
+        );
+        assert_eq!(
+            error(&with(
+                "daily = 7",
+                "daily = 7\nweekly = { count = \"four\" }"
+            )),
+            "policy.toml:9: retention.weekly.count: invalid type: string \"four\", expected an integer"
+        );
+        assert_eq!(
+            error(&with("frequency = \"daily\"\n", "")),
+            "policy.toml:3: schedule.frequency: required field `frequency` is missing"
+        );
+        assert_eq!(
+            error(&with("time_zone = \"Europe/Berlin\"\n", "")),
+            "policy.toml:1: time_zone: required field `time_zone` is missing"
+        );
+        assert_eq!(
+            error(&with("[retention]\ndaily = 7\n", "")),
+            "policy.toml:1: retention: required field `retention` is missing"
+        );
+        assert_eq!(
+            error(""),
+            "policy.toml:1: time_zone: required field `time_zone` is missing"
+        );
+    }
+
+    #[test]
+    fn impossible_schedules() {
+        let hourly = |rest: &str| {
+            with(
+                "frequency = \"daily\"\ntimes = [\"02:30\"]",
+                &format!("frequency = \"hourly\"\n{rest}"),
+            )
+        };
+        assert_eq!(
+            error(&hourly("every_hours = 5")),
+            "policy.toml:5: schedule.every_hours: hourly interval must be one of 4, 6, 8, 12, 24, got 5"
+        );
+        assert_eq!(
+            error(&hourly("every_hours = 4\nwindow_hours = 25")),
+            "policy.toml:6: schedule.window_hours: the window must last 1 to 24 hours (it \
+             repeats every day), got 25"
+        );
+        assert_eq!(
+            error(&hourly("every_hours = 4\nwindow_hours = 0")),
+            "policy.toml:6: schedule.window_hours: the window must last 1 to 24 hours (it \
+             repeats every day), got 0"
+        );
+        assert_eq!(
+            error(&hourly("window_start = \"08:00\"")),
+            "policy.toml:3: schedule.every_hours: an hourly schedule needs every_hours, one of 4, 6, 8, 12, 24"
+        );
+        assert_eq!(
+            error(&hourly("every_hours = 4\nwindow_start = \"8am\"")),
+            "policy.toml:6: schedule.window_start: time must be \"HH:MM\" from 00:00 to 23:59, got \"8am\""
+        );
+        assert_eq!(
+            error(&hourly("every_hours = 4\ntimes = [\"01:00\"]")),
+            "policy.toml:6: schedule.times: not allowed for an hourly schedule (use window_start, \
+             window_hours and every_hours)"
+        );
+        assert_eq!(
+            error(&with("times = [\"02:30\"]", "times = []")),
+            "policy.toml:5: schedule.times: a daily schedule needs at least one time, such as \
+             times = [\"02:30\"] (\"HH:MM\", 00:00 to 23:59)"
+        );
+        assert_eq!(
+            error(&with("times = [\"02:30\"]\n", "")),
+            "policy.toml:3: schedule.times: a daily schedule needs at least one time, such as \
+             times = [\"02:30\"] (\"HH:MM\", 00:00 to 23:59)"
+        );
+        for bad in [
+            "25:00", "24:00", "12:60", "2:30", "02:30:00", "", "ab:cd", "+1:30",
+        ] {
+            assert_eq!(
+                error(&with("02:30", bad)),
+                format!(
+                    "policy.toml:5: schedule.times: time must be \"HH:MM\" from 00:00 to 23:59, got {bad:?}"
+                )
+            );
+        }
+        assert_eq!(
+            error(&with(
+                "times = [\"02:30\"]",
+                "times = [\"02:30\", \"02:30\"]"
+            )),
+            "policy.toml:5: schedule.times: time \"02:30\" is listed twice"
+        );
+        assert_eq!(
+            error(&with("frequency = \"daily\"", "frequency = \"weekly\"")),
+            "policy.toml:3: schedule.weekdays: a weekly schedule needs at least one weekday, \
+             such as weekdays = [\"sunday\"] (monday to sunday)"
+        );
+        assert_eq!(
+            error(&with(
+                "frequency = \"daily\"",
+                "frequency = \"weekly\"\nweekdays = [\"funday\"]"
+            )),
+            "policy.toml:5: schedule.weekdays: weekday must be one of monday, tuesday, \
+             wednesday, thursday, friday, saturday, sunday, got \"funday\""
+        );
+        assert_eq!(
+            error(&with(
+                "frequency = \"daily\"",
+                "frequency = \"daily\"\nweekdays = [\"monday\"]"
+            )),
+            "policy.toml:5: schedule.weekdays: not allowed for a daily schedule (only for \
+             frequency = \"weekly\")"
+        );
+        assert_eq!(
+            error(&with(
+                "frequency = \"daily\"",
+                "frequency = \"daily\"\nevery_hours = 4"
+            )),
+            "policy.toml:5: schedule.every_hours: not allowed for a daily schedule (only for \
+             frequency = \"hourly\")"
+        );
+        assert_eq!(
+            error(&with("frequency = \"daily\"", "frequency = \"monthly\"")),
+            "policy.toml:4: schedule.frequency: frequency must be one of \"daily\", \"weekly\", \
+             \"hourly\", got \"monthly\""
+        );
+    }
+
+    #[test]
+    fn retention_out_of_range() {
+        for (from, to, expected) in [
+            (
+                "daily = 7",
+                "daily = 0",
+                "policy.toml:8: retention.daily: daily count must be 1 to 9999, got 0",
+            ),
+            (
+                "daily = 7",
+                "daily = 10000",
+                "policy.toml:8: retention.daily: daily count must be 1 to 9999, got 10000",
+            ),
+            (
+                "daily = 7",
+                "daily = -3",
+                "policy.toml:8: retention.daily: daily count must be 1 to 9999, got -3",
+            ),
+            (
+                "daily = 7",
+                "weekly = { count = 0 }",
+                "policy.toml:8: retention.weekly.count: weekly count must be 1 to 5163, got 0",
+            ),
+            (
+                "daily = 7",
+                "monthly = { count = 1189 }",
+                "policy.toml:8: retention.monthly.count: monthly count must be 1 to 1188, got 1189",
+            ),
+            (
+                "daily = 7",
+                "yearly = { count = 100 }",
+                "policy.toml:8: retention.yearly.count: yearly count must be 1 to 99, got 100",
+            ),
+            (
+                "daily = 7",
+                "monthly = { count = 12, day = 31 }",
+                "policy.toml:8: retention.monthly.day: day must be 1 to 28 or \"last\", got 31",
+            ),
+            (
+                "daily = 7",
+                "monthly = { count = 12, day = \"first\" }",
+                "policy.toml:8: retention.monthly.day: day must be 1 to 28 or \"last\", got \"first\"",
+            ),
+            (
+                "daily = 7",
+                "yearly = { count = 2, month = \"smarch\" }",
+                "policy.toml:8: retention.yearly.month: month must be one of january, february, march, april, may, june, july, august, september, october, november, december, got \"smarch\"",
+            ),
+            (
+                "daily = 7",
+                "weekly = { count = 2, weekday = \"sundae\" }",
+                "policy.toml:8: retention.weekly.weekday: weekday must be one of monday, tuesday, wednesday, thursday, friday, saturday, sunday, got \"sundae\"",
+            ),
+            (
+                "daily = 7",
+                "daily = 7\ninstant_restore_days = 6",
+                "policy.toml:9: retention.instant_restore_days: instant-restore days must be 1 to 5 for a daily or weekly schedule, got 6",
+            ),
+            (
+                "daily = 7",
+                "daily = 7\ninstant_restore_days = 0",
+                "policy.toml:9: retention.instant_restore_days: instant-restore days must be 1 to 5 for a daily or weekly schedule, got 0",
+            ),
+            (
+                "daily = 7",
+                "daily = 7\nsoft_delete_days = 0",
+                "policy.toml:9: retention.soft_delete_days: soft-delete days must be 1 to 180, got 0",
+            ),
+            (
+                "daily = 7",
+                "soft_delete_days = 30",
+                "policy.toml:7: retention: at least one of daily, weekly, monthly, yearly is required",
+            ),
+        ] {
+            assert_eq!(error(&with(from, to)), expected);
+        }
+        let hourly = with(
+            "frequency = \"daily\"\ntimes = [\"02:30\"]",
+            "frequency = \"hourly\"\nevery_hours = 4",
+        )
+        .replace("daily = 7", "daily = 7\ninstant_restore_days = 31");
+        assert_eq!(
+            error(&hourly),
+            "policy.toml:9: retention.instant_restore_days: instant-restore days must be 1 to 30 for an hourly schedule, got 31"
+        );
+    }
+
+    #[test]
+    fn time_zone_consistency_block_size_name() {
+        assert_eq!(
+            error(&with("Europe/Berlin", "Mars/Olympus_Mons")),
+            "policy.toml:1: time_zone: unknown time zone \"Mars/Olympus_Mons\": expected an IANA \
+             name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\""
+        );
+        assert!(matches!(
+            Policy::from_toml_str(&with("Europe/Berlin", "Europe/Berln"), "f"),
+            Err(Error::UnknownTimeZone { zone, line: 1, .. }) if zone == "Europe/Berln"
+        ));
+        assert_eq!(
+            error(&format!(
+                "{BASE}\n[consistency]\nwanted = \"file_system\"\nminimum = \"application\"\n"
+            )),
+            "policy.toml:12: consistency.minimum: minimum application is above wanted \
+             file_system; the minimum must be at or below the wanted level (crash < file_system \
+             < application)"
+        );
+        assert_eq!(
+            error(&format!(
+                "{BASE}\n[consistency]\nminimum = \"application\"\nwanted = \"crash\"\n"
+            )),
+            "policy.toml:11: consistency.minimum: minimum application is above wanted \
+             crash; the minimum must be at or below the wanted level (crash < file_system \
+             < application)"
+        );
+        assert_eq!(
+            error(&format!("{BASE}\n[consistency]\nwanted = \"fast\"\n")),
+            "policy.toml:11: consistency.wanted: consistency level must be one of crash, \
+             file_system, application, got \"fast\""
+        );
+        for bad in [
+            "\"3MiB\"",
+            "\"32KiB\"",
+            "\"32MiB\"",
+            "1000000",
+            "-1",
+            "\"big\"",
+            "true",
+        ] {
+            let e = error(&format!("block_size = {bad}\n{BASE}"));
+            assert!(
+                e.starts_with("policy.toml:1: block_size: block size must be a power of two from 64 KiB to 16 MiB"),
+                "{e}"
+            );
+        }
+        let e = error(&format!("name = \"../etc\"\n{BASE}"));
+        assert_eq!(
+            e,
+            "policy.toml:1: name: name must be 1 to 64 characters of letters, digits, '.', '_' \
+             and '-', got \"../etc\""
+        );
+    }
+
+    #[test]
+    fn errors_expose_line_and_field() {
+        let err = Policy::from_toml_str(&with("daily = 7", "daily = 0"), "p.toml");
+        let Err(e) = err else { panic!("accepted") };
+        assert_eq!(e.line(), 8);
+        assert_eq!(e.field(), Some("retention.daily"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC*") {
+            let _ = Policy::from_toml_str(&text, "fuzz.toml");
+        }
+
+        #[test]
+        fn mutated_policies_never_panic(
+            pos in 0usize..2000,
+            len in 0usize..8,
+            insert in "[\\[\\]{}=\"',.#\\n a-z0-9:-]{0,12}",
+        ) {
+            let text = include_str!("../examples/policy.toml");
+            let mut bytes = text.as_bytes().to_vec();
+            let pos = pos % (bytes.len() + 1);
+            let end = (pos + len).min(bytes.len());
+            bytes.splice(pos..end, insert.bytes());
+            if let Ok(s) = String::from_utf8(bytes) {
+                match Policy::from_toml_str(&s, "fuzz.toml") {
+                    Ok(p) => {
+                        let _ = p.to_string();
+                        let _ = p.next_runs(jiff::Timestamp::UNIX_EPOCH, 3);
+                    }
+                    Err(e) => prop_assert!(e.to_string().starts_with("fuzz.toml:")),
+                }
+            }
+        }
+    }
 }
