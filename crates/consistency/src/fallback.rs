@@ -393,3 +393,7 @@ fn check_minimum(reached: Level, minimum: Level, reasons: &[String]) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "fallback_tests.rs"]
+mod tests;

@@ -456,7 +456,19 @@ async fn attempt(phase: Phase, spec: &ScriptSpec, timeout: Duration, opts: &RunO
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    // ETXTBSY: another thread of this process forked while the script file was open for
+    // writing (typical right after a test or an installer wrote it): transient, retry briefly.
+    let mut spawned = cmd.spawn();
+    for _ in 0..20 {
+        match &spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                spawned = cmd.spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             return Attempt {
@@ -615,3 +627,7 @@ pub async fn run_post_scripts(scripts: &[ScriptSpec], opts: &RunOptions) -> Vec<
     }
     failed
 }
+
+#[cfg(test)]
+#[path = "scripts_tests.rs"]
+mod tests;
