@@ -1,5 +1,7 @@
 //! Property tests of the codec: garbage never panics, every message roundtrips.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure report
+
 use bulwark_consistency::Level;
 use bulwark_protocol::{
     AgentIdentity, AgentState, Connection, ErrorCode, ErrorReply, Frozen, Hello, HelloOk,

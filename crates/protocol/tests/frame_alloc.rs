@@ -3,6 +3,8 @@
 //!
 //! The tests of this file take `SERIAL` so that no other test allocates while one records.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure report
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -1,5 +1,7 @@
 //! Mutual TLS over real loopback TCP, with certificates from the enrollment functions.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure report
+
 mod common;
 
 use std::net::SocketAddr;
