@@ -463,12 +463,20 @@ fn validate(cx: &Ctx<'_>, raw: RawPolicy) -> Result<Policy, Error> {
     };
 
     let zone = raw.time_zone.get_ref().trim();
-    let time_zone = TimeZone::get(zone).map_err(|_| Error::UnknownTimeZone {
-        file: cx.file.to_string(),
-        line: cx.line(&raw.time_zone.span()),
-        field: "time_zone".to_string(),
-        zone: raw.time_zone.get_ref().clone(),
-    })?;
+    // `localtime` and `posixrules` are files of the host's zoneinfo directory that stand for
+    // whatever the host is configured with: a policy must not change with the machine.
+    let host_dependent = ["localtime", "posixrules"]
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(zone));
+    let time_zone = TimeZone::get(zone)
+        .ok()
+        .filter(|_| !host_dependent)
+        .ok_or_else(|| Error::UnknownTimeZone {
+            file: cx.file.to_string(),
+            line: cx.line(&raw.time_zone.span()),
+            field: "time_zone".to_string(),
+            zone: raw.time_zone.get_ref().clone(),
+        })?;
 
     let block_size = match &raw.block_size {
         None => BLOCK_SIZE_DEFAULT,
@@ -1213,6 +1221,27 @@ minimum = \"file_system\"
             error(&with("Europe/Berlin", "Mars/Olympus_Mons")),
             "policy.toml:1: time_zone: unknown time zone \"Mars/Olympus_Mons\": expected an IANA \
              name such as \"Europe/Berlin\", \"America/New_York\" or \"UTC\""
+        );
+        for zone in [
+            "localtime",
+            "posixrules",
+            "",
+            "../../etc/passwd",
+            "/usr/share/zoneinfo/UTC",
+        ] {
+            assert!(
+                matches!(
+                    Policy::from_toml_str(&with("Europe/Berlin", zone), "f"),
+                    Err(Error::UnknownTimeZone { .. })
+                ),
+                "{zone:?}"
+            );
+        }
+        // IANA names are matched without regard to case and shown in their canonical form.
+        let p = Policy::from_toml_str(&with("Europe/Berlin", "europe/berlin"), "f");
+        assert_eq!(
+            p.map(|p| p.time_zone_name().to_string()).ok().as_deref(),
+            Some("Europe/Berlin")
         );
         assert!(matches!(
             Policy::from_toml_str(&with("Europe/Berlin", "Europe/Berln"), "f"),
