@@ -689,6 +689,22 @@ mod tests {
     }
 
     #[test]
+    fn ends_of_time_do_not_panic() {
+        let r = gfs(DayOfMonth::Last, 12, DayOfMonth::Last);
+        let points = [
+            PointInfo::new("min", Timestamp::MIN),
+            PointInfo::new("max", Timestamp::MAX),
+            PointInfo::new("epoch", Timestamp::UNIX_EPOCH),
+        ];
+        for zone in ["UTC", "Europe/Berlin", "Pacific/Kiritimati", "America/Adak"] {
+            for now in [Timestamp::MIN, Timestamp::UNIX_EPOCH, Timestamp::MAX] {
+                let keep = r.keep_set(&tz(zone), &points, now);
+                assert!(keep.contains("max"));
+            }
+        }
+    }
+
+    #[test]
     fn keep_set_via_policy() {
         let text = "time_zone = \"UTC\"\n[schedule]\nfrequency = \"daily\"\ntimes = [\"01:00\"]\n[retention]\ndaily = 3\n";
         let p = Policy::from_toml_str(text, "p.toml").unwrap_or_else(|e| panic!("{e}"));
