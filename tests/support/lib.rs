@@ -111,7 +111,13 @@ pub fn make_fs_image(image: &Path, size: u64, fs: FsType) {
         FsType::Ext4 => run("mkfs.ext4", [OsStr::new("-q"), OsStr::new("-F"), img]),
         FsType::XfsReflink => run(
             "mkfs.xfs",
-            [OsStr::new("-q"), OsStr::new("-f"), OsStr::new("-m"), OsStr::new("reflink=1"), img],
+            [
+                OsStr::new("-q"),
+                OsStr::new("-f"),
+                OsStr::new("-m"),
+                OsStr::new("reflink=1"),
+                img,
+            ],
         ),
         FsType::Btrfs => run("mkfs.btrfs", [OsStr::new("-q"), OsStr::new("-f"), img]),
     };
@@ -141,7 +147,14 @@ impl LoopFs {
     /// Mounts an existing file-system image at `mountpoint` (created if missing).
     pub fn mount_image(image: &Path, mountpoint: &Path) -> LoopFs {
         std::fs::create_dir_all(mountpoint).expect("create mountpoint");
-        let out = run("losetup", [OsStr::new("--find"), OsStr::new("--show"), image.as_os_str()]);
+        let out = run(
+            "losetup",
+            [
+                OsStr::new("--find"),
+                OsStr::new("--show"),
+                image.as_os_str(),
+            ],
+        );
         let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let mut fs = LoopFs {
             image: image.to_path_buf(),
@@ -176,7 +189,10 @@ impl LoopFs {
         }
         self.mounted = false;
         // Thaw first: unmounting a frozen file system blocks. Failure means "was not frozen".
-        let _ = Command::new("fsfreeze").arg("--unfreeze").arg(&self.mountpoint).output();
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.mountpoint)
+            .output();
         let mut unmounted = false;
         for attempt in 0..50 {
             let ok = Command::new("umount")
@@ -190,8 +206,14 @@ impl LoopFs {
             std::thread::sleep(std::time::Duration::from_millis(20 * (attempt + 1).min(10)));
         }
         if !unmounted {
-            eprintln!("warning: {} is busy; lazy unmount", self.mountpoint.display());
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).output();
+            eprintln!(
+                "warning: {} is busy; lazy unmount",
+                self.mountpoint.display()
+            );
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .output();
         }
         let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
     }
@@ -262,7 +284,11 @@ fn workspace_root() -> PathBuf {
 fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         let dir = PathBuf::from(dir);
-        return if dir.is_absolute() { dir } else { workspace_root().join(dir) };
+        return if dir.is_absolute() {
+            dir
+        } else {
+            workspace_root().join(dir)
+        };
     }
     workspace_root().join("target")
 }

@@ -1,0 +1,230 @@
+//! Restore: one disk of one recovery point to a sparse raw image.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulwark_blockdiff::Entry;
+use bulwark_vault::{Error as VaultError, ManifestRef, Vault};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::{Error, Progress};
+
+/// A restore to run.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    /// The VM.
+    pub vm: String,
+    /// `latest` or a point id.
+    pub point: String,
+    /// The disk's name.
+    pub disk: String,
+    /// Where to write the raw image.
+    pub to: PathBuf,
+    /// Replace `to` if it exists.
+    pub force: bool,
+    /// Blocks fetched at once.
+    pub concurrency: usize,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The point restored.
+    pub point: String,
+    /// The VM.
+    pub vm: String,
+    /// The disk.
+    pub disk: String,
+    /// The file written.
+    pub to: PathBuf,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Blocks written.
+    pub data_blocks: u64,
+    /// Blocks left as holes.
+    pub zero_blocks: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Wall time, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Removes the partial file unless disarmed: a failed restore leaves nothing that looks done.
+struct Partial {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn partial_path(to: &Path) -> PathBuf {
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    to.with_file_name(format!(".{name}.bulwark-partial-{}", std::process::id()))
+}
+
+/// Restores one disk: every block is fetched, verified against its address and written at
+/// its offset; zero blocks stay holes. The image is written to a hidden partial file, synced,
+/// and renamed into place only when complete.
+pub async fn restore(
+    vault: &Vault,
+    req: &RestoreRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreReport, Error> {
+    let start = Instant::now();
+    let point = vault.resolve_point(&req.vm, &req.point).await?;
+    let record = point
+        .disk(&req.disk)
+        .ok_or_else(|| VaultError::NoSuchDisk {
+            vm: req.vm.clone(),
+            point: point.id.clone(),
+            disk: req.disk.clone(),
+            available: point
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let m = ManifestRef {
+        vm: &req.vm,
+        disk: &req.disk,
+        point: &point.id,
+    };
+    let map = vault.get_manifest(&m, &record.manifest_digest).await?;
+    if map.disk_size() != record.size {
+        return Err(VaultError::Corrupt {
+            key: m.to_string(),
+            why: format!(
+                "manifest describes {} bytes, the point says {}",
+                map.disk_size(),
+                record.size
+            ),
+        }
+        .into());
+    }
+    if req.to.exists() && !req.force {
+        return Err(Error::RestoreTarget {
+            path: req.to.clone(),
+            why: "already exists (use --force to replace it)".into(),
+        });
+    }
+    if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(Error::RestoreTarget {
+            path: req.to.clone(),
+            why: format!("directory {} does not exist", parent.display()),
+        });
+    }
+    let tmp = partial_path(&req.to);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|source| Error::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+    let mut guard = Partial {
+        path: tmp.clone(),
+        armed: true,
+    };
+    file.set_len(map.disk_size()).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    let file = Arc::new(file);
+
+    progress.start(&req.disk, map.disk_size());
+    let mut report = RestoreReport {
+        point: point.id.clone(),
+        vm: req.vm.clone(),
+        disk: req.disk.clone(),
+        to: req.to.clone(),
+        size: map.disk_size(),
+        data_blocks: 0,
+        zero_blocks: 0,
+        bytes_written: 0,
+        duration_ms: 0,
+    };
+    let bs = map.block_size().bytes();
+    let mut writes = futures::stream::iter(map.entries().iter().enumerate())
+        .map(|(i, e)| {
+            let file = file.clone();
+            let tmp = tmp.clone();
+            let index = i as u64;
+            let expected = map.block_len(index);
+            async move {
+                let Entry::Data { address, .. } = *e else {
+                    return Ok::<_, Error>((expected, false));
+                };
+                let data = vault.get_block(address).await?;
+                if data.len() as u64 != expected {
+                    return Err(VaultError::Corrupt {
+                        key: format!("blocks/{}/{}", &address.to_hex()[..2], address.to_hex()),
+                        why: format!(
+                            "block {index} is {} bytes, the manifest needs {expected}",
+                            data.len()
+                        ),
+                    }
+                    .into());
+                }
+                tokio::task::spawn_blocking(move || file.write_all_at(&data, index * bs))
+                    .await
+                    .map_err(|e| Error::Worker(e.to_string()))?
+                    .map_err(|source| Error::Io { path: tmp, source })?;
+                Ok((expected, true))
+            }
+        })
+        .buffered(req.concurrency.max(1));
+    while let Some(r) = writes.next().await {
+        let (len, data) = r?;
+        if data {
+            report.data_blocks += 1;
+            report.bytes_written += len;
+        } else {
+            report.zero_blocks += 1;
+        }
+        progress.advance(&req.disk, len);
+    }
+    drop(writes);
+    let sync_file = file.clone();
+    tokio::task::spawn_blocking(move || sync_file.sync_all())
+        .await
+        .map_err(|e| Error::Worker(e.to_string()))?
+        .map_err(|source| Error::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::rename(&tmp, &req.to).map_err(|source| Error::Io {
+        path: req.to.clone(),
+        source,
+    })?;
+    guard.armed = false;
+    sync_parent(&req.to);
+    progress.finish(&req.disk);
+    report.duration_ms = start.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(dir) = File::open(parent)
+    {
+        let _ = dir.sync_all();
+    }
+}
