@@ -237,7 +237,11 @@ fn field_path(text: &str, span: &Range<usize>, key: Option<&str>) -> String {
         .map_or(0, |i| i + 1);
     let before = text.get(line_start..start).unwrap_or("");
     let key = match key {
-        Some(k) => k.to_string(),
+        // A dotted key (`schedule.every_hour = 4`): the span is on its last part.
+        Some(k) => match before.trim_start() {
+            prefix if prefix.ends_with('.') && is_bare_key(prefix) => format!("{prefix}{k}"),
+            _ => k.to_string(),
+        },
         None => before
             .rfind('=')
             .and_then(|i| before.get(..i))
@@ -996,6 +1000,15 @@ minimum = \"file_system\"
                 "{BASE}\n[consistency]\nwanted = \"crash\"\nmaximum = \"crash\"\n"
             )),
             "policy.toml:12: consistency.maximum: unknown field; allowed here: `wanted` or `minimum`"
+        );
+        assert_eq!(
+            error("time_zone = \"UTC\"\nschedule.frequency = \"daily\"\nschedule.timez = []\n"),
+            "policy.toml:3: schedule.timez: unknown field; allowed here: `frequency`, \
+             `times`, `weekdays`, `every_hours`, `window_start`, `window_hours`"
+        );
+        assert_eq!(
+            error("time_zone = \"UTC\"\nschedule.frequency = 4\n"),
+            "policy.toml:2: schedule.frequency: invalid type: integer `4`, expected a string"
         );
     }
 
