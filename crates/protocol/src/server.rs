@@ -112,7 +112,7 @@ where
                 message_type,
                 source,
             }) => {
-                tracing::warn!(%peer, id, ?message_type, error = %source, "unknown request");
+                tracing::warn!(%peer, id, ?message_type, error = ?source, "unknown request");
                 let body = if last_id.is_some_and(|last| id <= last) {
                     replayed(id, last_id)
                 } else {
@@ -130,7 +130,7 @@ where
             }
             Err(e) => {
                 if let Some(code) = e.reply_code() {
-                    tracing::warn!(error = %e, "closing the connection after a bad frame");
+                    tracing::warn!(error = ?e, "closing the connection after a bad frame");
                     let reply = send(
                         &mut conn,
                         reply_v,
@@ -176,8 +176,8 @@ where
                         tracing::info!(
                             peer = conn.peer(),
                             version,
-                            client = %hello.client_name,
-                            client_version = %hello.client_version,
+                            client = ?hello.client_name,
+                            client_version = ?hello.client_version,
                             "hello"
                         );
                         Response::HelloOk(ok)
@@ -204,7 +204,7 @@ where
             (Some(_), other) => handler.handle(other).await,
         };
         if let Response::Error(e) = &body {
-            tracing::debug!(peer = conn.peer(), id, request = request_type, code = %e.code, message = %e.message, "error reply");
+            tracing::debug!(peer = conn.peer(), id, request = request_type, code = %e.code, message = ?e.message, "error reply");
         }
         send(&mut conn, agreed.unwrap_or(reply_v), Some(id), body).await?;
     }

@@ -283,12 +283,12 @@ impl TlsListener {
                 let conn = match pending.handshake(options.handshake_timeout).await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(error = %e, "TLS handshake refused");
+                        tracing::warn!(error = ?e, "TLS handshake refused");
                         return;
                     }
                 };
                 if let Err(e) = serve(conn, handler, options).await {
-                    tracing::warn!(error = %e, "connection ended with an error");
+                    tracing::warn!(error = ?e, "connection ended with an error");
                 }
             });
         }

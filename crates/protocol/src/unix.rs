@@ -25,6 +25,7 @@ pub struct UnixSocketListener {
     listener: UnixListener,
     path: PathBuf,
     inode: (u64, u64),
+    owner_uid: u32,
 }
 
 fn file_error<'a>(
@@ -62,18 +63,19 @@ impl UnixSocketListener {
         // A leftover from a crashed bind of this very pid: ours to remove.
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp).map_err(file_error(&tmp, "binding"))?;
-        let finish = || -> Result<(u64, u64), Error> {
+        let finish = || -> Result<((u64, u64), u32), Error> {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(SOCKET_MODE))
                 .map_err(file_error(&tmp, "setting mode 0600"))?;
             std::fs::rename(&tmp, path).map_err(file_error(path, "renaming into place"))?;
             let meta = std::fs::symlink_metadata(path).map_err(file_error(path, "stat"))?;
-            Ok((meta.dev(), meta.ino()))
+            Ok(((meta.dev(), meta.ino()), meta.uid()))
         };
         match finish() {
-            Ok(inode) => Ok(UnixSocketListener {
+            Ok((inode, owner_uid)) => Ok(UnixSocketListener {
                 listener,
                 path: path.to_owned(),
                 inode,
+                owner_uid,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -87,22 +89,39 @@ impl UnixSocketListener {
         &self.path
     }
 
-    /// Accepts one connection. The peer label is `unix:<path>` plus the peer's uid and pid when
-    /// the kernel reports them.
+    /// Accepts one connection. The peer label is `unix:<path> uid=<uid> pid=<pid>`.
+    ///
+    /// Defence in depth on top of the file mode: a peer whose uid (from `SO_PEERCRED`) is
+    /// neither root nor the socket's owner, or whose credentials cannot be read, is dropped
+    /// (and logged) without a reply, and the next connection is awaited.
     pub async fn accept(&self) -> Result<Connection<UnixStream>, Error> {
-        let (stream, _) = self
-            .listener
-            .accept()
-            .await
-            .map_err(|source| io_error(&self.label(), "accepting", source))?;
-        let peer = match stream.peer_cred() {
-            Ok(cred) => match cred.pid() {
-                Some(pid) => format!("{} uid={} pid={pid}", self.label(), cred.uid()),
-                None => format!("{} uid={}", self.label(), cred.uid()),
-            },
-            Err(_) => self.label(),
-        };
-        Ok(Connection::new(stream, peer))
+        loop {
+            let (stream, _) = self
+                .listener
+                .accept()
+                .await
+                .map_err(|source| io_error(&self.label(), "accepting", source))?;
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == 0 || cred.uid() == self.owner_uid => {
+                    let peer = match cred.pid() {
+                        Some(pid) => format!("{} uid={} pid={pid}", self.label(), cred.uid()),
+                        None => format!("{} uid={}", self.label(), cred.uid()),
+                    };
+                    return Ok(Connection::new(stream, peer));
+                }
+                Ok(cred) => tracing::warn!(
+                    socket = %self.path.display(),
+                    uid = cred.uid(),
+                    pid = ?cred.pid(),
+                    "refused a peer that is neither root nor the socket owner"
+                ),
+                Err(e) => tracing::warn!(
+                    socket = %self.path.display(),
+                    error = %e,
+                    "refused a peer whose credentials cannot be read"
+                ),
+            }
+        }
     }
 
     fn label(&self) -> String {
@@ -128,7 +147,7 @@ impl UnixSocketListener {
             let handler = make_handler(conn.peer());
             tokio::spawn(async move {
                 if let Err(e) = serve(conn, handler, options).await {
-                    tracing::warn!(error = %e, "connection ended with an error");
+                    tracing::warn!(error = ?e, "connection ended with an error");
                 }
             });
         }

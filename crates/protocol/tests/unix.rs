@@ -87,3 +87,66 @@ async fn connecting_to_a_missing_socket_is_a_typed_error() {
     assert!(matches!(err, bulwark_protocol::Error::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("nope.sock"));
 }
+
+/// Defence in depth: even if the socket's mode were widened by mistake, a peer that is neither
+/// root nor the owner gets no answer. Needs root (to run a client as `nobody`) and python3.
+#[tokio::test]
+async fn peers_other_than_root_or_owner_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("probe"), b"").unwrap();
+    if std::fs::metadata(dir.path().join("probe")).unwrap().uid() != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if std::process::Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_err()
+    {
+        eprintln!("skipped: needs python3");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixSocketListener::bind(&path).unwrap();
+    // The misconfiguration: world-connectable.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let toy = ToyAgent::new();
+    tokio::spawn(async move {
+        listener
+            .run(ServeOptions::default(), move |_| toy.clone())
+            .await
+    });
+
+    let script = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+body = json.dumps({"v": 1, "id": 1, "body": {"type": "ping"}}).encode()
+try:
+    s.sendall(struct.pack(">I", len(body)) + body)
+    print("closed" if s.recv(4) == b"" else "answered")
+except (ConnectionResetError, BrokenPipeError):
+    print("closed")
+"#;
+    let run_as = |uid: Option<u32>| {
+        let script = script.to_owned();
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = std::process::Command::new("python3");
+            cmd.arg("-c").arg(script).arg(path);
+            if let Some(uid) = uid {
+                cmd.uid(uid).gid(uid);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        })
+    };
+    assert_eq!(run_as(Some(65534)).await.unwrap(), "closed");
+    // Root still gets an answer (hello_required, since it skipped hello).
+    assert_eq!(run_as(None).await.unwrap(), "answered");
+}
