@@ -129,17 +129,21 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, Error> {
     Ok(Arc::new(config))
 }
 
-/// Connects to an agent at `addr` and completes the TLS handshake within [`CONNECT_TIMEOUT`].
+/// Connects to an agent at `addr` (a `SocketAddr`, or `"host:port"` which is resolved) and
+/// completes the TLS handshake within [`CONNECT_TIMEOUT`].
 ///
 /// `server_name` is the DNS name or IP address the agent's certificate must carry (the name
 /// given at enrollment). Note that with TLS 1.3 the agent checks the controller's certificate
 /// after the client considers the handshake done: a refused controller certificate shows up
 /// as an error on the first call, not here.
-pub async fn connect_tcp(
-    addr: SocketAddr,
+pub async fn connect_tcp<A>(
+    addr: A,
     server_name: &str,
     config: Arc<ClientConfig>,
-) -> Result<Connection<ClientTlsStream>, Error> {
+) -> Result<Connection<ClientTlsStream>, Error>
+where
+    A: tokio::net::ToSocketAddrs + std::fmt::Display,
+{
     let peer = addr.to_string();
     let name =
         ServerName::try_from(server_name.to_owned()).map_err(|e| Error::InvalidServerName {
@@ -261,7 +265,9 @@ impl TlsListener {
 
     /// Serves forever: each connection gets its own task, its own handshake (bounded by
     /// `options.handshake_timeout`) and its own handler from `make_handler(peer)`, and is
-    /// served by [`serve`]. Failed handshakes and protocol errors are logged and end only their
+    /// served by [`serve`]. `make_handler` runs on accept, before the handshake: it must only
+    /// build the handler (e.g. clone an `Arc`), never act; the handler itself is only called
+    /// after a successful handshake. Failed handshakes and protocol errors are logged and end only their
     /// connection. Stop it by dropping the future (connections already accepted run on).
     pub async fn run<F, H>(&self, options: ServeOptions, mut make_handler: F)
     where

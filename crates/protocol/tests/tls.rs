@@ -108,8 +108,9 @@ async fn valid_client_runs_a_full_cycle() {
     assert_eq!(client.status().await.unwrap().state, AgentState::Idle);
     client.ping().await.unwrap();
 
-    // The agent certificate also names 127.0.0.1.
-    let conn = connect_tcp(addr, "127.0.0.1", client_config(&pki.controller).unwrap())
+    // The agent certificate also names 127.0.0.1; the address may be given as a string.
+    let target = format!("127.0.0.1:{}", addr.port());
+    let conn = connect_tcp(target, "127.0.0.1", client_config(&pki.controller).unwrap())
         .await
         .unwrap();
     let mut by_ip = Client::new(conn);
