@@ -251,8 +251,7 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// BLAKE3-free, dependency-free digest of a whole file for equality checks in tests (SHA-like
-/// strength is not needed: it compares a restore with its source).
+/// SHA-256 of a whole file (with `sha256sum`), to compare a restore with its source.
 pub fn file_digest(path: &Path) -> String {
     let out = run("sha256sum", [path.as_os_str()]);
     String::from_utf8_lossy(&out.stdout)
@@ -330,4 +329,50 @@ pub fn controller_bin() -> PathBuf {
 /// Path of the built `bulwark-agent` binary.
 pub fn agent_bin() -> PathBuf {
     built_binaries().join("bulwark-agent")
+}
+
+/// Runs `bulwark-controller` with `args` and returns its output, whatever the exit status.
+pub fn controller<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(controller_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run bulwark-controller")
+}
+
+/// Runs `bulwark-controller` with `args` (which should include `--json`), asserts success and
+/// parses its standard output as JSON.
+pub fn controller_json<I, S>(args: I) -> serde_json::Value
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = controller(&args);
+    assert!(
+        out.status.success(),
+        "bulwark-controller {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bulwark-controller {args:?}: stdout is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Standard error of a command, as text.
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Standard output of a command, as text.
+pub fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
