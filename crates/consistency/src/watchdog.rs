@@ -341,6 +341,11 @@ impl WatchedFreeze {
         &self.mounts
     }
 
+    /// The guardian process's id, while it is armed.
+    pub fn guardian_pid(&self) -> Option<u32> {
+        self.guardian.as_ref().and_then(Guardian::pid)
+    }
+
     /// When the watchdog thaws.
     pub fn deadline(&self) -> Instant {
         self.deadline

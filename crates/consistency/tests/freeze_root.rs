@@ -369,7 +369,8 @@ fn discovery_sees_a_loop_mount_and_honours_the_skip_list() {
         "{found:?} lacks {}",
         canon.display()
     );
-    let found = bulwark_consistency::mounts::discover_freezable(std::slice::from_ref(&canon)).unwrap();
+    let found =
+        bulwark_consistency::mounts::discover_freezable(std::slice::from_ref(&canon)).unwrap();
     assert!(!found.contains(&canon));
     let _: Vec<PathBuf> = found;
 }
