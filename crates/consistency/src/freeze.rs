@@ -247,3 +247,66 @@ impl Drop for FrozenSet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Error paths only: unit tests never freeze anything (root tests in tests/ use loop mounts).
+
+    #[test]
+    fn opcodes_match_linux_fs_h() {
+        if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+            assert_eq!(FIFREEZE as u64, 0xC004_5877);
+            assert_eq!(FITHAW as u64, 0xC004_5878);
+        }
+    }
+
+    #[test]
+    fn bad_mount_paths_are_errors() {
+        assert!(matches!(
+            freeze(Path::new("rel")),
+            Err(Error::UnsuitableMount { .. })
+        ));
+        assert!(matches!(
+            thaw(Path::new("rel")),
+            Err(Error::UnsuitableMount { .. })
+        ));
+        assert!(matches!(
+            FrozenSet::new(&["/nonexistent/bulwark-test"]),
+            Err(Error::Io {
+                op: "open mount point",
+                ..
+            })
+        ));
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(
+            FrozenSet::new(&[f.path()]).is_err(),
+            "a file is not a mount point"
+        );
+    }
+
+    #[test]
+    fn error_messages_name_the_mount_and_errno() {
+        let e = Error::Freeze {
+            mount: "/data".into(),
+            errno: Errno::OPNOTSUPP,
+        };
+        assert!(e.to_string().starts_with("cannot freeze /data: "), "{e}");
+        let e = Error::AlreadyFrozen {
+            mount: "/data".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot freeze /data: it is already frozen (EBUSY)"
+        );
+    }
+
+    #[test]
+    fn an_empty_set_is_fine() {
+        let mut s = FrozenSet::new::<&Path>(&[]).unwrap();
+        s.freeze().unwrap();
+        assert!(!s.is_frozen());
+        assert_eq!(s.thaw(), ThawReport::default());
+    }
+}

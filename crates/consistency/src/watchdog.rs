@@ -459,3 +459,89 @@ fn watchdog(shared: &Shared, deadline: Instant, state_file: Option<&Path>) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Nothing here freezes or thaws a real file system: the state files list only paths that do
+    // not exist.
+
+    #[test]
+    fn state_file_round_trips_and_is_replaced_atomically() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("frozen.json");
+        assert_eq!(read_frozen_state(&p).unwrap(), None);
+        let st = FrozenState::new(vec!["/nonexistent/a".into()], Duration::from_secs(30));
+        assert_eq!(st.version, 1);
+        assert_eq!(st.deadline_unix_ms - st.written_unix_ms, 30_000);
+        write_frozen_state(&p, &st).unwrap();
+        assert_eq!(read_frozen_state(&p).unwrap(), Some(st.clone()));
+        let st2 = FrozenState {
+            mounts: vec!["/nonexistent/b".into()],
+            ..st
+        };
+        write_frozen_state(&p, &st2).unwrap();
+        assert_eq!(read_frozen_state(&p).unwrap(), Some(st2));
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["frozen.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn recovery_of_vanished_mounts_removes_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("frozen.json");
+        assert!(recover_frozen_state(&p).unwrap().is_none());
+        let gone = d.path().join("gone");
+        write_frozen_state(
+            &p,
+            &FrozenState::new(vec![gone.clone()], Duration::from_secs(5)),
+        )
+        .unwrap();
+        let r = recover_frozen_state(&p).unwrap().unwrap();
+        assert_eq!(r.not_frozen, [gone]);
+        assert!(r.thawed.is_empty() && r.failed.is_empty());
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn malformed_state_is_an_error_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("frozen.json");
+        std::fs::write(&p, b"{\"version\": 1").unwrap();
+        let e = recover_frozen_state(&p).unwrap_err();
+        assert!(matches!(e, Error::StateFile { .. }), "{e}");
+        assert!(e.to_string().contains("frozen.json"));
+        assert!(p.exists());
+    }
+
+    #[test]
+    fn bad_timeouts_and_bad_mounts_are_refused_before_anything_happens() {
+        for t in [
+            Duration::ZERO,
+            MAX_FREEZE_TIMEOUT + Duration::from_millis(1),
+        ] {
+            let e = WatchedFreeze::start(&["/nonexistent"], FreezeOptions::new(t)).unwrap_err();
+            assert!(matches!(e, Error::BadTimeout { .. }), "{e}");
+        }
+        let e = WatchedFreeze::start(
+            &["relative/dir"],
+            FreezeOptions::new(Duration::from_secs(1)),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::UnsuitableMount { .. }), "{e}");
+        let e = WatchedFreeze::start(
+            &["/nonexistent/bulwark"],
+            FreezeOptions::new(Duration::from_secs(1)),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("open mount point /nonexistent/bulwark: "),
+            "{e}"
+        );
+    }
+}
