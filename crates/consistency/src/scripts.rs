@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::fallback::PreScripts;
+use crate::fallback::{PreScripts, ScriptsAvailability};
 use crate::{Error, Result};
 
 /// The default timeout of one script attempt.
@@ -378,6 +378,30 @@ pub fn check_config_file(path: &Path, expected_owner: u32) -> Result<()> {
 /// Checks a script: like [`check_config_file`], and executable by its owner.
 pub fn check_script(path: &Path, expected_owner: u32) -> Result<()> {
     check_file(path, expected_owner, true)
+}
+
+/// Whether the agent may run its pre-scripts: checks the config file they came from (when
+/// given) and every script, for the `Hello` capabilities. The first problem refuses them all.
+pub fn availability(
+    config_file: Option<&Path>,
+    pre: &[ScriptSpec],
+    expected_owner: u32,
+) -> ScriptsAvailability {
+    if pre.is_empty() {
+        return ScriptsAvailability::NotConfigured;
+    }
+    let checked = config_file
+        .map_or(Ok(()), |c| check_config_file(c, expected_owner))
+        .and_then(|()| {
+            pre.iter()
+                .try_for_each(|s| check_script(&s.path, expected_owner))
+        });
+    match checked {
+        Ok(()) => ScriptsAvailability::Configured,
+        Err(e) => ScriptsAvailability::Refused {
+            reason: e.to_string(),
+        },
+    }
 }
 
 /// A bounded tail of a byte stream.

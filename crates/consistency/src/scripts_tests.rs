@@ -463,3 +463,45 @@ fn one_line_tail_is_bounded() {
     let t = one_line_tail(&long, 10);
     assert_eq!(t.chars().count(), 11);
 }
+
+#[test]
+fn availability_checks_the_config_file_and_every_script() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path().join("agent.toml");
+    std::fs::write(&c, "").unwrap();
+    std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = script(d.path(), "pre.sh", "true");
+    let specs = [ScriptSpec::new(&s)];
+    assert_eq!(
+        availability(Some(&c), &[], me()),
+        ScriptsAvailability::NotConfigured
+    );
+    assert_eq!(
+        availability(Some(&c), &specs, me()),
+        ScriptsAvailability::Configured
+    );
+    assert_eq!(
+        availability(None, &specs, me()),
+        ScriptsAvailability::Configured
+    );
+    std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o666)).unwrap();
+    match availability(Some(&c), &specs, me()) {
+        ScriptsAvailability::Refused { reason } => {
+            assert!(reason.contains("agent.toml"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        availability(None, &specs, me() + 1),
+        ScriptsAvailability::Refused { .. }
+    ));
+}
+
+#[test]
+fn the_guard_types_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<crate::WatchedFreeze>();
+    send_sync::<crate::FrozenSet>();
+    send_sync::<crate::guardian::Guardian>();
+    send_sync::<ScriptReport>();
+}
