@@ -35,6 +35,9 @@
 //! ```
 
 mod backup;
+pub mod config;
+pub mod daemon;
+pub mod history;
 mod restore;
 
 use std::path::PathBuf;
@@ -44,6 +47,7 @@ pub use backup::{
     check_request, take_snapshots, transfer,
 };
 pub use restore::{RestoreReport, RestoreRequest, restore};
+pub mod tiers;
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,31 @@ pub enum Error {
     /// A worker task failed.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// The daemon's configuration file is not usable.
+    #[error("{at}: {message}")]
+    Config {
+        /// `file:line` (or the file).
+        at: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The job history database failed.
+    #[error("job history {path}: {source}")]
+    History {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Another daemon holds the state directory.
+    #[error("{path}: another bulwark-controller daemon (pid {pid}) uses this state directory")]
+    StateDirLocked {
+        /// The lock file.
+        path: PathBuf,
+        /// The pid written in it, as text.
+        pid: String,
+    },
 }
 
 /// Receives progress of long work (one bar per disk in the CLI). All methods default to

@@ -145,6 +145,12 @@ impl Snapshot {
         self.path.clone()
     }
 
+    /// Decides whether the file stays on drop, without giving the snapshot up: a job that keeps
+    /// its snapshots for instant restore marks them before the transfer phase consumes them.
+    pub fn set_keep(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
     /// Removes the file now.
     pub fn remove(mut self) -> Result<(), Error> {
         self.keep = true;
