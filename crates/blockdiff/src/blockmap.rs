@@ -67,6 +67,13 @@ impl BlockSize {
     pub fn block_count(self, disk_size: u64) -> u64 {
         disk_size.div_ceil(self.bytes())
     }
+
+    /// Length of block `index` of a disk of `disk_size` bytes (the last block may be short;
+    /// 0 past the end).
+    pub fn block_len(self, disk_size: u64, index: u64) -> u64 {
+        let start = index.saturating_mul(self.bytes());
+        disk_size.saturating_sub(start).min(self.bytes())
+    }
 }
 
 impl Default for BlockSize {
@@ -204,7 +211,7 @@ impl BlockMap {
 
     /// Length of block `index` (the last block may be short).
     pub fn block_len(&self, index: u64) -> u64 {
-        block_len(self.block_size, self.disk_size, index)
+        self.block_size.block_len(self.disk_size, index)
     }
 
     /// The distinct addresses this map references.
@@ -313,12 +320,6 @@ impl BlockMap {
             entries,
         })
     }
-}
-
-/// Length of block `index` of a disk of `disk_size` bytes.
-pub(crate) fn block_len(block_size: BlockSize, disk_size: u64, index: u64) -> u64 {
-    let start = index.saturating_mul(block_size.bytes());
-    disk_size.saturating_sub(start).min(block_size.bytes())
 }
 
 fn le_array<const N: usize>(s: &[u8]) -> [u8; N] {

@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use crate::Error;
-use crate::blockmap::{Address, BlockMap, BlockSize, Entry, block_len};
+use crate::blockmap::{Address, BlockMap, BlockSize, Entry};
 
 /// How to scan a disk.
 #[derive(Debug, Clone)]
@@ -208,7 +208,7 @@ impl Ctx {
         let mut next_data: Option<u64> = None;
         for index in first..last {
             let offset = index * bs.bytes();
-            let len = block_len(bs, self.size, index);
+            let len = bs.block_len(self.size, index);
             let end = offset + len;
             let data_at = match next_data {
                 Some(d) if d >= offset => d,

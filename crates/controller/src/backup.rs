@@ -406,10 +406,9 @@ async fn transfer_disk(
             })
             .buffered(upload_concurrency.max(1))
     );
-    let block_size = bs.bytes();
     while let Some(r) = stored.next().await {
         let (ev, outcome) = r?;
-        let len = block_len(block_size, disk.size(), ev.index());
+        let len = bs.block_len(disk.size(), ev.index());
         match &ev {
             BlockEvent::Zero { hole, .. } => {
                 stats.zero_blocks += 1;
@@ -476,10 +475,6 @@ async fn transfer_disk(
         },
         prev_id,
     ))
-}
-
-fn block_len(block_size: u64, disk_size: u64, index: u64) -> u64 {
-    disk_size.saturating_sub(index * block_size).min(block_size)
 }
 
 #[cfg(test)]
