@@ -1,6 +1,7 @@
 //! `bulwark-controller`: back up, restore and verify VM disks. A thin CLI over the
 //! `bulwark-controller` library.
 
+mod agent_cmd;
 mod demo;
 mod ui;
 
@@ -52,6 +53,8 @@ enum Command {
     Verify(VerifyArgs),
     /// Make a sample disk image, back it up twice, restore and verify it (nothing to prepare).
     Demo(demo::DemoArgs),
+    /// Enroll a guest agent: issue its certificate and key (and the controller's, first time).
+    Enroll(agent_cmd::EnrollArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +96,8 @@ struct BackupArgs {
     /// Blocks uploaded at once per disk.
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
+    #[command(flatten)]
+    quiesce: agent_cmd::QuiesceArgs,
     /// Print one JSON object with the point and per-disk statistics.
     #[arg(long)]
     json: bool,
@@ -190,6 +195,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Restore(a) => restore(a).await?,
         Command::Verify(a) => return verify(a).await,
         Command::Demo(a) => return demo::run(a).await,
+        Command::Enroll(a) => return agent_cmd::enroll(a),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -226,7 +232,11 @@ async fn backup(a: BackupArgs) -> Result<()> {
         eprintln!("created a new vault at {}", vault.location());
     }
     let progress = ui::Bars::new(!a.json);
-    let report = bulwark_controller::backup(&vault, &req, progress.clone()).await?;
+    let report = if a.quiesce.is_set() {
+        agent_cmd::backup(&vault, &req, &a.quiesce, progress.clone()).await?
+    } else {
+        bulwark_controller::backup(&vault, &req, progress.clone()).await?
+    };
     progress.clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -38,6 +38,7 @@ mod backup;
 pub mod config;
 pub mod daemon;
 pub mod history;
+pub mod quiesce;
 mod restore;
 
 use std::path::PathBuf;
@@ -46,6 +47,7 @@ pub use backup::{
     BackupReport, BackupRequest, DiskReport, DiskSpec, SnapshotOptions, TakenSnapshots, backup,
     check_request, take_snapshots, transfer,
 };
+pub use quiesce::{AgentAddress, AgentTarget, QuiesceOptions, backup_with_agent};
 pub use restore::{RestoreReport, RestoreRequest, restore};
 pub mod tiers;
 
@@ -107,6 +109,18 @@ pub enum Error {
     /// A worker task failed.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// The guest agent refused or failed a step the job cannot do without.
+    #[error("agent {agent}: {message}")]
+    Agent {
+        /// The agent's address.
+        agent: String,
+        /// What happened.
+        message: String,
+    },
+    /// The consistency level reachable is below the minimum (nothing is committed), or the
+    /// levels asked for are contradictory.
+    #[error(transparent)]
+    Consistency(#[from] bulwark_consistency::Error),
     /// The daemon's configuration file is not usable.
     #[error("{at}: {message}")]
     Config {

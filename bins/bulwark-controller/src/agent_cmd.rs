@@ -1,0 +1,133 @@
+//! `backup --agent ...` (the quiesced backup) and `enroll`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bulwark_consistency::Level;
+use bulwark_controller::{
+    AgentAddress, AgentTarget, BackupReport, BackupRequest, Progress, QuiesceOptions,
+};
+use bulwark_vault::Vault;
+use clap::Args;
+
+/// The guest-agent options of `backup`.
+#[derive(Debug, Args)]
+pub struct QuiesceArgs {
+    /// The VM's guest agent: unix:PATH or tcp:HOST:PORT (mutual TLS, see --tls-dir). With it
+    /// the guest is quiesced (pre-scripts, fsfreeze) around the snapshot.
+    #[arg(
+        long,
+        value_name = "unix:PATH|tcp:HOST:PORT",
+        conflicts_with = "keep_snapshot_days"
+    )]
+    agent: Option<String>,
+    /// The controller's TLS files from `enroll`: ca.pem, controller.pem, controller.key.
+    #[arg(long, value_name = "DIR", requires = "agent")]
+    tls_dir: Option<PathBuf>,
+    /// The name the agent's certificate must carry (default: the host of --agent).
+    #[arg(long, value_name = "NAME", requires = "agent")]
+    agent_name: Option<String>,
+    /// The consistency wanted: application, file_system or crash (default: the best the agent
+    /// offers).
+    #[arg(long, value_name = "LEVEL")]
+    consistency: Option<Level>,
+    /// The lowest consistency acceptable: below it the backup fails and commits nothing.
+    #[arg(long, value_name = "LEVEL", default_value = "crash")]
+    min_consistency: Level,
+    /// How long the agent may keep the guest frozen before its watchdog thaws on its own
+    /// (the agent may cap it).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    freeze_timeout_ms: u64,
+    /// Test hook: sleep this long in the snapshot phase while the guest is frozen.
+    #[arg(long, hide = true, value_name = "MS")]
+    test_snapshot_delay_ms: Option<u64>,
+}
+
+impl QuiesceArgs {
+    /// Whether the backup involves the agent (or asks for more than crash consistency).
+    pub fn is_set(&self) -> bool {
+        self.agent.is_some()
+            || self.consistency.is_some_and(|l| l > Level::Crash)
+            || self.min_consistency > Level::Crash
+    }
+}
+
+/// Runs the quiesced backup.
+pub async fn backup(
+    vault: &Vault,
+    req: &BackupRequest,
+    a: &QuiesceArgs,
+    progress: Arc<dyn Progress>,
+) -> Result<BackupReport> {
+    let Some(agent) = &a.agent else {
+        bail!("--consistency/--min-consistency above crash need --agent");
+    };
+    let address: AgentAddress = agent
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--agent {e}"))?;
+    if matches!(address, AgentAddress::Tcp { .. }) && a.tls_dir.is_none() {
+        bail!("--agent tcp:... needs --tls-dir (the controller's files from `enroll`)");
+    }
+    let target = AgentTarget {
+        address,
+        tls: a.tls_dir.as_deref().map(AgentTarget::tls_dir),
+        server_name: a.agent_name.clone(),
+    };
+    let opts = QuiesceOptions {
+        wanted: a.consistency,
+        minimum: a.min_consistency,
+        freeze_timeout: Duration::from_millis(a.freeze_timeout_ms.max(1)),
+        snapshot_delay: a.test_snapshot_delay_ms.map(Duration::from_millis),
+    };
+    Ok(bulwark_controller::backup_with_agent(vault, req, &target, &opts, progress).await?)
+}
+
+/// `bulwark-controller enroll`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The controller's CA directory (ca.pem, ca.key; created on first use). The controller's
+    /// own client identity goes to DIR/controller (ca.pem, controller.pem, controller.key),
+    /// the directory `backup --tls-dir` wants.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: PathBuf,
+    /// Where to write the agent's files (ca.pem, NAME.pem, NAME.key): copy them into the guest
+    /// and name them in the agent's [tls] table.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The agent's name: its host name, the certificate's common name and file stem.
+    #[arg(long, value_name = "NAME")]
+    agent: String,
+    /// Another DNS name or IP address the controller dials the agent by; repeatable.
+    #[arg(long = "san", value_name = "HOST_OR_IP")]
+    sans: Vec<String>,
+}
+
+/// Issues the agent's certificate; creates the CA and the controller's identity if missing.
+pub fn enroll(a: EnrollArgs) -> Result<ExitCode> {
+    let ca = bulwark_protocol::ensure_ca(&a.ca_dir, "Bulwark controller CA")
+        .with_context(|| format!("CA in {}", a.ca_dir.display()))?;
+    if ca.created {
+        eprintln!("created the controller CA in {}", a.ca_dir.display());
+    }
+    let controller_dir = a.ca_dir.join("controller");
+    if !controller_dir.join("controller.pem").exists() {
+        let files = bulwark_protocol::enroll_controller(&a.ca_dir, &controller_dir, "controller")?;
+        eprintln!(
+            "created the controller's client certificate {} (use --tls-dir {})",
+            files.cert.display(),
+            controller_dir.display()
+        );
+    }
+    let sans: Vec<&str> = a.sans.iter().map(String::as_str).collect();
+    let files = bulwark_protocol::enroll_agent(&a.ca_dir, &a.out, &a.agent, &sans)?;
+    println!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+        files.ca_cert.display().to_string(),
+        files.cert.display().to_string(),
+        files.key.display().to_string()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,568 @@
+//! The quiesced backup job: the guest agent prepares and freezes the guest around the snapshot
+//! phase, and the recovery point records the consistency level reached and why.
+//!
+//! [`backup_with_agent`] runs, in order:
+//!
+//! 1. **Plan**: connect to the agent (Unix socket, or TCP with mutual TLS) and `Hello`. An
+//!    absent or unauthenticated agent plans `crash` with the reason, if the minimum allows
+//!    ([`bulwark_consistency::plan`]); otherwise the job fails before anything is touched.
+//! 2. **Prepare** (application wanted): the agent's pre-scripts. A failure without
+//!    `continue_on_failure` fails the job; with it, or when the agent refuses its scripts, the
+//!    level drops to `file_system`.
+//! 3. **Freeze{timeout}**: the agent freezes its mounts and arms its watchdog and guardian.
+//! 4. **Snapshot phase** ([`take_snapshots`]).
+//! 5. **Thaw**: the agent thaws and runs its post-scripts. The freeze window is measured from
+//!    the `Frozen` reply to the `Thawed` reply (minus the post-scripts' run time, which comes
+//!    after the thaw). If the freeze was not held continuously (the watchdog fired first), the
+//!    point is downgraded to `crash` with that reason.
+//! 6. **Transfer** ([`transfer`]) with the [`ConsistencyRecord`] from
+//!    [`bulwark_consistency::resolve`] and the agent's identity on the point. A level below
+//!    the minimum fails the job: no point is committed.
+//!
+//! The snapshots are always taken between a successful freeze and the thaw; the thaw is sent
+//! even when the snapshot fails.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_consistency::scripts::{Phase, ScriptFailure, ScriptReport};
+use bulwark_consistency::{
+    AgentStatus, Capabilities, FreezeObserved, Level, Observed, PreScripts, ScriptsAvailability,
+    Step, plan, resolve,
+};
+use bulwark_protocol::{
+    CAP_FSFREEZE, CAP_SCRIPTS, Client, Connection, ErrorCode, HelloOk, Prepared, ScriptOutcome,
+    ScriptStatus, Thawed, TlsFiles, client_config, connect_tcp, connect_unix,
+};
+use bulwark_vault::{ConsistencyRecord, Vault};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
+
+use crate::{
+    BackupReport, BackupRequest, Error, Progress, check_request, take_snapshots, transfer,
+};
+
+/// Default freeze timeout asked of the agent (it may cap it lower).
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a `Prepare` or `Thaw` may take (they run scripts, capped at 600 s by the agent).
+const SCRIPT_REPLY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// How long any other reply may take.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentAddress {
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+    /// `tcp:HOST:PORT` (mutual TLS).
+    Tcp {
+        /// Host name or IP address; the agent's certificate must name it.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl FromStr for AgentAddress {
+    type Err = String;
+
+    /// Parses `unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6).
+    fn from_str(s: &str) -> Result<AgentAddress, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("{s:?}: no socket path"));
+            }
+            return Ok(AgentAddress::Unix(PathBuf::from(p)));
+        }
+        let Some(rest) = s.strip_prefix("tcp:") else {
+            return Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"));
+        };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected tcp:HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("{s:?}: no host"));
+        }
+        Ok(AgentAddress::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for AgentAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            AgentAddress::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            AgentAddress::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+/// The agent of a VM and how to authenticate to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTarget {
+    /// Where it listens.
+    pub address: AgentAddress,
+    /// The controller's TLS files (needed for TCP): `ca.pem`, `controller.pem`,
+    /// `controller.key` from `bulwark-controller enroll`.
+    pub tls: Option<TlsFiles>,
+    /// The name the agent's certificate must carry (default: the host of the address).
+    pub server_name: Option<String>,
+}
+
+impl AgentTarget {
+    /// The controller's TLS files in `dir`: `ca.pem`, `controller.pem`, `controller.key`.
+    pub fn tls_dir(dir: &std::path::Path) -> TlsFiles {
+        TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("controller.pem"),
+            key: dir.join("controller.key"),
+        }
+    }
+}
+
+/// What a quiesced job wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuiesceOptions {
+    /// The level wanted; `None`: the best the agent offers (`file_system` is recorded as wanted
+    /// when the agent cannot be reached).
+    pub wanted: Option<Level>,
+    /// The lowest level acceptable: below it the job fails and commits nothing.
+    pub minimum: Level,
+    /// The freeze timeout asked of the agent (its watchdog thaws at this deadline).
+    pub freeze_timeout: Duration,
+    /// Test hook: sleep this long in the snapshot phase, while frozen (to let the watchdog fire
+    /// in tests). Never set it in production.
+    pub snapshot_delay: Option<Duration>,
+}
+
+impl Default for QuiesceOptions {
+    fn default() -> Self {
+        QuiesceOptions {
+            wanted: None,
+            minimum: Level::Crash,
+            freeze_timeout: DEFAULT_FREEZE_TIMEOUT,
+            snapshot_delay: None,
+        }
+    }
+}
+
+/// A connected, greeted agent.
+enum AgentLink {
+    Unix(Client<tokio::net::UnixStream>),
+    Tls(Box<Client<bulwark_protocol::ClientTlsStream>>),
+}
+
+macro_rules! with_client {
+    ($link:expr, $c:ident => $body:expr) => {
+        match $link {
+            AgentLink::Unix($c) => $body,
+            AgentLink::Tls($c) => $body,
+        }
+    };
+}
+
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: Connection<S>,
+) -> Result<(Client<S>, HelloOk), bulwark_protocol::Error> {
+    let mut client = Client::new(conn);
+    client.set_reply_timeout(Some(REPLY_TIMEOUT));
+    let hello = client
+        .hello("bulwark-controller", env!("CARGO_PKG_VERSION"), &[])
+        .await?;
+    Ok((client, hello))
+}
+
+async fn connect(target: &AgentTarget) -> Result<(AgentLink, HelloOk), String> {
+    match &target.address {
+        AgentAddress::Unix(path) => {
+            let conn = connect_unix(path).await.map_err(|e| e.to_string())?;
+            let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
+            Ok((AgentLink::Unix(c), h))
+        }
+        AgentAddress::Tcp { host, port } => {
+            let files = target.tls.as_ref().ok_or_else(|| {
+                "no controller TLS files (--tls-dir): the agent only speaks mutual TLS over TCP"
+                    .to_string()
+            })?;
+            let config = client_config(files).map_err(|e| e.to_string())?;
+            let name = target.server_name.as_deref().unwrap_or(host);
+            let conn = connect_tcp(socket_string(host, *port), name, config)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
+            Ok((AgentLink::Tls(Box::new(c)), h))
+        }
+    }
+}
+
+fn socket_string(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn capabilities(hello: &HelloOk) -> Capabilities {
+    Capabilities {
+        freeze: hello.has_capability(CAP_FSFREEZE) && hello.levels.contains(&Level::FileSystem),
+        // Scripts the agent refuses are still announced: `Prepare` then says why.
+        pre_scripts: if hello.has_capability(CAP_SCRIPTS) {
+            ScriptsAvailability::Configured
+        } else {
+            ScriptsAvailability::NotConfigured
+        },
+        post_scripts: hello.has_capability(CAP_SCRIPTS),
+    }
+}
+
+/// The agent's script outcome as the consistency crate's report (for the reason texts).
+fn report(phase: Phase, o: &ScriptOutcome) -> ScriptReport {
+    let failure = match o.status {
+        ScriptStatus::Succeeded => None,
+        ScriptStatus::Failed => Some(match o.exit_code {
+            Some(code) => ScriptFailure::Exited { code },
+            None => ScriptFailure::SpawnFailed {
+                error: o.message.clone().unwrap_or_else(|| "failed".into()),
+            },
+        }),
+        ScriptStatus::TimedOut => Some(ScriptFailure::TimedOut {
+            after_ms: o.duration_ms / u64::from(o.attempts.max(1)),
+        }),
+        ScriptStatus::Refused => Some(ScriptFailure::Refused {
+            reason: o.message.clone().unwrap_or_else(|| "refused".into()),
+        }),
+        ScriptStatus::Skipped | ScriptStatus::Unknown => Some(ScriptFailure::SpawnFailed {
+            error: format!("not run: {}", o.message.as_deref().unwrap_or("skipped")),
+        }),
+    };
+    let tail = match o.status {
+        ScriptStatus::Failed | ScriptStatus::TimedOut if o.exit_code.is_some() => {
+            o.message.clone().unwrap_or_default()
+        }
+        ScriptStatus::TimedOut => o.message.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    ScriptReport {
+        phase,
+        path: PathBuf::from(&o.path),
+        attempts: o.attempts,
+        failure,
+        stdout_tail: String::new(),
+        stderr_tail: tail,
+        output_bytes: 0,
+        duration_ms: o.duration_ms,
+    }
+}
+
+fn pre_scripts_observed(p: &Prepared) -> PreScripts {
+    match p
+        .scripts
+        .iter()
+        .find(|o| o.status != ScriptStatus::Succeeded)
+    {
+        Some(o) => PreScripts::Failed(report(Phase::Pre, o)),
+        None if p.scripts.is_empty() => PreScripts::NotRun,
+        None => PreScripts::Succeeded,
+    }
+}
+
+fn agent_error(target: &AgentTarget, message: String) -> Error {
+    Error::Agent {
+        agent: target.address.to_string(),
+        message,
+    }
+}
+
+/// Runs a backup quiesced by the guest agent at `target`; see the module documentation.
+///
+/// Errors: the request is invalid; the level reachable is below `opts.minimum`
+/// ([`Error::Consistency`], nothing committed); a pre-script failed without
+/// `continue_on_failure` ([`Error::Agent`]); the snapshot or the transfer failed.
+pub async fn backup_with_agent(
+    vault: &Vault,
+    req: &BackupRequest,
+    target: &AgentTarget,
+    opts: &QuiesceOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<BackupReport, Error> {
+    let started = Instant::now();
+    check_request(req)?;
+    let span = tracing::info_span!("backup", vm = %req.vm, agent = %target.address);
+    run(vault, req, target, opts, progress, started)
+        .instrument(span)
+        .await
+}
+
+async fn run(
+    vault: &Vault,
+    req: &BackupRequest,
+    target: &AgentTarget,
+    opts: &QuiesceOptions,
+    progress: Arc<dyn Progress>,
+    started: Instant,
+) -> Result<BackupReport, Error> {
+    // 1. Plan.
+    let (mut link, hello, status) = match connect(target).await {
+        Ok((link, hello)) => {
+            tracing::info!(agent = %hello.agent.hostname, version = %hello.agent.agent_version, levels = ?hello.levels, capabilities = ?hello.capabilities, "agent greeted");
+            let caps = capabilities(&hello);
+            (Some(link), Some(hello), AgentStatus::Reachable(caps))
+        }
+        Err(reason) => {
+            let reason = format!("{}: {reason}", target.address);
+            tracing::warn!(%reason, "agent unreachable");
+            (None, None, AgentStatus::Unreachable { reason })
+        }
+    };
+    let wanted = opts.wanted.unwrap_or_else(|| {
+        let best = match &hello {
+            Some(h) => h.levels.iter().copied().max().unwrap_or(Level::Crash),
+            None => Level::FileSystem,
+        };
+        best.max(opts.minimum)
+    });
+    let the_plan = plan(wanted, opts.minimum, &status)?;
+    tracing::info!(target = %the_plan.target, steps = ?the_plan.steps, reasons = ?the_plan.reasons, "plan");
+    let mut observed = Observed::default();
+    if let AgentStatus::Unreachable { reason } = &status {
+        observed.agent_unreachable = Some(reason.clone());
+    }
+
+    // 2. Prepare.
+    let mut prepared_ran = false;
+    if let (true, Some(link)) = (the_plan.has(Step::PreScripts), link.as_mut()) {
+        let reply = with_client!(link, c => {
+            c.set_reply_timeout(Some(SCRIPT_REPLY_TIMEOUT));
+            let r = c.prepare().await;
+            c.set_reply_timeout(Some(REPLY_TIMEOUT));
+            r
+        });
+        match reply {
+            Ok(p) => {
+                prepared_ran = true;
+                tracing::info!(level = %p.level, reasons = ?p.reasons, "prepared");
+                observed.pre_scripts = pre_scripts_observed(&p);
+                // The agent went on after a failure: continue_on_failure is set there.
+                observed.continue_on_failure = p.level < Level::Application;
+            }
+            Err(bulwark_protocol::Error::Remote {
+                code: ErrorCode::PrepareFailed,
+                message,
+                ..
+            }) => {
+                return Err(agent_error(
+                    target,
+                    format!("the pre-scripts failed: {message}"),
+                ));
+            }
+            Err(e) => {
+                observed.agent_unreachable = Some(format!("prepare failed: {e}"));
+            }
+        }
+    }
+
+    // 3. Freeze.
+    let mut frozen_at = None;
+    if observed.agent_unreachable.is_none() && the_plan.has(Step::Freeze) {
+        if let Some(link) = link.as_mut() {
+            match with_client!(link, c => c.freeze(opts.freeze_timeout).await) {
+                Ok(f) => {
+                    tracing::info!(mounts = ?f.mounts, timeout_ms = f.timeout_ms, "frozen");
+                    frozen_at = Some(Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "freeze failed");
+                    observed.freeze = FreezeObserved::Failed {
+                        reason: e.to_string(),
+                    };
+                }
+            }
+        }
+    }
+
+    // 4. Snapshot.
+    let req2 = req.clone();
+    let delay = opts.snapshot_delay;
+    let taken = tokio::task::spawn_blocking(move || {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        take_snapshots(&req2)
+    })
+    .await
+    .map_err(|e| Error::Worker(e.to_string()));
+
+    // 5. Thaw (also after a failed snapshot, and after a Prepare without freeze, for the
+    // post-scripts).
+    let mut freeze_window_ms = None;
+    if let Some(link) = link.as_mut() {
+        if frozen_at.is_some() || prepared_ran {
+            let reply = with_client!(link, c => {
+                c.set_reply_timeout(Some(SCRIPT_REPLY_TIMEOUT));
+                c.thaw().await
+            });
+            let thawed_at = Instant::now();
+            match reply {
+                Ok(t) => {
+                    observe_thaw(&mut observed, &t, frozen_at.is_some());
+                    if let Some(at) = frozen_at {
+                        let post: u64 = t.post_scripts.iter().map(|o| o.duration_ms).sum();
+                        let window = thawed_at.saturating_duration_since(at).as_millis() as u64;
+                        freeze_window_ms = Some(window.saturating_sub(post));
+                    }
+                }
+                Err(e) if frozen_at.is_some() => {
+                    observed.freeze = FreezeObserved::NotHeldContinuously {
+                        reason: format!("the thaw failed: {e}"),
+                    };
+                }
+                Err(e) => tracing::warn!(error = %e, "thaw (post-scripts) failed"),
+            }
+        }
+    }
+    if frozen_at.is_some() && matches!(observed.freeze, FreezeObserved::NotAttempted) {
+        observed.freeze = FreezeObserved::NotHeldContinuously {
+            reason: "no thaw reply".into(),
+        };
+    }
+    drop(link);
+    let taken = taken??;
+
+    // 6. Resolve and transfer.
+    let outcome = resolve(wanted, opts.minimum, &observed)?;
+    let mut reasons = the_plan.reasons.clone();
+    for r in outcome.reasons.iter().chain(&outcome.warnings) {
+        if !reasons.contains(r) {
+            reasons.push(r.clone());
+        }
+    }
+    let record = ConsistencyRecord {
+        reached: outcome.level,
+        wanted,
+        reasons,
+        freeze_window_ms,
+    };
+    tracing::info!(reached = %record.reached, wanted = %record.wanted, reasons = ?record.reasons, freeze_window_ms, "consistency");
+    let agent = match &hello {
+        Some(h) => Some(agent_record(vault, req, target, h).await),
+        None => None,
+    };
+    transfer(vault, req, taken, record, agent, progress, started).await
+}
+
+fn observe_thaw(observed: &mut Observed, t: &Thawed, was_frozen: bool) {
+    if was_frozen {
+        observed.freeze = if t.held_continuously {
+            FreezeObserved::Held
+        } else {
+            FreezeObserved::NotHeldContinuously {
+                reason: t
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "the agent did not say why".into()),
+            }
+        };
+    }
+    observed.post_script_failures = t
+        .post_scripts
+        .iter()
+        .filter(|o| o.status != ScriptStatus::Succeeded)
+        .map(|o| report(Phase::Post, o))
+        .collect();
+}
+
+/// The `agent` field of the point: identity, version, capabilities, levels, and whether this
+/// is the first backup of the VM with this agent (like a cloud service's extension install).
+async fn agent_record(
+    vault: &Vault,
+    req: &BackupRequest,
+    target: &AgentTarget,
+    h: &HelloOk,
+) -> serde_json::Value {
+    let previous = vault.latest_point(&req.vm).await.ok().flatten();
+    let known = previous
+        .as_ref()
+        .and_then(|p| p.agent.as_ref())
+        .and_then(|a| a.get("hostname"))
+        .and_then(|v| v.as_str())
+        .is_some_and(|host| host == h.agent.hostname);
+    if !known {
+        tracing::info!(agent = %h.agent.hostname, version = %h.agent.agent_version, vm = %req.vm, "first backup of this VM with this agent");
+    }
+    serde_json::json!({
+        "hostname": h.agent.hostname,
+        "agent_version": h.agent.agent_version,
+        "protocol_version": h.version,
+        "capabilities": h.capabilities,
+        "levels": h.levels,
+        "address": target.address.to_string(),
+        "first_contact": !known,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            "unix:/run/a.sock".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Unix("/run/a.sock".into())
+        );
+        let t: AgentAddress = "tcp:127.0.0.1:7070".parse().unwrap();
+        assert_eq!(t.to_string(), "tcp:127.0.0.1:7070");
+        let v6: AgentAddress = "tcp:[::1]:7".parse().unwrap();
+        assert_eq!(
+            v6,
+            AgentAddress::Tcp {
+                host: "::1".into(),
+                port: 7
+            }
+        );
+        assert_eq!(v6.to_string(), "tcp:[::1]:7");
+        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:x", "http://h"] {
+            assert!(bad.parse::<AgentAddress>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn script_outcomes_become_reasons() {
+        let o = ScriptOutcome {
+            path: "/etc/pre.sh".into(),
+            status: ScriptStatus::Failed,
+            exit_code: Some(3),
+            attempts: 1,
+            duration_ms: 5,
+            message: Some("boom".into()),
+        };
+        assert_eq!(
+            report(Phase::Pre, &o).describe(),
+            "pre-script /etc/pre.sh exited with status 3 (stderr: boom)"
+        );
+        let refused = ScriptOutcome {
+            status: ScriptStatus::Refused,
+            exit_code: None,
+            message: Some("writable by group".into()),
+            ..o
+        };
+        assert!(
+            report(Phase::Pre, &refused)
+                .describe()
+                .contains("refused: writable by group")
+        );
+    }
+}
