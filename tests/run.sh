@@ -36,4 +36,4 @@ if [ -f tests/servers.sh ]; then
     [ -f target/test-servers.env ] && set -a && . target/test-servers.env && set +a
 fi
 
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"

@@ -490,7 +490,10 @@ mod tests {
         );
         let d = DiskSpec::parse("/images/web data.img").unwrap();
         assert_eq!(d.name, "web_data");
-        assert!(DiskSpec::parse("../x=/a").is_err());
+        assert!(DiskSpec::parse("..=/a").is_err());
+        assert!(DiskSpec::parse("bad name=/a").is_err());
+        // A slash before the "=" makes the whole argument a path.
+        assert_eq!(DiskSpec::parse("../x=/a").unwrap().name, "a");
         assert!(DiskSpec::parse("a=").is_err());
     }
 }
