@@ -3,9 +3,9 @@
 //! content address and data).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -27,6 +27,11 @@ pub struct ScanOptions {
     /// How many batches of blocks are read and hashed at once. Memory in flight is at most
     /// `parallelism × max(block size, 4 MiB)`.
     pub parallelism: usize,
+    /// Read with `O_DIRECT` where the file system allows it (else buffered, silently). A
+    /// snapshot (a fresh reflink clone) never shares page cache with its image, so buffered
+    /// reads of it are cold anyway; direct reads skip a copy, are 2–5× faster on the loop-mounted
+    /// XFS of the benchmarks, and do not evict the running VMs' page cache with backup data.
+    pub direct_io: bool,
 }
 
 impl Default for ScanOptions {
@@ -36,6 +41,7 @@ impl Default for ScanOptions {
             change_seed: 0,
             address_key: None,
             parallelism: default_parallelism(),
+            direct_io: true,
         }
     }
 }
@@ -107,6 +113,8 @@ impl BlockEvent {
 pub struct Disk {
     path: PathBuf,
     file: Arc<File>,
+    /// The same file opened with `O_DIRECT`, when the file system supports it.
+    direct: Option<Arc<File>>,
     size: u64,
 }
 
@@ -132,9 +140,19 @@ impl Disk {
         } else {
             meta.len()
         };
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(path)
+                .ok()
+                .map(Arc::new)
+        };
         Ok(Disk {
             path: path.to_path_buf(),
             file: Arc::new(file),
+            direct,
             size,
         })
     }
@@ -167,6 +185,8 @@ pub fn scan(
     let per_batch = (4 * 1024 * 1024 / bs.bytes()).max(1);
     let ctx = Arc::new(Ctx {
         file: disk.file.clone(),
+        direct: disk.direct.clone().filter(|_| options.direct_io),
+        direct_failed: AtomicBool::new(false),
         path: disk.path.clone(),
         size: disk.size,
         previous,
@@ -193,6 +213,10 @@ pub fn scan(
 
 struct Ctx {
     file: Arc<File>,
+    direct: Option<Arc<File>>,
+    /// Set when a direct read failed with EINVAL (alignment the device does not accept): the
+    /// rest of the scan reads buffered.
+    direct_failed: AtomicBool,
     path: PathBuf,
     size: u64,
     previous: Option<Arc<BlockMap>>,
@@ -222,9 +246,8 @@ impl Ctx {
                 out.push(BlockEvent::Zero { index, hole: true });
                 continue;
             }
-            let mut buf = vec![0u8; len as usize];
-            self.file
-                .read_exact_at(&mut buf, offset)
+            let buf = self
+                .read_block(offset, len as usize)
                 .map_err(|source| Error::Read {
                     path: self.path.clone(),
                     index,
@@ -234,6 +257,49 @@ impl Ctx {
             out.push(self.classify(index, buf));
         }
         Ok(out)
+    }
+
+    /// Reads the `len` bytes of a block at `offset`: direct when possible, else buffered.
+    /// Neither path zero-fills its buffer first (a 1 MiB memset per block was a few per cent
+    /// of a full backup's CPU time).
+    fn read_block(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        if let Some(direct) = &self.direct
+            && !self.direct_failed.load(Ordering::Relaxed)
+        {
+            match read_direct(direct, offset, len) {
+                Ok(Some(b)) => return Ok(b),
+                // Short (the file changed size?): the buffered read below reports it exactly.
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    tracing::debug!(path = %self.path.display(), "O_DIRECT read refused: reading buffered");
+                    self.direct_failed.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.read_buffered(offset, len).map(Bytes::from)
+    }
+
+    /// A buffered read into the spare capacity of a fresh vector.
+    fn read_buffered(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            match rustix::io::pread(&*self.file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the disk ended {} bytes into the block", buf.len()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // `with_capacity` may round up; bytes past the block are not part of it.
+        buf.truncate(len);
+        Ok(buf)
     }
 
     /// The first offset at or after `offset` that holds data; the end of the disk when there is
@@ -247,7 +313,7 @@ impl Ctx {
         }
     }
 
-    fn classify(&self, index: u64, buf: Vec<u8>) -> BlockEvent {
+    fn classify(&self, index: u64, buf: Bytes) -> BlockEvent {
         if is_zero(&buf) {
             return BlockEvent::Zero { index, hole: false };
         }
@@ -276,9 +342,42 @@ impl Ctx {
             index,
             change,
             address,
-            data: Bytes::from(buf),
+            data: buf,
         }
     }
+}
+
+/// Alignment of direct reads: buffer, offset and length (4 KiB covers 512-byte and 4 KiB
+/// logical sectors). Block offsets are multiples of the block size (≥ 64 KiB).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Reads a block with `O_DIRECT` into an aligned region of a fresh vector and returns that
+/// region without copying. `Ok(None)` when the read came back short.
+fn read_direct(file: &File, offset: u64, len: usize) -> std::io::Result<Option<Bytes>> {
+    let want = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let mut buf: Vec<u8> = Vec::with_capacity(want + DIRECT_ALIGN);
+    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    if pad > DIRECT_ALIGN {
+        return Ok(None);
+    }
+    // The bytes before the aligned start are initialised, so `buf` never holds uninitialised
+    // bytes within its length.
+    buf.resize(pad, 0);
+    let n = loop {
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        match rustix::io::pread(file, spare, offset) {
+            Ok((read, _)) => break read.len(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if n < len {
+        return Ok(None);
+    }
+    // SAFETY: `pread` initialised the first `n` bytes of the spare capacity (it returned them
+    // as an initialised slice), which begins at index `pad`; `pad + n <= capacity`.
+    unsafe { buf.set_len(pad + n) };
+    Ok(Some(Bytes::from(buf).slice(pad..pad + len)))
 }
 
 /// The content address of `data`: BLAKE3, or keyed BLAKE3 when `key` is given.
@@ -314,6 +413,7 @@ mod tests {
             change_seed: 42,
             address_key: None,
             parallelism: 3,
+            direct_io: true,
         }
     }
 
@@ -401,6 +501,37 @@ mod tests {
         let disk = Disk::open(&path).unwrap();
         let ev = collect(&disk, Some(prev)).await;
         assert!(matches!(ev[0], BlockEvent::Changed { .. }));
+    }
+
+    #[tokio::test]
+    async fn direct_and_buffered_reads_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let bs = u64::from(MIN_BLOCK_SIZE) as usize;
+        // Unaligned size: the last block is 777 bytes, read past its end with O_DIRECT.
+        let image: Vec<u8> = (0..3 * bs + 777).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&path, &image).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        for direct_io in [true, false] {
+            let options = ScanOptions {
+                direct_io,
+                ..opts()
+            };
+            let mut s = std::pin::pin!(scan(&disk, None, &options));
+            let mut indexes = Vec::new();
+            while let Some(e) = s.next().await {
+                match e.unwrap() {
+                    BlockEvent::Changed { data, index, .. } => {
+                        let at = index as usize * bs;
+                        let end = (at + bs).min(image.len());
+                        assert_eq!(&data[..], &image[at..end], "direct_io {direct_io}");
+                        indexes.push(index);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(indexes, vec![0, 1, 2, 3]);
+        }
     }
 
     #[test]
