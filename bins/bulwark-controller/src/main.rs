@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod demo;
+mod keys;
 mod ui;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ struct Cli {
     /// More log output (-v: debug, -vv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    keys: keys::GlobalKeyArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,13 +56,17 @@ enum Command {
     Verify(VerifyArgs),
     /// Make a sample disk image, back it up twice, restore and verify it (nothing to prepare).
     Demo(demo::DemoArgs),
+    /// Create and manage the master keys of encrypted vaults.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
     /// Enroll a guest agent: issue its certificate and key (and the controller's, first time).
     Enroll(agent_cmd::EnrollArgs),
 }
 
 #[derive(Debug, Args)]
 struct VaultArg {
-    /// The vault: a directory path or file://PATH.
+    /// The vault: a directory path, file://PATH, az://CONTAINER[/PREFIX] or s3://BUCKET[/PREFIX]
+    /// (credentials and endpoints from the AZURE_*/AWS_* environment variables).
     #[arg(long, env = "BULWARK_VAULT", value_name = "PATH|URL")]
     vault: String,
 }
@@ -74,6 +81,8 @@ struct InitArgs {
     /// zstd level for stored blocks (0 stores them uncompressed).
     #[arg(long, default_value_t = 1)]
     compression_level: i32,
+    #[command(flatten)]
+    encrypt: keys::EncryptArgs,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +165,7 @@ struct VerifyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    keys::export(&cli.keys);
     ui::init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,6 +189,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Init(a) => {
+            keys::check_init(&a.encrypt)?;
             let vault = Vault::create(
                 &a.vault.vault,
                 &create_options(a.block_size, a.compression_level)?,
@@ -195,6 +206,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Restore(a) => restore(a).await?,
         Command::Verify(a) => return verify(a).await,
         Command::Demo(a) => return demo::run(a).await,
+        Command::Key(a) => return keys::run(a),
         Command::Enroll(a) => return agent_cmd::enroll(a),
     }
     Ok(ExitCode::SUCCESS)

@@ -122,6 +122,10 @@ pub struct BackupReport {
     pub duration_ms: u64,
     /// Per-disk results.
     pub disks: Vec<DiskReport>,
+    /// Object-store requests and bytes of the transfer phase (GET/PUT/HEAD/LIST/DELETE).
+    pub storage: bulwark_vault::StoreStats,
+    /// Bytes uploaded per second of the transfer phase, MiB/s.
+    pub upload_mib_per_s: f64,
 }
 
 /// One disk's result.
@@ -262,6 +266,8 @@ pub async fn transfer(
     progress: Arc<dyn Progress>,
     started: Instant,
 ) -> Result<BackupReport, Error> {
+    let storage_before = vault.store_stats();
+    let transfer_started = Instant::now();
     let previous = vault.latest_point(&req.vm).await?;
     let point = taken.point.clone();
     tracing::info!(point = %point, previous = previous.as_ref().map(|p| p.id.as_str()), "transfer");
@@ -317,6 +323,11 @@ pub async fn transfer(
         snapshot_ms: taken.elapsed_ms,
         duration_ms: started.elapsed().as_millis() as u64,
         disks: reports,
+        storage: vault.store_stats().since(&storage_before),
+        upload_mib_per_s: {
+            let up = vault.store_stats().since(&storage_before).bytes_up as f64;
+            up / (1 << 20) as f64 / transfer_started.elapsed().as_secs_f64().max(1e-6)
+        },
     })
 }
 

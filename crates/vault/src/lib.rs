@@ -37,12 +37,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod crypto;
 pub mod envelope;
+pub mod fault;
+pub mod location;
 mod model;
+pub mod retry;
+pub mod stats;
 mod verify;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bulwark_blockdiff::{Address, BlockMap, BlockSize, ScanOptions};
@@ -51,11 +55,15 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
+pub use crypto::MasterKey;
 use envelope::Kind;
+pub use location::{Location, StoreOptions};
 pub use model::{
-    ChangeHash, Compression, ConsistencyRecord, DiskRecord, DiskStats, ManifestRef, RecoveryPoint,
-    VAULT_FORMAT_VERSION, VaultConfig, new_point_id, validate_name,
+    ChangeHash, Compression, ConsistencyRecord, DiskRecord, DiskStats, Encryption, ManifestRef,
+    RecoveryPoint, VAULT_FORMAT_VERSION, VaultConfig, new_point_id, validate_name,
 };
+pub use retry::RetryPolicy;
+pub use stats::StoreStats;
 pub use verify::{Problem, VerifyReport};
 
 /// The key of the vault configuration object.
@@ -173,6 +181,72 @@ pub enum Error {
     /// A worker task failed.
     #[error("vault worker failed: {0}")]
     Worker(String),
+    /// A cloud location without the credentials it needs.
+    #[error("vault location {location}: missing credentials: {why}")]
+    MissingCredentials {
+        /// The location.
+        location: String,
+        /// What to set.
+        why: String,
+    },
+    /// A storage setting that cannot be used.
+    #[error("storage setting {what}: {why}")]
+    StoreConfig {
+        /// The setting (or file:line).
+        what: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A key file that cannot be used.
+    #[error("key file {path}: {why}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A passphrase-protected key file was given without a passphrase.
+    #[error(
+        "key file {path} is protected by a passphrase: set it in the environment (BULWARK_PASSPHRASE)"
+    )]
+    PassphraseRequired {
+        /// The file.
+        path: String,
+    },
+    /// The passphrase does not open the key file.
+    #[error("key file {path}: wrong passphrase")]
+    WrongPassphrase {
+        /// The file.
+        path: String,
+    },
+    /// An encrypted vault opened without its key.
+    #[error(
+        "the vault at {location} is encrypted: give its key file (--key-file or BULWARK_KEY_FILE)"
+    )]
+    KeyRequired {
+        /// The location.
+        location: String,
+    },
+    /// The key given is not the vault's key.
+    #[error(
+        "wrong key for the vault at {location}: the vault's key has fingerprint {expected}, the key given has {given}; nothing was read or written"
+    )]
+    WrongKey {
+        /// The location.
+        location: String,
+        /// Fingerprint recorded in the vault.
+        expected: String,
+        /// Fingerprint of the key given.
+        given: String,
+    },
+    /// A key was given for a vault that is not encrypted.
+    #[error(
+        "the vault at {location} is not encrypted, but a key was given (remove --key-file / BULWARK_KEY_FILE)"
+    )]
+    NotEncrypted {
+        /// The location.
+        location: String,
+    },
 }
 
 impl Error {
@@ -229,55 +303,88 @@ pub struct PointList {
 #[derive(Debug, Clone)]
 pub struct Vault {
     store: Arc<dyn ObjectStore>,
+    counting: Arc<stats::CountingStore>,
     location: String,
     config: VaultConfig,
     concurrency: usize,
+    cipher: Option<Arc<crypto::ObjectCipher>>,
+    address_key: Option<[u8; 32]>,
+    retry: RetryPolicy,
 }
 
-/// Turns a location (a path, `file://…`, or `memory:` for tests) into an object store.
-fn store_for(location: &str, create_dirs: bool) -> Result<Arc<dyn ObjectStore>, Error> {
-    let unsupported = |why: String| Error::UnsupportedLocation {
-        location: location.into(),
-        why,
+/// How to open (or create) a vault: storage settings, the key of an encrypted vault, and the
+/// retry policy of the vault's own requests.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Credentials, endpoints, timeouts ([`StoreOptions::from_env`] for the environment's).
+    pub store: StoreOptions,
+    /// The master key: required to open an encrypted vault; creating with a key makes the
+    /// new vault encrypted.
+    pub key: Option<MasterKey>,
+    /// Retries of the vault's own requests after transient failures.
+    pub retry: RetryPolicy,
+}
+
+impl OpenOptions {
+    /// Storage settings from the environment, and the key named by `BULWARK_KEY_FILE` (with
+    /// the passphrase in `BULWARK_PASSPHRASE` when the file is protected by one), if set.
+    pub fn from_env() -> Result<OpenOptions, Error> {
+        let key = match std::env::var_os("BULWARK_KEY_FILE") {
+            Some(path) if !path.is_empty() => {
+                let pass = std::env::var("BULWARK_PASSPHRASE").ok();
+                Some(MasterKey::load(
+                    std::path::Path::new(&path),
+                    pass.as_deref(),
+                )?)
+            }
+            _ => None,
+        };
+        Ok(OpenOptions {
+            store: StoreOptions::from_env()?,
+            key,
+            ..Default::default()
+        })
+    }
+
+    /// With this key.
+    pub fn with_key(mut self, key: MasterKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+}
+
+/// Writes with `PutMode::Create`, retrying transient failures. An "already exists" answer to a
+/// retry (the earlier attempt may have landed before its reply was lost) counts as success
+/// when the stored bytes are ours; `Ok(false)` means the object existed before.
+async fn put_create(
+    store: &Arc<dyn ObjectStore>,
+    policy: &RetryPolicy,
+    key: &ObjPath,
+    bytes: Bytes,
+) -> Result<bool, Error> {
+    let opts = || PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
     };
-    if location == "memory:" || location == "memory://" {
-        return Ok(Arc::new(object_store::memory::InMemory::new()));
-    }
-    let path = if let Some(rest) = location.strip_prefix("file://") {
-        PathBuf::from(rest)
-    } else if let Some((scheme, _)) = location.split_once("://") {
-        return Err(unsupported(format!(
-            "unknown URL scheme {scheme:?}: this build supports a local path, file://PATH and memory:"
-        )));
-    } else {
-        PathBuf::from(location)
-    };
-    if path.as_os_str().is_empty() {
-        return Err(unsupported("the path is empty".into()));
-    }
-    if create_dirs {
-        std::fs::create_dir_all(&path)
-            .map_err(|e| unsupported(format!("cannot create directory {}: {e}", path.display())))?;
-    }
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::NoVault {
-                location: location.into(),
-                why: format!("{} is not a directory", path.display()),
-            });
+    let r = retry::retry(policy, key.as_ref(), |attempt| {
+        let bytes = bytes.clone();
+        async move {
+            match store
+                .put_opts(key, PutPayload::from(bytes.clone()), opts())
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
+                    let theirs = store.get(key).await?.bytes().await?;
+                    Ok(theirs == bytes)
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
         }
-        Err(e) => {
-            return Err(Error::NoVault {
-                location: location.into(),
-                why: format!("{}: {e}", path.display()),
-            });
-        }
-    }
-    let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
-        .map_err(|e| unsupported(e.to_string()))?
-        .with_fsync(true);
-    Ok(Arc::new(fs))
+    })
+    .await;
+    r.map_err(|e| Error::store(key, e))
 }
 
 fn block_key(address: &Address) -> ObjPath {
@@ -300,41 +407,117 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Vault {
-    /// Opens the vault at `location`: a directory path, `file://PATH`, or `memory:` (empty,
-    /// for tests).
+    /// Opens the vault at `location`: a directory path, `file://PATH`, `memory:` (empty, for
+    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with storage
+    /// settings from the environment (see [`location`]).
     pub async fn open(location: &str) -> Result<Vault, Error> {
-        let store = store_for(location, false)?;
-        Self::open_store(store, location).await
+        Self::open_with(location, &OpenOptions::from_env()?).await
+    }
+
+    /// Opens the vault at `location` with explicit options (storage settings, key).
+    pub async fn open_with(location: &str, options: &OpenOptions) -> Result<Vault, Error> {
+        let store = location::open_store(location, &options.store, false)?;
+        Self::open_store_with(store, location, options).await
     }
 
     /// Opens the vault held by `store` (any `object_store` backend). `label` names it in errors.
     pub async fn open_store(store: Arc<dyn ObjectStore>, label: &str) -> Result<Vault, Error> {
+        Self::open_store_with(store, label, &OpenOptions::default()).await
+    }
+
+    /// Opens the vault held by `store` with a key (required when the vault is encrypted; it
+    /// is checked against the vault's key check value before anything else happens).
+    pub async fn open_store_with(
+        store: Arc<dyn ObjectStore>,
+        label: &str,
+        options: &OpenOptions,
+    ) -> Result<Vault, Error> {
+        let counting = Arc::new(stats::CountingStore::new(store));
+        let store: Arc<dyn ObjectStore> = counting.clone();
         let key = ObjPath::from(CONFIG_KEY);
-        let bytes = match store.get(&key).await {
-            Ok(r) => r.bytes().await.map_err(|e| Error::store(&key, e))?,
+        let got = retry::retry(&options.retry, CONFIG_KEY, |_| async {
+            store.get(&key).await?.bytes().await
+        })
+        .await;
+        let bytes = match got {
+            Ok(b) => b,
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::NoVault {
-                    location: label.into(),
-                    why: format!(
+                // Tell a missing vault from a missing bucket or container.
+                let why = match store.list_with_delimiter(None).await {
+                    Ok(_) => format!(
                         "{CONFIG_KEY} not found (create one with `bulwark-controller init`)"
                     ),
+                    Err(e) => format!(
+                        "{CONFIG_KEY} not found, and the bucket or container cannot be listed \
+                         (does it exist?): {e}"
+                    ),
+                };
+                return Err(Error::NoVault {
+                    location: label.into(),
+                    why,
                 });
             }
             Err(e) => return Err(Error::store(&key, e)),
         };
         let config = VaultConfig::parse(CONFIG_KEY, &bytes)?;
+        Self::assemble(counting, label, config, options)
+    }
+
+    fn assemble(
+        counting: Arc<stats::CountingStore>,
+        label: &str,
+        config: VaultConfig,
+        options: &OpenOptions,
+    ) -> Result<Vault, Error> {
+        let (cipher, address_key) = match (&config.encryption, &options.key) {
+            (None, None) => (None, None),
+            (None, Some(_)) => {
+                return Err(Error::NotEncrypted {
+                    location: label.into(),
+                });
+            }
+            (Some(_), None) => {
+                return Err(Error::KeyRequired {
+                    location: label.into(),
+                });
+            }
+            (Some(enc), Some(key)) => {
+                if key.check_value(&config.id) != enc.key_check {
+                    return Err(Error::WrongKey {
+                        location: label.into(),
+                        expected: enc.key_fingerprint.clone(),
+                        given: key.fingerprint(),
+                    });
+                }
+                (Some(Arc::new(key.cipher())), Some(key.address_key()))
+            }
+        };
         Ok(Vault {
-            store,
+            store: counting.clone(),
+            counting,
             location: label.into(),
             config,
             concurrency: 16,
+            cipher,
+            address_key,
+            retry: options.retry,
         })
     }
 
-    /// Creates a vault at `location` (creating the directory of a local path).
+    /// Creates a vault at `location` (creating the directory of a local path), with storage
+    /// settings from the environment.
     pub async fn create(location: &str, options: &CreateOptions) -> Result<Vault, Error> {
-        let store = store_for(location, true)?;
-        Self::create_store(store, location, options).await
+        Self::create_with(location, options, &OpenOptions::from_env()?).await
+    }
+
+    /// Creates a vault at `location`; encrypted when `open.key` is set.
+    pub async fn create_with(
+        location: &str,
+        options: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Vault, Error> {
+        let store = location::open_store(location, &open.store, true)?;
+        Self::create_store_with(store, location, options, open).await
     }
 
     /// Creates a vault in `store`. Fails with [`Error::VaultExists`] if one is there already.
@@ -343,30 +526,48 @@ impl Vault {
         label: &str,
         options: &CreateOptions,
     ) -> Result<Vault, Error> {
-        let config = VaultConfig::new(options.block_size, options.zstd_level);
+        Self::create_store_with(store, label, options, &OpenOptions::default()).await
+    }
+
+    /// Creates a vault in `store`, encrypted when `open.key` is set.
+    pub async fn create_store_with(
+        store: Arc<dyn ObjectStore>,
+        label: &str,
+        options: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Vault, Error> {
+        let counting = Arc::new(stats::CountingStore::new(store));
+        let store: Arc<dyn ObjectStore> = counting.clone();
+        let mut config = VaultConfig::new(options.block_size, options.zstd_level);
+        if let Some(k) = &open.key {
+            config.address_hash = crypto::KEYED_ADDRESS_HASH.into();
+            config.encryption = Some(Encryption {
+                cipher: crypto::CIPHER_NAME.into(),
+                key_derivation: "blake3-derive-key".into(),
+                key_fingerprint: k.fingerprint(),
+                key_check: k.check_value(&config.id),
+            });
+        }
         let key = ObjPath::from(CONFIG_KEY);
         let mut json =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::Worker(e.to_string()))?;
         json.push(b'\n');
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match store.put_opts(&key, PutPayload::from(json), opts).await {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
+        match put_create(&store, &open.retry, &key, Bytes::from(json)).await {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(Error::VaultExists {
                     location: label.into(),
                 });
             }
-            Err(e) => return Err(Error::store(&key, e)),
+            Err(Error::Missing { .. }) => {
+                return Err(Error::NoVault {
+                    location: label.into(),
+                    why: "the bucket or container does not exist (create it first)".into(),
+                });
+            }
+            Err(e) => return Err(e),
         }
-        Ok(Vault {
-            store,
-            location: label.into(),
-            config,
-            concurrency: 16,
-        })
+        Self::assemble(counting, label, config, open)
     }
 
     /// Opens the vault at `location`, creating it if there is none. Returns whether it was
@@ -375,15 +576,71 @@ impl Vault {
         location: &str,
         options: &CreateOptions,
     ) -> Result<(Vault, bool), Error> {
-        match Self::open(location).await {
+        Self::open_or_create_with(location, options, &OpenOptions::from_env()?).await
+    }
+
+    /// [`Vault::open_or_create`] with explicit options; a created vault is encrypted when
+    /// `open.key` is set.
+    pub async fn open_or_create_with(
+        location: &str,
+        options: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<(Vault, bool), Error> {
+        match Self::open_with(location, open).await {
             Ok(v) => Ok((v, false)),
-            Err(Error::NoVault { .. }) => match Self::create(location, options).await {
+            Err(Error::NoVault { .. }) => match Self::create_with(location, options, open).await {
                 Ok(v) => Ok((v, true)),
                 // Someone else created it in between: use theirs.
-                Err(Error::VaultExists { .. }) => Ok((Self::open(location).await?, false)),
+                Err(Error::VaultExists { .. }) => {
+                    Ok((Self::open_with(location, open).await?, false))
+                }
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
+        }
+    }
+
+    /// Request and byte counts of this vault's store since it was opened. A job reports
+    /// `after.since(&before)`.
+    pub fn store_stats(&self) -> StoreStats {
+        self.counting.stats()
+    }
+
+    /// Whether the vault is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    /// The retry policy of the vault's own requests.
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The digest manifests are pinned by: BLAKE3, keyed in an encrypted vault.
+    pub fn digest(&self, data: &[u8]) -> [u8; 32] {
+        match &self.cipher {
+            Some(c) => c.digest(data),
+            None => *blake3::hash(data).as_bytes(),
+        }
+    }
+
+    /// The content address of a block in this vault (keyed BLAKE3 when encrypted).
+    pub fn address_of(&self, data: &[u8]) -> Address {
+        bulwark_blockdiff::content_address(data, self.address_key.as_ref())
+    }
+
+    fn seal(
+        &self,
+        kind: Kind,
+        key: &ObjPath,
+        plain: &[u8],
+        level: Option<i32>,
+        digest: Option<[u8; 32]>,
+    ) -> Result<envelope::Sealed, Error> {
+        match &self.cipher {
+            Some(c) => envelope::seal_encrypted(kind, key.as_ref(), plain, level, digest, c),
+            None => Ok(envelope::seal(kind, plain, level, digest)),
         }
     }
 
@@ -418,7 +675,7 @@ impl Vault {
         ScanOptions {
             block_size: BlockSize::new(self.config.block_size).unwrap_or_default(),
             change_seed: self.config.change_hash.seed,
-            address_key: None,
+            address_key: self.address_key,
             ..ScanOptions::default()
         }
     }
@@ -426,11 +683,15 @@ impl Vault {
     /// Whether the vault holds the block at `address`.
     pub async fn has_block(&self, address: &Address) -> Result<bool, Error> {
         let key = block_key(address);
-        match self.store.head(&key).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Error::store(&key, e)),
-        }
+        let r = retry::retry(&self.retry, key.as_ref(), |_| async {
+            match self.store.head(&key).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        r.map_err(|e| Error::store(&key, e))
     }
 
     /// Stores a block under its address, unless the vault already holds it. Compression runs
@@ -444,37 +705,54 @@ impl Vault {
         }
         let key = block_key(&address);
         let level = self.config.zstd_level();
+        let this = self.clone();
+        let k2 = key.clone();
         let sealed =
-            blocking(move || envelope::seal(Kind::Block, &data, level, Some(address.0))).await?;
+            blocking(move || this.seal(Kind::Block, &k2, &data, level, Some(address.0))).await??;
         let stored = sealed.bytes.len() as u64;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&key, PutPayload::from(sealed.bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(PutBlock {
-                existed: false,
-                stored_bytes: stored,
-            }),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(PutBlock {
+        // Content-addressed: whoever wrote the block first wrote the same content, so an
+        // existing block is success whatever the attempt.
+        let r = retry::retry(&self.retry, key.as_ref(), |_| {
+            let bytes = Bytes::from(sealed.bytes.clone());
+            async {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                match self
+                    .store
+                    .put_opts(&key, PutPayload::from(bytes), opts)
+                    .await
+                {
+                    Ok(_) => Ok(false),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(true),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::store(&key, e))?;
+        Ok(if r {
+            PutBlock {
                 existed: true,
                 stored_bytes: 0,
-            }),
-            Err(e) => Err(Error::store(&key, e)),
-        }
+            }
+        } else {
+            PutBlock {
+                existed: false,
+                stored_bytes: stored,
+            }
+        })
     }
 
     /// Reads and verifies a block: decompressed, hashed and compared with its address.
     pub async fn get_block(&self, address: Address) -> Result<Bytes, Error> {
         let key = block_key(&address);
         let raw = self.get_raw(&key).await?;
+        let cipher = self.cipher.clone();
         blocking(move || {
             let key = key.to_string();
-            let (plain, digest) = envelope::open(Kind::Block, &key, &raw)?;
+            let (plain, digest) = envelope::open_with(Kind::Block, &key, &raw, cipher.as_deref())?;
             if digest != address.0 {
                 return Err(Error::Corrupt {
                     key,
@@ -487,12 +765,11 @@ impl Vault {
     }
 
     async fn get_raw(&self, key: &ObjPath) -> Result<Bytes, Error> {
-        let r = self
-            .store
-            .get(key)
-            .await
-            .map_err(|e| Error::store(key, e))?;
-        r.bytes().await.map_err(|e| Error::store(key, e))
+        retry::retry(&self.retry, key.as_ref(), |_| async {
+            self.store.get(key).await?.bytes().await
+        })
+        .await
+        .map_err(|e| Error::store(key, e))
     }
 
     /// Stores the block map of one disk at one point. Returns its digest (hex), which the
@@ -508,18 +785,18 @@ impl Vault {
         let key = manifest_key(m);
         let encoded = map.encode();
         let level = self.config.zstd_level();
+        let this = self.clone();
+        let k2 = key.clone();
         let sealed =
-            blocking(move || envelope::seal(Kind::Manifest, &encoded, level, None)).await?;
+            blocking(move || this.seal(Kind::Manifest, &k2, &encoded, level, None)).await??;
         let stored = sealed.bytes.len() as u64;
         let digest = hex::encode(sealed.digest);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        self.store
-            .put_opts(&key, PutPayload::from(sealed.bytes), opts)
-            .await
-            .map_err(|e| Error::store(&key, e))?;
+        if !put_create(&self.store, &self.retry, &key, Bytes::from(sealed.bytes)).await? {
+            return Err(Error::Corrupt {
+                key: key.to_string(),
+                why: "a different manifest is already stored under this key".into(),
+            });
+        }
         Ok((digest, stored))
     }
 
@@ -528,9 +805,10 @@ impl Vault {
         let key = manifest_key(m);
         let raw = self.get_raw(&key).await?;
         let expected = digest.to_string();
+        let cipher = self.cipher.clone();
         blocking(move || {
             let key = key.to_string();
-            let (plain, got) = envelope::open(Kind::Manifest, &key, &raw)?;
+            let (plain, got) = envelope::open_with(Kind::Manifest, &key, &raw, cipher.as_deref())?;
             if hex::encode(got) != expected {
                 return Err(Error::Corrupt {
                     key,
@@ -551,22 +829,14 @@ impl Vault {
         let mut json =
             serde_json::to_vec_pretty(point).map_err(|e| Error::Worker(e.to_string()))?;
         json.push(b'\n');
-        // Points stay uncompressed, so an operator can read them.
-        let sealed = envelope::seal(Kind::Point, &json, None, None);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&key, PutPayload::from(sealed.bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::PointExists {
+        // Points stay uncompressed, so an operator can read them (unless encrypted).
+        let sealed = self.seal(Kind::Point, &key, &json, None, None)?;
+        if put_create(&self.store, &self.retry, &key, Bytes::from(sealed.bytes)).await? {
+            Ok(())
+        } else {
+            Err(Error::PointExists {
                 key: key.to_string(),
-            }),
-            Err(e) => Err(Error::store(&key, e)),
+            })
         }
     }
 
@@ -581,12 +851,32 @@ impl Vault {
                 point: id.into(),
             }),
             Err(e) => Err(e),
-            Ok(raw) => Self::parse_point(key.as_ref(), vm, id, &raw),
+            Ok(raw) => self.parse_point(key.as_ref(), vm, id, &raw),
         }
     }
 
-    fn parse_point(key: &str, vm: &str, id: &str, raw: &[u8]) -> Result<RecoveryPoint, Error> {
-        let (plain, _) = envelope::open(Kind::Point, key, raw)?;
+    /// Parses a point object read from `key` (its own key, or where a copy of it is kept);
+    /// an encrypted point is bound to its original key `points/<vm>/<id>.json`.
+    fn parse_point(
+        &self,
+        key: &str,
+        vm: &str,
+        id: &str,
+        raw: &[u8],
+    ) -> Result<RecoveryPoint, Error> {
+        let (plain, _) = match &self.cipher {
+            None => envelope::open(Kind::Point, key, raw)?,
+            Some(c) => {
+                let home = point_key(vm, id).to_string();
+                envelope::open_with(Kind::Point, &home, raw, Some(c)).map_err(|e| match e {
+                    Error::Corrupt { why, .. } if home != key => Error::Corrupt {
+                        key: key.into(),
+                        why,
+                    },
+                    e => e,
+                })?
+            }
+        };
         let p: RecoveryPoint = serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
             key: key.into(),
             why: format!("invalid point record: {e}"),
@@ -612,12 +902,11 @@ impl Vault {
             Some(vm) => format!("points/{vm}"),
             None => "points".to_string(),
         });
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store(&prefix, e))?;
+        let metas: Vec<_> = retry::retry(&self.retry, prefix.as_ref(), |_| {
+            self.store.list(Some(&prefix)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
         let mut ids: Vec<(String, String)> = Vec::new();
         for meta in metas {
             let parts: Vec<_> = meta.location.parts().collect();

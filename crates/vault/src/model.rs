@@ -32,6 +32,23 @@ pub struct VaultConfig {
     pub address_hash: String,
     /// Compression of stored objects.
     pub compression: Compression,
+    /// Client-side encryption, when the vault was created with a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// Encryption parameters of an encrypted vault (see [`crate::crypto`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// The AEAD: `"xchacha20-poly1305"`.
+    pub cipher: String,
+    /// How the keys are derived from the master key: `"blake3-derive-key"`.
+    pub key_derivation: String,
+    /// Fingerprint of the master key (public).
+    pub key_fingerprint: String,
+    /// Keyed BLAKE3 of a fixed string naming this vault, under a key derived from the master
+    /// key: a wrong key is refused before anything is read or written.
+    pub key_check: String,
 }
 
 /// Change-detection hash parameters.
@@ -76,6 +93,7 @@ impl VaultConfig {
                     level: 0,
                 },
             },
+            encryption: None,
         }
     }
 
@@ -102,7 +120,17 @@ impl VaultConfig {
             why,
         };
         BlockSize::new(cfg.block_size).map_err(|e| bad(e.to_string()))?;
-        if cfg.change_hash.algorithm != "xxh3-128" || cfg.address_hash != "blake3" {
+        // An encrypted vault names its keyed address hash, which older builds refuse.
+        let address_ok = match &cfg.encryption {
+            None => cfg.address_hash == "blake3",
+            Some(e) => {
+                if e.cipher != crate::crypto::CIPHER_NAME {
+                    return Err(bad(format!("unknown cipher {:?}", e.cipher)));
+                }
+                cfg.address_hash == crate::crypto::KEYED_ADDRESS_HASH
+            }
+        };
+        if cfg.change_hash.algorithm != "xxh3-128" || !address_ok {
             return Err(bad("unknown hash algorithms".into()));
         }
         match cfg.compression.algorithm.as_str() {

@@ -1,0 +1,153 @@
+//! `key` commands and the key-file option of every vault command.
+//!
+//! Passphrases are read from the environment only (never from the command line, where other
+//! users could see them in the process list): `BULWARK_PASSPHRASE` by default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use bulwark_vault::MasterKey;
+use clap::{Args, Subcommand};
+
+/// The key of an encrypted vault, for every command.
+#[derive(Debug, Args)]
+pub struct GlobalKeyArgs {
+    /// Key file of an encrypted vault (`key create` makes one). Its passphrase, if any, is read
+    /// from the environment variable BULWARK_PASSPHRASE.
+    #[arg(long, global = true, env = "BULWARK_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `init --encrypt`.
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Encrypt the vault (blocks, manifests, points) with the key given by --key-file; block
+    /// names become keyed hashes. Chosen once, at creation.
+    #[arg(long)]
+    pub encrypt: bool,
+}
+
+/// Key management. The key file is given with --key-file (or BULWARK_KEY_FILE).
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a new random master key in a new file (mode 0600; never overwrites).
+    Create(CreateArgs),
+    /// Print the fingerprint of a key file (no passphrase needed).
+    Fingerprint,
+    /// Re-protect a key file under a new passphrase (or none). The key itself is unchanged.
+    ChangePassphrase(ChangeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Protect the key with the passphrase held in this environment variable (Argon2id).
+    #[arg(long, value_name = "VAR")]
+    passphrase_env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
+    /// The variable holding the current passphrase.
+    #[arg(long, value_name = "VAR", default_value = "BULWARK_PASSPHRASE")]
+    passphrase_env: String,
+    /// The variable holding the new passphrase.
+    #[arg(long, value_name = "VAR", default_value = "BULWARK_NEW_PASSPHRASE")]
+    new_passphrase_env: String,
+    /// Store the key without a passphrase (anyone who can read the file has the key).
+    #[arg(long, conflicts_with = "new_passphrase_env")]
+    no_passphrase: bool,
+}
+
+fn passphrase_from(var: &str, required: bool) -> Result<Option<String>> {
+    match std::env::var(var) {
+        Ok(p) if !p.is_empty() => Ok(Some(p)),
+        Ok(_) => bail!("environment variable {var} is empty"),
+        Err(_) if required => bail!("set the passphrase in the environment variable {var}"),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Makes the key option visible to every vault operation: the library reads the key from
+/// `BULWARK_KEY_FILE`. Call before any thread is started.
+pub fn export(args: &GlobalKeyArgs) {
+    if let Some(path) = &args.key_file {
+        // SAFETY: called from main() before the async runtime or any other thread exists, so
+        // nothing reads the environment concurrently.
+        unsafe { std::env::set_var("BULWARK_KEY_FILE", path) };
+    }
+}
+
+/// `init`: `--encrypt` and a key go together, so a vault is never encrypted by accident, nor
+/// left unencrypted when encryption was asked for.
+pub fn check_init(a: &EncryptArgs) -> Result<()> {
+    let has_key = std::env::var_os("BULWARK_KEY_FILE").is_some_and(|v| !v.is_empty());
+    match (a.encrypt, has_key) {
+        (true, false) => bail!("--encrypt needs --key-file (create one with `key create`)"),
+        (false, true) => bail!(
+            "a key file is set (--key-file or BULWARK_KEY_FILE): pass --encrypt to create an \
+             encrypted vault, or unset it"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Runs a `key` command.
+pub fn run(cmd: KeyCommand) -> Result<ExitCode> {
+    let file = match std::env::var_os("BULWARK_KEY_FILE") {
+        Some(f) if !f.is_empty() => PathBuf::from(f),
+        _ => bail!("give the key file with --key-file FILE (or BULWARK_KEY_FILE)"),
+    };
+    match cmd {
+        KeyCommand::Create(a) => {
+            let pass = match &a.passphrase_env {
+                Some(var) => passphrase_from(var, true)?,
+                None => None,
+            };
+            let key = MasterKey::generate();
+            key.write_file(&file, pass.as_deref())?;
+            println!("{}", key.fingerprint());
+            eprintln!(
+                "created key {} ({}); keep a copy somewhere safe: without it the vault cannot be read",
+                file.display(),
+                if pass.is_some() {
+                    "protected by a passphrase"
+                } else {
+                    "not protected by a passphrase: protect the file"
+                }
+            );
+        }
+        KeyCommand::Fingerprint => {
+            let (wrapped, fp) = bulwark_vault::crypto::key_file_info(&file)?;
+            println!("{fp}");
+            if wrapped {
+                eprintln!("(protected by a passphrase)");
+            }
+        }
+        KeyCommand::ChangePassphrase(a) => {
+            let (wrapped, _) = bulwark_vault::crypto::key_file_info(&file)?;
+            let old = if wrapped {
+                passphrase_from(&a.passphrase_env, true)?
+            } else {
+                None
+            };
+            let new = if a.no_passphrase {
+                None
+            } else {
+                passphrase_from(&a.new_passphrase_env, true)?
+            };
+            let key = MasterKey::change_passphrase(&file, old.as_deref(), new.as_deref())
+                .with_context(|| format!("changing the passphrase of {}", file.display()))?;
+            eprintln!(
+                "key {} re-protected {}",
+                key.fingerprint(),
+                if new.is_some() {
+                    "with the new passphrase"
+                } else {
+                    "without a passphrase"
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
