@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Helpers of benches/compare.sh.
+
+  compare.py scatter IMAGE FRACTION RUN_BYTES SEED   write FRACTION of IMAGE in RUN_BYTES extents
+  compare.py report OUT IMAGE_BYTES                  OUT/summary.md (+ OUT/compare.png)
+"""
+import csv
+import os
+import random
+import statistics
+import sys
+
+
+def scatter(image, fraction, run_bytes, seed):
+    size = os.path.getsize(image)
+    rng = random.Random(int(seed))
+    count = max(1, round(size * float(fraction) / run_bytes))
+    pages = (size - run_bytes) // 4096
+    with open(image, "r+b") as f:
+        for _ in range(count):
+            f.seek(rng.randrange(pages) * 4096)
+            f.write(rng.randbytes(run_bytes))
+    print(f"scatter: {count} extents of {run_bytes} bytes ({count * run_bytes} bytes)")
+
+
+def report(out, image_bytes):
+    image_bytes = int(image_bytes)
+    gib = image_bytes / (1 << 30)
+    rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+    repos = list(csv.DictReader(open(os.path.join(out, "repos.csv"))))
+    by = {}
+    for r in rows:
+        by.setdefault((r["tool"], r["op"]), []).append(r)
+    med = {k: statistics.median(float(r["wall_s"]) for r in v) for k, v in by.items()}
+    repo = {}
+    for r in repos:
+        repo.setdefault(r["tool"], []).append(int(r["repo_bytes_apparent"]))
+    lines = []
+    lines.append(f"Image: {gib:.1f} GiB. Wall: median of the runs (min-max). GiB/s: image size / median wall.")
+    lines.append("")
+    lines.append("| tool | operation | runs | wall s (median) | min-max | GiB/s | max RSS MiB | load1 at start |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    order = ["cat", "zstd", "bulwark", "restic", "borg"]
+    for (tool, op), v in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, kv[0][1])):
+        walls = [float(r["wall_s"]) for r in v]
+        rss = max(int(r["max_rss_kb"]) for r in v) / 1024
+        load = statistics.median(float(r["load1"]) for r in v)
+        size = 16 if op == "full-16G" else gib
+        m = med[(tool, op)]
+        lines.append(f"| {tool} | {op} | {len(v)} | {m:.2f} | {min(walls):.2f}-{max(walls):.2f} | "
+                     f"{size / m if m > 0 else float('inf'):.2f} | {rss:.0f} | {load:.2f} |")
+    lines.append("")
+    lines.append("| tool | repository bytes after full + incremental (du -sb, median) |")
+    lines.append("|---|---|")
+    for tool, v in repo.items():
+        b = statistics.median(v)
+        lines.append(f"| {tool} | {b / (1 << 20):.0f} MiB ({b / image_bytes:.1%} of the image) |")
+    lines.append("")
+    lines.append("Ratios (other tool's median wall / Bulwark's; > 1 means Bulwark is faster):")
+    lines.append("")
+    lines.append("| operation | vs restic | vs borg | vs cat (warm) | vs zstd -1 -T0 |")
+    lines.append("|---|---|---|---|---|")
+    for op in ["full", "incremental", "restore"]:
+        if ("bulwark", op) not in med:
+            continue
+        b = med[("bulwark", op)]
+        def ratio(key):
+            return f"{med[key] / b:.1f}x" if key in med and b > 0 else "-"
+        lines.append(f"| {op} | {ratio(('restic', op))} | {ratio(('borg', op))} | "
+                     f"{ratio(('cat', 'warm'))} | {ratio(('zstd', 'full'))} |")
+    text = "\n".join(lines) + "\n"
+    machine = os.path.join(out, "machine.txt")
+    if os.path.exists(machine):
+        text = "".join("    " + l for l in open(machine)) + "\n" + text
+    open(os.path.join(out, "summary.md"), "w").write(text)
+    print(text)
+    plot(out, med, gib)
+
+
+def plot(out, med, gib):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot (pip install matplotlib)")
+        return
+    ops = ["full", "incremental", "restore"]
+    tools = [t for t in ["bulwark", "restic", "borg"] if any((t, o) in med for o in ops)]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
+    width = 0.8 / max(1, len(tools))
+    colors = {"bulwark": "#2b6cb0", "restic": "#dd6b20", "borg": "#38a169"}
+    for i, t in enumerate(tools):
+        xs = [j + i * width for j in range(len(ops))]
+        ys = [med.get((t, o), 0) for o in ops]
+        bars = ax.bar(xs, ys, width, label=t, color=colors.get(t))
+        for x, y in zip(xs, ys):
+            if y:
+                ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+    for key, style, label in [(("cat", "warm"), "--", "cat (warm)"), (("zstd", "full"), ":", "zstd -1 -T0")]:
+        if key in med:
+            ax.axhline(med[key], linestyle=style, color="gray", linewidth=1)
+            ax.text(len(ops) - 0.4, med[key], label, fontsize=7, color="gray", va="bottom", ha="right")
+    ax.set_xticks([j + width * (len(tools) - 1) / 2 for j in range(len(ops))])
+    ax.set_xticklabels(ops)
+    ax.set_ylabel("wall seconds (median, lower is better)")
+    ax.set_title(f"{gib:.0f} GiB ext4 guest image, warm page cache")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "scatter" and len(sys.argv) == 6:
+        scatter(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) == 4 and sys.argv[1] == "report":
+        report(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: Bulwark against restic and borg on one raw ext4 guest image.
+#
+#   sudo bash benches/compare.sh [--size 4G] [--runs 3] [--out DIR] [--work DIR]
+#                                [--write-run 64K] [--tools bulwark,restic,borg] [--no-mem16]
+#                                [--bin PATH-TO-bulwark-controller (default: cargo build --release)]
+#                                [--keep (keep the XFS datastore image; removed by default)]
+#
+# Needs root (loop mounts), mkfs.xfs, mkfs.ext4, restic, borg, zstd, /usr/bin/time, python3
+# (matplotlib for the plot; without it the table is still written).
+#
+# What it does (see BENCHMARKS.md for the reasoning):
+#  1. A sparse XFS file system (reflink=1, the design's datastore) is loop-mounted under the work
+#     dir. Every image, repository and restore target lives on it, for all tools alike.
+#  2. A raw ext4 guest image of --size is made with mkfs.ext4, loop-mounted and filled with
+#     read-only copies of host system files (/usr/share, parts of /usr/lib: compressible) up to
+#     40% of the size and random files (incompressible) up to 15% more; the rest stays free.
+#  3. Per run and per tool: the pristine image is reflink-cloned to guest.img, read once (warm
+#     page cache), backed up in full, changed by the same scattered writes (1% of the disk in
+#     --write-run sized extents at random 4 KiB-aligned offsets, written directly into the image,
+#     seeded per run so every tool sees the same bytes), read once again, backed up
+#     incrementally, and the latest point restored to a new file (checked with cmp in run 1).
+#     Bulwark fsyncs the restored image before renaming it into place; restic and borg do not,
+#     so their restore commands end with `sync -f` (syncfs of the datastore): all three are
+#     timed until the restored data is durable.
+#  4. Baselines: cat image > /dev/null (warm), cat of a fresh reflink clone, zstd -1 -T0.
+#  5. Memory at 16 GiB: Bulwark backs up a sparse 16 GiB image (the 4 GiB guest + 12 GiB hole).
+# Results: OUT/results.csv (one line per timed command), OUT/repos.csv, OUT/summary.md, OUT/compare.png.
+set -euo pipefail
+
+SIZE=4G
+RUNS=3
+OUT=""
+WORK=/var/tmp/bulwark-compare
+WRITE_RUN=64K
+TOOLS=bulwark,restic,borg
+MEM16=1
+KEEP=0
+BULWARK=""
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --size) SIZE="$2"; shift 2 ;;
+        --runs) RUNS="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --work) WORK="$2"; shift 2 ;;
+        --write-run) WRITE_RUN="$2"; shift 2 ;;
+        --tools) TOOLS="$2"; shift 2 ;;
+        --no-mem16) MEM16=0; shift ;;
+        --keep) KEEP=1; shift ;;
+        --bin) BULWARK="$2"; shift 2 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+OUT="${OUT:-$WORK/out}"
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "compare.sh needs root: it loop-mounts an XFS datastore and an ext4 guest image" >&2
+    exit 1
+fi
+for t in mkfs.xfs mkfs.ext4 restic borg zstd python3 cmp; do
+    command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
+done
+[[ -x /usr/bin/time ]] || { echo "missing /usr/bin/time (apt-get install time)" >&2; exit 1; }
+
+bytes() { numfmt --from=iec "$1"; }
+SIZE_B=$(bytes "$SIZE")
+RUN_B=$(bytes "$WRITE_RUN")
+
+if [[ -z $BULWARK ]]; then
+    echo "== building bulwark-controller (release)"
+    (cd "$ROOT" && cargo build --release -q -p bulwark-controller-bin)
+    BULWARK="$ROOT/target/release/bulwark-controller"
+fi
+
+XFS="$WORK/xfs"
+GUESTMNT="$WORK/guest"
+cleanup() {
+    set +e
+    mountpoint -q "$GUESTMNT" && umount "$GUESTMNT"
+    mountpoint -q "$XFS" && umount "$XFS"
+    # The datastore holds up to ~4x the image size; the results stay in OUT.
+    [[ $KEEP == 1 ]] || rm -f "$WORK/xfs.img"
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK" "$OUT" "$XFS" "$GUESTMNT"
+mountpoint -q "$GUESTMNT" && umount "$GUESTMNT"
+mountpoint -q "$XFS" && umount "$XFS"
+rm -f "$WORK/xfs.img"
+avail=$(df --output=avail -B1 "$WORK" | tail -1)
+if (( avail < SIZE_B * 3 )); then
+    echo "not enough free space in $WORK: $((avail >> 30)) GiB, need about $((SIZE_B * 3 >> 30)) GiB" >&2
+    exit 1
+fi
+# Room for the image, clones' diverging blocks, three repositories and one restore at a time.
+truncate -s $((SIZE_B * 8)) "$WORK/xfs.img"
+mkfs.xfs -q -f -m reflink=1 "$WORK/xfs.img"
+# discard: blocks XFS frees (deleted repositories, clones) are punched out of the backing file.
+mount -o loop,discard "$WORK/xfs.img" "$XFS"
+mkdir -p "$XFS/repos" "$XFS/restore" "$XFS/cache"
+
+echo "== making a $SIZE ext4 guest image"
+BASE="$XFS/base.img"
+truncate -s "$SIZE_B" "$BASE"
+mkfs.ext4 -q -F "$BASE"
+mount -o loop "$BASE" "$GUESTMNT"
+budget=$((SIZE_B * 40 / 100))
+for d in /usr/share /usr/lib/x86_64-linux-gnu /usr/lib/llvm-14 /usr/lib/jvm /usr/lib/gcc /usr/lib/python3 /usr/lib/google-cloud-sdk; do
+    [[ -d "$d" ]] || continue
+    sz=$(du -sb "$d" | cut -f1)
+    if (( sz <= budget )); then
+        mkdir -p "$GUESTMNT/$(dirname "$d")"
+        cp -a "$d" "$GUESTMNT/$d"
+        budget=$((budget - sz))
+    fi
+done
+mkdir -p "$GUESTMNT/data"
+rnd=$((SIZE_B * 15 / 100 / (64 << 20)))
+for i in $(seq 1 "$rnd"); do
+    head -c $((64 << 20)) /dev/urandom > "$GUESTMNT/data/random-$i.bin"
+done
+sync
+df -h "$GUESTMNT" | tail -1 | awk '{print "guest fs used " $3 " of " $2}'
+umount "$GUESTMNT"
+echo "image allocated: $(du -h "$BASE" | cut -f1) of $SIZE"
+
+IMG="$XFS/guest.img"
+RES="$OUT/results.csv"
+REPOS="$OUT/repos.csv"
+echo "tool,op,run,wall_s,max_rss_kb,load1" > "$RES"
+echo "tool,run,repo_bytes_apparent,repo_bytes_allocated" > "$REPOS"
+
+# measure TOOL OP RUN -- CMD...: runs CMD under /usr/bin/time, appends one CSV line.
+measure() {
+    local tool=$1 op=$2 run=$3; shift 4
+    local load; load=$(cut -d' ' -f1 /proc/loadavg)
+    /usr/bin/time -f '%e %M' -o "$OUT/time.tmp" "$@" > "$OUT/log-$tool-$op-$run.txt" 2>&1 || {
+        echo "FAILED: $tool $op run $run (see $OUT/log-$tool-$op-$run.txt)" >&2
+        tail -20 "$OUT/log-$tool-$op-$run.txt" >&2
+        exit 1
+    }
+    local wall rss; read -r wall rss < <(tail -1 "$OUT/time.tmp")
+    echo "$tool,$op,$run,$wall,$rss,$load" >> "$RES"
+    printf '  %-8s %-12s run %s: %6.2f s  %7d KiB  (load %s)\n' "$tool" "$op" "$run" "$wall" "$rss" "$load"
+}
+
+fresh_image() {
+    rm -f "$IMG"
+    cp --reflink=always "$BASE" "$IMG"
+    cat "$IMG" > /dev/null
+}
+
+scatter() { # the same writes for every tool in run $1
+    python3 "$HERE/compare.py" scatter "$IMG" 0.01 "$RUN_B" "$1"
+    cat "$IMG" > /dev/null
+}
+
+check_restore() { # run, restored file
+    if [[ $1 == 1 ]]; then
+        if cmp -s "$IMG" "$2"; then echo "  restore matches the image"; else echo "RESTORE DIFFERS: $2" >&2; exit 1; fi
+    fi
+}
+
+repo_size() { # tool run dir
+    echo "$1,$2,$(du -sb "$3" | cut -f1),$(du -s --block-size=1 "$3" | cut -f1)" >> "$REPOS"
+}
+
+export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR="$XFS/cache/restic"
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+export BORG_BASE_DIR="$XFS/cache/borg"
+
+for run in $(seq 1 "$RUNS"); do
+    echo "== run $run/$RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+    fresh_image
+    measure cat warm "$run" -- sh -c "cat '$IMG' > /dev/null"
+    rm -f "$XFS/clone.img"; cp --reflink=always "$IMG" "$XFS/clone.img"
+    measure cat clone "$run" -- sh -c "cat '$XFS/clone.img' > /dev/null"
+    rm -f "$XFS/clone.img"
+    measure zstd full "$run" -- sh -c "zstd -q -1 -T0 -c '$IMG' > /dev/null"
+
+    for tool in ${TOOLS//,/ }; do
+        repo="$XFS/repos/$tool"
+        rm -rf "$repo" "$XFS/cache"/* "$XFS/restore"/*
+        mkdir -p "$XFS/restore/$tool"
+        fresh_image
+        case $tool in
+        bulwark)
+            "$BULWARK" init --vault "$repo" > /dev/null
+            measure bulwark full "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink --json
+            scatter "$run"
+            measure bulwark incremental "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink --json
+            sync
+            out="$XFS/restore/bulwark/guest.img"
+            measure bulwark restore "$run" -- "$BULWARK" restore --vault "$repo" --vm guest --disk os --to "$out" --json
+            ;;
+        restic)
+            restic -r "$repo" init > /dev/null
+            measure restic full "$run" -- restic -r "$repo" backup "$IMG"
+            scatter "$run"
+            measure restic incremental "$run" -- restic -r "$repo" backup "$IMG"
+            sync
+            measure restic restore "$run" -- sh -c "restic -r '$repo' restore latest --target '$XFS/restore/restic' && sync -f '$XFS/restore'"
+            out="$XFS/restore/restic/$IMG"
+            ;;
+        borg)
+            borg init -e none "$repo" > /dev/null
+            measure borg full "$run" -- sh -c "cd '$XFS' && borg create --compression zstd,1 '$repo::full' guest.img"
+            scatter "$run"
+            measure borg incremental "$run" -- sh -c "cd '$XFS' && borg create --compression zstd,1 '$repo::incremental' guest.img"
+            sync
+            measure borg restore "$run" -- sh -c "cd '$XFS/restore/borg' && borg extract --sparse '$repo::incremental' && sync -f ."
+            out="$XFS/restore/borg/guest.img"
+            ;;
+        esac
+        check_restore "$run" "$out"
+        repo_size "$tool" "$run" "$repo"
+        rm -rf "$XFS/restore/$tool"
+    done
+done
+
+if [[ $MEM16 == 1 && ",$TOOLS," == *,bulwark,* ]]; then
+    echo "== memory at 16 GiB: the guest image plus a 12 GiB hole"
+    big="$XFS/big.img"
+    rm -rf "$big" "$XFS/repos/mem16"
+    cp --reflink=always "$BASE" "$big"
+    truncate -s 16G "$big"
+    "$BULWARK" init --vault "$XFS/repos/mem16" > /dev/null
+    cat "$big" > /dev/null
+    measure bulwark full-16G 1 -- "$BULWARK" backup --vault "$XFS/repos/mem16" --vm big --disk "os=$big" --snapshot reflink --json
+    rm -rf "$big" "$XFS/repos/mem16"
+fi
+rm -f "$OUT/time.tmp"
+
+{
+    echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+    echo "datastore: XFS (reflink=1) on a loop device backed by a sparse file on $(df --output=fstype "$WORK" | tail -1) ($(df --output=source "$WORK" | tail -1))"
+    echo "image: $SIZE ext4, allocated $(du -h "$BASE" | cut -f1); scattered writes: 1% of the disk in $WRITE_RUN extents"
+    echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "tools: $("$BULWARK" --version 2>/dev/null || echo bulwark), $(restic version | cut -d' ' -f1-2), $(borg --version), zstd $(zstd -V | grep -o 'v[0-9.]*')"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+python3 "$HERE/compare.py" report "$OUT" "$SIZE_B"
+echo "results: $OUT/summary.md, $OUT/compare.png"
