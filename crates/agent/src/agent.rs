@@ -483,9 +483,11 @@ impl AgentCore {
         }
     }
 
-    fn status(&self) -> Response {
-        let Ok(inner) = self.inner.try_lock() else {
-            return Response::error(ErrorCode::Busy, "another request is in progress");
+    async fn status(&self) -> Response {
+        // A thaw holds the lock for milliseconds; pre/post-scripts may hold it for minutes.
+        let Ok(inner) = tokio::time::timeout(Duration::from_secs(2), self.inner.lock()).await
+        else {
+            return Response::error(ErrorCode::Busy, "another request (scripts) is in progress");
         };
         Response::Status(match &inner.phase {
             Stage::Idle => StatusReport {
@@ -526,7 +528,7 @@ impl Handler for AgentConnection {
     async fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Ping => Response::Pong,
-            Request::Status => self.core.status(),
+            Request::Status => self.core.status().await,
             Request::Prepare => self.core.prepare().await,
             Request::Freeze { timeout_ms } => self.core.freeze(timeout_ms, self.id).await,
             Request::Thaw => self.core.thaw(None, None).await,
