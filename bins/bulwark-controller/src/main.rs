@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod demo;
 mod keys;
+mod retention_cmd;
 mod ui;
 
 use std::path::PathBuf;
@@ -61,6 +62,20 @@ enum Command {
     Key(keys::KeyCommand),
     /// Enroll a guest agent: issue its certificate and key (and the controller's, first time).
     Enroll(agent_cmd::EnrollArgs),
+    /// Apply a policy's retention to a VM: soft-delete the points it does not keep, purge
+    /// those soft-deleted longer ago than its soft-delete days.
+    Prune(retention_cmd::PruneArgs),
+    /// Bring a soft-deleted recovery point back.
+    Undelete(retention_cmd::UndeleteArgs),
+    /// Garbage collection: free blocks and manifests no live or soft-deleted point needs.
+    Gc(retention_cmd::GcArgs),
+    /// List soft-deleted recovery points (same as `list --deleted`).
+    ListDeleted(retention_cmd::ListDeletedArgs),
+    /// Show the leases of running backups, prunes and garbage collection.
+    Locks(retention_cmd::LocksArgs),
+    /// Check a policy file, or show when it runs next.
+    #[command(subcommand)]
+    Policy(retention_cmd::PolicyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +120,9 @@ struct BackupArgs {
     /// Blocks uploaded at once per disk.
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
+    /// How long to wait while a garbage collection holds the vault (e.g. 0, 90s, 10m).
+    #[arg(long, default_value = "10m", value_parser = retention_cmd::parse_duration)]
+    lease_wait: std::time::Duration,
     #[command(flatten)]
     quiesce: agent_cmd::QuiesceArgs,
     /// Print one JSON object with the point and per-disk statistics.
@@ -119,6 +137,9 @@ struct ListArgs {
     /// Only this VM.
     #[arg(long)]
     vm: Option<String>,
+    /// List soft-deleted points instead (see `prune`, `undelete`).
+    #[arg(long)]
+    deleted: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -208,6 +229,12 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Demo(a) => return demo::run(a).await,
         Command::Key(a) => return keys::run(a),
         Command::Enroll(a) => return agent_cmd::enroll(a),
+        Command::Prune(a) => return retention_cmd::prune(a).await,
+        Command::Undelete(a) => return retention_cmd::undelete(a).await,
+        Command::Gc(a) => return retention_cmd::gc(a).await,
+        Command::ListDeleted(a) => return retention_cmd::list_deleted_cmd(a).await,
+        Command::Locks(a) => return retention_cmd::locks(a).await,
+        Command::Policy(a) => return retention_cmd::policy(a),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -238,6 +265,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
         dir: a.snapshot_dir,
     };
     req.upload_concurrency = a.upload_concurrency;
+    req.lease = req.lease.waiting(a.lease_wait);
     bulwark_controller::check_request(&req)?;
     let (vault, created) = Vault::open_or_create(&a.vault.vault, &CreateOptions::default()).await?;
     if created {
@@ -274,6 +302,10 @@ async fn backup(a: BackupArgs) -> Result<()> {
 }
 
 async fn list(a: ListArgs) -> Result<()> {
+    if a.deleted {
+        retention_cmd::list_deleted(&a.vault.vault, a.vm.as_deref(), a.json).await?;
+        return Ok(());
+    }
     let vault = Vault::open(&a.vault.vault).await?;
     let list = vault.list_points(a.vm.as_deref()).await?;
     if a.json {

@@ -8,8 +8,8 @@ use std::time::Instant;
 use bulwark_blockdiff::{Address, BlockEvent, BlockMap, Disk, scan};
 use bulwark_snapshot::{Provider, Snapshot};
 use bulwark_vault::{
-    ConsistencyRecord, DiskRecord, DiskStats, ManifestRef, RecoveryPoint, Vault, new_point_id,
-    validate_name,
+    ConsistencyRecord, DiskRecord, DiskStats, Lease, LeaseKind, LeaseOptions, ManifestRef,
+    RecoveryPoint, Vault, new_point_id, validate_name,
 };
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -85,6 +85,9 @@ pub struct BackupRequest {
     pub upload_concurrency: usize,
     /// The policy name to record, if any.
     pub policy: Option<String>,
+    /// The shared backup lease held during the transfer (by default it waits up to 10
+    /// minutes while a garbage collection runs).
+    pub lease: LeaseOptions,
 }
 
 impl BackupRequest {
@@ -96,6 +99,7 @@ impl BackupRequest {
             snapshot: SnapshotOptions::default(),
             upload_concurrency: 16,
             policy: None,
+            lease: LeaseOptions::default().waiting(std::time::Duration::from_secs(600)),
         }
     }
 }
@@ -257,6 +261,9 @@ pub async fn backup(
 
 /// The transfer phase: every disk in parallel, then the manifests' point is committed.
 /// The snapshots are removed when it ends (unless the caller kept them).
+///
+/// It holds a shared backup lease throughout (`bulwark_vault::lease`): garbage collection
+/// cannot start meanwhile, and the point is committed only while the lease is still held.
 pub async fn transfer(
     vault: &Vault,
     req: &BackupRequest,
@@ -265,6 +272,36 @@ pub async fn transfer(
     agent: Option<serde_json::Value>,
     progress: Arc<dyn Progress>,
     started: Instant,
+) -> Result<BackupReport, Error> {
+    let holder = format!("backup of VM {}", req.vm);
+    let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease).await?;
+    let r = transfer_leased(
+        vault,
+        req,
+        taken,
+        consistency,
+        agent,
+        progress,
+        started,
+        &lease,
+    )
+    .await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %e, "cannot release the backup lease; it will expire");
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transfer_leased(
+    vault: &Vault,
+    req: &BackupRequest,
+    taken: TakenSnapshots,
+    consistency: ConsistencyRecord,
+    agent: Option<serde_json::Value>,
+    progress: Arc<dyn Progress>,
+    started: Instant,
+    lease: &Lease,
 ) -> Result<BackupReport, Error> {
     let storage_before = vault.store_stats();
     let transfer_started = Instant::now();
@@ -311,6 +348,8 @@ pub async fn transfer(
         policy: req.policy.clone(),
         agent,
     };
+    // Blocks this job found in the vault are safe only while GC is kept out.
+    lease.ensure_held()?;
     vault.commit_point(&rp).await?;
     tracing::info!(point = %point, "recovery point committed");
     Ok(BackupReport {

@@ -40,6 +40,7 @@ pub mod daemon;
 pub mod history;
 pub mod quiesce;
 mod restore;
+mod retention;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,7 @@ pub use backup::{
 pub use quiesce::{AgentAddress, AgentTarget, QuiesceOptions, backup_with_agent};
 pub use restore::{RestoreReport, RestoreRequest, restore};
 pub mod tiers;
+pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]

@@ -40,8 +40,11 @@
 pub mod crypto;
 pub mod envelope;
 pub mod fault;
+mod gc;
+pub mod lease;
 pub mod location;
 mod model;
+mod prune;
 pub mod retry;
 pub mod stats;
 mod verify;
@@ -57,11 +60,14 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 pub use crypto::MasterKey;
 use envelope::Kind;
+pub use gc::{GcOptions, GcReport};
+pub use lease::{Lease, LeaseKind, LeaseOptions, LeaseRecord};
 pub use location::{Location, StoreOptions};
 pub use model::{
     ChangeHash, Compression, ConsistencyRecord, DiskRecord, DiskStats, Encryption, ManifestRef,
     RecoveryPoint, VAULT_FORMAT_VERSION, VaultConfig, new_point_id, validate_name,
 };
+pub use prune::{DeletedList, DeletedPoint, deleted_key};
 pub use retry::RetryPolicy;
 pub use stats::StoreStats;
 pub use verify::{Problem, VerifyReport};
@@ -246,6 +252,52 @@ pub enum Error {
     NotEncrypted {
         /// The location.
         location: String,
+    },
+    /// A conflicting lease is live (see [`lease`]).
+    #[error("cannot take a {wanted} lease: {key} is live ({holder}); gave up after {waited_ms} ms")]
+    LeaseConflict {
+        /// The kind of lease wanted.
+        wanted: &'static str,
+        /// The key of the conflicting lease.
+        key: String,
+        /// Who holds it, until when.
+        holder: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// A lease object that cannot be read.
+    #[error("{key}: corrupt lease: {why}; if no Bulwark job is running, delete this object")]
+    CorruptLease {
+        /// The object key.
+        key: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A lease we held ran out: the job must stop.
+    #[error("{key}: lease lost: {why}")]
+    LeaseLost {
+        /// The lease key.
+        key: String,
+        /// Why.
+        why: String,
+    },
+    /// No such soft-deleted point.
+    #[error("VM {vm:?} has no soft-deleted point {point:?}{hint}")]
+    NoSuchDeletedPoint {
+        /// The VM.
+        vm: String,
+        /// The point asked for.
+        point: String,
+        /// More help (e.g. that the point is live).
+        hint: String,
+    },
+    /// Garbage collection stopped before freeing anything: it could not learn every reference.
+    #[error("garbage collection aborted, nothing was deleted: {key}: {why}")]
+    GcAborted {
+        /// The object that could not be read.
+        key: String,
+        /// Why.
+        why: String,
     },
 }
 
@@ -968,5 +1020,7 @@ impl Vault {
     }
 }
 
+#[cfg(test)]
+mod gc_tests;
 #[cfg(test)]
 mod tests;

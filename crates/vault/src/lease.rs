@@ -1,0 +1,618 @@
+//! Leases: how backups, prunes and garbage collection keep out of each other's way.
+//!
+//! A lease is a small JSON object `locks/<kind>-<id>` (kind `backup`, `prune` or `gc`, id
+//! unique per attempt) holding `{kind, id, holder, pid, host, created, expires}`. It is written
+//! with `PutMode::Create`, renewed by a background task every `ttl / 3` while its job runs, and
+//! deleted when the job ends ([`Lease::release`], or best effort on drop). A process that
+//! crashes stops renewing, so its lease expires after at most `ttl` and never blocks anyone
+//! forever.
+//!
+//! # Who conflicts with whom
+//!
+//! | holder \ other | backup | prune | gc |
+//! |---|---|---|---|
+//! | backup | —  | —  | ✗ |
+//! | prune  | —  | ✗  | ✗ |
+//! | gc     | ✗  | ✗  | ✗ |
+//!
+//! Backups share (any number run at once); garbage collection is exclusive; prune/undelete
+//! (which move points between `points/` and `deleted/`) exclude GC and each other.
+//!
+//! # Protocol: write first, then look
+//!
+//! To acquire a lease of kind K:
+//!
+//! 1. write our own lease object (a fresh key, `PutMode::Create`);
+//! 2. only then list `locks/` and read every lease of a kind that conflicts with K;
+//! 3. if any of them is unexpired, delete our own lease and back off: fail at once, or retry
+//!    after a short random pause until `wait` has passed ([`LeaseOptions::wait`]); otherwise
+//!    we hold the lease.
+//!
+//! Why this is safe with no compare-and-swap: take two conflicting acquirers A and B, and say
+//! A's write completed before B's. B lists after its own write, so after A's: B sees A's
+//! lease and backs off. A may or may not see B; if it does, both back off (and retry with
+//! random pauses), which is safe. So two conflicting leases are never both held, as long as
+//! the store lists what was written before (local directories and today's object stores do).
+//! "Backup checks for a gc lease, then gc checks for backup leases" cannot interleave into
+//! both proceeding: whoever wrote second sees the first.
+//!
+//! A holder whose lease ran out (the process was suspended, renewal failed) must not go on:
+//! [`Lease::ensure_held`] fails from `ttl / 4` before the expiry on, and jobs call it before
+//! every step that relies on exclusion (GC before each delete, a backup before committing
+//! its point). Others consider a lease live until its `expires` time.
+//!
+//! A lease object that does not parse is never ignored by an acquirer it could conflict
+//! with: the acquirer backs off with [`Error::CorruptLease`] naming the key, so that an
+//! operator looks (and deletes it if no job runs).
+//!
+//! # Waiting
+//!
+//! A backup waits (bounded, `wait`, 10 minutes by default for a backup job) while a GC holds
+//! its lease; GC does not wait by default: it refuses with [`Error::LeaseConflict`] while any
+//! backup or prune is running, and the next scheduled run does the work.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use jiff::Timestamp;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Vault, validate_name};
+
+/// The prefix under which leases live.
+pub const LOCKS_PREFIX: &str = "locks";
+
+/// What a lease is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseKind {
+    /// A backup job (shared with other backups).
+    Backup,
+    /// Prune, purge or undelete (excludes GC and other prunes).
+    Prune,
+    /// Garbage collection (exclusive).
+    Gc,
+}
+
+impl LeaseKind {
+    /// The kind's name in keys and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseKind::Backup => "backup",
+            LeaseKind::Prune => "prune",
+            LeaseKind::Gc => "gc",
+        }
+    }
+
+    fn parse(s: &str) -> Option<LeaseKind> {
+        match s {
+            "backup" => Some(LeaseKind::Backup),
+            "prune" => Some(LeaseKind::Prune),
+            "gc" => Some(LeaseKind::Gc),
+            _ => None,
+        }
+    }
+
+    /// Whether a lease of this kind and one of `other` cannot be held at the same time.
+    pub fn conflicts_with(self, other: LeaseKind) -> bool {
+        use LeaseKind::*;
+        !matches!(
+            (self, other),
+            (Backup, Backup) | (Backup, Prune) | (Prune, Backup)
+        )
+    }
+}
+
+impl std::fmt::Display for LeaseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The content of a lease object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// What the lease is for.
+    pub kind: LeaseKind,
+    /// Unique id of this acquisition (also in the key).
+    pub id: String,
+    /// Who holds it (a short description of the job).
+    pub holder: String,
+    /// The holder's process id.
+    pub pid: u32,
+    /// The holder's host name.
+    pub host: String,
+    /// When it was acquired.
+    pub created: Timestamp,
+    /// When it expires unless renewed.
+    pub expires: Timestamp,
+}
+
+impl LeaseRecord {
+    /// Whether the lease is still live at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        now < self.expires
+    }
+
+    /// "gc lease of bulwark gc (pid 12, host h) until 2026-…".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} lease held by {} (pid {} on {}) until {}",
+            self.kind, self.holder, self.pid, self.host, self.expires
+        )
+    }
+}
+
+/// How to acquire and keep a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseOptions {
+    /// How long the lease lasts without renewal (renewed every `ttl / 3`).
+    pub ttl: Duration,
+    /// How long to keep retrying while a conflicting lease is live (0: fail at once).
+    pub wait: Duration,
+    /// The pause between attempts (a random part is added).
+    pub retry: Duration,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        LeaseOptions {
+            ttl: Duration::from_secs(60),
+            wait: Duration::ZERO,
+            retry: Duration::from_millis(500),
+        }
+    }
+}
+
+impl LeaseOptions {
+    /// These options, waiting up to `wait` for conflicting leases.
+    pub fn waiting(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+}
+
+pub(crate) fn plus(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+pub(crate) fn minus(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_sub(d).unwrap_or(Timestamp::MIN)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn lease_id() -> String {
+    crate::new_point_id(Timestamp::now())
+}
+
+/// The key of a lease.
+pub fn lease_key(kind: LeaseKind, id: &str) -> ObjPath {
+    ObjPath::from(format!("{LOCKS_PREFIX}/{}-{id}", kind.as_str()))
+}
+
+/// Parses the file name of a lease key into its kind and id.
+fn parse_lease_name(name: &str) -> Option<(LeaseKind, &str)> {
+    let (kind, id) = name.split_once('-')?;
+    let kind = LeaseKind::parse(kind)?;
+    validate_name("lease", id).ok()?;
+    Some((kind, id))
+}
+
+/// Parses and checks a lease object stored under `key`.
+pub fn parse_lease(key: &str, bytes: &[u8]) -> Result<LeaseRecord, Error> {
+    let corrupt = |why: String| Error::CorruptLease {
+        key: key.into(),
+        why,
+    };
+    let record: LeaseRecord =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a lease record: {e}")))?;
+    let name = key.rsplit('/').next().unwrap_or(key);
+    match parse_lease_name(name) {
+        Some((kind, id)) if kind == record.kind && id == record.id => Ok(record),
+        _ => Err(corrupt(format!(
+            "the record says {} lease {:?}, which does not match its key",
+            record.kind, record.id
+        ))),
+    }
+}
+
+/// A conflicting lease found while acquiring.
+#[derive(Debug, Clone)]
+struct Found {
+    key: String,
+    record: LeaseRecord,
+}
+
+/// Lists the leases of the vault: each key with its record, or the error reading it.
+pub async fn list_leases(
+    vault: &Vault,
+) -> Result<Vec<(String, Result<LeaseRecord, Error>)>, Error> {
+    let store = vault.store();
+    let prefix = ObjPath::from(LOCKS_PREFIX);
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
+    let mut out = Vec::new();
+    for meta in metas {
+        let key = meta.location.to_string();
+        match read_lease(store, &meta.location).await {
+            Ok(Some(r)) => out.push((key, Ok(r))),
+            Ok(None) => {}
+            Err(e) => out.push((key, Err(e))),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Reads a lease; `None` if it vanished in between.
+async fn read_lease(
+    store: &Arc<dyn ObjectStore>,
+    key: &ObjPath,
+) -> Result<Option<LeaseRecord>, Error> {
+    let bytes = match store.get(key).await {
+        Ok(r) => match r.bytes().await {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::store(key, e)),
+        },
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(Error::store(key, e)),
+    };
+    parse_lease(key.as_ref(), &bytes).map(Some)
+}
+
+/// Looks for a live lease that conflicts with `kind`, ignoring `own`. Expired conflicting
+/// leases are returned too, so that GC can remove them.
+async fn find_conflict(
+    vault: &Vault,
+    own: &ObjPath,
+    kind: LeaseKind,
+    now: Timestamp,
+) -> Result<(Option<Found>, Vec<String>), Error> {
+    let store = vault.store();
+    let prefix = ObjPath::from(LOCKS_PREFIX);
+    let metas: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
+    let mut expired = Vec::new();
+    for meta in metas {
+        if &meta.location == own {
+            continue;
+        }
+        let key = meta.location.to_string();
+        let name = meta.location.filename().unwrap_or_default();
+        match parse_lease_name(name) {
+            Some((other, _)) if !kind.conflicts_with(other) => continue,
+            Some(_) => {}
+            // A key that is not a lease at all: whoever could be excluded by it must look.
+            None => {
+                return Err(Error::CorruptLease {
+                    key,
+                    why: "not a lease key (locks/<backup|prune|gc>-<id>)".into(),
+                });
+            }
+        }
+        match read_lease(store, &meta.location).await? {
+            None => {}
+            Some(record) if record.is_live(now) => {
+                return Ok((Some(Found { key, record }), expired));
+            }
+            Some(_) => expired.push(key),
+        }
+    }
+    Ok((None, expired))
+}
+
+#[derive(Debug)]
+struct State {
+    expires_ms: AtomicI64,
+    lost: AtomicBool,
+    why_lost: Mutex<Option<String>>,
+}
+
+impl State {
+    fn lose(&self, why: String) {
+        if let Ok(mut w) = self.why_lost.lock()
+            && w.is_none()
+        {
+            *w = Some(why);
+        }
+        self.lost.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A held lease. Renewed in the background until released; dropping it stops the renewal
+/// and deletes the lease object in the background (when a tokio runtime is running).
+#[derive(Debug)]
+pub struct Lease {
+    store: Arc<dyn ObjectStore>,
+    key: ObjPath,
+    record: LeaseRecord,
+    ttl: Duration,
+    state: Arc<State>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Expired leases of conflicting kinds seen while acquiring.
+    expired_seen: Vec<String>,
+    released: bool,
+}
+
+impl Lease {
+    /// Acquires a lease of `kind` for `holder` (see the module documentation for the
+    /// protocol). Fails with [`Error::LeaseConflict`] if a conflicting lease stays live for
+    /// longer than `options.wait`, or [`Error::CorruptLease`] if one cannot be read.
+    pub async fn acquire(
+        vault: &Vault,
+        kind: LeaseKind,
+        holder: &str,
+        options: &LeaseOptions,
+    ) -> Result<Lease, Error> {
+        let started = std::time::Instant::now();
+        let ttl = options.ttl.max(Duration::from_millis(100));
+        loop {
+            let mut lease = Self::write(vault, kind, holder, ttl).await?;
+            let (found, expired) =
+                match find_conflict(vault, &lease.key, kind, Timestamp::now()).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = lease.delete_now().await;
+                        return Err(e);
+                    }
+                };
+            match found {
+                None => {
+                    lease.expired_seen = expired;
+                    lease.start_renewal();
+                    tracing::debug!(key = %lease.key, "lease acquired");
+                    return Ok(lease);
+                }
+                Some(found) => {
+                    lease.delete_now().await?;
+                    let waited = started.elapsed();
+                    if waited >= options.wait {
+                        return Err(Error::LeaseConflict {
+                            wanted: kind.as_str(),
+                            key: found.key,
+                            holder: found.record.describe(),
+                            waited_ms: waited.as_millis() as u64,
+                        });
+                    }
+                    tracing::debug!(conflict = %found.key, "lease busy, retrying");
+                    let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+                    let pause = (options.retry + jitter).min(options.wait - waited);
+                    tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+                }
+            }
+        }
+    }
+
+    async fn write(
+        vault: &Vault,
+        kind: LeaseKind,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, Error> {
+        let now = Timestamp::now();
+        let record = LeaseRecord {
+            kind,
+            id: lease_id(),
+            holder: holder.to_string(),
+            pid: std::process::id(),
+            host: host_name(),
+            created: now,
+            expires: plus(now, ttl),
+        };
+        let key = lease_key(kind, &record.id);
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Worker(e.to_string()))?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        vault
+            .store()
+            .put_opts(&key, PutPayload::from(json), opts)
+            .await
+            .map_err(|e| Error::store(&key, e))?;
+        Ok(Lease {
+            store: vault.store().clone(),
+            key,
+            ttl,
+            state: Arc::new(State {
+                expires_ms: AtomicI64::new(record.expires.as_millisecond()),
+                lost: AtomicBool::new(false),
+                why_lost: Mutex::new(None),
+            }),
+            record,
+            stop: None,
+            task: None,
+            expired_seen: Vec::new(),
+            released: false,
+        })
+    }
+
+    fn start_renewal(&mut self) {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let mut record = self.record.clone();
+        let state = self.state.clone();
+        let ttl = self.ttl;
+        let period = ttl / 3;
+        let margin_ms = (ttl / 4).as_millis() as i64;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = rx.changed() => {
+                        // Released (or the lease was dropped): stop renewing.
+                        let _ = r;
+                        break;
+                    }
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let now = Timestamp::now();
+                let expires = state.expires_ms.load(Ordering::SeqCst);
+                // Same threshold as `ensure_held`: a lease that may already look expired to
+                // others is never revived.
+                if now.as_millisecond() + margin_ms >= expires {
+                    state.lose(format!(
+                        "it expired before it could be renewed (the process was stalled?) at {}",
+                        Timestamp::from_millisecond(expires).unwrap_or(Timestamp::MIN)
+                    ));
+                    break;
+                }
+                record.expires = plus(now, ttl);
+                let Ok(json) = serde_json::to_vec_pretty(&record) else {
+                    break;
+                };
+                // Not inside the select: a renewal in flight always completes before release
+                // deletes the object, so a release is never undone by a late renewal.
+                match store.put(&key, PutPayload::from(json)).await {
+                    Ok(_) => state
+                        .expires_ms
+                        .store(record.expires.as_millisecond(), Ordering::SeqCst),
+                    Err(e) => tracing::warn!(key = %key, error = %e, "cannot renew lease"),
+                }
+            }
+        });
+        self.stop = Some(tx);
+        self.task = Some(task);
+    }
+
+    /// The lease's key.
+    pub fn key(&self) -> &str {
+        self.key.as_ref()
+    }
+
+    /// The lease's kind.
+    pub fn kind(&self) -> LeaseKind {
+        self.record.kind
+    }
+
+    /// The record as acquired.
+    pub fn record(&self) -> &LeaseRecord {
+        &self.record
+    }
+
+    /// Expired conflicting leases seen while acquiring (GC removes them).
+    pub fn expired_seen(&self) -> &[String] {
+        &self.expired_seen
+    }
+
+    /// Fails with [`Error::LeaseLost`] unless the lease is certainly still held: renewed, and
+    /// not within `ttl / 4` of its expiry. Call it before every step that relies on it.
+    pub fn ensure_held(&self) -> Result<(), Error> {
+        if self.released {
+            return Err(self.lost("it was released".into()));
+        }
+        if self.state.lost.load(Ordering::SeqCst) {
+            let why = self
+                .state
+                .why_lost
+                .lock()
+                .ok()
+                .and_then(|w| w.clone())
+                .unwrap_or_else(|| "renewal failed".into());
+            return Err(self.lost(why));
+        }
+        let expires = self.state.expires_ms.load(Ordering::SeqCst);
+        let margin = (self.ttl / 4).as_millis() as i64;
+        let now = Timestamp::now().as_millisecond();
+        if now + margin >= expires {
+            return Err(self.lost(format!(
+                "it was not renewed in time (expires at {})",
+                Timestamp::from_millisecond(expires).unwrap_or(Timestamp::MIN)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that this is a lease of `kind` that is still held.
+    pub fn ensure_kind(&self, kind: LeaseKind) -> Result<(), Error> {
+        if self.record.kind != kind {
+            return Err(self.lost(format!(
+                "a {} lease is needed here, this is a {} lease",
+                kind, self.record.kind
+            )));
+        }
+        self.ensure_held()
+    }
+
+    fn lost(&self, why: String) -> Error {
+        Error::LeaseLost {
+            key: self.key.to_string(),
+            why,
+        }
+    }
+
+    async fn delete_now(&mut self) -> Result<(), Error> {
+        self.released = true;
+        match self.store.delete(&self.key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(&self.key, e)),
+        }
+    }
+
+    /// Stops renewing and deletes the lease object.
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.stop.take();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let r = self.delete_now().await;
+        tracing::debug!(key = %self.key, "lease released");
+        r
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.stop.take();
+        let task = self.task.take();
+        let store = self.store.clone();
+        let key = self.key.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Some(task) = task {
+                    let _ = task.await;
+                }
+                if let Err(e) = store.delete(&key).await
+                    && !matches!(e, object_store::Error::NotFound { .. })
+                {
+                    tracing::warn!(key = %key, error = %e, "cannot remove lease; it will expire");
+                }
+            });
+        }
+    }
+}
+
+/// Writes a lease record as is (for tests and repair tools: e.g. an expired lease).
+pub async fn write_lease_record(vault: &Vault, record: &LeaseRecord) -> Result<String, Error> {
+    let key = lease_key(record.kind, &record.id);
+    let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Worker(e.to_string()))?;
+    vault
+        .store()
+        .put(&key, PutPayload::from(json))
+        .await
+        .map_err(|e| Error::store(&key, e))?;
+    Ok(key.to_string())
+}
