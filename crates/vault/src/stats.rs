@@ -33,7 +33,9 @@ pub struct StoreStats {
     pub lists: u64,
     /// DELETE requests (objects deleted).
     pub deletes: u64,
-    /// Requests that returned an error (including "not found" answers to HEAD).
+    /// Requests answered "not found" (a HEAD before uploading a new block, for one).
+    pub not_found: u64,
+    /// Requests that failed otherwise (network, server, precondition errors).
     pub errors: u64,
     /// Bytes sent in PUT bodies.
     pub bytes_up: u64,
@@ -50,6 +52,7 @@ impl StoreStats {
             heads: self.heads.saturating_sub(earlier.heads),
             lists: self.lists.saturating_sub(earlier.lists),
             deletes: self.deletes.saturating_sub(earlier.deletes),
+            not_found: self.not_found.saturating_sub(earlier.not_found),
             errors: self.errors.saturating_sub(earlier.errors),
             bytes_up: self.bytes_up.saturating_sub(earlier.bytes_up),
             bytes_down: self.bytes_down.saturating_sub(earlier.bytes_down),
@@ -69,6 +72,7 @@ struct Counters {
     heads: AtomicU64,
     lists: AtomicU64,
     deletes: AtomicU64,
+    not_found: AtomicU64,
     errors: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
@@ -104,6 +108,7 @@ impl CountingStore {
             heads: l(&c.heads),
             lists: l(&c.lists),
             deletes: l(&c.deletes),
+            not_found: l(&c.not_found),
             errors: l(&c.errors),
             bytes_up: l(&c.bytes_up),
             bytes_down: l(&c.bytes_down),
@@ -111,8 +116,10 @@ impl CountingStore {
     }
 
     fn count<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            add(&self.counters.errors, 1);
+        match &r {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => add(&self.counters.not_found, 1),
+            Err(_) => add(&self.counters.errors, 1),
         }
         r
     }
