@@ -7,6 +7,8 @@
 //! * SIGTERM: the agent thaws before it exits;
 //! * one freeze at a time across connections.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 #[path = "agent_common/mod.rs"]
 mod agent_common;
 

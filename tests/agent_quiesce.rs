@@ -9,6 +9,8 @@
 //!   continue_on_failure), timing out (killed with its process group), refused for unsafe
 //!   ownership/modes, the freeze deadline expiring during the snapshot, the agent absent.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 #[path = "agent_common/mod.rs"]
 mod agent_common;
 

@@ -5,6 +5,8 @@
 //! garbage, an oversized frame or a replayed request id gets nothing done (no freeze), and the
 //! agent keeps serving.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 #[path = "agent_common/mod.rs"]
 mod agent_common;
 

@@ -12,6 +12,8 @@
 //! Asserted: every median is under 50 ms, and the 8 GiB median is at most 3× the 1 GiB median
 //! (+10 ms of scheduling noise).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 #[path = "agent_common/mod.rs"]
 mod agent_common;
 

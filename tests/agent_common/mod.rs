@@ -224,7 +224,7 @@ impl Writer {
                     let tmp = root.join(format!(".f{}.tmp", i % 32));
                     std::fs::write(&tmp, pseudo_random(64 * 1024 + (i % 7) as usize * 4096, i))
                         .unwrap();
-                    if i % 8 == 0 {
+                    if i.is_multiple_of(8) {
                         std::fs::File::open(&tmp).unwrap().sync_all().unwrap();
                     }
                     std::fs::rename(&tmp, &name).unwrap();
