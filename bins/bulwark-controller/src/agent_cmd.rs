@@ -18,11 +18,7 @@ use clap::Args;
 pub struct QuiesceArgs {
     /// The VM's guest agent: unix:PATH or tcp:HOST:PORT (mutual TLS, see --tls-dir). With it
     /// the guest is quiesced (pre-scripts, fsfreeze) around the snapshot.
-    #[arg(
-        long,
-        value_name = "unix:PATH|tcp:HOST:PORT",
-        conflicts_with = "keep_snapshot_days"
-    )]
+    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
     agent: Option<String>,
     /// The controller's TLS files from `enroll`: ca.pem, controller.pem, controller.key.
     #[arg(long, value_name = "DIR", requires = "agent")]
