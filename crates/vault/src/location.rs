@@ -26,6 +26,9 @@ use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
 use crate::Error;
 
+#[path = "local_sync.rs"]
+mod local_sync;
+
 /// The Azurite development account and its well-known key.
 pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str =
@@ -460,9 +463,9 @@ fn local_store(
             });
         }
     }
-    let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
-        .map_err(|e| unsupported(e.to_string()))?
-        .with_fsync(true);
+    // Blocks are made durable in batches before anything that references them is written
+    // (see local_sync); every other object is fsynced as it is written.
+    let fs = local_sync::LocalStore::new(path).map_err(|e| unsupported(e.to_string()))?;
     Ok(Arc::new(fs))
 }
 
