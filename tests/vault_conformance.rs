@@ -1,6 +1,6 @@
 //! One conformance suite of vault scenarios, written once and run on every backend (a local
 //! directory, Azurite, an S3-compatible server), plain and encrypted: backup, incremental
-//! backup, restore (bit-exact), verify, conditional commit, reopen, and request
+//! backup, restore (bit-exact), verify, conditional commit, reopen, prune + GC, and request
 //! statistics in the job report.
 
 mod vault_servers;
@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bulwark_blockdiff::BlockSize;
 use bulwark_controller::{BackupRequest, DiskSpec, NoProgress, RestoreRequest, backup, restore};
-use bulwark_vault::{CreateOptions, Error, MasterKey, Vault};
+use bulwark_vault::{
+    CreateOptions, Error, GcOptions, Lease, LeaseKind, LeaseOptions, MasterKey, Vault,
+};
 use vault_servers::{Backend, Place, noise, place};
 
 const BLOCK: usize = 256 << 10;
@@ -68,6 +70,12 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
     assert_eq!(s1.blocks_uploaded, 12, "{what}");
     assert!(r1.storage.puts >= 14, "{what}: {:?}", r1.storage);
     assert!(r1.storage.heads >= 12, "{what}: {:?}", r1.storage);
+    assert!(
+        r1.storage.not_found >= 12,
+        "{what}: new blocks: {:?}",
+        r1.storage
+    );
+    assert_eq!(r1.storage.errors, 0, "{what}: {:?}", r1.storage);
     assert!(
         r1.storage.bytes_up >= 12 * BLOCK as u64,
         "{what}: {:?}",
@@ -153,6 +161,42 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
         let e = Vault::open_with(&place.location, &keyed).await.unwrap_err();
         assert!(matches!(e, Error::NotEncrypted { .. }), "{what}: {e}");
     }
+
+    // Prune point 1 and collect garbage: the two blocks only it used are freed, point 2 stays
+    // whole.
+    let lease = Lease::acquire(
+        &vault,
+        LeaseKind::Prune,
+        "test prune",
+        &LeaseOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        vault
+            .soft_delete(&lease, "vm1", &r1.point, "test", jiff::Timestamp::now())
+            .await
+            .unwrap()
+    );
+    let deleted = vault.get_deleted("vm1", &r1.point).await.unwrap();
+    assert_eq!(deleted.point.id, r1.point, "{what}");
+    vault.purge_deleted(&lease, "vm1", &r1.point).await.unwrap();
+    lease.release().await.unwrap();
+    let gc = vault
+        .gc(&GcOptions {
+            grace: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: gc: {e}"));
+    assert_eq!(gc.blocks_freed, 2, "{what}: {gc:?}");
+    assert!(
+        restore_to(&vault, &r2.point, &out).await == data,
+        "{what}: after gc"
+    );
+    let rep = vault.verify(None, &|_, _| {}).await.unwrap();
+    assert!(rep.is_ok(), "{what}: {:?}", rep.problems);
+    assert_eq!(rep.points, 1);
 }
 
 async fn run(backend: Backend, encrypted: bool) {
