@@ -732,7 +732,7 @@ async fn stress_backups_prunes_and_gc_concurrently() {
         seed ^= seed << 17;
         seed
     };
-    while round < 10 && started.elapsed() < Duration::from_secs(40) {
+    while round < 20 && started.elapsed() < Duration::from_secs(40) {
         round += 1;
         let done = Arc::new(AtomicBool::new(false));
         // GC: as aggressive as possible, retrying whenever a backup or prune holds a lease.

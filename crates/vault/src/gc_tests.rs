@@ -455,3 +455,39 @@ async fn leases_renew_and_release_on_drop() {
     }
     panic!("a dropped lease was not removed");
 }
+
+#[tokio::test]
+async fn a_lease_that_cannot_be_renewed_is_lost_and_its_holder_stops() {
+    let faulty = Arc::new(crate::fault::FaultyStore::new(
+        object_store::memory::InMemory::new(),
+        crate::fault::FaultConfig::seeded(1),
+    ));
+    let v = Vault::create_store(faulty.clone(), "faulty:", &CreateOptions::default())
+        .await
+        .unwrap();
+    let p = point_with(&v, "vm", &[b"a"]).await;
+    let opts = LeaseOptions {
+        ttl: Duration::from_millis(400),
+        ..LeaseOptions::default()
+    };
+    let lease = Lease::acquire(&v, LeaseKind::Prune, "stalled prune", &opts)
+        .await
+        .unwrap();
+    lease.ensure_held().unwrap();
+    // The store goes away: renewals fail, and the lease runs out.
+    faulty.set_down(true);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    faulty.set_down(false);
+    let e = lease.ensure_held().unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    // Everything that relies on the lease refuses to go on.
+    let e = v
+        .soft_delete(&lease, "vm", &p.id, "x", Timestamp::now())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("lease lost"), "{e}");
+    assert_eq!(v.get_point("vm", &p.id).await.unwrap(), p);
+    // Meanwhile others see it expired: GC may run.
+    v.gc(&gc0()).await.unwrap();
+    lease.release().await.unwrap();
+}
