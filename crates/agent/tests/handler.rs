@@ -2,6 +2,8 @@
 //! pre-script outcomes and fallbacks, refusal of paths that are not mount points, idempotent
 //! thaw.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
