@@ -161,3 +161,29 @@ async fn prefixes_are_separate_vaults() {
         );
     }
 }
+
+/// An endpoint that accepts connections and never answers: the request timeout bounds it.
+#[tokio::test]
+async fn silent_endpoint_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, answering nothing, until the test ends.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().take(64) {
+            match c {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+    });
+    let mut store = s3_options(&url);
+    store.request_timeout = Duration::from_secs(2);
+    store.max_retries = 1;
+    let t = Instant::now();
+    let e = timed(Vault::open_with("s3://bucket/p", &opts(store)))
+        .await
+        .unwrap_err();
+    eprintln!("silent endpoint after {:?}: {e}", t.elapsed());
+    assert!(matches!(e, Error::Store { .. }), "{e}");
+}

@@ -31,6 +31,15 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// For cloud stores, whose client already retries each request: 2 attempts.
+    pub fn remote() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+
     /// No retries.
     pub fn none() -> Self {
         RetryPolicy {
