@@ -378,7 +378,9 @@ pub struct OpenOptions {
     /// The master key: required to open an encrypted vault; creating with a key makes the
     /// new vault encrypted.
     pub key: Option<MasterKey>,
-    /// Retries of the vault's own requests after transient failures.
+    /// Retries of the vault's own requests after transient failures. On a cloud location
+    /// the default becomes [`RetryPolicy::remote`]: the cloud client retries each request
+    /// itself, so the vault adds one round, not four, and a dead endpoint fails the job soon.
     pub retry: RetryPolicy,
 }
 
@@ -408,6 +410,16 @@ impl OpenOptions {
         self.key = Some(key);
         self
     }
+}
+
+/// `options`, with the default retry policy replaced by [`RetryPolicy::remote`] on a cloud
+/// location.
+fn for_location(location: &str, options: &OpenOptions) -> OpenOptions {
+    let mut o = options.clone();
+    if o.retry == RetryPolicy::default() && Location::parse(location).is_ok_and(|l| l.is_remote()) {
+        o.retry = RetryPolicy::remote();
+    }
+    o
 }
 
 /// Writes with `PutMode::Create`, retrying transient failures. An "already exists" answer to a
@@ -474,7 +486,7 @@ impl Vault {
     /// Opens the vault at `location` with explicit options (storage settings, key).
     pub async fn open_with(location: &str, options: &OpenOptions) -> Result<Vault, Error> {
         let store = location::open_store(location, &options.store, false)?;
-        Self::open_store_with(store, location, options).await
+        Self::open_store_with(store, location, &for_location(location, options)).await
     }
 
     /// Opens the vault held by `store` (any `object_store` backend). `label` names it in errors.
@@ -574,7 +586,7 @@ impl Vault {
         open: &OpenOptions,
     ) -> Result<Vault, Error> {
         let store = location::open_store(location, &open.store, true)?;
-        Self::create_store_with(store, location, options, open).await
+        Self::create_store_with(store, location, options, &for_location(location, open)).await
     }
 
     /// Creates a vault in `store`. Fails with [`Error::VaultExists`] if one is there already.
