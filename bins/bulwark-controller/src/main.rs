@@ -2,6 +2,7 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod daemon_cmd;
 mod demo;
 mod keys;
 mod retention_cmd;
@@ -57,6 +58,10 @@ enum Command {
     Verify(VerifyArgs),
     /// Make a sample disk image, back it up twice, restore and verify it (nothing to prepare).
     Demo(demo::DemoArgs),
+    /// Run the scheduled daemon: back up each configured VM at its policy's times.
+    Serve(daemon_cmd::ServeArgs),
+    /// Show the daemon's job history.
+    Jobs(daemon_cmd::JobsArgs),
     /// Create and manage the master keys of encrypted vaults.
     #[command(subcommand)]
     Key(keys::KeyCommand),
@@ -117,6 +122,10 @@ struct BackupArgs {
     /// the same file system).
     #[arg(long, value_name = "DIR")]
     snapshot_dir: Option<PathBuf>,
+    /// Keep the snapshots in --snapshot-dir for N days for instant restore (default: they are
+    /// removed after the transfer).
+    #[arg(long, value_name = "N", requires = "snapshot_dir", value_parser = clap::value_parser!(u32).range(1..))]
+    keep_snapshot_days: Option<u32>,
     /// Blocks uploaded at once per disk.
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
@@ -140,6 +149,10 @@ struct ListArgs {
     /// List soft-deleted points instead (see `prune`, `undelete`).
     #[arg(long)]
     deleted: bool,
+    /// Kept snapshots (the daemon's snapshot_dir, or backup's --snapshot-dir): show each
+    /// point's tier (snapshot, snapshot and vault, vault).
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -167,6 +180,10 @@ struct RestoreArgs {
     /// Blocks fetched at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Kept snapshots (the daemon's snapshot_dir): restore from the point's kept snapshot when
+    /// there is one, verified block by block against the vault's manifest.
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -227,6 +244,8 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Restore(a) => restore(a).await?,
         Command::Verify(a) => return verify(a).await,
         Command::Demo(a) => return demo::run(a).await,
+        Command::Serve(a) => return daemon_cmd::serve(a).await,
+        Command::Jobs(a) => return daemon_cmd::jobs(a),
         Command::Key(a) => return keys::run(a),
         Command::Enroll(a) => return agent_cmd::enroll(a),
         Command::Prune(a) => return retention_cmd::prune(a).await,
@@ -272,10 +291,15 @@ async fn backup(a: BackupArgs) -> Result<()> {
         eprintln!("created a new vault at {}", vault.location());
     }
     let progress = ui::Bars::new(!a.json);
-    let report = if a.quiesce.is_set() {
-        agent_cmd::backup(&vault, &req, &a.quiesce, progress.clone()).await?
-    } else {
-        bulwark_controller::backup(&vault, &req, progress.clone()).await?
+    let report = match a.keep_snapshot_days {
+        Some(_) if a.quiesce.is_set() => {
+            bail!("--keep-snapshot-days is not supported with a quiesced (--agent) backup yet")
+        }
+        Some(days) => daemon_cmd::backup_keeping(&vault, &req, days, progress.clone()).await?,
+        None if a.quiesce.is_set() => {
+            agent_cmd::backup(&vault, &req, &a.quiesce, progress.clone()).await?
+        }
+        None => bulwark_controller::backup(&vault, &req, progress.clone()).await?,
     };
     progress.clear();
     if a.json {
@@ -305,6 +329,9 @@ async fn list(a: ListArgs) -> Result<()> {
     if a.deleted {
         retention_cmd::list_deleted(&a.vault.vault, a.vm.as_deref(), a.json).await?;
         return Ok(());
+    }
+    if let Some(dir) = &a.snapshot_dir {
+        return daemon_cmd::list(&a.vault.vault, dir, a.vm.as_deref(), a.json).await;
     }
     let vault = Vault::open(&a.vault.vault).await?;
     let list = vault.list_points(a.vm.as_deref()).await?;
@@ -355,6 +382,11 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         concurrency: a.concurrency,
     };
     let progress = ui::Bars::new(!a.json);
+    if let Some(dir) = &a.snapshot_dir {
+        let r = daemon_cmd::restore(&vault, dir, &req, a.json, progress.clone()).await;
+        progress.clear();
+        return r;
+    }
     let report = bulwark_controller::restore(&vault, &req, progress.clone()).await?;
     progress.clear();
     if a.json {

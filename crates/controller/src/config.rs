@@ -26,6 +26,7 @@
 //! disks = [{ name = "os", path = "/var/lib/libvirt/images/db01.img" }]
 //! # ... or an inline policy, the same fields as a policy file:
 //! policy = { time_zone = "UTC", schedule = { frequency = "hourly", every_hours = 4 }, retention = { daily = 7 } }
+//! # keep_snapshots = false            # do not keep snapshots for instant restore on this host
 //! # For tests and ad-hoc use only: run every N seconds (aligned to the Unix epoch) instead of
 //! # the policy's schedule. Retention and instant-restore days still come from the policy.
 //! # schedule_override_seconds = 30
@@ -95,6 +96,8 @@ pub struct VmConfig {
     pub policy: Arc<Policy>,
     /// Test/ad-hoc override: run every this often instead of the policy's schedule.
     pub schedule_override: Option<Duration>,
+    /// Keep each job's snapshots for the policy's instant-restore days (default true).
+    pub keep_snapshots: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +124,7 @@ struct RawVm {
     agent: Option<String>,
     policy: Option<Spanned<toml::Value>>,
     schedule_override_seconds: Option<u64>,
+    keep_snapshots: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,7 +169,13 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         if raw.vault.trim().is_empty() {
             return Err(err(None, "vault: must name a vault location".into()));
         }
@@ -180,9 +190,9 @@ impl Config {
             .unwrap_or_else(|| state_dir.join("snapshots"));
         let snapshot_provider = match raw.snapshot_provider.as_deref() {
             None => Provider::Auto,
-            Some(p) => p
-                .parse()
-                .map_err(|e: bulwark_snapshot::Error| err(None, format!("snapshot_provider: {e}")))?,
+            Some(p) => p.parse().map_err(|e: bulwark_snapshot::Error| {
+                err(None, format!("snapshot_provider: {e}"))
+            })?,
         };
         let concurrency = raw.concurrency.unwrap_or(CONCURRENCY_DEFAULT);
         if concurrency == 0 {
@@ -211,7 +221,8 @@ impl Config {
             let vm = vm.get_ref();
             let name = vm.name.get_ref().clone();
             let name_line = line_of(text, vm.name.span().start);
-            validate_name("vm", &name).map_err(|e| err(Some(name_line), format!("vm.name: {e}")))?;
+            validate_name("vm", &name)
+                .map_err(|e| err(Some(name_line), format!("vm.name: {e}")))?;
             if let Some(first) = seen.insert(name.clone(), name_line) {
                 return Err(err(
                     Some(name_line),
@@ -343,6 +354,7 @@ impl Config {
                 agent: vm.agent.clone(),
                 policy: Arc::new(policy),
                 schedule_override,
+                keep_snapshots: vm.keep_snapshots.unwrap_or(true),
             });
         }
         Ok(Config {
@@ -484,7 +496,10 @@ schedule_override_seconds = 5
         ];
         for (text, want) in cases {
             let got = parse(&cfg, &text).expect_err(&text);
-            assert!(got.contains(want), "for\n{text}\nwanted {want:?}, got {got:?}");
+            assert!(
+                got.contains(want),
+                "for\n{text}\nwanted {want:?}, got {got:?}"
+            );
         }
     }
 
@@ -498,9 +513,6 @@ schedule_override_seconds = 5
         .unwrap();
         let text = vm_block("").replace(&format!("policy = {POLICY}"), "policy = \"p.toml\"");
         let got = parse(&cfg, &text).unwrap_err();
-        assert!(
-            got.contains("p.toml:4: schedule.every_hours"),
-            "got {got}"
-        );
+        assert!(got.contains("p.toml:4: schedule.every_hours"), "got {got}");
     }
 }

@@ -245,7 +245,9 @@ impl Scheduler {
         let from = if last > oldest {
             last
         } else {
-            oldest.checked_sub(SignedDuration::from_nanos(1)).unwrap_or(oldest)
+            oldest
+                .checked_sub(SignedDuration::from_nanos(1))
+                .unwrap_or(oldest)
         };
         schedule.latest_in(from, now).filter(|r| *r > last)
     }
@@ -306,7 +308,11 @@ pub trait JobRunner: Send + Sync {
 /// the daemon does not prune or collect by itself yet.
 pub trait Maintenance: Send + Sync {
     /// Runs once; an error is logged, the daemon goes on.
-    fn run<'a>(&'a self, vms: &'a [Arc<VmConfig>], now: Timestamp) -> BoxFuture<'a, Result<(), String>>;
+    fn run<'a>(
+        &'a self,
+        vms: &'a [Arc<VmConfig>],
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// The real job: snapshot + transfer through the controller library, keeping the snapshots
@@ -382,7 +388,7 @@ impl JobRunner for BackupRunner {
             match backup_tiered(
                 &self.vault,
                 &req,
-                Some(keep),
+                vm.keep_snapshots.then_some(keep),
                 consistency,
                 Arc::new(NoProgress),
                 &observer,
@@ -627,7 +633,10 @@ impl Daemon {
 
     /// Runs until `shutdown` completes, then lets running jobs finish within the shutdown
     /// timeout and cancels the rest.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<DaemonSummary, Error> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<DaemonSummary, Error> {
         let mut st = RunState {
             sem: Arc::new(Semaphore::new(self.options.concurrency.max(1))),
             tasks: JoinSet::new(),
@@ -645,7 +654,9 @@ impl Daemon {
         );
         for vm in &self.vms {
             let last = self.history.last_scheduled(&vm.name)?;
-            if let Some(t) = Scheduler::catch_up(&VmSchedule::of(vm), last, now, self.options.catch_up) {
+            if let Some(t) =
+                Scheduler::catch_up(&VmSchedule::of(vm), last, now, self.options.catch_up)
+            {
                 tracing::info!(vm = %vm.name, missed = %t, "a run missed while the daemon was down is made now");
                 self.dispatch(
                     &mut st,
@@ -677,9 +688,7 @@ impl Daemon {
         let mut next_house = now.checked_add(interval).unwrap_or(Timestamp::MAX);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let wake = sched
-                .next_wake()
-                .map_or(next_house, |w| w.min(next_house));
+            let wake = sched.next_wake().map_or(next_house, |w| w.min(next_house));
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -715,7 +724,10 @@ impl Daemon {
             }
         }
         if !st.tasks.is_empty() {
-            tracing::warn!(jobs = st.tasks.len(), "jobs did not finish in time: cancelling them");
+            tracing::warn!(
+                jobs = st.tasks.len(),
+                "jobs did not finish in time: cancelling them"
+            );
             st.tasks.abort_all();
             while let Some(res) = st.tasks.join_next_with_id().await {
                 self.reap(&mut st, res);
@@ -751,6 +763,7 @@ mod tests {
             agent: None,
             policy,
             schedule_override: every.map(Duration::from_secs),
+            keep_snapshots: true,
         }
     }
 
@@ -777,7 +790,11 @@ mod tests {
                 job.history
                     .set_phase(job.id, crate::history::Phase::Snapshot, PhaseState::Running)
                     .unwrap();
-                let d = self.durations.get(&job.vm.name).copied().unwrap_or_default();
+                let d = self
+                    .durations
+                    .get(&job.vm.name)
+                    .copied()
+                    .unwrap_or_default();
                 tokio::time::sleep(d).await;
                 JobEnd {
                     state: Some(JobState::Completed),
@@ -938,7 +955,9 @@ mod tests {
                 .contains("is still running")
         );
         assert_eq!(
-            jobs.iter().filter(|j| j.state == JobState::Completed).count(),
+            jobs.iter()
+                .filter(|j| j.state == JobState::Completed)
+                .count(),
             3
         );
     }
@@ -1078,7 +1097,12 @@ mod tests {
         let slow = &h.jobs(Some("slow"), 1).unwrap()[0];
         assert_eq!(slow.state, JobState::Cancelled);
         assert_eq!(slow.snapshot, PhaseState::Cancelled);
-        assert!(slow.error.as_deref().unwrap().contains("cancelled at shutdown"));
+        assert!(
+            slow.error
+                .as_deref()
+                .unwrap()
+                .contains("cancelled at shutdown")
+        );
     }
 
     #[tokio::test(start_paused = true)]

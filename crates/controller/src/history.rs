@@ -527,8 +527,10 @@ mod tests {
                 t("2026-11-25T10:00:01Z"),
             )
             .unwrap();
-        h.set_phase(a, Phase::Snapshot, PhaseState::Completed).unwrap();
-        h.set_phase(a, Phase::Transfer, PhaseState::Running).unwrap();
+        h.set_phase(a, Phase::Snapshot, PhaseState::Completed)
+            .unwrap();
+        h.set_phase(a, Phase::Transfer, PhaseState::Running)
+            .unwrap();
         h.finish(
             a,
             t("2026-11-25T10:01:00Z"),
@@ -552,9 +554,16 @@ mod tests {
                 t("2026-11-25T15:00:00Z"),
             )
             .unwrap();
-        h.set_phase(b, Phase::Snapshot, PhaseState::Running).unwrap();
-        h.record_skipped("db01", Trigger::Scheduled, None, t("2026-11-25T15:00:00Z"), "busy")
+        h.set_phase(b, Phase::Snapshot, PhaseState::Running)
             .unwrap();
+        h.record_skipped(
+            "db01",
+            Trigger::Scheduled,
+            None,
+            t("2026-11-25T15:00:00Z"),
+            "busy",
+        )
+        .unwrap();
         drop(h);
 
         // A new daemon: the job left in progress is failed, the others are untouched.

@@ -175,10 +175,12 @@ impl SnapshotStore {
         validate_name("point", point)?;
         let path = self.index_path(vm, point);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Io {
-                path: path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Self::io(&path)(e)),
         }
@@ -218,7 +220,9 @@ impl SnapshotStore {
                 };
                 match self.get(&vm, point) {
                     Ok(Some(k)) if k.vm == vm && k.point == point => out.push(k),
-                    Ok(_) => tracing::warn!(file = %entry.path().display(), "kept-snapshot index names another point; ignored"),
+                    Ok(_) => {
+                        tracing::warn!(file = %entry.path().display(), "kept-snapshot index names another point; ignored")
+                    }
                     Err(e) => tracing::warn!(error = %e, "unreadable kept-snapshot index; ignored"),
                 }
             }
@@ -334,7 +338,9 @@ pub async fn backup_tiered(
                 }
                 kept = Some(kp);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot record the kept snapshots; they are removed after the transfer"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the kept snapshots; they are removed after the transfer")
+            }
         }
     }
     observer(Phase::Transfer, PhaseState::Running);
@@ -434,7 +440,10 @@ pub fn verify_image(path: &Path, map: &BlockMap, key: Option<[u8; 32]>) -> Resul
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("verify worker panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("verify worker panicked".into()))
+            })
             .collect()
     });
     for r in results {
@@ -618,17 +627,19 @@ pub async fn restore_tiered(
     };
     let mut rejected = None;
     if let Some(k) = kept {
-        let record = point.disk(&req.disk).ok_or_else(|| VaultError::NoSuchDisk {
-            vm: req.vm.clone(),
-            point: point.id.clone(),
-            disk: req.disk.clone(),
-            available: point
-                .disks
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+        let record = point
+            .disk(&req.disk)
+            .ok_or_else(|| VaultError::NoSuchDisk {
+                vm: req.vm.clone(),
+                point: point.id.clone(),
+                disk: req.disk.clone(),
+                available: point
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
         let m = ManifestRef {
             vm: &req.vm,
             disk: &req.disk,
@@ -716,10 +727,15 @@ mod tests {
             store.record(k).unwrap();
         }
         assert_eq!(store.list(None).unwrap().len(), 3);
-        assert_eq!(store.list(Some("web01")).unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(
+            store.list(Some("web01")).unwrap(),
+            vec![a.clone(), b.clone()]
+        );
         assert_eq!(store.get("web01", "p2").unwrap(), Some(b.clone()));
         assert!(b.present());
-        let gone = store.expire("2026-11-23T00:00:00Z".parse().unwrap()).unwrap();
+        let gone = store
+            .expire("2026-11-23T00:00:00Z".parse().unwrap())
+            .unwrap();
         let mut ids: Vec<_> = gone.iter().map(|k| k.point.as_str()).collect();
         ids.sort();
         assert_eq!(ids, ["p1", "p3"]);
