@@ -33,7 +33,12 @@ free_port() {
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-answers() { curl -s -o /dev/null --max-time 2 "$1"; }
+# True when something listens at the http://HOST:PORT URL (bash's /dev/tcp: no curl needed).
+answers() {
+    local hp=${1#http://}
+    hp=${hp%%/*}
+    timeout 2 bash -c "exec 3<>/dev/tcp/${hp%:*}/${hp##*:}" 2>/dev/null
+}
 
 wait_ready() { # url name pidfile
     for _ in $(seq 1 120); do
@@ -97,6 +102,8 @@ start_azurite() {
     local pidf=$DIR/azurite.pid portf=$DIR/azurite.port
     if alive "$pidf" && [ -f "$portf" ] && answers "http://127.0.0.1:$(cat "$portf")"; then return 0; fi
     local port; port=$(free_port)
+    # Test data is disposable: a fresh start begins empty.
+    rm -rf "$DIR/azurite-data"
     mkdir -p "$DIR/azurite-data"
     setsid "$AZURITE_BIN" --blobHost 127.0.0.1 --blobPort "$port" --location "$DIR/azurite-data" \
         --skipApiVersionCheck --loose --silent >"$DIR/azurite.log" 2>&1 < /dev/null &
