@@ -320,6 +320,11 @@ impl std::fmt::Debug for ObjectCipher {
 }
 
 impl ObjectCipher {
+    /// The key block addresses and digests are keyed with.
+    pub(crate) fn address_key(&self) -> [u8; 32] {
+        self.hash_key
+    }
+
     /// Keyed BLAKE3 of `data`.
     pub fn digest(&self, data: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.hash_key, data).as_bytes()

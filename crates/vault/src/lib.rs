@@ -365,7 +365,6 @@ pub struct Vault {
     config: VaultConfig,
     concurrency: usize,
     cipher: Option<Arc<crypto::ObjectCipher>>,
-    address_key: Option<[u8; 32]>,
     retry: RetryPolicy,
 }
 
@@ -538,8 +537,8 @@ impl Vault {
         config: VaultConfig,
         options: &OpenOptions,
     ) -> Result<Vault, Error> {
-        let (cipher, address_key) = match (&config.encryption, &options.key) {
-            (None, None) => (None, None),
+        let cipher = match (&config.encryption, &options.key) {
+            (None, None) => None,
             (None, Some(_)) => {
                 return Err(Error::NotEncrypted {
                     location: label.into(),
@@ -558,7 +557,7 @@ impl Vault {
                         given: key.fingerprint(),
                     });
                 }
-                (Some(Arc::new(key.cipher())), Some(key.address_key()))
+                Some(Arc::new(key.cipher()))
             }
         };
         Ok(Vault {
@@ -568,7 +567,6 @@ impl Vault {
             config,
             concurrency: 16,
             cipher,
-            address_key,
             retry: options.retry,
         })
     }
@@ -696,7 +694,8 @@ impl Vault {
 
     /// The content address of a block in this vault (keyed BLAKE3 when encrypted).
     pub fn address_of(&self, data: &[u8]) -> Address {
-        bulwark_blockdiff::content_address(data, self.address_key.as_ref())
+        let key = self.cipher.as_ref().map(|c| c.address_key());
+        bulwark_blockdiff::content_address(data, key.as_ref())
     }
 
     fn seal(
@@ -744,7 +743,7 @@ impl Vault {
         ScanOptions {
             block_size: BlockSize::new(self.config.block_size).unwrap_or_default(),
             change_seed: self.config.change_hash.seed,
-            address_key: self.address_key,
+            address_key: self.cipher.as_ref().map(|c| c.address_key()),
             ..ScanOptions::default()
         }
     }
