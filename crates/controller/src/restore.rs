@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_blockdiff::Entry;
@@ -147,7 +148,7 @@ pub async fn restore(
         path: tmp.clone(),
         source,
     })?;
-    let file = Arc::new(file);
+    let file = Arc::new(Writer::new(file, &tmp));
 
     progress.start(&req.disk, map.disk_size());
     let mut report = RestoreReport {
@@ -183,7 +184,7 @@ pub async fn restore(
                     }
                     .into());
                 }
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, index * bs))
+                tokio::task::spawn_blocking(move || file.write_at(&data, index * bs))
                     .await
                     .map_err(|e| Error::Worker(e.to_string()))?
                     .map_err(|source| Error::Io { path: tmp, source })?;
@@ -203,7 +204,7 @@ pub async fn restore(
     }
     drop(writes);
     let sync_file = file.clone();
-    tokio::task::spawn_blocking(move || sync_file.sync_all())
+    tokio::task::spawn_blocking(move || sync_file.file.sync_all())
         .await
         .map_err(|e| Error::Worker(e.to_string()))?
         .map_err(|source| Error::Io {
@@ -219,6 +220,80 @@ pub async fn restore(
     progress.finish(&req.disk);
     report.duration_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Alignment of direct writes (buffer, offset, length): covers 512-byte and 4 KiB sectors.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Writes restored blocks at their offsets: with `O_DIRECT` where the file system accepts it,
+/// else buffered. Direct writes of whole blocks skip the page cache: buffered, 16 writers
+/// copying a whole disk into the page cache of one file contend for its lock, and the copy
+/// and the writeback were most of a restore's time (BENCHMARKS.md). Writes that are not
+/// aligned (a short last block) go through the page cache; the final `sync_all` covers both.
+struct Writer {
+    file: File,
+    direct: Option<File>,
+    direct_failed: AtomicBool,
+}
+
+impl Writer {
+    fn new(file: File, path: &Path) -> Writer {
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok();
+        Writer {
+            file,
+            direct,
+            direct_failed: AtomicBool::new(false),
+        }
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let aligned = data.len() % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0;
+        if let Some(direct) = &self.direct
+            && aligned
+            && !self.direct_failed.load(Ordering::Relaxed)
+        {
+            match write_direct(direct, data, offset) {
+                Ok(done) if done == data.len() => return Ok(()),
+                // A short direct write: the rest goes through the page cache.
+                Ok(done) => return self.file.write_all_at(&data[done..], offset + done as u64),
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    tracing::debug!("O_DIRECT write refused: writing buffered");
+                    self.direct_failed.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all_at(data, offset)
+    }
+}
+
+/// Copies `data` into an aligned buffer and writes it with `O_DIRECT`. Returns the bytes
+/// written: all of them, unless a write came back short at an unaligned length.
+fn write_direct(file: &File, data: &[u8], offset: u64) -> std::io::Result<usize> {
+    let mut buf: Vec<u8> = Vec::with_capacity(data.len() + DIRECT_ALIGN);
+    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    buf.resize(pad, 0);
+    buf.extend_from_slice(data);
+    let aligned = &buf[pad..];
+    let mut done = 0;
+    while done < aligned.len() {
+        match rustix::io::pwrite(file, &aligned[done..], offset + done as u64) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                done += n;
+                if done % DIRECT_ALIGN != 0 {
+                    break;
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done.min(data.len()))
 }
 
 fn sync_parent(path: &Path) {
