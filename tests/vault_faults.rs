@@ -245,7 +245,7 @@ fn start_azurite(bin: &str, port: u16, data: &Path) -> Azurite {
 ///
 /// Azurite saves its metadata every 5 s (LokiJS autosave), so a SIGKILL loses the last
 /// seconds of writes, as a real outage with a lagging replica would. The test therefore lets the
-/// first point settle for 6 s, and slows the second backup (20 ms per request) so that it runs
+/// first point settle for 6 s, and slows the second backup (50 ms per request) so that it runs
 /// long enough for its early blocks to be saved before the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn azurite_killed_mid_backup_and_restarted() {
@@ -310,7 +310,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
         raw,
         FaultConfig {
             slow_rate: 1.0,
-            slow: Duration::from_millis(20),
+            slow: Duration::from_millis(50),
             ..FaultConfig::seeded(8)
         },
     ));
@@ -318,7 +318,9 @@ async fn azurite_killed_mid_backup_and_restarted() {
     let mut req = request(&img);
     req.upload_concurrency = 4;
     let job = tokio::spawn(async move { backup(&v, &req, Arc::new(NoProgress)).await });
-    tokio::time::sleep(Duration::from_millis(6500)).await;
+    // At least 384 × 2 requests × 50 ms / 4 = 9.6 s in all; Azurite saved its metadata at
+    // least once in the first 5 s, so blocks stored in the 3 s before that are durable.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(
         !job.is_finished(),
         "the backup is still running when the server dies"
