@@ -204,15 +204,15 @@ impl Vault {
                 .map(|t| t >= cutoff)
                 .unwrap_or(true)
         };
+        // Blocks are streamed, not collected: memory grows with the blocks to free only.
         let prefix = ObjPath::from("blocks");
-        let blocks: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store(&prefix, e))?;
+        let mut blocks = self.store.list(Some(&prefix));
         let mut doomed = Vec::new();
-        for meta in blocks {
+        while let Some(meta) = blocks
+            .try_next()
+            .await
+            .map_err(|e| Error::store(&prefix, e))?
+        {
             let address = meta.location.filename().and_then(Address::from_hex);
             let Some(address) = address else {
                 tracing::warn!(key = %meta.location, "not a block key; left alone");

@@ -491,3 +491,76 @@ async fn a_lease_that_cannot_be_renewed_is_lost_and_its_holder_stops() {
     v.gc(&gc0()).await.unwrap();
     lease.release().await.unwrap();
 }
+
+/// GC on a store that fails requests and cuts listings short, over and over: whatever it
+/// manages, it never frees a block that a live or soft-deleted point needs.
+#[tokio::test]
+async fn gc_under_store_faults_never_frees_a_needed_block() {
+    let faulty = Arc::new(crate::fault::FaultyStore::new(
+        object_store::memory::InMemory::new(),
+        crate::fault::FaultConfig {
+            error_rate: 0.02,
+            truncated_list_rate: 0.2,
+            ..crate::fault::FaultConfig::seeded(7)
+        },
+    ));
+    faulty.set_enabled(false);
+    let v = Vault::create_store(faulty.clone(), "faulty:", &CreateOptions::default())
+        .await
+        .unwrap();
+    let mut points = Vec::new();
+    for i in 0..6u8 {
+        let own = vec![i; 8];
+        points.push(point_with(&v, "vm", &[b"shared", &own]).await);
+    }
+    let lease = prune_lease(&v).await;
+    for p in &points[..3] {
+        v.soft_delete(&lease, "vm", &p.id, "x", Timestamp::now())
+            .await
+            .unwrap();
+    }
+    v.purge_deleted(&lease, "vm", &points[0].id).await.unwrap();
+    lease.release().await.unwrap();
+    let needed: Vec<Address> = [b"shared".to_vec()]
+        .into_iter()
+        .chain((1..6u8).map(|i| vec![i; 8]))
+        .map(|d| addr(&d))
+        .collect();
+    let options = GcOptions {
+        grace: Duration::ZERO,
+        lease: LeaseOptions {
+            ttl: Duration::from_millis(150),
+            ..LeaseOptions::default()
+        },
+        ..GcOptions::default()
+    };
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..30 {
+        faulty.set_enabled(true);
+        match v.gc(&options).await {
+            Ok(_) => ok += 1,
+            Err(_) => {
+                failed += 1;
+                // A lease whose delete failed stays until it expires.
+                tokio::time::sleep(Duration::from_millis(170)).await;
+            }
+        }
+        faulty.set_enabled(false);
+        for a in &needed {
+            assert!(v.has_block(a).await.unwrap(), "GC freed a needed block");
+        }
+        let r = v.verify(None, &|_, _| {}).await.unwrap();
+        assert!(r.is_ok(), "{:?}", r.problems);
+    }
+    eprintln!("gc under faults: {ok} succeeded, {failed} failed");
+    assert!(ok > 0 && failed > 0, "{ok} succeeded, {failed} failed");
+    assert!(!v.has_block(&addr(&[0u8; 8])).await.unwrap());
+    // The soft-deleted points still come back whole.
+    let lease = prune_lease(&v).await;
+    for p in &points[1..3] {
+        v.undelete(&lease, "vm", &p.id).await.unwrap();
+    }
+    lease.release().await.unwrap();
+    let r = v.verify(None, &|_, _| {}).await.unwrap();
+    assert!(r.is_ok() && r.points == 5, "{:?}", r.problems);
+}
