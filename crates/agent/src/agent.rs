@@ -31,7 +31,9 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 enum Stage {
     Idle,
-    Prepared,
+    Prepared {
+        owner: u64,
+    },
     Frozen {
         freeze: Box<WatchedFreeze>,
         owner: u64,
@@ -248,13 +250,13 @@ impl AgentCore {
         }
     }
 
-    async fn prepare(&self) -> Response {
+    async fn prepare(&self, owner: u64) -> Response {
         let Ok(mut inner) = self.inner.try_lock() else {
             return Response::error(ErrorCode::Busy, "another request is in progress");
         };
         match inner.phase {
             Stage::Idle => {}
-            Stage::Prepared => {
+            Stage::Prepared { .. } => {
                 return Response::error(
                     ErrorCode::InvalidState,
                     "already prepared: thaw first to run the post-scripts",
@@ -305,7 +307,7 @@ impl AgentCore {
             self.config.scripts.continue_on_failure,
         ) {
             Ok((level, reasons)) => {
-                inner.phase = Stage::Prepared;
+                inner.phase = Stage::Prepared { owner };
                 inner.last_thawed = None;
                 tracing::info!(%level, ?reasons, "prepared");
                 Response::Prepared(Prepared {
@@ -354,7 +356,7 @@ impl AgentCore {
             Stage::Frozen { .. } => {
                 return Response::error(ErrorCode::Busy, "a freeze is already in progress");
             }
-            Stage::Prepared => true,
+            Stage::Prepared { .. } => true,
             Stage::Idle => false,
         };
         let mounts = match self.freeze_mounts() {
@@ -364,7 +366,10 @@ impl AgentCore {
             }
             Err(why) => return Response::error(ErrorCode::FreezeFailed, why),
         };
-        let ms = timeout_ms.clamp(1, self.config.freeze.max_timeout_ms);
+        let cap = u64::try_from(bulwark_consistency::watchdog::MAX_FREEZE_TIMEOUT.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(self.config.freeze.max_timeout_ms);
+        let ms = timeout_ms.clamp(1, cap);
         let timeout = Duration::from_millis(ms);
         let mut opts = FreezeOptions::new(timeout).state_file(self.config.state_file());
         if let Some(g) = &self.guardian {
@@ -450,15 +455,15 @@ impl AgentCore {
                     },
                 }
             }
-            Stage::Prepared if only_owner.is_none() => Thawed {
+            Stage::Prepared { owner } if only_owner.is_none_or(|o| o == owner) => Thawed {
                 held_continuously: false,
                 reason: Some("nothing was frozen".into()),
                 frozen_for_ms: 0,
                 post_scripts: self.post_scripts().await,
             },
-            Stage::Prepared => {
-                inner.phase = Stage::Prepared;
-                return Response::error(ErrorCode::InvalidState, "nothing frozen");
+            Stage::Prepared { .. } => {
+                inner.phase = phase;
+                return Response::error(ErrorCode::InvalidState, "not this connection's prepare");
             }
             Stage::Idle => {
                 return Response::Thawed(inner.last_thawed.clone().unwrap_or(Thawed {
@@ -495,7 +500,7 @@ impl AgentCore {
                 deadline_unix_ms: None,
                 mounts: Vec::new(),
             },
-            Stage::Prepared => StatusReport {
+            Stage::Prepared { .. } => StatusReport {
                 state: AgentState::Prepared,
                 deadline_unix_ms: None,
                 mounts: Vec::new(),
@@ -529,7 +534,7 @@ impl Handler for AgentConnection {
         match request {
             Request::Ping => Response::Pong,
             Request::Status => self.core.status().await,
-            Request::Prepare => self.core.prepare().await,
+            Request::Prepare => self.core.prepare(self.id).await,
             Request::Freeze { timeout_ms } => self.core.freeze(timeout_ms, self.id).await,
             Request::Thaw => self.core.thaw(None, None).await,
             Request::Hello(_) => Response::error(ErrorCode::BadRequest, "hello again"),
@@ -539,19 +544,20 @@ impl Handler for AgentConnection {
 
 impl Drop for AgentConnection {
     fn drop(&mut self) {
-        // A controller that froze and vanished: thaw now rather than at the deadline.
+        // A controller that froze (or prepared) and vanished: thaw now rather than at the
+        // deadline, and resume the application with the post-scripts.
         let core = self.core.clone();
         let id = self.id;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let frozen_here = matches!(
+                let mine = matches!(
                     core.inner.lock().await.phase,
-                    Stage::Frozen { owner, .. } if owner == id
+                    Stage::Frozen { owner, .. } | Stage::Prepared { owner } if owner == id
                 );
-                if frozen_here {
+                if mine {
                     tracing::warn!(
                         connection = id,
-                        "the controller closed its connection while frozen: thawing"
+                        "the controller closed its connection while prepared or frozen: thawing"
                     );
                     let _ = core
                         .thaw(

@@ -132,6 +132,23 @@ async fn pre_scripts_outcomes_and_fallbacks() {
     // Idempotent: the same report again.
     assert_eq!(c.thaw().await.unwrap(), t);
 
+    // A controller that prepares and vanishes: the application is resumed, the agent is idle.
+    std::fs::remove_file(format!("{post}.ran")).unwrap();
+    let mut c = client(&core).await;
+    c.hello("t", "0", &[]).await.unwrap();
+    assert_eq!(c.prepare().await.unwrap().level, Level::Application);
+    drop(c);
+    let mut c = client(&core).await;
+    c.hello("t", "0", &[]).await.unwrap();
+    let mut waited = 0;
+    while c.status().await.unwrap().state != AgentState::Idle {
+        waited += 1;
+        assert!(waited < 500, "still prepared after the controller left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(Path::new(&format!("{post}.ran")).exists());
+    assert_eq!(c.prepare().await.unwrap().level, Level::Application);
+
     // A failure with continue_on_failure: file_system with the reason; the next is skipped.
     let text = format!(
         "{base}[scripts]\ncontinue_on_failure = true\n[[scripts.pre]]\npath = \"{bad}\"\n[[scripts.pre]]\npath = \"{ok}\"\n"
