@@ -19,6 +19,15 @@
 //! key, never wrong bytes. A point pins the digest of each disk's manifest, and a manifest the
 //! address of each block: a chain of hashes from the point to every byte.
 //!
+//! # Locations, encryption, faults
+//!
+//! A vault lives at a local path, `file://PATH`, `az://CONTAINER[/PREFIX]` (Azure Blob, also
+//! `azure://`) or `s3://BUCKET[/PREFIX]`; [`location`] turns each into one `ObjectStore`, with
+//! credentials, endpoints, timeouts and retries from [`StoreOptions`]. Every vault counts its
+//! requests and bytes ([`Vault::store_stats`]). A vault created with a [`MasterKey`]
+//! ([`Vault::create_with`]) is encrypted: see [`crypto`]. [`fault::FaultyStore`] injects storage
+//! faults for tests; the vault retries idempotent requests ([`retry`]).
+//!
 //! # Write order
 //!
 //! Blocks, then manifests, then the point (written with `PutMode::Create`, once). A point exists
