@@ -291,6 +291,35 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
     assert!(log_of(&s, "2").contains("stopped:"));
     let all = jobs(&s);
     assert!(all.iter().all(|j| j["state"] != "InProgress"), "{all:#?}");
+    // Retention ran after the jobs: the policy keeps one point a day (and the newest), so
+    // older web01 points were soft-deleted, and their kept snapshots removed with them.
+    let completed = all
+        .iter()
+        .filter(|j| j["vm"] == "web01" && j["state"] == "CompletedWithWarnings")
+        .count();
+    let live = points(&s, "web01");
+    let deleted = controller_json([
+        "list",
+        "--deleted",
+        "--vault",
+        &s.vault,
+        "--vm",
+        "web01",
+        "--json",
+    ]);
+    let deleted = deleted["deleted"].as_array().unwrap();
+    assert!(completed >= 3, "{completed} web01 jobs");
+    assert!(live.len() <= 2, "{} live web01 points", live.len());
+    // (A web01 job killed by the SIGKILL may have committed its point too.)
+    let total = live.len() + deleted.len();
+    assert!(
+        total == completed || total == completed + 1,
+        "{completed} jobs, {live:#?}\n{deleted:#?}"
+    );
+    for d in deleted {
+        let id = d["point"]["id"].as_str().unwrap();
+        assert!(!snapshots.join("web01").join(format!("{id}.json")).exists());
+    }
     // Overlap: with a 2 s schedule and a slow big disk, some runs found db01 still busy.
     for j in all.iter().filter(|j| j["state"] == "Skipped") {
         assert!(j["error"].as_str().unwrap().contains("still running"));

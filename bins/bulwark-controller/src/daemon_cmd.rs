@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bulwark_controller::config::Config;
 use bulwark_controller::daemon::{
-    BackupRunner, Daemon, DaemonOptions, SystemClock, VmSchedule, lock_state_dir,
+    BackupRunner, Daemon, DaemonOptions, RetentionMaintenance, SystemClock, VmSchedule,
+    lock_state_dir,
 };
 use bulwark_controller::history::{History, JobRecord};
 use bulwark_controller::tiers::{Keep, SnapshotStore, Tier, backup_tiered, restore_tiered};
@@ -105,6 +106,13 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&config.snapshot_dir)
         .with_context(|| format!("snapshot_dir {}", config.snapshot_dir.display()))?;
     let store = SnapshotStore::new(config.snapshot_dir.clone());
+    let maintenance = Arc::new(RetentionMaintenance::new(
+        vault.clone(),
+        Some(store.clone()),
+        config.prune,
+        config.gc_interval,
+        now,
+    ));
     let runner = Arc::new(BackupRunner {
         vault,
         store: store.clone(),
@@ -120,7 +128,8 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
         runner,
         options,
     )
-    .with_snapshot_store(store);
+    .with_snapshot_store(store)
+    .with_maintenance(maintenance);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch SIGTERM")?;
     let shutdown = async move {

@@ -11,6 +11,8 @@
 //! catch_up_hours = 24                   # a run missed while the daemon was down is made once at
 //!                                       # start if it is at most this old (0: never)
 //! shutdown_timeout_seconds = 60         # on SIGTERM, running jobs get this long, then are cancelled
+//! prune = true                          # apply each VM's policy retention after its jobs
+//! gc_interval_hours = 24                # garbage collection this often (0: never)
 //!
 //! [[vm]]
 //! name = "web01"
@@ -78,6 +80,10 @@ pub struct Config {
     pub catch_up: Duration,
     /// How long running jobs get at shutdown before they are cancelled.
     pub shutdown_timeout: Duration,
+    /// Apply each VM's retention (prune) at housekeeping.
+    pub prune: bool,
+    /// Run garbage collection this often (`None`: never).
+    pub gc_interval: Option<Duration>,
     /// The VMs, in file order.
     pub vms: Vec<VmConfig>,
 }
@@ -111,6 +117,8 @@ struct RawConfig {
     upload_concurrency: Option<usize>,
     catch_up_hours: Option<u32>,
     shutdown_timeout_seconds: Option<u64>,
+    prune: Option<bool>,
+    gc_interval_hours: Option<u64>,
     #[serde(default)]
     vm: Vec<Spanned<RawVm>>,
 }
@@ -372,6 +380,11 @@ impl Config {
                 .shutdown_timeout_seconds
                 .map(Duration::from_secs)
                 .unwrap_or(SHUTDOWN_TIMEOUT_DEFAULT),
+            prune: raw.prune.unwrap_or(true),
+            gc_interval: match raw.gc_interval_hours.unwrap_or(24) {
+                0 => None,
+                h => Some(Duration::from_secs(h.saturating_mul(3600))),
+            },
             vms,
         })
     }
@@ -433,6 +446,8 @@ schedule_override_seconds = 5
         assert_eq!(c.vms[0].policy.retention().instant_restore_days, 3);
         assert_eq!(c.vms[0].agent.as_deref(), Some("127.0.0.1:7443"));
         assert_eq!(c.vms[1].schedule_override, Some(Duration::from_secs(5)));
+        assert!(c.prune && c.vms[0].keep_snapshots);
+        assert_eq!(c.gc_interval, Some(Duration::from_secs(24 * 3600)));
     }
 
     fn vm_block(extra: &str) -> String {

@@ -304,8 +304,7 @@ pub trait JobRunner: Send + Sync {
 
 /// Work the daemon runs on its own schedule, after expiring kept snapshots.
 ///
-/// This is the hook for retention (prune by the policies' keep-sets) and garbage collection:
-/// the daemon does not prune or collect by itself yet.
+/// [`RetentionMaintenance`] (prune and garbage collection) is the one `serve` uses.
 pub trait Maintenance: Send + Sync {
     /// Runs once; an error is logged, the daemon goes on.
     fn run<'a>(
@@ -313,6 +312,97 @@ pub trait Maintenance: Send + Sync {
         vms: &'a [Arc<VmConfig>],
         now: Timestamp,
     ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// The retention the daemon applies at housekeeping: after each job and every housekeeping
+/// interval it prunes every VM by its policy (soft-deletes the points the policy does not keep,
+/// purges those soft-deleted longer than its soft-delete days, through [`crate::prune`]) and
+/// removes the kept snapshots of the points it soft-deleted; every `gc_every` it runs garbage
+/// collection ([`crate::gc`], which refuses while a backup or prune holds its lease; it is then
+/// tried again at the next housekeeping).
+#[derive(Debug)]
+pub struct RetentionMaintenance {
+    vault: Vault,
+    store: Option<SnapshotStore>,
+    prune: bool,
+    gc_every: Option<Duration>,
+    gc_options: bulwark_vault::GcOptions,
+    last_gc: std::sync::Mutex<Timestamp>,
+}
+
+impl RetentionMaintenance {
+    /// Prunes when `prune`; collects garbage every `gc_every` (the first time `gc_every` after
+    /// `started`).
+    pub fn new(
+        vault: Vault,
+        store: Option<SnapshotStore>,
+        prune: bool,
+        gc_every: Option<Duration>,
+        started: Timestamp,
+    ) -> RetentionMaintenance {
+        RetentionMaintenance {
+            vault,
+            store,
+            prune,
+            gc_every,
+            gc_options: bulwark_vault::GcOptions::default(),
+            last_gc: std::sync::Mutex::new(started),
+        }
+    }
+}
+
+impl Maintenance for RetentionMaintenance {
+    fn run<'a>(
+        &'a self,
+        vms: &'a [Arc<VmConfig>],
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut errors = Vec::new();
+            if self.prune {
+                for vm in vms {
+                    match crate::prune(&self.vault, &vm.name, &vm.policy, now, false).await {
+                        Ok(r) => {
+                            if !r.deleted.is_empty() || !r.purged.is_empty() {
+                                tracing::info!(vm = %vm.name, soft_deleted = r.deleted.len(), purged = r.purged.len(), "retention applied");
+                            }
+                            if let Some(store) = &self.store {
+                                for id in &r.deleted {
+                                    if let Ok(Some(k)) = store.get(&vm.name, id)
+                                        && let Err(e) = store.remove(&k)
+                                    {
+                                        errors.push(format!("vm {}: {e}", vm.name));
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => errors.push(format!("vm {}: prune: {e}", vm.name)),
+                    }
+                }
+            }
+            if let Some(every) = self.gc_every {
+                let last = *self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
+                let due = SignedDuration::try_from(every)
+                    .ok()
+                    .and_then(|d| last.checked_add(d).ok())
+                    .is_some_and(|t| t <= now);
+                if due {
+                    match crate::gc(&self.vault, &self.gc_options).await {
+                        Ok(r) => {
+                            tracing::info!(report = ?r, "garbage collection done");
+                            *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                        }
+                        Err(e) => errors.push(format!("gc: {e}")),
+                    }
+                }
+            }
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join("; "))
+            }
+        })
+    }
 }
 
 /// The real job: snapshot + transfer through the controller library, keeping the snapshots
