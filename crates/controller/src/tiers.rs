@@ -495,12 +495,19 @@ fn restore_from_snapshot(
         std::process::id()
     ));
     let _ = std::fs::remove_file(&tmp);
-    let provider = if same_device(snapshot, &req.to) {
-        bulwark_snapshot::Provider::Auto
+    // A reflink when the target is on the snapshot's file system, else a sparse copy (quietly:
+    // unlike a backup, no guest waits on it).
+    use bulwark_snapshot::{Error as SnapError, Provider, take};
+    let reflinked = if same_device(snapshot, &req.to) {
+        match take(snapshot, &tmp, Provider::Reflink) {
+            Err(SnapError::ReflinkUnsupported { .. }) => None,
+            r => Some(r),
+        }
     } else {
-        bulwark_snapshot::Provider::Copy
+        None
     };
-    let copy = match bulwark_snapshot::take(snapshot, &tmp, provider) {
+    let taken = reflinked.unwrap_or_else(|| take(snapshot, &tmp, Provider::Copy));
+    let copy = match taken {
         Ok(s) => s.keep(),
         Err(e) => return Ok(Err(format!("cannot copy the kept snapshot: {e}"))),
     };
