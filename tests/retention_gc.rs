@@ -421,6 +421,9 @@ async fn soft_deleted_points_restore_after_undelete_and_gc_frees_only_purged_blo
         .put_block(orphan_address, orphan.into())
         .await
         .unwrap();
+    // A local vault publishes staged blocks in batches; closing it publishes them.
+    drop(vault);
+    let vault = Vault::open(&env.vault).await.unwrap();
     let dry = env.run(&["gc", "--dry-run", "--grace", "0"]);
     assert_eq!(dry["blocks_freed"], doomed.len() + 1, "{dry}");
     let r = env.run(&["gc"]); // default grace: 1 hour
