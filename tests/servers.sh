@@ -23,6 +23,7 @@ ENV_FILE=${BULWARK_TEST_SERVERS_ENV:-$ROOT/target/test-servers.env}
 AZURITE_VERSION=3.35.0 # the newest release that runs on Node 20
 AZURITE_BIN=$DIR/node/node_modules/.bin/azurite-blob
 TEST_BUCKET=bulwark-test
+PY=python3 # the Python that has moto (see install)
 mkdir -p "$DIR"
 
 log() { echo "tests/servers.sh: $*" >&2; }
@@ -58,10 +59,19 @@ install() {
         (cd "$DIR/node" && npm install --prefix . "azurite@$AZURITE_VERSION" --no-audit --no-fund --loglevel=error >"$DIR/npm-install.log" 2>&1) \
             || { log "npm install failed; see $DIR/npm-install.log"; return 1; }
     fi
-    if ! python3 -c 'import moto.server, flask, flask_cors, boto3' 2>/dev/null; then
-        log "installing moto[server]"
-        python3 -m pip install -q 'moto[server]' >"$DIR/pip-install.log" 2>&1 \
-            || { log "pip install failed; see $DIR/pip-install.log"; return 1; }
+    # moto from the python3 on PATH if it has it, else from a venv of our own (a system
+    # Python refuses `pip install` outside a venv).
+    local mods='import moto.server, flask, flask_cors, boto3'
+    if python3 -c "$mods" 2>/dev/null; then
+        PY=python3
+    else
+        PY=$DIR/venv/bin/python
+        if ! "$PY" -c "$mods" 2>/dev/null; then
+            log "installing moto[server] into $DIR/venv"
+            { python3 -m venv "$DIR/venv" && "$PY" -m pip install -q 'moto[server]' boto3; } \
+                >"$DIR/pip-install.log" 2>&1 \
+                || { log "pip install failed; see $DIR/pip-install.log"; return 1; }
+        fi
     fi
 }
 
@@ -88,7 +98,7 @@ PY
 }
 
 s3_bucket() { # url name
-    python3 - "$1" "$2" <<'PY'
+    "$PY" - "$1" "$2" <<'PY'
 import sys, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
 try:
@@ -109,7 +119,7 @@ start_azurite() {
         --skipApiVersionCheck --loose --silent >"$DIR/azurite.log" 2>&1 < /dev/null &
     echo $! >"$pidf"
     echo "$port" >"$portf"
-    wait_ready "http://127.0.0.1:$port" azurite "$pidf"
+    wait_ready "http://127.0.0.1:$port" azurite "$pidf" || return 1
     log "Azurite on 127.0.0.1:$port"
 }
 
@@ -117,10 +127,10 @@ start_s3() {
     local pidf=$DIR/s3.pid portf=$DIR/s3.port
     if alive "$pidf" && [ -f "$portf" ] && answers "http://127.0.0.1:$(cat "$portf")"; then return 0; fi
     local port; port=$(free_port)
-    setsid python3 -m moto.server -H 127.0.0.1 -p "$port" >"$DIR/s3.log" 2>&1 < /dev/null &
+    setsid "$PY" -m moto.server -H 127.0.0.1 -p "$port" >"$DIR/s3.log" 2>&1 < /dev/null &
     echo $! >"$pidf"
     echo "$port" >"$portf"
-    wait_ready "http://127.0.0.1:$port" s3 "$pidf"
+    wait_ready "http://127.0.0.1:$port" s3 "$pidf" || return 1
     log "S3 (moto) on 127.0.0.1:$port"
 }
 
@@ -147,14 +157,31 @@ stop_one() {
     rm -f "$pidf" "$DIR/$1.port"
 }
 
+# Each step checked explicitly: `set -e` does not apply inside an `if` condition.
+start_all() {
+    install || return 1
+    start_azurite || return 1
+    start_s3 || return 1
+    azure_container "http://127.0.0.1:$(cat "$DIR/azurite.port")" "$TEST_BUCKET" || return 1
+    s3_bucket "http://127.0.0.1:$(cat "$DIR/s3.port")" "$TEST_BUCKET" || return 1
+    write_env
+}
+
 case "${1:-}" in
 start)
-    install
-    start_azurite
-    start_s3
-    azure_container "http://127.0.0.1:$(cat "$DIR/azurite.port")" "$TEST_BUCKET"
-    s3_bucket "http://127.0.0.1:$(cat "$DIR/s3.port")" "$TEST_BUCKET"
-    write_env
+    # Without the servers the tests that need them skip, unless BULWARK_REQUIRE_SERVERS=1 (CI):
+    # then failing to start them fails here.
+    if ! (start_all); then
+        stop_one azurite
+        stop_one s3
+        rm -f "$ENV_FILE"
+        if [ "${BULWARK_REQUIRE_SERVERS:-}" = 1 ]; then
+            log "could not start the test servers (BULWARK_REQUIRE_SERVERS=1)"
+            exit 1
+        fi
+        log "could not start the test servers: the tests that need them will skip"
+        exit 0
+    fi
     cat "$ENV_FILE"
     ;;
 stop)
