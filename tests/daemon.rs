@@ -284,6 +284,19 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
         stderr_of(&out)
     );
 
+    // Enough web01 jobs for retention to have something to prune.
+    wait_for(
+        "three completed web01 jobs",
+        Duration::from_secs(60),
+        || {
+            let n = jobs(&s)
+                .iter()
+                .filter(|j| j["vm"] == "web01" && j["state"] == "CompletedWithWarnings")
+                .count();
+            (n >= 3).then_some(())
+        },
+    );
+
     // SIGTERM: a clean exit, nothing left in progress.
     terminate(&mut daemon);
     let status = wait_exit(&mut daemon, Duration::from_secs(60));
