@@ -7,8 +7,8 @@
 //! `staging/`, where no reader of `blocks/` sees it; it is published later, in batches:
 //! `syncfs` (every staged block's data is durable), rename each into `blocks/…`, `syncfs`
 //! again (the renames are durable). A batch is published before any other object is written
-//! (a manifest, a point, the configuration, a lease), every [`FLUSH_EVERY`] blocks, and when
-//! the store is dropped. So the vault's rule still holds, stronger than before: a key under
+//! (a manifest, a point, the configuration, a lease), in the background every [`FLUSH_EVERY`]
+//! blocks, and when the store is dropped. So the vault's rule still holds, stronger than before: a key under
 //! `blocks/` exists only when its content is durable, and a manifest is written only after its
 //! blocks are durable; a crash leaves at most unpublished files in `staging/`, never a block
 //! key whose content was lost (which a later backup would take as present and reference).
@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -54,6 +54,8 @@ struct Inner {
     counter: AtomicU64,
     /// One publication at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// A background publication is running.
+    background: AtomicBool,
 }
 
 fn is_block(location: &Path) -> bool {
@@ -85,6 +87,7 @@ impl LocalStore {
                 pending: Mutex::new(HashMap::new()),
                 counter: AtomicU64::new(0),
                 flushing: tokio::sync::Mutex::new(()),
+                background: AtomicBool::new(false),
             }),
         })
     }
@@ -99,15 +102,19 @@ impl LocalStore {
 
     /// Publishes every staged block: syncfs, rename into place, syncfs.
     async fn flush(&self) -> Result<()> {
-        let _one = self.inner.flushing.lock().await;
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.publish())
-            .await
-            .map_err(|e| generic(std::io::Error::other(e.to_string())))?
+        Inner::flush(self.inner.clone()).await
     }
 }
 
 impl Inner {
+    async fn flush(inner: Arc<Inner>) -> Result<()> {
+        let _one = inner.flushing.lock().await;
+        let i = inner.clone();
+        tokio::task::spawn_blocking(move || i.publish())
+            .await
+            .map_err(|e| generic(std::io::Error::other(e.to_string())))?
+    }
+
     fn publish(&self) -> Result<()> {
         let batch: Vec<(Path, Path)> = match self.pending.lock() {
             Ok(p) if !p.is_empty() => p.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
@@ -123,7 +130,13 @@ impl Inner {
             }
             // The same content under the same key: replacing a block another writer
             // published meanwhile changes nothing.
-            std::fs::rename(&from, &to).map_err(generic)?;
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {}
+                // A concurrent publication (a background batch while the store is dropped)
+                // moved it already.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
+                Err(e) => return Err(generic(e)),
+            }
         }
         rustix::fs::syncfs(&root).map_err(|e| generic(e.into()))?;
         if let Ok(mut p) = self.pending.lock() {
@@ -189,8 +202,18 @@ impl ObjectStore for LocalStore {
             }
             Err(_) => 0,
         };
-        if count >= FLUSH_EVERY {
-            self.flush().await?;
+        // A full batch is published in the background: the writer goes on staging blocks (a
+        // syncfs waits for the data's writeback). Whatever is pending when a manifest or any
+        // other object is written is published first, so the ordering rule does not depend on
+        // this; a failure here leaves the blocks pending, and that publication retries them.
+        if count >= FLUSH_EVERY && !self.inner.background.swap(true, Ordering::AcqRel) {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                if let Err(e) = Inner::flush(inner.clone()).await {
+                    tracing::warn!(error = %e, "publishing staged blocks failed (retried later)");
+                }
+                inner.background.store(false, Ordering::Release);
+            });
         }
         Ok(r)
     }
