@@ -4,7 +4,9 @@
 //! Also a first scan (every block changed: BLAKE3 addresses).
 //!
 //! `cargo bench --bench scan`. The disk is a 256 MiB file of random data in a temporary
-//! directory (set BULWARK_BENCH_DIR to put it elsewhere), read once before measuring.
+//! directory (set BULWARK_BENCH_DIR to put it elsewhere), just written, so in the page cache:
+//! the `cached` variants read buffered from it (the engine's own speed), the `direct` ones
+//! with O_DIRECT from the device, as a backup reads a fresh snapshot.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -79,9 +81,17 @@ fn scan_unchanged(c: &mut Criterion) {
         };
         let first = rt.block_on(run(&disk, None, &all));
         let prev = Arc::new(first);
-        for (name, parallelism) in [("1_worker", 1), ("default", all.parallelism)] {
+        // Buffered: from the page cache (the file was just written), the engine's own speed.
+        // Direct (the default, what a backup of a fresh snapshot does): from the device.
+        for (name, parallelism, direct_io) in [
+            ("1_worker_cached", 1, false),
+            ("default_cached", all.parallelism, false),
+            ("1_worker_direct", 1, true),
+            ("default_direct", all.parallelism, true),
+        ] {
             let opts = ScanOptions {
                 parallelism,
+                direct_io,
                 ..all.clone()
             };
             g.bench_function(BenchmarkId::new(format!("unchanged_{name}"), &label), |b| {
