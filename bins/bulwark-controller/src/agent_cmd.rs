@@ -52,12 +52,8 @@ impl QuiesceArgs {
 }
 
 /// Runs the quiesced backup.
-pub async fn backup(
-    vault: &Vault,
-    req: &BackupRequest,
-    a: &QuiesceArgs,
-    progress: Arc<dyn Progress>,
-) -> Result<BackupReport> {
+/// The agent and the quiesce options that `--agent`, `--tls-dir`, `--consistency`… name.
+pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
     let Some(agent) = &a.agent else {
         bail!("--consistency/--min-consistency above crash need --agent");
     };
@@ -78,6 +74,17 @@ pub async fn backup(
         freeze_timeout: Duration::from_millis(a.freeze_timeout_ms.max(1)),
         snapshot_delay: a.test_snapshot_delay_ms.map(Duration::from_millis),
     };
+    Ok((target, opts))
+}
+
+/// A quiesced backup (`backup --agent …`).
+pub async fn backup(
+    vault: &Vault,
+    req: &BackupRequest,
+    a: &QuiesceArgs,
+    progress: Arc<dyn Progress>,
+) -> Result<BackupReport> {
+    let (target, opts) = target(a)?;
     Ok(bulwark_controller::backup_with_agent(vault, req, &target, &opts, progress).await?)
 }
 

@@ -12,8 +12,13 @@ use bulwark_controller::daemon::{
     lock_state_dir,
 };
 use bulwark_controller::history::{History, JobRecord};
-use bulwark_controller::tiers::{Keep, SnapshotStore, Tier, backup_tiered, restore_tiered};
-use bulwark_controller::{BackupReport, BackupRequest, Progress, RestoreRequest};
+use bulwark_controller::tiers::{
+    Keep, SnapshotStore, Tier, backup_tiered, restore_tiered, transfer_tiered,
+};
+use bulwark_controller::{
+    AgentTarget, BackupReport, BackupRequest, Progress, QuiesceOptions, RestoreRequest,
+    snapshot_with_agent,
+};
 use bulwark_vault::{ConsistencyRecord, CreateOptions, Vault};
 use clap::Args;
 use jiff::Timestamp;
@@ -79,11 +84,17 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
             vm.name,
             vm.disks.len()
         );
-        if let Some(agent) = &vm.agent {
-            eprintln!(
-                "vm {}: agent {agent} recorded; agent support pending: jobs are crash-consistent",
-                vm.name
-            );
+        let c = vm.policy.consistency();
+        match &vm.agent {
+            Some(agent) => eprintln!(
+                "vm {}: quiesced through the agent at {} (wanted {}, minimum {})",
+                vm.name, agent.address, c.wanted, c.minimum
+            ),
+            None if c.wanted > bulwark_consistency::Level::Crash => eprintln!(
+                "vm {}: no agent: crash-consistent (the policy wants {})",
+                vm.name, c.wanted
+            ),
+            None => {}
         }
     }
     if a.check {
@@ -196,11 +207,13 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `backup --keep-snapshot-days N`: keeps the snapshots in the snapshot directory.
+/// `backup --keep-snapshot-days N`: keeps the snapshots in the snapshot directory; quiesced
+/// through the agent when `quiesce` names one.
 pub async fn backup_keeping(
     vault: &Vault,
     req: &BackupRequest,
     days: u32,
+    quiesce: Option<(AgentTarget, QuiesceOptions)>,
     progress: Arc<dyn Progress>,
 ) -> Result<BackupReport> {
     let dir = req
@@ -209,16 +222,33 @@ pub async fn backup_keeping(
         .clone()
         .context("--keep-snapshot-days needs --snapshot-dir")?;
     let store = SnapshotStore::new(dir);
-    Ok(backup_tiered(
+    let keep = Some(Keep {
+        store: &store,
+        days,
+    });
+    let Some((target, opts)) = quiesce else {
+        return Ok(backup_tiered(
+            vault,
+            req,
+            keep,
+            ConsistencyRecord::crash(),
+            progress,
+            &|_, _| {},
+        )
+        .await?);
+    };
+    let started = std::time::Instant::now();
+    let q = snapshot_with_agent(vault, req, &target, &opts).await?;
+    Ok(transfer_tiered(
         vault,
         req,
-        Some(Keep {
-            store: &store,
-            days,
-        }),
-        ConsistencyRecord::crash(),
+        q.taken,
+        keep,
+        q.consistency,
+        q.agent,
         progress,
         &|_, _| {},
+        started,
     )
     .await?)
 }

@@ -292,10 +292,14 @@ async fn backup(a: BackupArgs) -> Result<()> {
     }
     let progress = ui::Bars::new(!a.json);
     let report = match a.keep_snapshot_days {
-        Some(_) if a.quiesce.is_set() => {
-            bail!("--keep-snapshot-days is not supported with a quiesced (--agent) backup yet")
+        Some(days) => {
+            let quiesce = if a.quiesce.is_set() {
+                Some(agent_cmd::target(&a.quiesce)?)
+            } else {
+                None
+            };
+            daemon_cmd::backup_keeping(&vault, &req, days, quiesce, progress.clone()).await?
         }
-        Some(days) => daemon_cmd::backup_keeping(&vault, &req, days, progress.clone()).await?,
         None if a.quiesce.is_set() => {
             agent_cmd::backup(&vault, &req, &a.quiesce, progress.clone()).await?
         }

@@ -13,6 +13,7 @@
 //! shutdown_timeout_seconds = 60         # on SIGTERM, running jobs get this long, then are cancelled
 //! prune = true                          # apply each VM's policy retention after its jobs
 //! gc_interval_hours = 24                # garbage collection this often (0: never)
+//! tls_dir = "/etc/bulwark/ca/controller" # the controller's identity from `enroll` (for tcp agents)
 //!
 //! [[vm]]
 //! name = "web01"
@@ -20,7 +21,7 @@
 //!   { name = "os", path = "/var/lib/libvirt/images/web01.img" },
 //!   { name = "data", path = "/var/lib/libvirt/images/web01-data.img" },
 //! ]
-//! agent = "192.0.2.10:7443"             # recorded; agent support is pending (jobs are crash-consistent)
+//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH); needs tls_dir for tcp
 //! policy = "policies/daily.toml"        # a policy file (relative to this file) ...
 //!
 //! [[vm]]
@@ -50,7 +51,7 @@ use bulwark_vault::validate_name;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{DiskSpec, Error};
+use crate::{AgentAddress, AgentTarget, DiskSpec, Error};
 
 /// Default VMs backed up at once.
 pub const CONCURRENCY_DEFAULT: usize = 2;
@@ -84,6 +85,9 @@ pub struct Config {
     pub prune: bool,
     /// Run garbage collection this often (`None`: never).
     pub gc_interval: Option<Duration>,
+    /// The controller's TLS identity for agents over TCP (`ca.pem`, `controller.pem`,
+    /// `controller.key` from `enroll`).
+    pub tls_dir: Option<PathBuf>,
     /// The VMs, in file order.
     pub vms: Vec<VmConfig>,
 }
@@ -95,9 +99,9 @@ pub struct VmConfig {
     pub name: String,
     /// Its disks.
     pub disks: Vec<DiskSpec>,
-    /// The guest agent's address, if configured. Recorded only: agent support is pending, so
-    /// every job is crash-consistent.
-    pub agent: Option<String>,
+    /// The guest agent, if configured: jobs quiesce the guest through it for the policy's
+    /// consistency, falling back as far as the policy's minimum allows.
+    pub agent: Option<AgentTarget>,
     /// The policy (schedule, retention, instant-restore days, consistency).
     pub policy: Arc<Policy>,
     /// Test/ad-hoc override: run every this often instead of the policy's schedule.
@@ -119,6 +123,7 @@ struct RawConfig {
     shutdown_timeout_seconds: Option<u64>,
     prune: Option<bool>,
     gc_interval_hours: Option<u64>,
+    tls_dir: Option<PathBuf>,
     #[serde(default)]
     vm: Vec<Spanned<RawVm>>,
 }
@@ -191,6 +196,7 @@ impl Config {
             return Err(err(None, "state_dir: must name a directory".into()));
         }
         let state_dir = resolve(&raw.state_dir);
+        let tls_dir = raw.tls_dir.as_deref().map(resolve);
         let snapshot_dir = raw
             .snapshot_dir
             .as_deref()
@@ -348,18 +354,47 @@ impl Config {
                 }
                 Some(s) => Some(Duration::from_secs(s)),
             };
-            if let Some(a) = &vm.agent
-                && a.trim().is_empty()
-            {
-                return Err(err(
-                    Some(vm_line),
-                    format!("vm {name}: agent is empty (leave it out when there is no agent)"),
-                ));
-            }
+            let agent = match vm.agent.as_deref().map(str::trim) {
+                None => None,
+                Some("") => {
+                    return Err(err(
+                        Some(vm_line),
+                        format!("vm {name}: agent is empty (leave it out when there is no agent)"),
+                    ));
+                }
+                Some(a) => {
+                    // A bare HOST:PORT means TCP.
+                    let spelled = if a.starts_with("unix:") || a.starts_with("tcp:") {
+                        a.to_string()
+                    } else {
+                        format!("tcp:{a}")
+                    };
+                    let address: AgentAddress = spelled.parse().map_err(|e: String| {
+                        err(Some(vm_line), format!("vm {name}: agent: {e}"))
+                    })?;
+                    let tls = match (&address, &tls_dir) {
+                        (AgentAddress::Unix(_), _) => None,
+                        (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
+                        (AgentAddress::Tcp { .. }, None) => {
+                            return Err(err(
+                                Some(vm_line),
+                                format!(
+                                    "vm {name}: agent {address} is reached over TCP with mutual TLS: set tls_dir (the controller's files from `bulwark-controller enroll`)"
+                                ),
+                            ));
+                        }
+                    };
+                    Some(AgentTarget {
+                        address,
+                        tls,
+                        server_name: None,
+                    })
+                }
+            };
             vms.push(VmConfig {
                 name,
                 disks,
-                agent: vm.agent.clone(),
+                agent,
                 policy: Arc::new(policy),
                 schedule_override,
                 keep_snapshots: vm.keep_snapshots.unwrap_or(true),
@@ -381,6 +416,7 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(SHUTDOWN_TIMEOUT_DEFAULT),
             prune: raw.prune.unwrap_or(true),
+            tls_dir,
             gc_interval: match raw.gc_interval_hours.unwrap_or(24) {
                 0 => None,
                 h => Some(Duration::from_secs(h.saturating_mul(3600))),
@@ -421,6 +457,7 @@ mod tests {
 state_dir = "state"
 concurrency = 3
 catch_up_hours = 6
+tls_dir = "tls"
 
 [[vm]]
 name = "web01"
@@ -444,10 +481,32 @@ schedule_override_seconds = 5
         assert_eq!(c.vms.len(), 2);
         assert_eq!(c.vms[0].disks[1].path, dir.path().join("b.img"));
         assert_eq!(c.vms[0].policy.retention().instant_restore_days, 3);
-        assert_eq!(c.vms[0].agent.as_deref(), Some("127.0.0.1:7443"));
+        let agent = c.vms[0].agent.as_ref().unwrap();
+        assert_eq!(agent.address.to_string(), "tcp:127.0.0.1:7443");
+        assert_eq!(
+            agent.tls.as_ref().unwrap().cert,
+            dir.path().join("tls/controller.pem")
+        );
+        assert!(c.vms[1].agent.is_none());
         assert_eq!(c.vms[1].schedule_override, Some(Duration::from_secs(5)));
         assert!(c.prune && c.vms[0].keep_snapshots);
         assert_eq!(c.gc_interval, Some(Duration::from_secs(24 * 3600)));
+    }
+
+    #[test]
+    fn agents_need_tls_over_tcp_but_not_over_unix() {
+        let (_dir, cfg) = setup();
+        let base = format!(
+            "vault = \"v\"\nstate_dir = \"s\"\n[[vm]]\nname = \"a\"\ndisks = [{{ name = \"os\", path = \"a.img\" }}]\npolicy = {POLICY}\n"
+        );
+        let e = parse(&cfg, &format!("{base}agent = \"tcp:10.0.0.1:7070\"\n")).unwrap_err();
+        assert!(e.contains("set tls_dir"), "{e}");
+        let e = parse(&cfg, &format!("{base}agent = \"tcp:nohostport\"\n")).unwrap_err();
+        assert!(e.contains("vm a: agent:"), "{e}");
+        let c = parse(&cfg, &format!("{base}agent = \"unix:/run/agent.sock\"\n")).unwrap();
+        let agent = c.vms[0].agent.as_ref().unwrap();
+        assert_eq!(agent.address.to_string(), "unix:/run/agent.sock");
+        assert!(agent.tls.is_none());
     }
 
     fn vm_block(extra: &str) -> String {

@@ -41,8 +41,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, VmConfig};
-use crate::history::{History, JobEnd, JobState, Trigger};
-use crate::tiers::{Keep, SnapshotStore, backup_tiered};
+use crate::history::{History, JobEnd, JobState, Phase, PhaseState, Trigger};
+use crate::quiesce::{QuiesceOptions, snapshot_with_agent};
+use crate::tiers::{Keep, SnapshotStore, backup_tiered, transfer_tiered};
 use crate::{BackupRequest, Error, NoProgress, SnapshotOptions};
 
 /// A boxed future, as the object-safe traits here return.
@@ -405,8 +406,8 @@ impl Maintenance for RetentionMaintenance {
     }
 }
 
-/// The real job: snapshot + transfer through the controller library, keeping the snapshots
-/// for the policy's instant-restore days. Crash-consistent until agent support lands.
+/// The real job: snapshot (quiesced through the VM's guest agent when it has one) + transfer
+/// through the controller library, keeping the snapshots for the policy's instant-restore days.
 #[derive(Debug, Clone)]
 pub struct BackupRunner {
     /// The vault.
@@ -422,26 +423,17 @@ pub struct BackupRunner {
 impl JobRunner for BackupRunner {
     fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, JobEnd> {
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let vm = &job.vm;
             let c = vm.policy.consistency();
-            let mut reasons = Vec::new();
-            if c.wanted > Level::Crash {
-                reasons.push(match &vm.agent {
-                    Some(a) => format!(
-                        "agent {a} is configured but agent support is pending: crash-consistent instead of {}",
-                        c.wanted
-                    ),
-                    None => format!("no guest agent: crash-consistent instead of {}", c.wanted),
-                });
-            }
-            if c.minimum > Level::Crash {
+            if vm.agent.is_none() && c.minimum > Level::Crash {
                 return JobEnd {
                     state: Some(JobState::Failed),
-                    consistency_reasons: reasons,
                     error: Some(format!(
-                        "policy {} requires at least {} consistency, and only crash consistency is possible without agent support",
+                        "policy {} requires at least {} consistency, and VM {} has no guest agent configured (crash consistency only)",
                         vm.policy.file_name(),
-                        c.minimum
+                        c.minimum,
+                        vm.name
                     )),
                     ..JobEnd::default()
                 };
@@ -458,12 +450,6 @@ impl JobRunner for BackupRunner {
                     .unwrap_or(vm.policy.file_name())
                     .to_string(),
             );
-            let consistency = ConsistencyRecord {
-                reached: Level::Crash,
-                wanted: c.wanted,
-                reasons: reasons.clone(),
-                freeze_window_ms: None,
-            };
             let history = job.history.clone();
             let id = job.id;
             let observer = move |phase, state| {
@@ -471,29 +457,76 @@ impl JobRunner for BackupRunner {
                     tracing::error!(error = %e, job = id, "cannot record the phase");
                 }
             };
-            let keep = Keep {
+            let keep = vm.keep_snapshots.then_some(Keep {
                 store: &self.store,
                 days: vm.policy.retention().instant_restore_days,
+            });
+            let result = match &vm.agent {
+                // Quiesced through the guest agent, as far as the policy's levels allow.
+                Some(target) => {
+                    observer(Phase::Snapshot, PhaseState::Running);
+                    let opts = QuiesceOptions {
+                        wanted: Some(c.wanted),
+                        minimum: c.minimum,
+                        ..QuiesceOptions::default()
+                    };
+                    match snapshot_with_agent(&self.vault, &req, target, &opts).await {
+                        Ok(q) => {
+                            observer(Phase::Snapshot, PhaseState::Completed);
+                            transfer_tiered(
+                                &self.vault,
+                                &req,
+                                q.taken,
+                                keep,
+                                q.consistency,
+                                q.agent,
+                                Arc::new(NoProgress),
+                                &observer,
+                                started,
+                            )
+                            .await
+                        }
+                        Err(e) => {
+                            observer(Phase::Snapshot, PhaseState::Failed);
+                            Err(e)
+                        }
+                    }
+                }
+                None => {
+                    let mut reasons = Vec::new();
+                    if c.wanted > Level::Crash {
+                        reasons.push(format!(
+                            "no guest agent: crash-consistent instead of {}",
+                            c.wanted
+                        ));
+                    }
+                    let consistency = ConsistencyRecord {
+                        reached: Level::Crash,
+                        wanted: c.wanted,
+                        reasons,
+                        freeze_window_ms: None,
+                    };
+                    backup_tiered(
+                        &self.vault,
+                        &req,
+                        keep,
+                        consistency,
+                        Arc::new(NoProgress),
+                        &observer,
+                    )
+                    .await
+                }
             };
-            match backup_tiered(
-                &self.vault,
-                &req,
-                vm.keep_snapshots.then_some(keep),
-                consistency,
-                Arc::new(NoProgress),
-                &observer,
-            )
-            .await
-            {
+            match result {
                 Ok(r) => JobEnd {
-                    state: Some(if reasons.is_empty() {
+                    state: Some(if r.consistency_reasons.is_empty() {
                         JobState::Completed
                     } else {
                         JobState::CompletedWithWarnings
                     }),
                     point: Some(r.point.clone()),
                     consistency: Some(r.consistency.to_string()),
-                    consistency_reasons: reasons,
+                    consistency_reasons: r.consistency_reasons.clone(),
                     bytes_read: r.disks.iter().map(|d| d.stats.bytes_read).sum(),
                     bytes_new: r.disks.iter().map(|d| d.stats.bytes_new).sum(),
                     bytes_uploaded: r.disks.iter().map(|d| d.stats.bytes_uploaded).sum(),
@@ -501,7 +534,6 @@ impl JobRunner for BackupRunner {
                 },
                 Err(e) => JobEnd {
                     state: Some(JobState::Failed),
-                    consistency_reasons: reasons,
                     error: Some(e.to_string()),
                     ..JobEnd::default()
                 },

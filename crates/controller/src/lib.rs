@@ -48,7 +48,9 @@ pub use backup::{
     BackupReport, BackupRequest, DiskReport, DiskSpec, SnapshotOptions, TakenSnapshots, backup,
     check_request, take_snapshots, transfer,
 };
-pub use quiesce::{AgentAddress, AgentTarget, QuiesceOptions, backup_with_agent};
+pub use quiesce::{
+    AgentAddress, AgentTarget, QuiesceOptions, Quiesced, backup_with_agent, snapshot_with_agent,
+};
 pub use restore::{RestoreReport, RestoreRequest, restore};
 pub mod tiers;
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};

@@ -41,7 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 use crate::{
-    BackupReport, BackupRequest, Error, Progress, check_request, take_snapshots, transfer,
+    BackupReport, BackupRequest, Error, Progress, TakenSnapshots, check_request, take_snapshots,
+    transfer,
 };
 
 /// Default freeze timeout asked of the agent (it may cap it lower).
@@ -314,6 +315,42 @@ async fn run(
     progress: Arc<dyn Progress>,
     started: Instant,
 ) -> Result<BackupReport, Error> {
+    let q = snapshot_with_agent(vault, req, target, opts).await?;
+    transfer(
+        vault,
+        req,
+        q.taken,
+        q.consistency,
+        q.agent,
+        progress,
+        started,
+    )
+    .await
+}
+
+/// What the quiesced snapshot phase produced: the snapshots, the consistency they reached
+/// and why, and the agent's record for the point.
+#[derive(Debug)]
+pub struct Quiesced {
+    /// The snapshots of every disk.
+    pub taken: TakenSnapshots,
+    /// The level reached, the level wanted, every reason, the freeze window.
+    pub consistency: ConsistencyRecord,
+    /// The agent's identity for the point's `agent` field (None when it did not answer).
+    pub agent: Option<serde_json::Value>,
+}
+
+/// The snapshot phase with the guest quiesced by its agent: plan, prepare, freeze, snapshot
+/// every disk, thaw, and resolve the consistency reached. The transfer phase is the caller's
+/// ([`transfer`], or the daemon's tiered transfer). Fails when the level would fall below
+/// `opts.minimum`.
+pub async fn snapshot_with_agent(
+    vault: &Vault,
+    req: &BackupRequest,
+    target: &AgentTarget,
+    opts: &QuiesceOptions,
+) -> Result<Quiesced, Error> {
+    check_request(req)?;
     // 1. Plan.
     let (mut link, hello, status) = match connect(target).await {
         Ok((link, hello)) => {
@@ -460,7 +497,11 @@ async fn run(
         Some(h) => Some(agent_record(vault, req, target, h).await),
         None => None,
     };
-    transfer(vault, req, taken, record, agent, progress, started).await
+    Ok(Quiesced {
+        taken,
+        consistency: record,
+        agent,
+    })
 }
 
 fn observe_thaw(observed: &mut Observed, t: &Thawed, was_frozen: bool) {

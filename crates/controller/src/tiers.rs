@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{Phase, PhaseState};
 use crate::{
-    BackupReport, BackupRequest, Error, Progress, RestoreReport, RestoreRequest, check_request,
-    restore, take_snapshots, transfer,
+    BackupReport, BackupRequest, Error, Progress, RestoreReport, RestoreRequest, TakenSnapshots,
+    check_request, restore, take_snapshots, transfer,
 };
 
 /// Where a recovery point can be restored from.
@@ -300,7 +300,7 @@ pub async fn backup_tiered(
         .await
         .map_err(|e| Error::Worker(e.to_string()))
         .and_then(|r| r);
-    let mut taken = match taken {
+    let taken = match taken {
         Ok(t) => t,
         Err(e) => {
             observer(Phase::Snapshot, PhaseState::Failed);
@@ -308,6 +308,35 @@ pub async fn backup_tiered(
         }
     };
     observer(Phase::Snapshot, PhaseState::Completed);
+    transfer_tiered(
+        vault,
+        &req,
+        taken,
+        keep,
+        consistency,
+        None,
+        progress,
+        observer,
+        started,
+    )
+    .await
+}
+
+/// The transfer phase of a tiered backup, for snapshots already taken (by [`take_snapshots`]
+/// or, quiesced, by [`crate::quiesce::snapshot_with_agent`]): records the kept snapshots
+/// when `keep` says so, transfers, and updates their index.
+#[allow(clippy::too_many_arguments)]
+pub async fn transfer_tiered(
+    vault: &Vault,
+    req: &BackupRequest,
+    mut taken: TakenSnapshots,
+    keep: Option<Keep<'_>>,
+    consistency: ConsistencyRecord,
+    agent: Option<serde_json::Value>,
+    progress: Arc<dyn Progress>,
+    observer: &(dyn Fn(Phase, PhaseState) + Send + Sync),
+    started: Instant,
+) -> Result<BackupReport, Error> {
     let mut kept = None;
     if let Some(k) = keep {
         let expires = taken
@@ -344,7 +373,7 @@ pub async fn backup_tiered(
         }
     }
     observer(Phase::Transfer, PhaseState::Running);
-    let result = transfer(vault, &req, taken, consistency, None, progress, started).await;
+    let result = transfer(vault, req, taken, consistency, agent, progress, started).await;
     observer(
         Phase::Transfer,
         if result.is_ok() {
