@@ -20,14 +20,22 @@ fn populate(root: &Path, seed: u64) {
         let text = format!("config {i} seed {seed}\n").repeat(200 + i as usize);
         std::fs::write(root.join(format!("etc/file{i}.conf")), text).unwrap();
     }
-    std::fs::write(root.join("var/lib/db/blob.bin"), pseudo_random(6 * MIB as usize, seed)).unwrap();
+    std::fs::write(
+        root.join("var/lib/db/blob.bin"),
+        pseudo_random(6 * MIB as usize, seed),
+    )
+    .unwrap();
 }
 
 /// Changes some files, adds one, removes one.
 fn mutate(root: &Path, seed: u64) {
     std::fs::write(root.join("etc/file3.conf"), format!("rewritten {seed}\n")).unwrap();
     std::fs::remove_file(root.join("etc/file7.conf")).unwrap();
-    std::fs::write(root.join("var/lib/db/new.bin"), pseudo_random(3 * MIB as usize, seed + 1)).unwrap();
+    std::fs::write(
+        root.join("var/lib/db/new.bin"),
+        pseudo_random(3 * MIB as usize, seed + 1),
+    )
+    .unwrap();
     write_random(&root.join("var/lib/db/blob.bin"), 2 * MIB, 8192, seed + 2);
 }
 
@@ -53,7 +61,11 @@ fn checksums(root: &Path) -> BTreeMap<String, String> {
 }
 
 fn e2fsck_clean(image: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(image).output().unwrap();
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "e2fsck -fn {} failed:\n{}{}",
@@ -93,7 +105,11 @@ fn two_backups(vault: &str, image: &Path, mnt: &Path, snapshot: &str) -> (Cycle,
             snapshot,
             "--json",
         ]);
-        points.push((r["point"].as_str().unwrap().to_string(), sums, file_digest(image)));
+        points.push((
+            r["point"].as_str().unwrap().to_string(),
+            sums,
+            file_digest(image),
+        ));
         reports.push(r);
     }
     (Cycle { points }, reports)
@@ -103,11 +119,24 @@ fn restore_and_check(vault: &str, cycle: &Cycle, work: &Path) {
     for (i, (point, sums, digest)) in cycle.points.iter().enumerate() {
         let to = work.join(format!("restored-{i}.img"));
         let out = controller([
-            "restore", "--vault", vault, "--vm", "guest", "--point", point, "--disk", "root", "--to",
+            "restore",
+            "--vault",
+            vault,
+            "--vm",
+            "guest",
+            "--point",
+            point,
+            "--disk",
+            "root",
+            "--to",
             to.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", stderr_of(&out));
-        assert_eq!(&file_digest(&to), digest, "image of point {point} is bit-identical");
+        assert_eq!(
+            &file_digest(&to),
+            digest,
+            "image of point {point} is bit-identical"
+        );
         e2fsck_clean(&to);
         let fs = LoopFs::mount_image(&to, &work.join(format!("mnt-restored-{i}")));
         assert_eq!(&checksums(fs.path()), sums, "files of point {point}");
@@ -116,17 +145,28 @@ fn restore_and_check(vault: &str, cycle: &Cycle, work: &Path) {
 
 #[test]
 fn ext4_guest_backup_change_backup_restore_both() {
-    if !root_or_skip("ext4_guest_backup_change_backup_restore_both", &["mkfs.ext4", "e2fsck", "losetup"]) {
+    if !root_or_skip(
+        "ext4_guest_backup_change_backup_restore_both",
+        &["mkfs.ext4", "e2fsck", "losetup"],
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("guest.img");
     make_fs_image(&image, 96 * MIB, FsType::Ext4);
     let vault = dir.path().join("vault");
-    let (cycle, reports) = two_backups(vault.to_str().unwrap(), &image, &dir.path().join("mnt"), "auto");
+    let (cycle, reports) = two_backups(
+        vault.to_str().unwrap(),
+        &image,
+        &dir.path().join("mnt"),
+        "auto",
+    );
     // The incremental read the disk but uploaded a fraction of it.
     let inc = &reports[1]["disks"][0];
-    assert!(inc["changed_blocks"].as_u64().unwrap() < inc["blocks"].as_u64().unwrap() / 4, "{inc}");
+    assert!(
+        inc["changed_blocks"].as_u64().unwrap() < inc["blocks"].as_u64().unwrap() / 4,
+        "{inc}"
+    );
     assert!(inc["unchanged_blocks"].as_u64().unwrap() > 0, "{inc}");
     restore_and_check(vault.to_str().unwrap(), &cycle, dir.path());
 }
@@ -137,7 +177,12 @@ fn on_reflink_datastore(fs_type: FsType, name: &str) {
     let image: PathBuf = datastore.path().join("guest.img");
     make_fs_image(&image, 128 * MIB, FsType::Ext4);
     let vault = dir.path().join("vault");
-    let (cycle, reports) = two_backups(vault.to_str().unwrap(), &image, &dir.path().join("mnt"), "reflink");
+    let (cycle, reports) = two_backups(
+        vault.to_str().unwrap(),
+        &image,
+        &dir.path().join("mnt"),
+        "reflink",
+    );
     for r in &reports {
         assert_eq!(r["disks"][0]["snapshot"], "reflink", "{name}: {r}");
         // A reflink clone is metadata only: milliseconds whatever the size.
@@ -145,14 +190,19 @@ fn on_reflink_datastore(fs_type: FsType, name: &str) {
     }
     // The snapshots were removed after the transfer.
     let snaps = datastore.path().join(".bulwark-snapshots/guest");
-    let left: Vec<_> = std::fs::read_dir(&snaps).map(|d| d.collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&snaps)
+        .map(|d| d.collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "snapshots left behind: {left:?}");
     restore_and_check(vault.to_str().unwrap(), &cycle, dir.path());
 }
 
 #[test]
 fn xfs_reflink_datastore() {
-    if !root_or_skip("xfs_reflink_datastore", &["mkfs.xfs", "mkfs.ext4", "e2fsck", "losetup"]) {
+    if !root_or_skip(
+        "xfs_reflink_datastore",
+        &["mkfs.xfs", "mkfs.ext4", "e2fsck", "losetup"],
+    ) {
         return;
     }
     on_reflink_datastore(FsType::XfsReflink, "xfs");
@@ -160,7 +210,10 @@ fn xfs_reflink_datastore() {
 
 #[test]
 fn btrfs_reflink_datastore() {
-    if !root_or_skip("btrfs_reflink_datastore", &["mkfs.btrfs", "mkfs.ext4", "e2fsck", "losetup"]) {
+    if !root_or_skip(
+        "btrfs_reflink_datastore",
+        &["mkfs.btrfs", "mkfs.ext4", "e2fsck", "losetup"],
+    ) {
         return;
     }
     on_reflink_datastore(FsType::Btrfs, "btrfs");
@@ -168,7 +221,10 @@ fn btrfs_reflink_datastore() {
 
 #[test]
 fn reflink_refused_on_ext4_datastore_is_a_clear_error() {
-    if !root_or_skip("reflink_refused_on_ext4_datastore_is_a_clear_error", &["mkfs.ext4", "losetup"]) {
+    if !root_or_skip(
+        "reflink_refused_on_ext4_datastore_is_a_clear_error",
+        &["mkfs.ext4", "losetup"],
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -177,9 +233,20 @@ fn reflink_refused_on_ext4_datastore_is_a_clear_error() {
     write_random(&image, 0, MIB as usize, 1);
     let vault = dir.path().join("vault");
     let out = controller([
-        "backup", "--vault", vault.to_str().unwrap(), "--vm", "v", "--disk", image.to_str().unwrap(), "--snapshot",
+        "backup",
+        "--vault",
+        vault.to_str().unwrap(),
+        "--vm",
+        "v",
+        "--disk",
+        image.to_str().unwrap(),
+        "--snapshot",
         "reflink",
     ]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("cannot reflink"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("cannot reflink"),
+        "{}",
+        stderr_of(&out)
+    );
 }
