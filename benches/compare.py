@@ -97,10 +97,12 @@ def plot(out, med, gib):
         for x, y in zip(xs, ys):
             if y:
                 ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
-    for key, style, label in [(("cat", "warm"), "--", "cat (warm)"), (("zstd", "full"), ":", "zstd -1 -T0")]:
+    for key, style, label in [(("cat", "warm"), "--", "cat (warm)"), (("cat", "clone"), "-.", "cat (fresh reflink clone)"),
+                              (("zstd", "full"), ":", "zstd -1 -T0")]:
         if key in med:
             ax.axhline(med[key], linestyle=style, color="gray", linewidth=1)
-            ax.text(len(ops) - 0.4, med[key], label, fontsize=7, color="gray", va="bottom", ha="right")
+            ax.text(len(ops) - 0.55, med[key], label, fontsize=7, color="dimgray", va="bottom", ha="right", zorder=5,
+                    bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
     ax.set_xticks([j + width * (len(tools) - 1) / 2 for j in range(len(ops))])
     ax.set_xticklabels(ops)
     ax.set_ylabel("wall seconds (median, lower is better)")
