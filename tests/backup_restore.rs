@@ -1,5 +1,6 @@
 //! Backup, incremental backup, restore and verify through the real `bulwark-controller`
 //! binary on plain image files (no root needed).
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;

@@ -1,5 +1,6 @@
 //! Bad input gets a clear error naming the object or path, `verify` and `restore` exit
 //! non-zero, and nothing committed earlier is lost.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;

@@ -1,5 +1,6 @@
 //! A backup process killed with SIGKILL at random moments leaves a vault where `verify`
 //! passes, every earlier point restores, and the next backup succeeds.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};

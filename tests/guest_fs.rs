@@ -2,6 +2,7 @@
 //! backed up, changed, backed up again; both points restored and checked with `e2fsck -fn`
 //! and file checksums. One run keeps the guest image on a loop-mounted XFS with reflink, so
 //! the reflink snapshot provider is exercised for real (and one on btrfs).
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! directory, Azurite, an S3-compatible server), plain and encrypted: backup, incremental
 //! backup, restore (bit-exact), verify, conditional commit, reopen, prune + GC, and request
 //! statistics in the job report.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod vault_servers;
 

@@ -2,6 +2,7 @@
 //! and restores bit-exact; a store that goes down fails the job cleanly, leaves every committed
 //! point whole, and the next job completes without re-uploading what was stored; the same with
 //! a real Azurite server killed in the middle of a backup and restarted.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod vault_servers;
 

@@ -1,6 +1,7 @@
 //! The key commands and encrypted vaults through the real CLI: key files with and without a
 //! passphrase (passed only through the environment), `init --encrypt`, backup/list/restore
 //! with the key, clear refusals without it, and passphrase changes.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::path::Path;
 use std::process::{Command, Output};

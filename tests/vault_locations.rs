@@ -1,6 +1,7 @@
 //! Bad vault locations are clear errors within seconds, never hangs: an unknown URL scheme,
 //! missing credentials, an unreachable endpoint (a closed loopback port), a bucket or container
 //! that does not exist. Plus: a prefix inside a bucket is a vault of its own.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod vault_servers;
 

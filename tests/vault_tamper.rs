@@ -2,6 +2,7 @@
 //! points' manifests exchanged) or truncated block, manifest or point is an error naming the
 //! object on restore and on verify, never a wrong restore. A wrong key decrypts nothing and is
 //! refused before anything is written.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod vault_servers;
 
