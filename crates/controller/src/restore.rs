@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_blockdiff::Entry;
-use bulwark_vault::{Error as VaultError, ManifestRef, Vault};
+use bulwark_vault::{Error as VaultError, Vault};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -86,36 +86,7 @@ pub async fn restore(
 ) -> Result<RestoreReport, Error> {
     let start = Instant::now();
     let point = vault.resolve_point(&req.vm, &req.point).await?;
-    let record = point
-        .disk(&req.disk)
-        .ok_or_else(|| VaultError::NoSuchDisk {
-            vm: req.vm.clone(),
-            point: point.id.clone(),
-            disk: req.disk.clone(),
-            available: point
-                .disks
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
-    let m = ManifestRef {
-        vm: &req.vm,
-        disk: &req.disk,
-        point: &point.id,
-    };
-    let map = vault.get_manifest(&m, &record.manifest_digest).await?;
-    if map.disk_size() != record.size {
-        return Err(VaultError::Corrupt {
-            key: m.to_string(),
-            why: format!(
-                "manifest describes {} bytes, the point says {}",
-                map.disk_size(),
-                record.size
-            ),
-        }
-        .into());
-    }
+    let map = vault.disk_manifest(&point, &req.disk).await?;
     if req.to.exists() && !req.force {
         return Err(Error::RestoreTarget {
             path: req.to.clone(),

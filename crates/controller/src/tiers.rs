@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_blockdiff::{BlockMap, Entry, content_address, is_zero};
-use bulwark_vault::{ConsistencyRecord, Error as VaultError, ManifestRef, Vault, validate_name};
+use bulwark_vault::{ConsistencyRecord, Error as VaultError, Vault, validate_name};
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -663,25 +663,7 @@ pub async fn restore_tiered(
     };
     let mut rejected = None;
     if let Some(k) = kept {
-        let record = point
-            .disk(&req.disk)
-            .ok_or_else(|| VaultError::NoSuchDisk {
-                vm: req.vm.clone(),
-                point: point.id.clone(),
-                disk: req.disk.clone(),
-                available: point
-                    .disks
-                    .iter()
-                    .map(|d| d.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        let m = ManifestRef {
-            vm: &req.vm,
-            disk: &req.disk,
-            point: &point.id,
-        };
-        let map = vault.get_manifest(&m, &record.manifest_digest).await?;
+        let map = vault.disk_manifest(&point, &req.disk).await?;
         let key = vault.scan_options().address_key;
         let data_bytes: u64 = map
             .entries()

@@ -898,6 +898,43 @@ impl Vault {
         .await?
     }
 
+    /// The block map of disk `disk` of `point`: the manifest the point pinned (digest checked),
+    /// describing a disk of the size the point recorded.
+    pub async fn disk_manifest(
+        &self,
+        point: &RecoveryPoint,
+        disk: &str,
+    ) -> Result<BlockMap, Error> {
+        let record = point.disk(disk).ok_or_else(|| Error::NoSuchDisk {
+            vm: point.vm.clone(),
+            point: point.id.clone(),
+            disk: disk.to_string(),
+            available: point
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        let m = ManifestRef {
+            vm: &point.vm,
+            disk,
+            point: &point.id,
+        };
+        let map = self.get_manifest(&m, &record.manifest_digest).await?;
+        if map.disk_size() != record.size {
+            return Err(Error::Corrupt {
+                key: m.to_string(),
+                why: format!(
+                    "manifest describes {} bytes, the point says {}",
+                    map.disk_size(),
+                    record.size
+                ),
+            });
+        }
+        Ok(map)
+    }
+
     /// Commits a recovery point. Call it only after every manifest it names is stored.
     pub async fn commit_point(&self, point: &RecoveryPoint) -> Result<(), Error> {
         validate_name("vm", &point.vm)?;
