@@ -47,12 +47,13 @@ schedule_override_seconds = 2
 
 [[vm]]
 name = "db01"
-agent = "127.0.0.1:7443"
+agent = "unix:{root}/no-agent.sock"
 keep_snapshots = false
 disks = [{{ name = "os", path = "db-os.img" }}]
 policy = {POLICY}
 schedule_override_seconds = 2
-"#
+"#,
+            root = root.display()
         ),
     )
     .unwrap();
@@ -225,7 +226,12 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
     let point = w["point"].as_str().unwrap();
     let web_points = points(&s, "web01");
     assert!(web_points.iter().any(|p| p["id"] == point));
-    assert!(log_of(&s, "1").contains("agent support pending"));
+    // db01's agent is configured but not running: its jobs fall back to crash consistency.
+    assert!(
+        log_of(&s, "1").contains("quiesced through the agent at unix:"),
+        "{}",
+        log_of(&s, "1")
+    );
 
     // Each completed job's snapshots are kept: the tier is "snapshot and vault".
     let listed = controller_json([
@@ -274,6 +280,10 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
             .any(|p| p["id"] == db_done["point"])
     );
     assert!(log_of(&s, "2").contains("marked Failed"));
+    // The fallback says why: the configured agent did not answer.
+    let reasons = db_done["consistency_reasons"].to_string();
+    assert!(reasons.contains("unreachable"), "{db_done:#}");
+    assert_eq!(db_done["consistency"], "crash");
 
     // A second daemon on the same state directory is refused.
     let out = controller(["serve", "--config", s.config.to_str().unwrap()]);
