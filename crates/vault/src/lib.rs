@@ -787,10 +787,12 @@ impl Vault {
         let sealed =
             blocking(move || this.seal(Kind::Block, &k2, &data, level, Some(address.0))).await??;
         let stored = sealed.bytes.len() as u64;
+        // Converted once: each attempt clones the handle, not the (up to 16 MiB) bytes.
+        let sealed = Bytes::from(sealed.bytes);
         // Content-addressed: whoever wrote the block first wrote the same content, so an
         // existing block is success whatever the attempt.
         let r = retry::retry(&self.retry, key.as_ref(), |_| {
-            let bytes = Bytes::from(sealed.bytes.clone());
+            let bytes = sealed.clone();
             async {
                 let opts = PutOptions {
                     mode: PutMode::Create,
