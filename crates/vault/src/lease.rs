@@ -286,11 +286,11 @@ async fn find_conflict(
 ) -> Result<(Option<Found>, Vec<String>), Error> {
     let store = vault.store();
     let prefix = ObjPath::from(LOCKS_PREFIX);
-    let metas: Vec<_> = store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|e| Error::store(&prefix, e))?;
+    let metas: Vec<_> = crate::retry::retry(&vault.retry, prefix.as_ref(), |_| {
+        store.list(Some(&prefix)).try_collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Error::store(&prefix, e))?;
     let mut expired = Vec::new();
     for meta in metas {
         if &meta.location == own {
@@ -425,11 +425,26 @@ impl Lease {
             mode: PutMode::Create,
             ..Default::default()
         };
-        vault
-            .store()
-            .put_opts(&key, PutPayload::from(json), opts)
-            .await
-            .map_err(|e| Error::store(&key, e))?;
+        // Transient failures are retried on the same key. The key is this attempt's own
+        // (a fresh random id), so "already exists" on a retry means the earlier write landed.
+        let payload = bytes::Bytes::from(json);
+        crate::retry::retry(&vault.retry, key.as_ref(), |_| {
+            let payload = payload.clone();
+            let opts = opts.clone();
+            let key = &key;
+            async move {
+                match vault
+                    .store()
+                    .put_opts(key, PutPayload::from(payload), opts)
+                    .await
+                {
+                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::store(&key, e))?;
         Ok(Lease {
             store: vault.store().clone(),
             key,
