@@ -147,7 +147,15 @@ policy = {{ time_zone = "UTC", schedule = {{ frequency = "daily", times = ["02:0
         snaps.to_str().unwrap(),
         "--json",
     ]);
-    let latest = tiers["points"].as_array().unwrap().last().unwrap().clone();
+    // Snapshot-only entries (kept snapshots of points retention just soft-deleted) are
+    // listed too: look up the newest live point by its id.
+    let newest = points.last().unwrap()["id"].clone();
+    let latest = tiers["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == newest)
+        .unwrap_or_else(|| panic!("{newest} not in {tiers}"));
     assert_eq!(latest["tier"], "snapshot and vault", "{tiers}");
     // The latest point restores to a clean file system: no journal recovery pending.
     let to = dir.path().join("restored.img");
