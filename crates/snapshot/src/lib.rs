@@ -9,6 +9,10 @@
 //!   keeps holes as holes. Its time grows with the data, so it lengthens any freeze window.
 //! * [`Provider::Auto`] tries a reflink and falls back to a copy, saying so.
 //!
+//! [`identical_ranges`] compares the extent maps of two reflink snapshots: the ranges that
+//! still share their physical extents hold the same data and need not be read again (change
+//! tracking for incremental backups, without a hypervisor's dirty bitmap).
+//!
 //! ```
 //! use bulwark_snapshot::{take, Provider};
 //! # fn main() -> Result<(), bulwark_snapshot::Error> {
@@ -31,6 +35,9 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
+
+mod extents;
+pub use extents::identical_ranges;
 
 /// Errors of the snapshot providers.
 #[derive(Debug, thiserror::Error)]
