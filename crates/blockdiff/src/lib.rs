@@ -57,6 +57,7 @@ pub use blockmap::{
 };
 pub use scan::{
     BlockEvent, Disk, ScanOptions, content_address, default_parallelism, is_zero, scan,
+    scan_tracked,
 };
 
 /// Errors of the block-diff engine.

@@ -3,6 +3,7 @@
 //! content address and data).
 
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,12 +55,12 @@ pub fn default_parallelism() -> usize {
 /// What the scanner found for one block.
 #[derive(Debug, Clone)]
 pub enum BlockEvent {
-    /// The block is all zero. `hole` is true when it was a hole, found with SEEK_DATA and not
-    /// read at all.
+    /// The block is all zero. `hole` is true when it was not read at all: a hole found with
+    /// SEEK_DATA, or a zero block of the previous map in a range known unchanged.
     Zero {
         /// Block index.
         index: u64,
-        /// True when the block lay in a hole and was not read.
+        /// True when the block was not read (a hole, or known unchanged and zero).
         hole: bool,
     },
     /// The block has the same length and change hash as in the previous block map: its entry
@@ -69,6 +70,9 @@ pub enum BlockEvent {
         index: u64,
         /// The entry reused from the previous block map.
         entry: Entry,
+        /// False when the block lay in a range known unchanged (see [`scan_tracked`]) and was
+        /// not read at all.
+        read: bool,
     },
     /// The block is new or changed.
     Changed {
@@ -178,8 +182,30 @@ pub fn scan(
     previous: Option<Arc<BlockMap>>,
     options: &ScanOptions,
 ) -> impl Stream<Item = Result<BlockEvent, Error>> + Send + 'static {
+    scan_tracked(disk, previous, Vec::new(), options)
+}
+
+/// [`scan`] with change tracking: `unchanged` lists byte ranges that are known to hold the same
+/// data as when `previous` was made (for instance from the extent maps of two reflink
+/// snapshots, `bulwark_snapshot::identical_ranges`). A block that lies wholly inside them, and
+/// has the same length in `previous`, reuses its previous entry without being read.
+///
+/// The caller vouches for `unchanged`: a wrong range makes the new map describe old data.
+pub fn scan_tracked(
+    disk: &Disk,
+    previous: Option<Arc<BlockMap>>,
+    unchanged: Vec<Range<u64>>,
+    options: &ScanOptions,
+) -> impl Stream<Item = Result<BlockEvent, Error>> + Send + 'static {
     let bs = options.block_size;
     let previous = previous.filter(|p| p.block_size() == bs);
+    let mut unchanged = if previous.is_some() {
+        unchanged
+    } else {
+        Vec::new()
+    };
+    unchanged.retain(|r| r.start < r.end);
+    unchanged.sort_by_key(|r| r.start);
     let count = bs.block_count(disk.size);
     // Small blocks are grouped so that each blocking task handles about 4 MiB.
     let per_batch = (4 * 1024 * 1024 / bs.bytes()).max(1);
@@ -190,6 +216,7 @@ pub fn scan(
         path: disk.path.clone(),
         size: disk.size,
         previous,
+        unchanged,
         options: options.clone(),
     });
     let batches = count.div_ceil(per_batch);
@@ -220,6 +247,8 @@ struct Ctx {
     path: PathBuf,
     size: u64,
     previous: Option<Arc<BlockMap>>,
+    /// Sorted ranges known unchanged since `previous`.
+    unchanged: Vec<Range<u64>>,
     options: ScanOptions,
 }
 
@@ -234,6 +263,10 @@ impl Ctx {
             let offset = index * bs.bytes();
             let len = bs.block_len(self.size, index);
             let end = offset + len;
+            if let Some(ev) = self.known_unchanged(index, offset, end) {
+                out.push(ev);
+                continue;
+            }
             let data_at = match next_data {
                 Some(d) if d >= offset => d,
                 _ => {
@@ -257,6 +290,25 @@ impl Ctx {
             out.push(self.classify(index, buf));
         }
         Ok(out)
+    }
+
+    /// The previous entry of a block that lies wholly in a range known unchanged, if it has one
+    /// of the same length.
+    fn known_unchanged(&self, index: u64, offset: u64, end: u64) -> Option<BlockEvent> {
+        let prev = self.previous.as_ref()?;
+        let i = self.unchanged.partition_point(|r| r.start <= offset);
+        let covering = self.unchanged.get(i.checked_sub(1)?)?;
+        if covering.end < end || prev.block_len(index) != end - offset {
+            return None;
+        }
+        match prev.entry(index)? {
+            Entry::Zero => Some(BlockEvent::Zero { index, hole: true }),
+            entry @ Entry::Data { .. } => Some(BlockEvent::Unchanged {
+                index,
+                entry: *entry,
+                read: false,
+            }),
+        }
     }
 
     /// Reads the `len` bytes of a block at `offset`: direct when possible, else buffered.
@@ -334,6 +386,7 @@ impl Ctx {
                         change,
                         address: *address,
                     },
+                    read: true,
                 };
             }
         }
@@ -429,6 +482,69 @@ mod tests {
     fn map_of(events: &[BlockEvent], size: u64) -> Arc<BlockMap> {
         let entries = events.iter().map(BlockEvent::entry).collect();
         Arc::new(BlockMap::new(opts().block_size, size, entries).unwrap())
+    }
+
+    #[tokio::test]
+    async fn known_unchanged_ranges_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let bs = u64::from(MIN_BLOCK_SIZE);
+        let size = 6 * bs + 100;
+        let mut data = vec![1u8; size as usize];
+        data[(2 * bs) as usize..(3 * bs) as usize].fill(0);
+        std::fs::write(&path, &data).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        let prev = map_of(&collect(&disk, None).await, size);
+
+        // Rewrite blocks 1 and 4. Claim 0..3 blocks and the short tail unchanged: block 1's
+        // change goes unseen (proof that it was not read), block 4's is found.
+        data[(bs + 5) as usize] = 9;
+        data[(4 * bs + 5) as usize] = 9;
+        std::fs::write(&path, &data).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        let ranges = vec![6 * bs..size, 0..3 * bs, 3 * bs..3 * bs + 10];
+        let mut s = std::pin::pin!(scan_tracked(&disk, Some(prev.clone()), ranges, &opts()));
+        let mut ev = Vec::new();
+        while let Some(e) = s.next().await {
+            ev.push(e.unwrap());
+        }
+        assert!(
+            matches!(ev[0], BlockEvent::Unchanged { read: false, .. }),
+            "{:?}",
+            ev[0]
+        );
+        assert!(
+            matches!(ev[1], BlockEvent::Unchanged { read: false, .. }),
+            "{:?}",
+            ev[1]
+        );
+        assert!(
+            matches!(ev[2], BlockEvent::Zero { hole: true, .. }),
+            "{:?}",
+            ev[2]
+        );
+        assert!(
+            matches!(ev[3], BlockEvent::Unchanged { read: true, .. }),
+            "{:?}",
+            ev[3]
+        );
+        assert!(matches!(ev[4], BlockEvent::Changed { .. }), "{:?}", ev[4]);
+        assert!(
+            matches!(ev[6], BlockEvent::Unchanged { read: false, .. }),
+            "{:?}",
+            ev[6]
+        );
+
+        // Without a previous map, ranges mean nothing: everything is read.
+        let mut s = std::pin::pin!(scan_tracked(
+            &disk,
+            None,
+            std::iter::once(0..size).collect(),
+            &opts()
+        ));
+        while let Some(e) = s.next().await {
+            assert!(!matches!(e.unwrap(), BlockEvent::Unchanged { .. }));
+        }
     }
 
     #[tokio::test]
