@@ -126,6 +126,11 @@ struct BackupArgs {
     /// removed after the transfer).
     #[arg(long, value_name = "N", requires = "snapshot_dir", value_parser = clap::value_parser!(u32).range(1..))]
     keep_snapshot_days: Option<u32>,
+    /// Do not keep a reflink clone of the last snapshot for change tracking. By default it is
+    /// kept (in <snapshot dir>/<VM>/.base/) and the next backup reads only the blocks whose
+    /// extents changed since; it holds on to the blocks the guest overwrites until then.
+    #[arg(long)]
+    no_change_tracking: bool,
     /// Blocks uploaded at once per disk.
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
@@ -282,6 +287,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
     req.snapshot = SnapshotOptions {
         provider: a.snapshot,
         dir: a.snapshot_dir,
+        change_tracking: !a.no_change_tracking,
     };
     req.upload_concurrency = a.upload_concurrency;
     req.lease = req.lease.waiting(a.lease_wait);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bulwark_blockdiff::{Address, BlockEvent, BlockMap, Disk, scan};
+use bulwark_blockdiff::{Address, BlockEvent, BlockMap, Disk, scan_tracked};
 use bulwark_snapshot::{Provider, Snapshot};
 use bulwark_vault::{
     ConsistencyRecord, DiskRecord, DiskStats, Lease, LeaseKind, LeaseOptions, ManifestRef,
@@ -16,6 +16,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tracing::Instrument;
 
+use crate::tracking::Base;
 use crate::{Error, Progress};
 
 /// One disk of a VM: a name within the VM and the image (or block device) path.
@@ -63,13 +64,27 @@ impl DiskSpec {
 }
 
 /// Where and how snapshots are taken.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SnapshotOptions {
     /// The provider.
     pub provider: Provider,
     /// Where snapshot files go. Default: a `.bulwark-snapshots` directory beside each image
     /// (reflinks need the same file system).
     pub dir: Option<PathBuf>,
+    /// Keep a reflink clone of each disk's last snapshot (in `<dir>/<vm>/.base/`) so that the
+    /// next backup reads only the blocks whose extents changed (see `tracking`). On by
+    /// default; it has an effect only where the snapshot is a reflink.
+    pub change_tracking: bool,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            provider: Provider::default(),
+            dir: None,
+            change_tracking: true,
+        }
+    }
 }
 
 /// A backup to run.
@@ -161,8 +176,9 @@ pub struct TakenSnapshots {
     pub elapsed_ms: u64,
 }
 
-fn snapshot_path(req: &BackupRequest, disk: &DiskSpec, point: &str) -> PathBuf {
-    let dir = match &req.snapshot.dir {
+/// The directory of a VM's snapshots of `disk`.
+fn snapshot_dir(req: &BackupRequest, disk: &DiskSpec) -> PathBuf {
+    match &req.snapshot.dir {
         Some(d) => d.join(&req.vm),
         None => disk
             .path
@@ -170,8 +186,11 @@ fn snapshot_path(req: &BackupRequest, disk: &DiskSpec, point: &str) -> PathBuf {
             .unwrap_or(Path::new("."))
             .join(".bulwark-snapshots")
             .join(&req.vm),
-    };
-    dir.join(format!("{}-{point}.snap", disk.name))
+    }
+}
+
+fn snapshot_path(req: &BackupRequest, disk: &DiskSpec, point: &str) -> PathBuf {
+    snapshot_dir(req, disk).join(format!("{}-{point}.snap", disk.name))
 }
 
 /// Checks a request before anything is touched: names, distinct disks, images that exist.
@@ -308,23 +327,37 @@ async fn transfer_leased(
     let previous = vault.latest_point(&req.vm).await?;
     let point = taken.point.clone();
     tracing::info!(point = %point, previous = previous.as_ref().map(|p| p.id.as_str()), "transfer");
-    let jobs = taken.snapshots.iter().map(|(spec, snap)| {
-        let prev = previous
-            .as_ref()
-            .and_then(|p| p.disk(&spec.name).map(|d| (p, d)));
-        let span = tracing::info_span!("disk", disk = %spec.name);
-        transfer_disk(
-            vault,
-            &req.vm,
-            &point,
-            spec,
-            snap,
-            prev,
-            req.upload_concurrency,
-            progress.clone(),
-        )
-        .instrument(span)
-    });
+    // A change-tracking base per disk, where the snapshot is a reflink.
+    let bases: Vec<Option<Base>> = taken
+        .snapshots
+        .iter()
+        .map(|(spec, snap)| {
+            (req.snapshot.change_tracking && snap.provider() == Provider::Reflink)
+                .then(|| Base::new(&snapshot_dir(req, spec), &spec.name))
+        })
+        .collect();
+    let jobs = taken
+        .snapshots
+        .iter()
+        .zip(&bases)
+        .map(|((spec, snap), base)| {
+            let prev = previous
+                .as_ref()
+                .and_then(|p| p.disk(&spec.name).map(|d| (p, d)));
+            let span = tracing::info_span!("disk", disk = %spec.name);
+            transfer_disk(
+                vault,
+                &req.vm,
+                &point,
+                spec,
+                snap,
+                prev,
+                base.clone(),
+                req.upload_concurrency,
+                progress.clone(),
+            )
+            .instrument(span)
+        });
     let results = futures::future::try_join_all(jobs).await?;
     let mut disks = Vec::new();
     let mut reports = Vec::new();
@@ -352,6 +385,21 @@ async fn transfer_leased(
     lease.ensure_held()?;
     vault.commit_point(&rp).await?;
     tracing::info!(point = %point, "recovery point committed");
+    // The snapshots just committed become the bases of the next backup's change tracking.
+    for (((spec, snap), base), record) in taken.snapshots.iter().zip(&bases).zip(&rp.disks) {
+        let r = match base {
+            Some(b) => b.replace(
+                snap.path(),
+                &point,
+                &record.manifest_digest,
+                record.block_size,
+            ),
+            None => Base::new(&snapshot_dir(req, spec), &spec.name).remove(),
+        };
+        if let Err(e) = r {
+            tracing::warn!(disk = %spec.name, error = %e, "cannot keep the change-tracking base; the next backup of this disk reads all of it");
+        }
+    }
     Ok(BackupReport {
         point,
         vm: req.vm.clone(),
@@ -378,6 +426,7 @@ async fn transfer_disk(
     spec: &DiskSpec,
     snap: &Snapshot,
     prev: Option<(&RecoveryPoint, &DiskRecord)>,
+    base: Option<Base>,
     upload_concurrency: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<(DiskRecord, Option<String>), Error> {
@@ -390,6 +439,7 @@ async fn transfer_disk(
     let bs = options.block_size;
     // The previous block map of the same disk: unchanged blocks are compared against it.
     let mut prev_id = None;
+    let mut unchanged = Vec::new();
     let prev_map: Option<Arc<BlockMap>> = match prev {
         Some((p, d)) if d.block_size == bs.get() => {
             let m = ManifestRef {
@@ -400,6 +450,19 @@ async fn transfer_disk(
             match vault.get_manifest(&m, &d.manifest_digest).await {
                 Ok(map) => {
                     prev_id = Some(p.id.clone());
+                    if let Some(base) = base {
+                        let (snap_path, point, digest) = (
+                            snap.path().to_path_buf(),
+                            p.id.clone(),
+                            d.manifest_digest.clone(),
+                        );
+                        let (block_size, size) = (d.block_size, disk.size());
+                        unchanged = tokio::task::spawn_blocking(move || {
+                            base.unchanged_ranges(&snap_path, &point, &digest, block_size, size)
+                        })
+                        .await
+                        .map_err(|e| Error::Worker(e.to_string()))?;
+                    }
                     Some(Arc::new(map))
                 }
                 Err(e) => {
@@ -423,7 +486,7 @@ async fn transfer_disk(
         ..Default::default()
     };
     let mut entries = Vec::with_capacity(stats.blocks as usize);
-    let events = scan(&disk, prev_map, &options);
+    let events = scan_tracked(&disk, prev_map, unchanged, &options);
     let mut stored = std::pin::pin!(
         events
             .map(|ev| {
@@ -468,9 +531,13 @@ async fn transfer_disk(
                     stats.bytes_read += len;
                 }
             }
-            BlockEvent::Unchanged { .. } => {
+            BlockEvent::Unchanged { read, .. } => {
                 stats.unchanged_blocks += 1;
-                stats.bytes_read += len;
+                if *read {
+                    stats.bytes_read += len;
+                } else {
+                    stats.blocks_not_read += 1;
+                }
             }
             BlockEvent::Changed { .. } => {
                 stats.changed_blocks += 1;

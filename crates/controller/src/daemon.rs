@@ -442,6 +442,7 @@ impl JobRunner for BackupRunner {
             req.snapshot = SnapshotOptions {
                 provider: self.provider,
                 dir: Some(self.store.root().to_path_buf()),
+                ..SnapshotOptions::default()
             };
             req.upload_concurrency = self.upload_concurrency;
             req.policy = Some(

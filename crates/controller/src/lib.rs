@@ -41,6 +41,7 @@ pub mod history;
 pub mod quiesce;
 mod restore;
 mod retention;
+mod tracking;
 
 use std::path::PathBuf;
 

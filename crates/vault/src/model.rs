@@ -194,6 +194,9 @@ pub struct DiskStats {
     pub hole_blocks: u64,
     /// Bytes read from the disk snapshot.
     pub bytes_read: u64,
+    /// Unchanged blocks that were not read at all: change tracking knew them unchanged.
+    #[serde(default)]
+    pub blocks_not_read: u64,
     /// Plain bytes of changed blocks.
     pub bytes_changed: u64,
     /// Changed blocks that the vault already held (deduplicated).

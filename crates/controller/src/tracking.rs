@@ -1,0 +1,169 @@
+//! Change tracking between backups of a disk, from reflink extents.
+//!
+//! After a point is committed, the snapshot each disk was read from is cloned (a reflink:
+//! milliseconds, no data copied) to a *base* beside the snapshots:
+//! `<snapshot dir>/<vm>/.base/<disk>.img`, with `<disk>.json` saying which point and which
+//! manifest it holds. The next backup of the disk compares its new snapshot's extent map with
+//! the base's (`bulwark_snapshot::identical_ranges`): blocks whose extents are still shared
+//! are known unchanged and are not read. An incremental then costs in proportion to what the
+//! guest wrote, not to the size of the disk.
+//!
+//! The base is trusted only when everything matches: the same point and manifest digest as
+//! the previous point of the disk in the vault, the same block size and disk size, the same
+//! file (device, inode) with an unchanged ctime (nothing wrote to it; it is also read-only).
+//! Anything else, and any error, means a full read: correctness never depends on the base.
+//!
+//! Cost: the base holds on to the blocks the guest has overwritten since the last backup (as
+//! any snapshot does), until the next backup replaces it. It exists only where the snapshot
+//! was a reflink.
+
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a base holds, stored beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BaseInfo {
+    point: String,
+    manifest_digest: String,
+    block_size: u32,
+    size: u64,
+    dev: u64,
+    ino: u64,
+    ctime_ns: i128,
+}
+
+/// The base of one disk.
+#[derive(Debug, Clone)]
+pub(crate) struct Base {
+    image: PathBuf,
+    info: PathBuf,
+}
+
+impl Base {
+    /// The base of `disk` of the VM whose snapshots are in `vm_dir`.
+    pub(crate) fn new(vm_dir: &Path, disk: &str) -> Base {
+        let dir = vm_dir.join(".base");
+        Base {
+            image: dir.join(format!("{disk}.img")),
+            info: dir.join(format!("{disk}.json")),
+        }
+    }
+
+    /// The byte ranges of `snapshot` known to hold the same data as the previous point's
+    /// snapshot (point `point`, manifest `digest`). Empty when the base does not match or
+    /// anything fails.
+    pub(crate) fn unchanged_ranges(
+        &self,
+        snapshot: &Path,
+        point: &str,
+        digest: &str,
+        block_size: u32,
+        size: u64,
+    ) -> Vec<Range<u64>> {
+        let info: BaseInfo = match std::fs::read(&self.info) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(file = %self.info.display(), error = %e, "unreadable change-tracking base; reading the whole disk");
+                    return Vec::new();
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(file = %self.info.display(), error = %e, "unreadable change-tracking base; reading the whole disk");
+                return Vec::new();
+            }
+        };
+        let matches = info.point == point
+            && info.manifest_digest == digest
+            && info.block_size == block_size
+            && info.size == size
+            && std::fs::metadata(&self.image)
+                .is_ok_and(|m| identity(&m) == (info.dev, info.ino, info.ctime_ns));
+        if !matches {
+            tracing::info!(base = %self.image.display(), "change-tracking base is not the previous point's snapshot; reading the whole disk");
+            return Vec::new();
+        }
+        match bulwark_snapshot::identical_ranges(&self.image, snapshot) {
+            Ok(r) => {
+                let same: u64 = r.iter().map(|r| r.end - r.start).sum();
+                tracing::debug!(
+                    bytes_known_unchanged = same,
+                    ranges = r.len(),
+                    "change tracking"
+                );
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "change tracking failed; reading the whole disk");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Makes `snapshot` (a reflink snapshot of committed point `point`) the base. The old
+    /// base stops being trusted first, so a crash anywhere in between leaves no base or the
+    /// old one unclaimed, never a base that claims the wrong point.
+    pub(crate) fn replace(
+        &self,
+        snapshot: &Path,
+        point: &str,
+        digest: &str,
+        block_size: u32,
+    ) -> std::io::Result<()> {
+        let dir = self.image.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        remove_if_exists(&self.info)?;
+        let tmp = self.image.with_extension("img.tmp");
+        remove_if_exists(&tmp)?;
+        let taken = bulwark_snapshot::take(snapshot, &tmp, bulwark_snapshot::Provider::Reflink)
+            .map_err(std::io::Error::other)?;
+        let tmp = taken.keep();
+        std::fs::rename(&tmp, &self.image)?;
+        let meta = std::fs::metadata(&self.image)?;
+        let (dev, ino, ctime_ns) = identity(&meta);
+        let info = BaseInfo {
+            point: point.to_string(),
+            manifest_digest: digest.to_string(),
+            block_size,
+            size: meta.len(),
+            dev,
+            ino,
+            ctime_ns,
+        };
+        let json = serde_json::to_vec_pretty(&info).map_err(std::io::Error::other)?;
+        let tmp_info = self.info.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp_info)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp_info, &self.info)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Removes the base (the disk's snapshot was not a reflink, so it cannot track).
+    pub(crate) fn remove(&self) -> std::io::Result<()> {
+        remove_if_exists(&self.info)?;
+        remove_if_exists(&self.image)
+    }
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, i128) {
+    (
+        m.dev(),
+        m.ino(),
+        i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    )
+}
+
+fn remove_if_exists(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

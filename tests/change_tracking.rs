@@ -1,0 +1,234 @@
+//! Change tracking from reflink extents, on real loop-mounted XFS (reflink=1) and btrfs: an
+//! incremental reads only the blocks the guest wrote since the last backup (the others share
+//! their extents with the kept base), every point restores bit-exact, and a base that cannot
+//! be trusted (written to, or of another point) is ignored: the disk is read in full.
+
+// Test helpers, like the tests themselves, panic on failure.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::PathBuf;
+
+use bulwark_tests::{
+    FsType, LoopFs, controller, controller_json, file_digest, pseudo_random, root_or_skip,
+    stderr_of,
+};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+struct Env {
+    _fs: LoopFs,
+    _dir: tempfile::TempDir,
+    vault: String,
+    image: PathBuf,
+    restores: PathBuf,
+}
+
+fn env(fs: FsType) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = LoopFs::create(dir.path(), "store", 512 * MIB, fs);
+    let image = lfs.path().join("os.img");
+    // 40 MiB of data in 1 MiB blocks, a 16 MiB hole, 8 MiB more: 64 blocks.
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    f.write_all_at(&pseudo_random((40 * MIB) as usize, 1), 0)
+        .unwrap();
+    f.write_all_at(&pseudo_random((8 * MIB) as usize, 2), 56 * MIB)
+        .unwrap();
+    f.sync_all().unwrap();
+    let restores = dir.path().join("restores");
+    std::fs::create_dir(&restores).unwrap();
+    Env {
+        vault: lfs.path().join("vault").display().to_string(),
+        image,
+        restores,
+        _fs: lfs,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    fn backup(&self, extra: &[&str]) -> Value {
+        let disk = format!("os={}", self.image.display());
+        let mut args = vec![
+            "backup",
+            "--vault",
+            &self.vault,
+            "--vm",
+            "vm1",
+            "--disk",
+            &disk,
+            "--snapshot",
+            "reflink",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        controller_json(args)
+    }
+
+    fn write(&self, offset: u64, len: usize, seed: u64) {
+        let f = OpenOptions::new().write(true).open(&self.image).unwrap();
+        f.write_all_at(&pseudo_random(len, seed), offset).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    /// Restores `point` and checks it against the digest of the image when it was taken.
+    fn check_restore(&self, point: &str, want: &str) {
+        let to = self.restores.join(point);
+        let out = controller([
+            "restore",
+            "--vault",
+            &self.vault,
+            "--vm",
+            "vm1",
+            "--point",
+            point,
+            "--disk",
+            "os",
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "restore: {}", stderr_of(&out));
+        assert_eq!(file_digest(&to), want, "point {point} restores bit-exact");
+    }
+
+    fn base(&self) -> PathBuf {
+        self.image
+            .parent()
+            .unwrap()
+            .join(".bulwark-snapshots/vm1/.base/os.img")
+    }
+}
+
+fn stats(report: &Value) -> &Value {
+    &report["disks"][0]
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+fn scenario(fs: FsType) {
+    let e = env(fs);
+    let full = e.backup(&[]);
+    let s = stats(&full);
+    assert_eq!(u(s, "changed_blocks"), 48, "{s}");
+    assert_eq!(u(s, "blocks_not_read"), 0);
+    let d1 = file_digest(&e.image);
+    assert!(e.base().exists(), "the snapshot is kept as the base");
+    let mode = std::fs::metadata(e.base()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "the base is read-only");
+
+    // The guest writes 64 KiB in block 3, 4 KiB across the 9/10 boundary, and a block in the
+    // hole (which was a hole in the base).
+    e.write(3 * MIB + 4096, 65536, 10);
+    e.write(10 * MIB - 2048, 4096, 11);
+    e.write(45 * MIB, 4096, 12);
+    let inc = e.backup(&[]);
+    let s = stats(&inc);
+    assert_eq!(u(s, "changed_blocks"), 4, "blocks 3, 9, 10 and 45: {s}");
+    assert_eq!(
+        u(s, "bytes_read"),
+        4 * MIB,
+        "only the changed blocks are read: {s}"
+    );
+    assert_eq!(u(s, "blocks_not_read"), 45, "{s}");
+    let d2 = file_digest(&e.image);
+
+    // Somebody writes to the base (after making it writable): its ctime moves, the base is
+    // no longer trusted, and the next backup reads the whole disk and still sees every change.
+    let base = e.base();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .write_all_at(&[0xAA; 4096], 20 * MIB)
+        .unwrap();
+    e.write(20 * MIB, 4096, 13);
+    let after_tamper = e.backup(&[]);
+    let s = stats(&after_tamper);
+    assert_eq!(u(s, "blocks_not_read"), 0, "a written base is ignored: {s}");
+    assert_eq!(u(s, "changed_blocks"), 1, "{s}");
+    let d3 = file_digest(&e.image);
+
+    // Without change tracking the base is removed; the next backup reads everything.
+    e.write(30 * MIB, 4096, 14);
+    let off = e.backup(&["--no-change-tracking"]);
+    assert!(!e.base().exists(), "--no-change-tracking removes the base");
+    assert_eq!(u(stats(&off), "changed_blocks"), 1);
+    let d4 = file_digest(&e.image);
+    let again = e.backup(&[]);
+    assert_eq!(u(stats(&again), "blocks_not_read"), 0);
+    assert_eq!(u(stats(&again), "changed_blocks"), 0);
+    // ...and the one after that tracks again.
+    e.write(0, 4096, 15);
+    let tracked = e.backup(&[]);
+    assert_eq!(u(stats(&tracked), "changed_blocks"), 1);
+    assert_eq!(u(stats(&tracked), "blocks_not_read"), 48);
+    let d5 = file_digest(&e.image);
+
+    for (r, d) in [
+        (&full, &d1),
+        (&inc, &d2),
+        (&after_tamper, &d3),
+        (&off, &d4),
+        (&tracked, &d5),
+    ] {
+        e.check_restore(r["point"].as_str().unwrap(), d);
+    }
+    let out = controller(["verify", "--vault", &e.vault]);
+    assert!(out.status.success(), "verify: {}", stderr_of(&out));
+}
+
+#[test]
+fn xfs_incremental_reads_only_changed_extents() {
+    if !root_or_skip(
+        "xfs_incremental_reads_only_changed_extents",
+        &["mkfs.xfs", "losetup"],
+    ) {
+        return;
+    }
+    scenario(FsType::XfsReflink);
+}
+
+#[test]
+fn btrfs_incremental_reads_only_changed_extents() {
+    if !root_or_skip(
+        "btrfs_incremental_reads_only_changed_extents",
+        &["mkfs.btrfs", "losetup"],
+    ) {
+        return;
+    }
+    scenario(FsType::Btrfs);
+}
+
+/// A base that claims another point (the vault's latest point is not the one it holds) is not
+/// trusted.
+#[test]
+fn base_of_another_point_is_ignored() {
+    if !root_or_skip("base_of_another_point_is_ignored", &["mkfs.xfs", "losetup"]) {
+        return;
+    }
+    let e = env(FsType::XfsReflink);
+    e.backup(&[]);
+    let info = e.base().with_extension("json");
+    let text = std::fs::read_to_string(&info).unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["point"] = Value::from("20200101T000000Z-0000");
+    std::fs::write(&info, v.to_string()).unwrap();
+    e.write(5 * MIB, 4096, 20);
+    let inc = e.backup(&[]);
+    assert_eq!(u(stats(&inc), "blocks_not_read"), 0);
+    assert_eq!(u(stats(&inc), "changed_blocks"), 1);
+    e.check_restore(inc["point"].as_str().unwrap(), &file_digest(&e.image));
+    // A garbled info file is no better.
+    std::fs::write(&info, b"{not json").unwrap();
+    e.write(6 * MIB, 4096, 21);
+    let inc = e.backup(&[]);
+    assert_eq!(u(stats(&inc), "blocks_not_read"), 0);
+    assert_eq!(u(stats(&inc), "changed_blocks"), 1);
+    e.check_restore(inc["point"].as_str().unwrap(), &file_digest(&e.image));
+}
