@@ -242,14 +242,21 @@ impl Writer {
     }
 }
 
-/// Copies `data` into an aligned buffer and writes it with `O_DIRECT`. Returns the bytes
+/// Writes `data` with `O_DIRECT`: straight from `data` when it is page-aligned already (the
+/// vault hands out blocks in aligned buffers), else from an aligned copy. Returns the bytes
 /// written: all of them, unless a write came back short at an unaligned length.
 fn write_direct(file: &File, data: &[u8], offset: u64) -> std::io::Result<usize> {
-    let mut buf: Vec<u8> = Vec::with_capacity(data.len() + DIRECT_ALIGN);
-    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-    buf.resize(pad, 0);
-    buf.extend_from_slice(data);
-    let aligned = &buf[pad..];
+    let copy: Vec<u8>;
+    let aligned = if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+        data
+    } else {
+        let mut buf: Vec<u8> = Vec::with_capacity(data.len() + DIRECT_ALIGN);
+        let pad = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        buf.resize(pad, 0);
+        buf.extend_from_slice(data);
+        copy = buf;
+        &copy[pad..]
+    };
     let mut done = 0;
     while done < aligned.len() {
         match rustix::io::pwrite(file, &aligned[done..], offset + done as u64) {

@@ -172,10 +172,102 @@ pub fn open_with(
     bytes: &[u8],
     cipher: Option<&ObjectCipher>,
 ) -> Result<(Vec<u8>, [u8; 32]), Error> {
-    let corrupt = |why: String| Error::Corrupt {
+    let p = parse(kind, key, bytes, cipher)?;
+    let plain = if p.compressed {
+        let plain = zstd::bulk::decompress(&p.payload, p.plain_len as usize)
+            .map_err(|e| corrupt(key, format!("payload does not decompress: {e}")))?;
+        check_len(key, plain.len(), p.plain_len)?;
+        plain
+    } else {
+        check_stored_len(key, p.payload.len(), p.plain_len)?;
+        p.payload.into_owned()
+    };
+    check_digest(key, &plain, &p.digest, cipher)?;
+    Ok((plain, p.digest))
+}
+
+/// Like [`open_with`], with the plaintext in a page-aligned buffer from `pool` (for direct
+/// writes without a copy).
+pub(crate) fn open_aligned(
+    kind: Kind,
+    key: &str,
+    bytes: &[u8],
+    cipher: Option<&ObjectCipher>,
+    pool: &std::sync::Arc<crate::aligned::Pool>,
+) -> Result<(crate::aligned::AlignedBuf, [u8; 32]), Error> {
+    let p = parse(kind, key, bytes, cipher)?;
+    let mut buf = pool.take(p.plain_len as usize);
+    if p.compressed {
+        let n = zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(&p.payload, &mut buf))
+            .map_err(|e| corrupt(key, format!("payload does not decompress: {e}")))?;
+        check_len(key, n, p.plain_len)?;
+    } else {
+        check_stored_len(key, p.payload.len(), p.plain_len)?;
+        buf.extend_from_slice(&p.payload);
+    }
+    check_digest(key, buf.as_ref(), &p.digest, cipher)?;
+    Ok((buf, p.digest))
+}
+
+fn corrupt(key: &str, why: String) -> Error {
+    Error::Corrupt {
         key: key.to_string(),
         why,
+    }
+}
+
+fn check_len(key: &str, got: usize, plain_len: u64) -> Result<(), Error> {
+    if got as u64 != plain_len {
+        return Err(corrupt(
+            key,
+            format!("payload decompresses to {got} bytes, header says {plain_len}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_stored_len(key: &str, got: usize, plain_len: u64) -> Result<(), Error> {
+    if got as u64 != plain_len {
+        return Err(corrupt(
+            key,
+            format!("payload is {got} bytes, header says {plain_len} (truncated?)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_digest(
+    key: &str,
+    plain: &[u8],
+    digest: &[u8; 32],
+    cipher: Option<&ObjectCipher>,
+) -> Result<(), Error> {
+    let actual = match cipher {
+        Some(c) => c.digest(plain),
+        None => *blake3::hash(plain).as_bytes(),
     };
+    if &actual != digest {
+        return Err(corrupt(key, "content does not match its digest".into()));
+    }
+    Ok(())
+}
+
+/// A checked header and the (decrypted) payload.
+struct Parsed<'a> {
+    compressed: bool,
+    plain_len: u64,
+    digest: [u8; 32],
+    payload: std::borrow::Cow<'a, [u8]>,
+}
+
+fn parse<'a>(
+    kind: Kind,
+    key: &str,
+    bytes: &'a [u8],
+    cipher: Option<&ObjectCipher>,
+) -> Result<Parsed<'a>, Error> {
+    let corrupt = |why: String| corrupt(key, why);
     if bytes.len() < HEADER_LEN {
         return Err(corrupt(format!(
             "object is truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
@@ -228,10 +320,9 @@ pub fn open_with(
     }
     let mut digest = [0u8; 32];
     digest.copy_from_slice(&bytes[16..48]);
-    let decrypted;
     let payload = match cipher {
         Some(c) => {
-            decrypted = c
+            let decrypted = c
                 .open(&bytes[HEADER_LEN..], &associated_data(bytes, key))
                 .ok_or_else(|| {
                     corrupt(
@@ -240,37 +331,16 @@ pub fn open_with(
                             .into(),
                     )
                 })?;
-            &decrypted[..]
+            std::borrow::Cow::Owned(decrypted)
         }
-        None => &bytes[HEADER_LEN..],
+        None => std::borrow::Cow::Borrowed(&bytes[HEADER_LEN..]),
     };
-    let plain = if flags & FLAG_ZSTD != 0 {
-        let plain = zstd::bulk::decompress(payload, plain_len as usize)
-            .map_err(|e| corrupt(format!("payload does not decompress: {e}")))?;
-        if plain.len() as u64 != plain_len {
-            return Err(corrupt(format!(
-                "payload decompresses to {} bytes, header says {plain_len}",
-                plain.len()
-            )));
-        }
-        plain
-    } else {
-        if payload.len() as u64 != plain_len {
-            return Err(corrupt(format!(
-                "payload is {} bytes, header says {plain_len} (truncated?)",
-                payload.len()
-            )));
-        }
-        payload.to_vec()
-    };
-    let actual = match cipher {
-        Some(c) => c.digest(&plain),
-        None => *blake3::hash(&plain).as_bytes(),
-    };
-    if actual != digest {
-        return Err(corrupt("content does not match its digest".into()));
-    }
-    Ok((plain, digest))
+    Ok(Parsed {
+        compressed: flags & FLAG_ZSTD != 0,
+        plain_len,
+        digest,
+        payload,
+    })
 }
 
 #[cfg(test)]
