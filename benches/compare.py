@@ -5,10 +5,13 @@
   compare.py report OUT IMAGE_BYTES                  OUT/summary.md (+ OUT/compare.png)
 """
 import csv
+import json
 import os
 import random
 import statistics
 import sys
+
+BULWARKS = ["bulwark", "bulwark-notrack", "bulwark-256k"]
 
 
 def scatter(image, fraction, run_bytes, seed):
@@ -40,7 +43,7 @@ def report(out, image_bytes):
     lines.append("")
     lines.append("| tool | operation | runs | wall s (median) | min-max | GiB/s | max RSS MiB | load1 at start |")
     lines.append("|---|---|---|---|---|---|---|---|")
-    order = ["cat", "zstd", "bulwark", "restic", "borg"]
+    order = ["cat", "zstd"] + BULWARKS + ["restic", "borg"]
     for (tool, op), v in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, kv[0][1])):
         walls = [float(r["wall_s"]) for r in v]
         rss = max(int(r["max_rss_kb"]) for r in v) / 1024
@@ -58,16 +61,33 @@ def report(out, image_bytes):
     lines.append("")
     lines.append("Ratios (other tool's median wall / Bulwark's; > 1 means Bulwark is faster):")
     lines.append("")
-    lines.append("| operation | vs restic | vs borg | vs cat (warm) | vs zstd -1 -T0 |")
-    lines.append("|---|---|---|---|---|")
-    for op in ["full", "incremental", "restore"]:
-        if ("bulwark", op) not in med:
+    lines.append("| Bulwark | operation | vs restic | vs borg | vs cat (warm) | vs cat (fresh clone) | vs zstd -1 -T0 |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for tool in BULWARKS:
+        for op in ["full", "incremental", "restore"]:
+            if (tool, op) not in med:
+                continue
+            b = med[(tool, op)]
+            def ratio(key):
+                return f"{med[key] / b:.1f}x" if key in med and b > 0 else "-"
+            lines.append(f"| {tool} | {op} | {ratio(('restic', op))} | {ratio(('borg', op))} | "
+                         f"{ratio(('cat', 'warm'))} | {ratio(('cat', 'clone'))} | {ratio(('zstd', 'full'))} |")
+    lines.append("")
+    lines.append("What each Bulwark incremental read (run 1, from its --json report):")
+    lines.append("")
+    for tool in BULWARKS:
+        log = os.path.join(out, f"log-{tool}-incremental-1.txt")
+        if not os.path.exists(log):
             continue
-        b = med[("bulwark", op)]
-        def ratio(key):
-            return f"{med[key] / b:.1f}x" if key in med and b > 0 else "-"
-        lines.append(f"| {op} | {ratio(('restic', op))} | {ratio(('borg', op))} | "
-                     f"{ratio(('cat', 'warm'))} | {ratio(('zstd', 'full'))} |")
+        try:
+            text = open(log).read()
+            rep = json.loads(text[text.index("{"):text.rindex("}") + 1])
+            d = rep["disks"][0]
+            lines.append(f"* {tool}: read {d['bytes_read'] / (1 << 20):.0f} MiB; {d['changed_blocks']} changed blocks "
+                         f"of {d['blocks']}, {d.get('blocks_not_read', 0)} unchanged blocks not read (change tracking), "
+                         f"{d['hole_blocks']} zero blocks not read; uploaded {d['bytes_uploaded'] / (1 << 20):.0f} MiB")
+        except (ValueError, KeyError) as e:
+            lines.append(f"* {tool}: report unreadable ({e})")
     text = "\n".join(lines) + "\n"
     machine = os.path.join(out, "machine.txt")
     if os.path.exists(machine):
@@ -86,10 +106,11 @@ def plot(out, med, gib):
         print("matplotlib missing: no plot (pip install matplotlib)")
         return
     ops = ["full", "incremental", "restore"]
-    tools = [t for t in ["bulwark", "restic", "borg"] if any((t, o) in med for o in ops)]
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
+    tools = [t for t in BULWARKS + ["restic", "borg"] if any((t, o) in med for o in ops)]
+    fig, ax = plt.subplots(figsize=(8.5, 3.8), dpi=90)
     width = 0.8 / max(1, len(tools))
-    colors = {"bulwark": "#2b6cb0", "restic": "#dd6b20", "borg": "#38a169"}
+    colors = {"bulwark": "#2b6cb0", "bulwark-notrack": "#63b3ed", "bulwark-256k": "#1a365d",
+              "restic": "#dd6b20", "borg": "#38a169"}
     for i, t in enumerate(tools):
         xs = [j + i * width for j in range(len(ops))]
         ys = [med.get((t, o), 0) for o in ops]

@@ -2,7 +2,8 @@
 # Side-by-side benchmark: Bulwark against restic and borg on one raw ext4 guest image.
 #
 #   sudo bash benches/compare.sh [--size 4G] [--runs 3] [--out DIR] [--work DIR]
-#                                [--write-run 64K] [--tools bulwark,restic,borg] [--no-mem16]
+#                                [--write-run 64K] [--no-mem16]
+#                                [--tools bulwark,bulwark-notrack,bulwark-256k,restic,borg]
 #                                [--bin PATH-TO-bulwark-controller (default: cargo build --release)]
 #                                [--keep (keep the XFS datastore image; removed by default)]
 #
@@ -24,6 +25,9 @@
 #     so their restore commands end with `sync -f` (syncfs of the datastore): all three are
 #     timed until the restored data is durable.
 #  4. Baselines: cat image > /dev/null (warm), cat of a fresh reflink clone, zstd -1 -T0.
+#     Bulwark variants: `bulwark` (defaults: 1 MiB blocks, change tracking from the kept reflink
+#     base), `bulwark-notrack` (--no-change-tracking: the incremental reads the whole snapshot),
+#     `bulwark-256k` (a vault made with --block-size 262144).
 #  5. Memory at 16 GiB: Bulwark backs up a sparse 16 GiB image (the 4 GiB guest + 12 GiB hole).
 # Results: OUT/results.csv (one line per timed command), OUT/repos.csv, OUT/summary.md, OUT/compare.png.
 set -euo pipefail
@@ -33,7 +37,7 @@ RUNS=3
 OUT=""
 WORK=/var/tmp/bulwark-compare
 WRITE_RUN=64K
-TOOLS=bulwark,restic,borg
+TOOLS=bulwark,bulwark-notrack,bulwark-256k,restic,borg
 MEM16=1
 KEEP=0
 BULWARK=""
@@ -188,14 +192,18 @@ for run in $(seq 1 "$RUNS"); do
         mkdir -p "$XFS/restore/$tool"
         fresh_image
         case $tool in
-        bulwark)
-            "$BULWARK" init --vault "$repo" > /dev/null
-            measure bulwark full "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink --json
+        bulwark|bulwark-notrack|bulwark-256k)
+            init=() track=()
+            [[ $tool == bulwark-256k ]] && init=(--block-size 262144)
+            [[ $tool == bulwark-notrack ]] && track=(--no-change-tracking)
+            rm -rf "$XFS/.bulwark-snapshots"
+            "$BULWARK" init --vault "$repo" "${init[@]}" > /dev/null
+            measure "$tool" full "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink "${track[@]}" --json
             scatter "$run"
-            measure bulwark incremental "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink --json
+            measure "$tool" incremental "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink "${track[@]}" --json
             sync
-            out="$XFS/restore/bulwark/guest.img"
-            measure bulwark restore "$run" -- "$BULWARK" restore --vault "$repo" --vm guest --disk os --to "$out" --json
+            out="$XFS/restore/$tool/guest.img"
+            measure "$tool" restore "$run" -- "$BULWARK" restore --vault "$repo" --vm guest --disk os --to "$out" --json
             ;;
         restic)
             restic -r "$repo" init > /dev/null
