@@ -232,3 +232,33 @@ fn base_of_another_point_is_ignored() {
     assert_eq!(u(stats(&inc), "changed_blocks"), 1);
     e.check_restore(inc["point"].as_str().unwrap(), &file_digest(&e.image));
 }
+
+/// A snapshot kept for instant restore stays where it is; the base is a clone of it, and the
+/// next backup still tracks changes.
+#[test]
+fn kept_snapshots_and_change_tracking() {
+    if !root_or_skip(
+        "kept_snapshots_and_change_tracking",
+        &["mkfs.xfs", "losetup"],
+    ) {
+        return;
+    }
+    let e = env(FsType::XfsReflink);
+    let snaps = e.image.parent().unwrap().join("snaps");
+    let dir = snaps.display().to_string();
+    let keep = ["--snapshot-dir", dir.as_str(), "--keep-snapshot-days", "1"];
+    let first = e.backup(&keep);
+    let point = first["point"].as_str().unwrap();
+    let kept = snaps.join(format!("vm1/os-{point}.snap"));
+    assert!(kept.exists(), "the kept snapshot stays: {}", kept.display());
+    assert!(
+        snaps.join("vm1/.base/os.img").exists(),
+        "the base is a clone beside it"
+    );
+    e.write(7 * MIB, 8192, 30);
+    let second = e.backup(&keep);
+    assert_eq!(u(stats(&second), "changed_blocks"), 1);
+    assert_eq!(u(stats(&second), "blocks_not_read"), 47);
+    assert!(kept.exists(), "the first kept snapshot is untouched");
+    e.check_restore(second["point"].as_str().unwrap(), &file_digest(&e.image));
+}

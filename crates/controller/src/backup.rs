@@ -386,14 +386,10 @@ async fn transfer_leased(
     vault.commit_point(&rp).await?;
     tracing::info!(point = %point, "recovery point committed");
     // The snapshots just committed become the bases of the next backup's change tracking.
-    for (((spec, snap), base), record) in taken.snapshots.iter().zip(&bases).zip(&rp.disks) {
+    let mut taken = taken;
+    for (((spec, snap), base), record) in taken.snapshots.iter_mut().zip(&bases).zip(&rp.disks) {
         let r = match base {
-            Some(b) => b.replace(
-                snap.path(),
-                &point,
-                &record.manifest_digest,
-                record.block_size,
-            ),
+            Some(b) => b.replace(snap, &point, &record.manifest_digest, record.block_size),
             None => Base::new(&snapshot_dir(req, spec), &spec.name).remove(),
         };
         if let Err(e) = r {

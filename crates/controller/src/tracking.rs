@@ -21,6 +21,7 @@ use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use bulwark_snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 
 /// What a base holds, stored beside it.
@@ -104,12 +105,13 @@ impl Base {
         }
     }
 
-    /// Makes `snapshot` (a reflink snapshot of committed point `point`) the base. The old
-    /// base stops being trusted first, so a crash anywhere in between leaves no base or the
-    /// old one unclaimed, never a base that claims the wrong point.
+    /// Makes `snapshot` (a reflink snapshot of committed point `point`) the base: the file
+    /// itself moves there when nothing else keeps it (no copy, no clone), else a reflink clone
+    /// of it does. The old base stops being trusted first, so a crash anywhere in between
+    /// leaves no base or the old one unclaimed, never a base that claims the wrong point.
     pub(crate) fn replace(
         &self,
-        snapshot: &Path,
+        snapshot: &mut Snapshot,
         point: &str,
         digest: &str,
         block_size: u32,
@@ -117,12 +119,20 @@ impl Base {
         let dir = self.image.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         remove_if_exists(&self.info)?;
-        let tmp = self.image.with_extension("img.tmp");
-        remove_if_exists(&tmp)?;
-        let taken = bulwark_snapshot::take(snapshot, &tmp, bulwark_snapshot::Provider::Reflink)
-            .map_err(std::io::Error::other)?;
-        let tmp = taken.keep();
-        std::fs::rename(&tmp, &self.image)?;
+        if snapshot.is_kept() {
+            // Kept for instant restore: the base is a clone of it.
+            let tmp = self.image.with_extension("img.tmp");
+            remove_if_exists(&tmp)?;
+            let taken =
+                bulwark_snapshot::take(snapshot.path(), &tmp, bulwark_snapshot::Provider::Reflink)
+                    .map_err(std::io::Error::other)?;
+            let tmp = taken.keep();
+            std::fs::rename(&tmp, &self.image)?;
+        } else {
+            std::fs::rename(snapshot.path(), &self.image)?;
+            // Moved: nothing is left to remove when the snapshot is dropped.
+            snapshot.set_keep(true);
+        }
         let meta = std::fs::metadata(&self.image)?;
         let (dev, ino, ctime_ns) = identity(&meta);
         let info = BaseInfo {

@@ -158,6 +158,11 @@ impl Snapshot {
         self.keep = keep;
     }
 
+    /// Whether the file stays on drop.
+    pub fn is_kept(&self) -> bool {
+        self.keep
+    }
+
     /// Removes the file now.
     pub fn remove(mut self) -> Result<(), Error> {
         self.keep = true;
