@@ -47,6 +47,7 @@
 //! ```
 
 mod blockmap;
+pub mod buffers;
 mod scan;
 
 use std::path::PathBuf;

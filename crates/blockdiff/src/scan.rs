@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use crate::Error;
 use crate::blockmap::{Address, BlockMap, BlockSize, Entry};
+use crate::buffers::Pool;
 
 /// How to scan a disk.
 #[derive(Debug, Clone)]
@@ -217,6 +218,11 @@ pub fn scan_tracked(
         size: disk.size,
         previous,
         unchanged,
+        // Enough for every block in flight: the scan's batches and the consumer's queue.
+        pool: Pool::new(
+            bs.bytes() as usize,
+            per_batch as usize * options.parallelism.max(1) + 32,
+        ),
         options: options.clone(),
     });
     let batches = count.div_ceil(per_batch);
@@ -249,6 +255,8 @@ struct Ctx {
     previous: Option<Arc<BlockMap>>,
     /// Sorted ranges known unchanged since `previous`.
     unchanged: Vec<Range<u64>>,
+    /// Aligned buffers for direct reads.
+    pool: Arc<Pool>,
     options: ScanOptions,
 }
 
@@ -318,7 +326,7 @@ impl Ctx {
         if let Some(direct) = &self.direct
             && !self.direct_failed.load(Ordering::Relaxed)
         {
-            match read_direct(direct, offset, len) {
+            match read_direct(direct, offset, len, &self.pool) {
                 Ok(Some(b)) => return Ok(b),
                 // Short (the file changed size?): the buffered read below reports it exactly.
                 Ok(None) => {}
@@ -404,20 +412,26 @@ impl Ctx {
 /// logical sectors). Block offsets are multiples of the block size (≥ 64 KiB).
 const DIRECT_ALIGN: usize = 4096;
 
-/// Reads a block with `O_DIRECT` into an aligned region of a fresh vector and returns that
-/// region without copying. `Ok(None)` when the read came back short.
-fn read_direct(file: &File, offset: u64, len: usize) -> std::io::Result<Option<Bytes>> {
+/// Reads a block with `O_DIRECT` into an aligned buffer from `pool` and returns it without
+/// copying (the buffer goes back to the pool when the block is dropped). `Ok(None)` when the
+/// read came back short.
+fn read_direct(
+    file: &File,
+    offset: u64,
+    len: usize,
+    pool: &Arc<Pool>,
+) -> std::io::Result<Option<Bytes>> {
     let want = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    let mut buf: Vec<u8> = Vec::with_capacity(want + DIRECT_ALIGN);
-    let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    if pad > DIRECT_ALIGN {
-        return Ok(None);
-    }
-    // The bytes before the aligned start are initialised, so `buf` never holds uninitialised
-    // bytes within its length.
-    buf.resize(pad, 0);
+    let mut buf = pool.take(want);
     let n = loop {
-        let spare = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: `as_mut_ptr` points at an allocation of `capacity() >= want` bytes that `buf`
+        // owns and nothing else borrows; viewing it as uninitialised bytes is always sound.
+        let spare = unsafe {
+            std::slice::from_raw_parts_mut(
+                buf.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+                want,
+            )
+        };
         match rustix::io::pread(file, spare, offset) {
             Ok((read, _)) => break read.len(),
             Err(rustix::io::Errno::INTR) => continue,
@@ -427,10 +441,10 @@ fn read_direct(file: &File, offset: u64, len: usize) -> std::io::Result<Option<B
     if n < len {
         return Ok(None);
     }
-    // SAFETY: `pread` initialised the first `n` bytes of the spare capacity (it returned them
-    // as an initialised slice), which begins at index `pad`; `pad + n <= capacity`.
-    unsafe { buf.set_len(pad + n) };
-    Ok(Some(Bytes::from(buf).slice(pad..pad + len)))
+    // SAFETY: `pread` initialised the first `n <= want <= capacity()` bytes (it returned them
+    // as an initialised slice).
+    unsafe { buf.set_len(n) };
+    Ok(Some(Bytes::from_owner(buf).slice(..len)))
 }
 
 /// The content address of `data`: BLAKE3, or keyed BLAKE3 when `key` is given.

@@ -28,6 +28,7 @@
 
 use crate::Error;
 use crate::crypto::ObjectCipher;
+use bulwark_blockdiff::buffers::{AlignedBuf, Pool};
 
 const MAGIC: &[u8; 4] = b"BWOB";
 const VERSION: u8 = 1;
@@ -193,13 +194,13 @@ pub(crate) fn open_aligned(
     key: &str,
     bytes: &[u8],
     cipher: Option<&ObjectCipher>,
-    pool: &std::sync::Arc<crate::aligned::Pool>,
-) -> Result<(crate::aligned::AlignedBuf, [u8; 32]), Error> {
+    pool: &std::sync::Arc<Pool>,
+) -> Result<(AlignedBuf, [u8; 32]), Error> {
     let p = parse(kind, key, bytes, cipher)?;
     let mut buf = pool.take(p.plain_len as usize);
     if p.compressed {
         let n = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(&p.payload, &mut buf))
+            .and_then(|mut d| d.decompress_to_buffer(&p.payload, &mut Out(&mut buf)))
             .map_err(|e| corrupt(key, format!("payload does not decompress: {e}")))?;
         check_len(key, n, p.plain_len)?;
     } else {
@@ -208,6 +209,27 @@ pub(crate) fn open_aligned(
     }
     check_digest(key, buf.as_ref(), &p.digest, cipher)?;
     Ok((buf, p.digest))
+}
+
+/// zstd's view of an [`AlignedBuf`]: it decompresses into the spare capacity.
+struct Out<'a>(&'a mut AlignedBuf);
+
+// SAFETY: zstd writes at most `capacity()` bytes from `as_mut_ptr()` and then reports how many
+// it initialised through `filled_until`; `as_slice` only exposes the initialised prefix.
+unsafe impl zstd::zstd_safe::WriteBuf for Out<'_> {
+    fn as_slice(&self) -> &[u8] {
+        self.0.as_ref()
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: zstd initialised the first `n <= capacity()` bytes (its contract above).
+        unsafe { self.0.set_len(n) }
+    }
 }
 
 fn corrupt(key: &str, why: String) -> Error {

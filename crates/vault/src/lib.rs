@@ -51,7 +51,6 @@
 //! # Ok(()) }
 //! ```
 
-mod aligned;
 pub mod crypto;
 pub mod envelope;
 pub mod fault;
@@ -376,8 +375,8 @@ pub struct Vault {
     concurrency: usize,
     cipher: Option<Arc<crypto::ObjectCipher>>,
     retry: RetryPolicy,
-    /// Aligned buffers for blocks read back (see `aligned`).
-    buffers: Arc<aligned::Pool>,
+    /// Aligned buffers for blocks read back (`bulwark_blockdiff::buffers`).
+    buffers: Arc<bulwark_blockdiff::buffers::Pool>,
 }
 
 /// How to open (or create) a vault: storage settings, the key of an encrypted vault, and the
@@ -576,7 +575,7 @@ impl Vault {
             store: counting.clone(),
             counting,
             location: label.into(),
-            buffers: aligned::Pool::new(config.block_size as usize, 32),
+            buffers: bulwark_blockdiff::buffers::Pool::new(config.block_size as usize, 32),
             config,
             concurrency: 16,
             cipher,
