@@ -23,7 +23,8 @@
 #     incrementally, and the latest point restored to a new file (checked with cmp in run 1).
 #     Bulwark fsyncs the restored image before renaming it into place; restic and borg do not,
 #     so their restore commands end with `sync -f` (syncfs of the datastore): all three are
-#     timed until the restored data is durable.
+#     timed until the restored data is durable. Before each restore the datastore is synced,
+#     trimmed and left 2 s to finish deferred work of the backup (untimed, for every tool).
 #  4. Baselines: cat image > /dev/null (warm), cat of a fresh reflink clone, zstd -1 -T0.
 #     Bulwark variants: `bulwark` (defaults: 1 MiB blocks, change tracking from the kept reflink
 #     base), `bulwark-notrack` (--no-change-tracking: the incremental reads the whole snapshot),
@@ -209,7 +210,7 @@ for run in $(seq 1 "$RUNS"); do
             measure "$tool" full "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink "${track[@]}" --json
             scatter "$run"
             measure "$tool" incremental "$run" -- "$BULWARK" backup --vault "$repo" --vm guest --disk "os=$IMG" --snapshot reflink "${track[@]}" --json
-            sync
+            settle; sleep 2 # let deferred file-system work of the backup (freeing extents) finish, untimed
             out="$XFS/restore/$tool/guest.img"
             measure "$tool" restore "$run" -- "$BULWARK" restore --vault "$repo" --vm guest --disk os --to "$out" --json
             ;;
@@ -218,7 +219,7 @@ for run in $(seq 1 "$RUNS"); do
             measure restic full "$run" -- restic -r "$repo" backup "$IMG"
             scatter "$run"
             measure restic incremental "$run" -- restic -r "$repo" backup "$IMG"
-            sync
+            settle; sleep 2 # let deferred file-system work of the backup (freeing extents) finish, untimed
             measure restic restore "$run" -- sh -c "restic -r '$repo' restore latest --target '$XFS/restore/restic' && sync -f '$XFS/restore'"
             out="$XFS/restore/restic/$IMG"
             ;;
@@ -227,7 +228,7 @@ for run in $(seq 1 "$RUNS"); do
             measure borg full "$run" -- sh -c "cd '$XFS' && borg create --compression zstd,1 '$repo::full' guest.img"
             scatter "$run"
             measure borg incremental "$run" -- sh -c "cd '$XFS' && borg create --compression zstd,1 '$repo::incremental' guest.img"
-            sync
+            settle; sleep 2 # let deferred file-system work of the backup (freeing extents) finish, untimed
             measure borg restore "$run" -- sh -c "cd '$XFS/restore/borg' && borg extract --sparse '$repo::incremental' && sync -f ."
             out="$XFS/restore/borg/guest.img"
             ;;
