@@ -23,8 +23,8 @@
 #     incrementally, and the latest point restored to a new file (checked with cmp in run 1).
 #     Bulwark fsyncs the restored image before renaming it into place; restic and borg do not,
 #     so their restore commands end with `sync -f` (syncfs of the datastore): all three are
-#     timed until the restored data is durable. Before each restore the datastore is synced,
-#     trimmed and left 2 s to finish deferred work of the backup (untimed, for every tool).
+#     timed until the restored data is durable. Before each restore the datastore is synced
+#     and left 2 s to finish deferred work of the backup (untimed, for every tool).
 #  4. Baselines: cat image > /dev/null (warm), cat of a fresh reflink clone, zstd -1 -T0.
 #     Bulwark variants: `bulwark` (defaults: 1 MiB blocks, change tracking from the kept reflink
 #     base), `bulwark-notrack` (--no-change-tracking: the incremental reads the whole snapshot),
@@ -97,16 +97,20 @@ mountpoint -q "$GUESTMNT" && umount "$GUESTMNT"
 mountpoint -q "$XFS" && umount "$XFS"
 rm -f "$WORK/xfs.img"
 avail=$(df --output=avail -B1 "$WORK" | tail -1)
-if (( avail < SIZE_B * 3 )); then
-    echo "not enough free space in $WORK: $((avail >> 30)) GiB, need about $((SIZE_B * 3 >> 30)) GiB" >&2
+if (( avail < SIZE_B * 9 )); then
+    echo "not enough free space in $WORK: $((avail >> 30)) GiB, need about $((SIZE_B * 9 >> 30)) GiB" >&2
     exit 1
 fi
 # Room for the image, clones' diverging blocks, three repositories and one restore at a time.
-truncate -s $((SIZE_B * 8)) "$WORK/xfs.img"
-mkfs.xfs -q -f -m reflink=1 "$WORK/xfs.img"
-# No online discard: freeing a deleted 4 GiB restore or repository punched holes in the backing
-# file in the background and slowed whichever tool ran next by up to 2x. settle() trims instead,
-# between tools, outside the timed commands.
+# Allocated up front (fallocate; mkfs -K keeps it so): the first writes of the first tool do not
+# pay for allocations in the host file system that later tools find done.
+fallocate -l $((SIZE_B * 8)) "$WORK/xfs.img"
+mkfs.xfs -q -f -K -m reflink=1 "$WORK/xfs.img"
+# No discard, no trim: punching freed blocks out of the backing file (online discard or fstrim)
+# made the next writes allocate in the host file system again, and a restore into such space
+# took up to 2x longer depending on which tool's leftovers had just been freed. Without it every
+# tool writes into space the datastore allocated before, like on a real disk; the backing file
+# grows up to the datastore's size (8x the image) and is deleted at the end.
 mount -o loop "$WORK/xfs.img" "$XFS"
 mkdir -p "$XFS/repos" "$XFS/restore" "$XFS/cache"
 
@@ -155,9 +159,7 @@ measure() {
     printf '  %-8s %-12s run %s: %6.2f s  %7d KiB  (load %s)\n' "$tool" "$op" "$run" "$wall" "$rss" "$load"
 }
 
-settle() { # untimed: write back everything, give freed blocks back to the host
-    sync
-    fstrim "$XFS" > /dev/null 2>&1 || true
+settle() { # untimed: write back everything
     sync
 }
 
