@@ -256,7 +256,7 @@ rm -f "$OUT/time.tmp"
 
 {
     echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-    echo "datastore: XFS (reflink=1) on a loop device backed by a sparse file on $(df --output=fstype "$WORK" | tail -1) ($(df --output=source "$WORK" | tail -1))"
+    echo "datastore: XFS (reflink=1) on a loop device backed by a preallocated file on $(df --output=fstype "$WORK" | tail -1) ($(df --output=source "$WORK" | tail -1))"
     echo "image: $SIZE ext4, allocated $(du -h "$BASE" | cut -f1); scattered writes: 1% of the disk in $WRITE_RUN extents"
     echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "tools: $("$BULWARK" --version 2>/dev/null || echo bulwark), $(restic version | cut -d' ' -f1-2), $(borg --version), zstd $(zstd -V | grep -o 'v[0-9.]*')"
