@@ -184,17 +184,44 @@ fn on_reflink_datastore(fs_type: FsType, name: &str) {
         &dir.path().join("mnt"),
         "reflink",
     );
+    // The incremental knew the unchanged blocks from the extents and did not read them.
+    let inc = &reports[1]["disks"][0];
+    assert!(
+        inc["blocks_not_read"].as_u64().unwrap() > 0,
+        "{name}: {inc}"
+    );
+    // (A block the guest rewrote with the same bytes is read and found unchanged: allow a few.)
+    let (not_read, unchanged) = (
+        inc["blocks_not_read"].as_u64().unwrap(),
+        inc["unchanged_blocks"].as_u64().unwrap(),
+    );
+    assert!(
+        not_read * 10 >= unchanged * 9,
+        "{name}: nearly every unchanged block was known from the extents: {inc}"
+    );
     for r in &reports {
         assert_eq!(r["disks"][0]["snapshot"], "reflink", "{name}: {r}");
         // A reflink clone is metadata only: milliseconds whatever the size.
         assert!(r["snapshot_ms"].as_u64().unwrap() < 2000, "{r}");
     }
-    // The snapshots were removed after the transfer.
+    // The snapshots were removed after the transfer; only the last one stays, moved into
+    // .base/ as the change-tracking base of the next backup.
     let snaps = datastore.path().join(".bulwark-snapshots/guest");
     let left: Vec<_> = std::fs::read_dir(&snaps)
-        .map(|d| d.collect())
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "snapshots left behind: {left:?}");
+    assert_eq!(left, [".base"], "snapshots left behind: {left:?}");
+    let mut base: Vec<_> = std::fs::read_dir(snaps.join(".base"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    base.sort();
+    assert_eq!(
+        base,
+        ["root.img", "root.json"],
+        "{name}: one base and its record"
+    );
     restore_and_check(vault.to_str().unwrap(), &cycle, dir.path());
 }
 
