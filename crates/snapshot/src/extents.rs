@@ -129,8 +129,12 @@ pub fn extents(file: &File, path: &Path) -> Result<Option<Vec<Extent>>, Error> {
         let end = buf.extents[n - 1]
             .fe_logical
             .saturating_add(buf.extents[n - 1].fe_length);
-        if last || end <= start {
+        if last {
             return Ok(Some(out));
+        }
+        if end <= start {
+            // No progress: an extent map that cannot be walked is not trusted.
+            return Ok(None);
         }
         start = end;
     }
@@ -205,25 +209,49 @@ pub fn identical(a: &[Extent], b: &[Extent], len: u64) -> Vec<Range<u64>> {
     out
 }
 
-/// The byte ranges where the files `base` and `snap` provably hold the same data, from their
-/// extent maps alone (see the [module docs](self)). Empty when they are on different file
-/// systems or the file system has no extent maps; only the first `min(len(base), len(snap))`
-/// bytes are compared.
+/// File systems whose extent addresses identify data and whose shared extents are never
+/// written in place: XFS and btrfs. Others are not trusted: the CIFS client, for one, accepts
+/// `FICLONE` and answers FIEMAP with the logical offset as the "physical" one.
+const TRUSTED_FS: [(u64, &str); 2] = [(0x5846_5342, "xfs"), (0x9123_683e, "btrfs")];
+
+/// The name of `file`'s file system if its extent maps can be trusted.
+fn trusted_fs(file: &File) -> Option<&'static str> {
+    let st = rustix::fs::fstatfs(file).ok()?;
+    let magic = u64::try_from(st.f_type).ok()?;
+    TRUSTED_FS
+        .iter()
+        .find(|(m, _)| *m == magic)
+        .map(|(_, name)| *name)
+}
+
+/// The byte ranges where the open files `base` and `snap` provably hold the same data, from
+/// their extent maps alone (see the [module docs](self)). Only the first
+/// `min(len(base), len(snap))` bytes are compared. Empty (nothing known, read everything) when
+/// they are on different file systems, on a file system other than XFS or btrfs, or the extent
+/// maps are incomplete; and when the base's map changed while the snapshot's was read (a
+/// defragmenter or deduplicator at work).
 ///
 /// `base` must be a file that nothing has written since it was cloned: the caller vouches
-/// for that (Bulwark keeps it read-only and checks its ctime).
-pub fn identical_ranges(base: &Path, snap: &Path) -> Result<Vec<Range<u64>>, Error> {
+/// for that (Bulwark keeps it read-only and checks its ctime on this open file).
+pub fn identical_ranges(
+    base: &File,
+    base_path: &Path,
+    snap: &File,
+    snap_path: &Path,
+) -> Result<Vec<Range<u64>>, Error> {
     use std::os::unix::fs::MetadataExt;
-    let fa = File::open(base).map_err(io(base))?;
-    let fb = File::open(snap).map_err(io(snap))?;
-    let ma = fa.metadata().map_err(io(base))?;
-    let mb = fb.metadata().map_err(io(snap))?;
-    if ma.dev() != mb.dev() || !ma.is_file() || !mb.is_file() {
+    let ma = base.metadata().map_err(io(base_path))?;
+    let mb = snap.metadata().map_err(io(snap_path))?;
+    if ma.dev() != mb.dev() || !ma.is_file() || !mb.is_file() || trusted_fs(snap).is_none() {
         return Ok(Vec::new());
     }
-    let (Some(ea), Some(eb)) = (extents(&fa, base)?, extents(&fb, snap)?) else {
+    let (Some(ea), Some(eb)) = (extents(base, base_path)?, extents(snap, snap_path)?) else {
         return Ok(Vec::new());
     };
+    if extents(base, base_path)?.as_ref() != Some(&ea) {
+        tracing::info!(base = %base_path.display(), "the base's extents moved meanwhile; nothing known");
+        return Ok(Vec::new());
+    }
     Ok(identical(&ea, &eb, ma.len().min(mb.len())))
 }
 
@@ -270,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn opaque_and_unwritten_extents_are_not_trusted() {
+    fn opaque_extents_are_not_trusted_and_unwritten_ones_must_match() {
         let mut opaque = ext(0, 1000, 100);
         opaque.addressable = false;
         assert_eq!(identical(&[opaque], &[opaque], 100), vec![]);
@@ -280,33 +308,56 @@ mod tests {
         assert_eq!(identical(&[unwritten], &[unwritten], 100), vec![0..100]);
     }
 
+    #[test]
+    fn only_xfs_and_btrfs_are_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let f = File::open(&path).unwrap();
+        let same = identical_ranges(&f, &path, &f, &path).unwrap();
+        match trusted_fs(&f) {
+            // A file compared with itself: every byte is backed identically.
+            Some(_) => assert_eq!(same, vec![0..1 << 20]),
+            // Anywhere else (ext4, tmpfs, CIFS…) nothing is known, whatever FIEMAP says.
+            None => assert!(same.is_empty(), "{same:?}"),
+        }
+    }
+
     proptest::proptest! {
         /// Whatever the maps, every byte said identical is backed the same way in both.
         #[test]
         fn identical_is_sound(
-            a in proptest::collection::vec((0u64..8, 0u64..4, 1u64..5), 0..6),
-            b in proptest::collection::vec((0u64..8, 0u64..4, 1u64..5), 0..6),
+            a in proptest::collection::vec((0u64..8, 0u64..4, 1u64..5, 0u8..4), 0..6),
+            b in proptest::collection::vec((0u64..8, 0u64..4, 1u64..5, 0u8..4), 0..6),
         ) {
-            let build = |v: &[(u64, u64, u64)]| {
+            // Each extent: a gap before it, a physical base, a length, and flags (bit 0:
+            // opaque, bit 1: unwritten).
+            let build = |v: &[(u64, u64, u64, u8)]| {
                 let mut pos = 0;
                 let mut out = Vec::new();
-                for &(gap, phys, len) in v {
+                for &(gap, phys, len, flags) in v {
                     pos += gap;
-                    out.push(ext(pos * 10, phys * 100 + pos * 10, len * 10));
+                    let mut e = ext(pos * 10, phys * 100 + pos * 10, len * 10);
+                    e.addressable = flags & 1 == 0;
+                    e.unwritten = flags & 2 != 0;
+                    out.push(e);
                     pos += len;
                 }
                 out
             };
             let (ea, eb) = (build(&a), build(&b));
             let len = 200;
+            // What backs byte x: nothing (a hole), or an extent's physical byte and state.
             let at = |m: &[Extent], x: u64| {
                 m.iter()
                     .find(|e| e.logical <= x && x < e.logical + e.length)
-                    .map(|e| e.physical + (x - e.logical))
+                    .map(|e| (e.physical + (x - e.logical), e.addressable, e.unwritten))
             };
             for r in identical(&ea, &eb, len) {
                 for x in r {
-                    proptest::prop_assert_eq!(at(&ea, x), at(&eb, x), "byte {}", x);
+                    let (pa, pb) = (at(&ea, x), at(&eb, x));
+                    proptest::prop_assert_eq!(pa, pb, "byte {}", x);
+                    proptest::prop_assert!(pa.is_none_or(|(_, addressable, _)| addressable), "byte {} opaque", x);
                 }
             }
         }
