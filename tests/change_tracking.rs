@@ -17,6 +17,7 @@ use bulwark_tests::{
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
+const TAIL: usize = 12 * 1024;
 
 struct Env {
     _fs: LoopFs,
@@ -30,9 +31,11 @@ fn env(fs: FsType) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let lfs = LoopFs::create(dir.path(), "store", 512 * MIB, fs);
     let image = lfs.path().join("os.img");
-    // 40 MiB of data in 1 MiB blocks, a 16 MiB hole, 8 MiB more: 64 blocks.
+    // 40 MiB of data in 1 MiB blocks, a 16 MiB hole, 8 MiB more, and a short last block of
+    // 12 KiB: 65 blocks, 49 of them data.
     let f = std::fs::File::create(&image).unwrap();
-    f.set_len(64 * MIB).unwrap();
+    f.set_len(64 * MIB + TAIL as u64).unwrap();
+    f.write_all_at(&pseudo_random(TAIL, 3), 64 * MIB).unwrap();
     f.write_all_at(&pseudo_random((40 * MIB) as usize, 1), 0)
         .unwrap();
     f.write_all_at(&pseudo_random((8 * MIB) as usize, 2), 56 * MIB)
@@ -114,24 +117,25 @@ fn scenario(fs: FsType) {
     let e = env(fs);
     let full = e.backup(&[]);
     let s = stats(&full);
-    assert_eq!(u(s, "changed_blocks"), 48, "{s}");
+    assert_eq!(u(s, "changed_blocks"), 49, "{s}");
     assert_eq!(u(s, "blocks_not_read"), 0);
     let d1 = file_digest(&e.image);
     assert!(e.base().exists(), "the snapshot is kept as the base");
     let mode = std::fs::metadata(e.base()).unwrap().permissions().mode();
     assert_eq!(mode & 0o222, 0, "the base is read-only");
 
-    // The guest writes 64 KiB in block 3, 4 KiB across the 9/10 boundary, and a block in the
-    // hole (which was a hole in the base).
+    // The guest writes 64 KiB in block 3, 4 KiB across the 9/10 boundary, a block in the
+    // hole (which was a hole in the base) and into the short last block.
     e.write(3 * MIB + 4096, 65536, 10);
     e.write(10 * MIB - 2048, 4096, 11);
     e.write(45 * MIB, 4096, 12);
+    e.write(64 * MIB + 4096, 100, 16);
     let inc = e.backup(&[]);
     let s = stats(&inc);
-    assert_eq!(u(s, "changed_blocks"), 4, "blocks 3, 9, 10 and 45: {s}");
+    assert_eq!(u(s, "changed_blocks"), 5, "blocks 3, 9, 10, 45 and 64: {s}");
     assert_eq!(
         u(s, "bytes_read"),
-        4 * MIB,
+        4 * MIB + TAIL as u64,
         "only the changed blocks are read: {s}"
     );
     assert_eq!(u(s, "blocks_not_read"), 45, "{s}");
@@ -167,7 +171,7 @@ fn scenario(fs: FsType) {
     e.write(0, 4096, 15);
     let tracked = e.backup(&[]);
     assert_eq!(u(stats(&tracked), "changed_blocks"), 1);
-    assert_eq!(u(stats(&tracked), "blocks_not_read"), 48);
+    assert_eq!(u(stats(&tracked), "blocks_not_read"), 49);
     let d5 = file_digest(&e.image);
 
     for (r, d) in [
@@ -258,7 +262,64 @@ fn kept_snapshots_and_change_tracking() {
     e.write(7 * MIB, 8192, 30);
     let second = e.backup(&keep);
     assert_eq!(u(stats(&second), "changed_blocks"), 1);
-    assert_eq!(u(stats(&second), "blocks_not_read"), 47);
+    assert_eq!(u(stats(&second), "blocks_not_read"), 48);
     assert!(kept.exists(), "the first kept snapshot is untouched");
     e.check_restore(second["point"].as_str().unwrap(), &file_digest(&e.image));
+}
+
+/// While another backup of the disk holds its base (the lock), a backup reads the whole disk
+/// and leaves the base alone; tracking resumes once the base is the latest point's again.
+#[test]
+fn locked_base_is_left_alone() {
+    if !root_or_skip("locked_base_is_left_alone", &["mkfs.xfs", "losetup"]) {
+        return;
+    }
+    let e = env(FsType::XfsReflink);
+    e.backup(&[]);
+    let info = e.base().with_extension("json");
+    let record = std::fs::read(&info).unwrap();
+    let lock = std::fs::File::open(e.base().with_extension("lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    e.write(5 * MIB, 4096, 40);
+    let busy = e.backup(&[]);
+    assert_eq!(
+        u(stats(&busy), "blocks_not_read"),
+        0,
+        "base busy: read it all"
+    );
+    assert_eq!(u(stats(&busy), "changed_blocks"), 1);
+    assert_eq!(
+        std::fs::read(&info).unwrap(),
+        record,
+        "the base was left alone"
+    );
+    drop(lock);
+    // The base still holds the first point, not the latest: not trusted, replaced.
+    e.write(6 * MIB, 4096, 41);
+    let stale = e.backup(&[]);
+    assert_eq!(u(stats(&stale), "blocks_not_read"), 0);
+    assert_eq!(u(stats(&stale), "changed_blocks"), 1);
+    e.write(7 * MIB, 4096, 42);
+    let tracked = e.backup(&[]);
+    assert_eq!(u(stats(&tracked), "blocks_not_read"), 48);
+    assert_eq!(u(stats(&tracked), "changed_blocks"), 1);
+    for r in [&busy, &stale] {
+        let p = r["point"].as_str().unwrap();
+        let to = e.restores.join(p);
+        let out = controller([
+            "restore",
+            "--vault",
+            &e.vault,
+            "--vm",
+            "vm1",
+            "--point",
+            p,
+            "--disk",
+            "os",
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "restore: {}", stderr_of(&out));
+    }
+    e.check_restore(tracked["point"].as_str().unwrap(), &file_digest(&e.image));
 }

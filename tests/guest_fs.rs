@@ -219,7 +219,7 @@ fn on_reflink_datastore(fs_type: FsType, name: &str) {
     base.sort();
     assert_eq!(
         base,
-        ["root.img", "root.json"],
+        ["root.img", "root.json", "root.lock"],
         "{name}: one base and its record"
     );
     restore_and_check(vault.to_str().unwrap(), &cycle, dir.path());

@@ -176,6 +176,16 @@ pub struct TakenSnapshots {
     pub elapsed_ms: u64,
 }
 
+/// What a backup does with a disk's change-tracking base.
+enum Tracking {
+    /// Compare against it, then replace it with this backup's snapshot.
+    Use(Arc<Base>),
+    /// Tracking is off or impossible (no reflink): remove it.
+    Remove(Base),
+    /// Another backup of the disk holds it: leave it alone.
+    Leave,
+}
+
 /// The directory of a VM's snapshots of `disk`.
 fn snapshot_dir(req: &BackupRequest, disk: &DiskSpec) -> PathBuf {
     match &req.snapshot.dir {
@@ -327,13 +337,30 @@ async fn transfer_leased(
     let previous = vault.latest_point(&req.vm).await?;
     let point = taken.point.clone();
     tracing::info!(point = %point, previous = previous.as_ref().map(|p| p.id.as_str()), "transfer");
-    // A change-tracking base per disk, where the snapshot is a reflink.
-    let bases: Vec<Option<Base>> = taken
+    // Change tracking per disk: its base, locked for this backup, where the snapshot is a
+    // reflink and tracking is on; else whatever base there is goes (when no other backup of
+    // the disk holds it).
+    let bases: Vec<Tracking> = taken
         .snapshots
         .iter()
         .map(|(spec, snap)| {
-            (req.snapshot.change_tracking && snap.provider() == Provider::Reflink)
-                .then(|| Base::new(&snapshot_dir(req, spec), &spec.name))
+            let want = req.snapshot.change_tracking && snap.provider() == Provider::Reflink;
+            let dir = snapshot_dir(req, spec);
+            if !want && !Base::exists(&dir, &spec.name) {
+                return Tracking::Leave;
+            }
+            match Base::lock(&dir, &spec.name) {
+                Ok(Some(b)) if want => Tracking::Use(Arc::new(b)),
+                Ok(Some(b)) => Tracking::Remove(b),
+                Ok(None) => {
+                    tracing::info!(disk = %spec.name, "another backup of this disk holds its change-tracking base; reading all of it");
+                    Tracking::Leave
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %spec.name, error = %e, "cannot lock the change-tracking base; reading all of the disk");
+                    Tracking::Leave
+                }
+            }
         })
         .collect();
     let jobs = taken
@@ -352,7 +379,10 @@ async fn transfer_leased(
                 spec,
                 snap,
                 prev,
-                base.clone(),
+                match base {
+                    Tracking::Use(b) => Some(b.clone()),
+                    _ => None,
+                },
                 req.upload_concurrency,
                 progress.clone(),
             )
@@ -389,8 +419,9 @@ async fn transfer_leased(
     let mut taken = taken;
     for (((spec, snap), base), record) in taken.snapshots.iter_mut().zip(&bases).zip(&rp.disks) {
         let r = match base {
-            Some(b) => b.replace(snap, &point, &record.manifest_digest, record.block_size),
-            None => Base::new(&snapshot_dir(req, spec), &spec.name).remove(),
+            Tracking::Use(b) => b.replace(snap, &point, &record.manifest_digest, record.block_size),
+            Tracking::Remove(b) => b.remove(),
+            Tracking::Leave => Ok(()),
         };
         if let Err(e) = r {
             tracing::warn!(disk = %spec.name, error = %e, "cannot keep the change-tracking base; the next backup of this disk reads all of it");
@@ -422,7 +453,7 @@ async fn transfer_disk(
     spec: &DiskSpec,
     snap: &Snapshot,
     prev: Option<(&RecoveryPoint, &DiskRecord)>,
-    base: Option<Base>,
+    base: Option<Arc<Base>>,
     upload_concurrency: usize,
     progress: Arc<dyn Progress>,
 ) -> Result<(DiskRecord, Option<String>), Error> {

@@ -1,7 +1,7 @@
 //! Change tracking between backups of a disk, from reflink extents.
 //!
-//! After a point is committed, the snapshot each disk was read from is cloned (a reflink:
-//! milliseconds, no data copied) to a *base* beside the snapshots:
+//! After a point is committed, the snapshot each disk was read from becomes the disk's *base*
+//! (moved there; a reflink clone when the snapshot is kept for instant restore):
 //! `<snapshot dir>/<vm>/.base/<disk>.img`, with `<disk>.json` saying which point and which
 //! manifest it holds. The next backup of the disk compares its new snapshot's extent map with
 //! the base's (`bulwark_snapshot::identical_ranges`): blocks whose extents are still shared
@@ -12,11 +12,16 @@
 //! the previous point of the disk in the vault, the same block size and disk size, the same
 //! file (device, inode) with an unchanged ctime (nothing wrote to it; it is also read-only).
 //! Anything else, and any error, means a full read: correctness never depends on the base.
+//! The identity is checked on the very file descriptor whose extents are then read, and one
+//! backup at a time uses and replaces a disk's base (`<disk>.lock`, a non-blocking `flock`
+//! held from before the comparison until after the replacement): a second backup of the same
+//! disk meanwhile reads it in full and leaves the base alone.
 //!
 //! Cost: the base holds on to the blocks the guest has overwritten since the last backup (as
 //! any snapshot does), until the next backup replaces it. It exists only where the snapshot
 //! was a reflink.
 
+use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -36,21 +41,42 @@ struct BaseInfo {
     ctime_ns: i128,
 }
 
-/// The base of one disk.
-#[derive(Debug, Clone)]
+/// The base of one disk, locked for this backup.
+#[derive(Debug)]
 pub(crate) struct Base {
     image: PathBuf,
     info: PathBuf,
+    /// Holds the exclusive `flock` until dropped.
+    _lock: File,
 }
 
 impl Base {
-    /// The base of `disk` of the VM whose snapshots are in `vm_dir`.
-    pub(crate) fn new(vm_dir: &Path, disk: &str) -> Base {
+    /// Whether `disk` has a base (or the record of one).
+    pub(crate) fn exists(vm_dir: &Path, disk: &str) -> bool {
         let dir = vm_dir.join(".base");
-        Base {
+        dir.join(format!("{disk}.img")).exists() || dir.join(format!("{disk}.json")).exists()
+    }
+
+    /// Locks the base of `disk` of the VM whose snapshots are in `vm_dir`. `Ok(None)` when
+    /// another backup holds it.
+    pub(crate) fn lock(vm_dir: &Path, disk: &str) -> std::io::Result<Option<Base>> {
+        let dir = vm_dir.join(".base");
+        std::fs::create_dir_all(&dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{disk}.lock")))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(Base {
             image: dir.join(format!("{disk}.img")),
             info: dir.join(format!("{disk}.json")),
-        }
+            _lock: lock,
+        }))
     }
 
     /// The byte ranges of `snapshot` known to hold the same data as the previous point's
@@ -78,17 +104,22 @@ impl Base {
                 return Vec::new();
             }
         };
+        let (Ok(base), Ok(snap)) = (File::open(&self.image), File::open(snapshot)) else {
+            tracing::info!(base = %self.image.display(), "no change-tracking base; reading the whole disk");
+            return Vec::new();
+        };
         let matches = info.point == point
             && info.manifest_digest == digest
             && info.block_size == block_size
             && info.size == size
-            && std::fs::metadata(&self.image)
+            && base
+                .metadata()
                 .is_ok_and(|m| identity(&m) == (info.dev, info.ino, info.ctime_ns));
         if !matches {
             tracing::info!(base = %self.image.display(), "change-tracking base is not the previous point's snapshot; reading the whole disk");
             return Vec::new();
         }
-        match bulwark_snapshot::identical_ranges(&self.image, snapshot) {
+        match bulwark_snapshot::identical_ranges(&base, &self.image, &snap, snapshot) {
             Ok(r) => {
                 let same: u64 = r.iter().map(|r| r.end - r.start).sum();
                 tracing::debug!(
@@ -108,7 +139,8 @@ impl Base {
     /// Makes `snapshot` (a reflink snapshot of committed point `point`) the base: the file
     /// itself moves there when nothing else keeps it (no copy, no clone), else a reflink clone
     /// of it does. The old base stops being trusted first, so a crash anywhere in between
-    /// leaves no base or the old one unclaimed, never a base that claims the wrong point.
+    /// leaves no base or the old one unclaimed, never a base that claims the wrong point. The
+    /// identity recorded is that of the file moved, read from its own descriptor.
     pub(crate) fn replace(
         &self,
         snapshot: &mut Snapshot,
@@ -116,24 +148,27 @@ impl Base {
         digest: &str,
         block_size: u32,
     ) -> std::io::Result<()> {
-        let dir = self.image.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
         remove_if_exists(&self.info)?;
-        if snapshot.is_kept() {
+        let pid = std::process::id();
+        let file = if snapshot.is_kept() {
             // Kept for instant restore: the base is a clone of it.
-            let tmp = self.image.with_extension("img.tmp");
+            let tmp = self.image.with_extension(format!("img.tmp-{pid}"));
             remove_if_exists(&tmp)?;
             let taken =
                 bulwark_snapshot::take(snapshot.path(), &tmp, bulwark_snapshot::Provider::Reflink)
                     .map_err(std::io::Error::other)?;
             let tmp = taken.keep();
+            let file = File::open(&tmp)?;
             std::fs::rename(&tmp, &self.image)?;
+            file
         } else {
+            let file = File::open(snapshot.path())?;
             std::fs::rename(snapshot.path(), &self.image)?;
             // Moved: nothing is left to remove when the snapshot is dropped.
             snapshot.set_keep(true);
-        }
-        let meta = std::fs::metadata(&self.image)?;
+            file
+        };
+        let meta = file.metadata()?;
         let (dev, ino, ctime_ns) = identity(&meta);
         let info = BaseInfo {
             point: point.to_string(),
@@ -145,18 +180,19 @@ impl Base {
             ctime_ns,
         };
         let json = serde_json::to_vec_pretty(&info).map_err(std::io::Error::other)?;
-        let tmp_info = self.info.with_extension("json.tmp");
+        let tmp_info = self.info.with_extension(format!("json.tmp-{pid}"));
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp_info)?;
+            let mut f = File::create(&tmp_info)?;
             f.write_all(&json)?;
             f.sync_all()?;
         }
         std::fs::rename(&tmp_info, &self.info)?;
-        std::fs::File::open(dir)?.sync_all()
+        let dir = self.image.parent().unwrap_or(Path::new("."));
+        File::open(dir)?.sync_all()
     }
 
-    /// Removes the base (the disk's snapshot was not a reflink, so it cannot track).
+    /// Removes the base (the disk's snapshot was not a reflink, or tracking is off).
     pub(crate) fn remove(&self) -> std::io::Result<()> {
         remove_if_exists(&self.info)?;
         remove_if_exists(&self.image)
