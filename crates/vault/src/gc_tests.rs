@@ -4,18 +4,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::lease::{LeaseKind, LeaseOptions, LeaseRecord, list_leases, write_lease_record};
+use crate::tests::{commit_map, mem};
 use bulwark_blockdiff::{Entry, content_address};
 use jiff::Timestamp;
-
-async fn mem() -> Vault {
-    Vault::create_store(
-        Arc::new(object_store::memory::InMemory::new()),
-        "memory:",
-        &CreateOptions::default(),
-    )
-    .await
-    .unwrap()
-}
 
 /// Commits a point of `vm` whose single disk holds `blocks` (each one block).
 async fn point_with(v: &Vault, vm: &str, blocks: &[&[u8]]) -> RecoveryPoint {
@@ -30,37 +21,7 @@ async fn point_with(v: &Vault, vm: &str, blocks: &[&[u8]]) -> RecoveryPoint {
     }
     let size = bs.bytes() * blocks.len() as u64;
     let map = BlockMap::new(bs, size, entries).unwrap();
-    let id = new_point_id(Timestamp::now());
-    let (digest, _) = v
-        .put_manifest(
-            &ManifestRef {
-                vm,
-                disk: "d0",
-                point: &id,
-            },
-            &map,
-        )
-        .await
-        .unwrap();
-    let p = RecoveryPoint {
-        id,
-        vm: vm.into(),
-        created: Timestamp::now(),
-        committed: Timestamp::now(),
-        consistency: ConsistencyRecord::crash(),
-        disks: vec![DiskRecord {
-            name: "d0".into(),
-            size,
-            block_size: bs.get(),
-            manifest_digest: digest,
-            source: String::new(),
-            stats: DiskStats::default(),
-        }],
-        policy: None,
-        agent: None,
-    };
-    v.commit_point(&p).await.unwrap();
-    p
+    commit_map(v, vm, &map).await
 }
 
 fn addr(data: &[u8]) -> Address {

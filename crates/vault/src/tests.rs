@@ -4,7 +4,7 @@ use super::*;
 use bulwark_blockdiff::{Entry, content_address};
 use jiff::Timestamp;
 
-async fn mem() -> Vault {
+pub(crate) async fn mem() -> Vault {
     Vault::create_store(
         Arc::new(object_store::memory::InMemory::new()),
         "memory:",
@@ -26,6 +26,12 @@ async fn one_point(v: &Vault, vm: &str, data: &[u8]) -> RecoveryPoint {
         vec![Entry::Data { change: 1, address }],
     )
     .unwrap();
+    commit_map(v, vm, &map).await
+}
+
+/// Commits a crash-consistent point of `vm` whose single disk `d0` has the block map `map`
+/// (its blocks already stored).
+pub(crate) async fn commit_map(v: &Vault, vm: &str, map: &BlockMap) -> RecoveryPoint {
     let id = new_point_id(Timestamp::now());
     let (digest, _) = v
         .put_manifest(
@@ -34,7 +40,7 @@ async fn one_point(v: &Vault, vm: &str, data: &[u8]) -> RecoveryPoint {
                 disk: "d0",
                 point: &id,
             },
-            &map,
+            map,
         )
         .await
         .unwrap();
@@ -46,8 +52,8 @@ async fn one_point(v: &Vault, vm: &str, data: &[u8]) -> RecoveryPoint {
         consistency: ConsistencyRecord::crash(),
         disks: vec![DiskRecord {
             name: "d0".into(),
-            size: data.len() as u64,
-            block_size: bs.get(),
+            size: map.disk_size(),
+            block_size: map.block_size().get(),
             manifest_digest: digest,
             source: String::new(),
             stats: DiskStats::default(),
