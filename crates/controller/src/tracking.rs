@@ -90,15 +90,14 @@ impl Base {
         block_size: u32,
         size: u64,
     ) -> Vec<Range<u64>> {
-        let info: BaseInfo = match std::fs::read(&self.info) {
-            Ok(b) => match serde_json::from_slice(&b) {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::warn!(file = %self.info.display(), error = %e, "unreadable change-tracking base; reading the whole disk");
-                    return Vec::new();
-                }
-            },
+        let read = match std::fs::read(&self.info) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            r => r
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<BaseInfo>(&b).map_err(|e| e.to_string())),
+        };
+        let info = match read {
+            Ok(i) => i,
             Err(e) => {
                 tracing::warn!(file = %self.info.display(), error = %e, "unreadable change-tracking base; reading the whole disk");
                 return Vec::new();
