@@ -49,6 +49,7 @@
 mod blockmap;
 pub mod buffers;
 mod scan;
+mod source;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,7 @@ pub use scan::{
     BlockEvent, Disk, ScanOptions, content_address, default_parallelism, is_zero, scan,
     scan_tracked,
 };
+pub use source::BlockSource;
 
 /// Errors of the block-diff engine.
 #[derive(Debug, thiserror::Error)]

@@ -37,7 +37,11 @@ use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 mod extents;
+mod source;
 pub use extents::identical_ranges;
+pub use source::{
+    Changes, DiskSource, Outcome, PendingSnapshot, PreviousDisk, Released, Snapshotter, Tracking,
+};
 
 /// Errors of the snapshot providers.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,117 @@
+//! Disk sources: the point-in-time disks a backup reads, whatever provides them.
+//!
+//! A [`Snapshotter`] takes every disk of one VM at one instant; each disk it gives is a
+//! [`DiskSource`]: a reader at offsets (with holes), optionally the ranges known unchanged since
+//! the previous recovery point, a tracking record for the next backup, and a release step. The
+//! transfer never knows which kind it reads (a reflink clone, a sparse copy, an NBD export of a
+//! running QEMU's point in time, an offline qcow2 image).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bulwark_blockdiff::BlockSource;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// What the previous recovery point recorded of a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousDisk {
+    /// The previous point's id.
+    pub point: String,
+    /// The BLAKE3 digest (hex) of that point's manifest of this disk.
+    pub manifest_digest: String,
+    /// The disk's size at that point.
+    pub size: u64,
+    /// The tracking record the source gave at that point, if any.
+    pub tracking: Option<Tracking>,
+}
+
+/// A source's change-tracking record, stored with the disk in the recovery point and handed
+/// back on the next backup (for example kind `qemu-dirty-bitmap` with the bitmap's name, the
+/// point it started at, the disk size, and the identity of the QEMU process holding it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// Which tracker wrote it.
+    pub kind: String,
+    /// The tracker's own fields.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+}
+
+/// What a source knows of the changes since a previous point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Byte ranges known to hold the same data as at the previous point (sorted, disjoint).
+    /// Blocks wholly inside them are not read.
+    Unchanged(Vec<Range<u64>>),
+    /// Not known: every block is read. The reason goes into the disk's report.
+    Unknown {
+        /// Why (no base, base of another point, disk resized, bitmap missing, ...).
+        reason: String,
+    },
+}
+
+/// How the job that read a source ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The recovery point was committed: the source's tracking state becomes the base of the
+    /// next backup, and the snapshot is kept when `keep` says so.
+    Committed {
+        /// The committed point's id.
+        point: String,
+        /// Keep the point-in-time copy on the host (instant-restore tier), where the kind can.
+        keep: bool,
+    },
+    /// The job failed or was cancelled: nothing was committed. The source rolls back so that
+    /// the next backup still sees every change since the last committed point.
+    Failed,
+}
+
+/// What a release left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The kept snapshot file, when one was kept.
+    pub kept: Option<PathBuf>,
+}
+
+/// One point-in-time disk of a VM.
+#[async_trait::async_trait]
+pub trait DiskSource: Send + Sync + Debug {
+    /// The disk's name (as in the vault).
+    fn name(&self) -> &str;
+
+    /// The reader the transfer scans.
+    fn reader(&self) -> Arc<dyn BlockSource>;
+
+    /// The ranges known unchanged since `previous`, or why that is not known. A source must
+    /// answer [`Changes::Unknown`] unless it can prove the ranges hold `previous`'s data.
+    async fn changes_since(&self, previous: &PreviousDisk) -> Result<Changes, Error>;
+
+    /// The record to store in the new point, for the next backup's [`DiskSource::changes_since`].
+    fn tracking(&self) -> Option<Tracking>;
+
+    /// Ends the source's life after the job: see [`Outcome`]. Called exactly once; a source
+    /// dropped without it cleans up as for [`Outcome::Failed`].
+    async fn release(self: Box<Self>, outcome: Outcome) -> Result<Released, Error>;
+}
+
+/// Takes every disk of one VM at one instant.
+#[async_trait::async_trait]
+pub trait Snapshotter: Send + Sync + Debug {
+    /// The slow part, done before any guest is frozen: find the disks, check them, create
+    /// temporary images, connect.
+    async fn prepare(&self, vm: &str) -> Result<Box<dyn PendingSnapshot>, Error>;
+}
+
+/// A prepared snapshot: [`PendingSnapshot::take`] is the only call made while the guest is
+/// frozen, so it must be fast (a reflink per disk, one QMP transaction). Dropping it without
+/// taking cleans up what `prepare` made.
+#[async_trait::async_trait]
+pub trait PendingSnapshot: Send + Debug {
+    /// Takes all disks at one instant.
+    async fn take(self: Box<Self>) -> Result<Vec<Box<dyn DiskSource>>, Error>;
+}
