@@ -1,0 +1,730 @@
+//! The point in time of a running VM's disks: fleecing images, one QMP `transaction`, NBD
+//! exports of the fleecing nodes, and the dirty-bitmap handover.
+//!
+//! The QMP sequence (QEMU 7.2):
+//!
+//! * prepare: `query-block` (disks), `query-named-block-nodes` (bitmaps); per disk
+//!   `qemu-img create -f qcow2 FILE SIZE` and `blockdev-add` of a qcow2 node on it whose
+//!   backing is the live disk's node;
+//! * take: one `transaction` of, per disk, `block-dirty-bitmap-add` (the new bitmap:
+//!   persistent on qcow2), `block-dirty-bitmap-disable` of each enabled `bulwark-` bitmap (the
+//!   base, now frozen: the changes since the previous point), and `blockdev-backup sync=none`
+//!   from the disk into the fleecing node (copy-before-write: a guest write first copies the old
+//!   data into the fleecing image); then `nbd-server-start` on a Unix socket and, per disk,
+//!   `block-export-add` of the fleecing node, read-only, with the frozen bitmaps;
+//! * release: `block-export-del` (hard), `block-job-cancel`, `blockdev-del`, remove the file,
+//!   `nbd-server-stop` after the last disk; then either `block-dirty-bitmap-remove` of the frozen
+//!   bases (committed: the new bitmap is the next base) or `block-dirty-bitmap-merge` of the new
+//!   bitmap into each base, `block-dirty-bitmap-enable` of the bases and
+//!   `block-dirty-bitmap-remove` of the new one (failed: the next backup still sees every change
+//!   since the last committed point).
+//!
+//! Every object it makes is named `bulwark-...`, so [`cleanup_leftovers`] can remove what a
+//! killed controller left. Nothing here pauses the VM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::disks::{VmDisk, discover, select};
+use crate::{Error, Qmp};
+
+/// The prefix of every object Bulwark makes in QEMU (nodes, jobs, exports, bitmaps, files).
+pub const PREFIX: &str = "bulwark-";
+
+/// Where and how to make the point in time.
+#[derive(Debug, Clone)]
+pub struct FleeceOptions {
+    /// Directory for the temporary fleecing images; `None`: next to each disk's image.
+    pub fleece_dir: Option<PathBuf>,
+    /// Directory for the NBD server's Unix socket.
+    pub socket_dir: PathBuf,
+    /// The `qemu-img` program.
+    pub qemu_img: PathBuf,
+    /// The disks to take (names as [`VmDisk::name`]); empty: every writable disk.
+    pub disks: Vec<String>,
+}
+
+impl FleeceOptions {
+    /// Defaults: fleecing images next to the images, `qemu-img` from the PATH, every disk.
+    pub fn new(socket_dir: impl Into<PathBuf>) -> Self {
+        FleeceOptions {
+            fleece_dir: None,
+            socket_dir: socket_dir.into(),
+            qemu_img: PathBuf::from("qemu-img"),
+            disks: Vec::new(),
+        }
+    }
+}
+
+/// A dirty bitmap as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether it records writes (enabled).
+    pub recording: bool,
+    /// Whether it is stored in the image.
+    pub persistent: bool,
+    /// Whether QEMU marks it inconsistent (e.g. QEMU died while it was in use).
+    pub inconsistent: bool,
+    /// Whether an operation holds it.
+    pub busy: bool,
+    /// Its granularity in bytes.
+    pub granularity: u32,
+    /// Dirty bytes.
+    pub count: u64,
+}
+
+/// The dirty bitmaps of a node.
+pub async fn bitmaps(qmp: &Qmp, node: &str) -> Result<Vec<BitmapInfo>, Error> {
+    let nodes = qmp
+        .run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, node)
+        .await?;
+    let Some(info) = nodes.into_iter().find(|n| n.node_name.as_deref() == Some(node)) else {
+        return Err(Error::Disk {
+            socket: qmp.socket().to_path_buf(),
+            disk: node.to_string(),
+            reason: "node not found in query-named-block-nodes".into(),
+        });
+    };
+    Ok(info
+        .dirty_bitmaps
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|b| {
+            Some(BitmapInfo {
+                name: b.name?,
+                recording: b.recording,
+                persistent: b.persistent,
+                inconsistent: b.inconsistent.unwrap_or(false),
+                busy: b.busy,
+                granularity: b.granularity,
+                count: u64::try_from(b.count).unwrap_or(0),
+            })
+        })
+        .collect())
+}
+
+fn random_token() -> String {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// One disk's part of a point in time.
+#[derive(Debug, Clone)]
+pub struct FleeceDisk {
+    /// The disk.
+    pub disk: VmDisk,
+    /// The fleecing node.
+    pub fleece_node: String,
+    /// The fleecing image file.
+    pub fleece_file: PathBuf,
+    /// The copy-before-write job.
+    pub job: String,
+    /// The NBD export id (the export's NBD name is the disk name).
+    pub export: String,
+    /// The bitmap that starts at this point.
+    pub new_bitmap: String,
+    /// The bitmaps frozen at this point (the enabled `bulwark-` bitmaps before it: the changes
+    /// since the previous point), as QEMU reported them just before.
+    pub frozen: Vec<BitmapInfo>,
+    /// Whether QEMU holds its bitmaps in the image (qcow2).
+    pub persistent: bool,
+}
+
+/// What the controller's side shares between a point's disks: the QMP session and the NBD server.
+#[derive(Debug)]
+struct Shared {
+    qmp: Arc<Qmp>,
+    socket: PathBuf,
+    server_started: Mutex<bool>,
+    live_disks: AtomicUsize,
+}
+
+/// Made by [`Fleecing::prepare`]: fleecing images and nodes are ready, nothing is frozen yet.
+#[derive(Debug)]
+pub struct Fleecing {
+    shared: Arc<Shared>,
+    token: String,
+    disks: Vec<FleeceDisk>,
+    /// Which disks have their fleecing node added (they need cleaning up).
+    armed: bool,
+}
+
+/// One disk of a taken point in time: exported over NBD until released.
+#[derive(Debug)]
+pub struct TakenDisk {
+    shared: Arc<Shared>,
+    info: FleeceDisk,
+    released: bool,
+}
+
+async fn remove_quietly(qmp: &Qmp, what: &str, r: Result<(), Error>) {
+    if let Err(e) = r {
+        tracing::warn!(socket = %qmp.socket().display(), "cleanup: {what}: {e}");
+    }
+}
+
+impl Fleecing {
+    /// The slow part, before any freeze: removes leftovers of a killed run, finds the disks,
+    /// creates and opens the fleecing images.
+    pub async fn prepare(qmp: Arc<Qmp>, options: &FleeceOptions) -> Result<Fleecing, Error> {
+        cleanup_leftovers(&qmp, &options.socket_dir).await?;
+        let disks = select(&qmp, discover(&qmp).await?, &options.disks)?;
+        let token = random_token();
+        let identity = qmp.identity().cloned();
+        let socket_name = match &identity {
+            Some(id) => format!("{PREFIX}nbd-{}-{}-{token}.sock", id.pid, id.start_time),
+            None => format!("{PREFIX}nbd-0-0-{token}.sock"),
+        };
+        let shared = Arc::new(Shared {
+            qmp: qmp.clone(),
+            socket: options.socket_dir.join(socket_name),
+            server_started: Mutex::new(false),
+            live_disks: AtomicUsize::new(0),
+        });
+        let mut fleecing = Fleecing {
+            shared,
+            token: token.clone(),
+            disks: Vec::new(),
+            armed: true,
+        };
+        for (i, disk) in disks.into_iter().enumerate() {
+            let dir = match &options.fleece_dir {
+                Some(d) => d.clone(),
+                None => Path::new(&disk.file)
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from(".")),
+            };
+            let frozen: Vec<BitmapInfo> = bitmaps(&qmp, &disk.node)
+                .await?
+                .into_iter()
+                .filter(|b| b.name.starts_with(PREFIX) && b.recording)
+                .collect();
+            let fd = FleeceDisk {
+                fleece_node: format!("{PREFIX}fleece-{token}-{i}"),
+                fleece_file: dir.join(format!("{PREFIX}fleece-{token}-{i}.qcow2")),
+                job: format!("{PREFIX}job-{token}-{i}"),
+                export: format!("{PREFIX}export-{token}-{i}"),
+                new_bitmap: format!("{PREFIX}bitmap-{token}"),
+                persistent: disk.persistent_bitmaps(),
+                frozen,
+                disk,
+            };
+            let created = create_fleece_image(&qmp, options, &fd).await;
+            if let Err(e) = created {
+                fleecing.abort().await;
+                return Err(e);
+            }
+            fleecing.disks.push(fd.clone());
+            let added = qmp
+                .run_json::<qapi::qmp::blockdev_add>(
+                    json!({
+                        "driver": "qcow2",
+                        "node-name": fd.fleece_node,
+                        "file": {"driver": "file", "filename": path_str(&fd.fleece_file)},
+                        "backing": fd.disk.node,
+                        "read-only": false,
+                    }),
+                    &fd.fleece_node,
+                )
+                .await;
+            if let Err(e) = added {
+                fleecing.abort().await;
+                return Err(e);
+            }
+        }
+        tracing::info!(token = %fleecing.token, disks = fleecing.disks.len(), "fleecing prepared");
+        Ok(fleecing)
+    }
+
+    /// The disks this point will take.
+    pub fn disks(&self) -> &[FleeceDisk] {
+        &self.disks
+    }
+
+    /// The fast part: one QMP `transaction` over all disks (the instant), then the NBD exports.
+    pub async fn take(mut self) -> Result<Vec<TakenDisk>, Error> {
+        let qmp = self.shared.qmp.clone();
+        let mut actions = Vec::new();
+        for d in &self.disks {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": d.disk.node, "name": d.new_bitmap, "persistent": d.persistent}}));
+            for b in &d.frozen {
+                actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
+                    "node": d.disk.node, "name": b.name}}));
+            }
+            actions.push(json!({"type": "blockdev-backup", "data": {
+                "job-id": d.job, "device": d.disk.node, "target": d.fleece_node,
+                "sync": "none", "auto-finalize": true, "auto-dismiss": true}}));
+        }
+        let started = std::time::Instant::now();
+        let result = qmp
+            .run_json::<qapi::qmp::transaction>(json!({ "actions": actions }), &self.token)
+            .await;
+        if let Err(e) = result {
+            self.abort().await;
+            return Err(e);
+        }
+        tracing::info!(token = %self.token, micros = started.elapsed().as_micros() as u64, "point in time taken");
+        // From here the disks own their cleanup (bitmaps included).
+        self.armed = false;
+        let disks: Vec<TakenDisk> = std::mem::take(&mut self.disks)
+            .into_iter()
+            .map(|info| {
+                self.shared.live_disks.fetch_add(1, Ordering::SeqCst);
+                TakenDisk {
+                    shared: self.shared.clone(),
+                    info,
+                    released: false,
+                }
+            })
+            .collect();
+        let exported = export_all(&self.shared, &disks).await;
+        if let Err(e) = exported {
+            for d in disks {
+                remove_quietly(&qmp, "releasing after a failed export", d.release(false).await)
+                    .await;
+            }
+            return Err(e);
+        }
+        Ok(disks)
+    }
+
+    /// Removes what `prepare` made (nodes and files).
+    async fn abort(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        let qmp = self.shared.qmp.clone();
+        for d in std::mem::take(&mut self.disks) {
+            remove_quietly(&qmp, &d.job, cancel_job(&qmp, &d.job).await).await;
+            remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
+            remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
+            remove_quietly(&qmp, &d.new_bitmap, remove_bitmap(&qmp, &d.disk.node, &d.new_bitmap).await).await;
+        }
+    }
+}
+
+impl Drop for Fleecing {
+    fn drop(&mut self) {
+        if !self.armed || self.disks.is_empty() {
+            return;
+        }
+        self.armed = false;
+        let disks = std::mem::take(&mut self.disks);
+        let qmp = self.shared.qmp.clone();
+        spawn_cleanup(async move {
+            for d in disks {
+                remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
+                remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
+            }
+        });
+    }
+}
+
+fn spawn_cleanup(f: impl std::future::Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(f);
+        }
+        Err(_) => tracing::warn!(
+            "dropped outside a tokio runtime: QEMU-side bulwark- objects stay until the next backup's cleanup"
+        ),
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+async fn create_fleece_image(qmp: &Qmp, options: &FleeceOptions, d: &FleeceDisk) -> Result<(), Error> {
+    let args = vec![
+        "create".to_string(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        path_str(&d.fleece_file),
+        d.disk.size.to_string(),
+    ];
+    let out = tokio::process::Command::new(&options.qemu_img)
+        .args(&args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| Error::Tool {
+            program: path_str(&options.qemu_img),
+            args: args.join(" "),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            program: path_str(&options.qemu_img),
+            args: args.join(" "),
+            reason: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        });
+    }
+    // QEMU opens the file itself: give it to QEMU's user when that is another one.
+    if let Some(id) = qmp.identity()
+        && let Some((uid, gid)) = id.owner
+        && uid != rustix::process::geteuid().as_raw()
+    {
+        rustix::fs::chown(
+            &d.fleece_file,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .map_err(|e| Error::File {
+            path: d.fleece_file.clone(),
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}
+
+async fn export_all(shared: &Shared, disks: &[TakenDisk]) -> Result<(), Error> {
+    let qmp = &shared.qmp;
+    {
+        let mut started = shared.server_started.lock().await;
+        if !*started {
+            qmp.run_json::<qapi::qmp::nbd_server_start>(
+                json!({"addr": {"type": "unix", "data": {"path": path_str(&shared.socket)}}}),
+                &path_str(&shared.socket),
+            )
+            .await?;
+            *started = true;
+        }
+    }
+    for d in disks {
+        let bitmaps: Vec<&str> = d.info.frozen.iter().map(|b| b.name.as_str()).collect();
+        qmp.run_json::<qapi::qmp::block_export_add>(
+            json!({"type": "nbd", "id": d.info.export, "node-name": d.info.fleece_node,
+                   "name": d.info.disk.name, "writable": false, "bitmaps": bitmaps}),
+            &d.info.export,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl TakenDisk {
+    /// What this disk's point is made of.
+    pub fn info(&self) -> &FleeceDisk {
+        &self.info
+    }
+
+    /// The NBD server's Unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.shared.socket
+    }
+
+    /// The QMP session.
+    pub fn qmp(&self) -> &Arc<Qmp> {
+        &self.shared.qmp
+    }
+
+    /// The export as an NBD URI (`nbd+unix:///NAME?socket=PATH`).
+    pub fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.info.disk.name,
+            self.shared.socket.display()
+        )
+    }
+
+    /// Whether the copy-before-write job still runs. If it stopped (e.g. the fleecing image's
+    /// file system is full), the export no longer holds the point's bytes and must not be trusted.
+    pub async fn check_job(&self) -> Result<(), Error> {
+        let jobs = self.shared.qmp.run(qapi::qmp::query_jobs {}, &self.info.job).await?;
+        match jobs.iter().find(|j| j.id == self.info.job) {
+            Some(j) if j.error.is_none() && matches!(j.status, qapi::qmp::JobStatus::running | qapi::qmp::JobStatus::ready | qapi::qmp::JobStatus::paused) => Ok(()),
+            Some(j) => Err(Error::Job {
+                socket: self.shared.qmp.socket().to_path_buf(),
+                job: self.info.job.clone(),
+                reason: format!("status {:?}, error {:?}", j.status, j.error),
+            }),
+            None => Err(Error::Job {
+                socket: self.shared.qmp.socket().to_path_buf(),
+                job: self.info.job.clone(),
+                reason: "the job is gone: the export no longer holds the point in time".into(),
+            }),
+        }
+    }
+
+    /// Ends this disk's point: removes the export, job, node and file (the NBD server with the
+    /// last disk), then hands the bitmaps over: `committed` makes the new bitmap the only base;
+    /// otherwise the new bitmap is merged back into the frozen bases, which record again.
+    pub async fn release(mut self, committed: bool) -> Result<(), Error> {
+        self.released = true;
+        release_disk(self.shared.clone(), self.info.clone(), committed).await
+    }
+}
+
+impl Drop for TakenDisk {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        let shared = self.shared.clone();
+        let info = self.info.clone();
+        spawn_cleanup(async move {
+            let qmp = shared.qmp.clone();
+            remove_quietly(&qmp, "releasing a dropped disk", release_disk(shared, info, false).await).await;
+        });
+    }
+}
+
+async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Result<(), Error> {
+    let qmp = &shared.qmp;
+    let mut first: Option<Error> = None;
+    let mut note = |r: Result<(), Error>| {
+        if let Err(e) = r {
+            tracing::warn!("release {}: {e}", d.disk.name);
+            first.get_or_insert(e);
+        }
+    };
+    note(del_export(qmp, &d.export).await);
+    note(cancel_job(qmp, &d.job).await);
+    note(del_node(qmp, &d.fleece_node).await);
+    note(remove_file(&d.fleece_file));
+    if shared.live_disks.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let mut started = shared.server_started.lock().await;
+        if *started {
+            note(qmp.run(qapi::qmp::nbd_server_stop {}, "").await.map(|_| ()));
+            *started = false;
+        }
+        note(remove_file(&shared.socket));
+    }
+    if committed {
+        for b in &d.frozen {
+            note(remove_bitmap(qmp, &d.disk.node, &b.name).await);
+        }
+    } else {
+        note(roll_back_bitmaps(qmp, &d.disk.node, &d.new_bitmap, &d.frozen.iter().map(|b| b.name.clone()).collect::<Vec<_>>()).await);
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Merges `new` into each of `bases`, enables them, removes `new`: no change since the bases'
+/// point is lost, whatever happened to the point that started `new`.
+async fn roll_back_bitmaps(qmp: &Qmp, node: &str, new: &str, bases: &[String]) -> Result<(), Error> {
+    let present: Vec<String> = bitmaps(qmp, node).await?.into_iter().map(|b| b.name).collect();
+    if present.iter().any(|n| n == new) {
+        for base in bases.iter().filter(|b| present.contains(b)) {
+            qmp.run_json::<qapi::qmp::transaction>(
+                json!({"actions": [
+                    {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": base, "bitmaps": [new]}},
+                    {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": base}},
+                ]}),
+                base,
+            )
+            .await?;
+        }
+        remove_bitmap(qmp, node, new).await?;
+    } else {
+        for base in bases.iter().filter(|b| present.contains(b)) {
+            qmp.run(qapi::qmp::block_dirty_bitmap_enable(qapi::qmp::BlockDirtyBitmap { node: node.into(), name: base.clone() }), base)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(e, Error::Command { class, desc, .. }
+        if class.contains("DeviceNotFound") || desc.contains("not found") || desc.contains("No export") || desc.contains("Cannot find") || desc.contains("not running") || desc.contains("No job"))
+}
+
+fn ok_if_missing(r: Result<(), Error>) -> Result<(), Error> {
+    match r {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
+async fn wait_until<F, Fut>(qmp: &Qmp, what: &str, mut gone: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, Error>>,
+{
+    for _ in 0..600 {
+        if gone().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(Error::Job {
+        socket: qmp.socket().to_path_buf(),
+        job: what.to_string(),
+        reason: "still there after 6 s".into(),
+    })
+}
+
+async fn del_export(qmp: &Qmp, id: &str) -> Result<(), Error> {
+    ok_if_missing(
+        qmp.run(
+            qapi::qmp::block_export_del { id: id.into(), mode: Some(qapi::qmp::BlockExportRemoveMode::hard) },
+            id,
+        )
+        .await
+        .map(|_| ()),
+    )?;
+    wait_until(qmp, id, || async {
+        Ok(!qmp.run(qapi::qmp::query_block_exports {}, id).await?.iter().any(|e| e.id == id))
+    })
+    .await
+}
+
+async fn cancel_job(qmp: &Qmp, id: &str) -> Result<(), Error> {
+    let jobs = qmp.run(qapi::qmp::query_jobs {}, id).await?;
+    let Some(job) = jobs.iter().find(|j| j.id == id) else {
+        return Ok(());
+    };
+    use qapi::qmp::JobStatus as S;
+    if matches!(job.status, S::concluded) {
+        ok_if_missing(qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id).await.map(|_| ()))?;
+    } else if !matches!(job.status, S::aborting | S::null) {
+        ok_if_missing(
+            qmp.run(qapi::qmp::block_job_cancel { device: id.into(), force: Some(true) }, id)
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    wait_until(qmp, id, || async {
+        let jobs = qmp.run(qapi::qmp::query_jobs {}, id).await?;
+        match jobs.iter().find(|j| j.id == id) {
+            None => Ok(true),
+            Some(j) if matches!(j.status, S::concluded) => {
+                ok_if_missing(qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id).await.map(|_| ()))?;
+                Ok(false)
+            }
+            Some(_) => Ok(false),
+        }
+    })
+    .await
+}
+
+async fn del_node(qmp: &Qmp, node: &str) -> Result<(), Error> {
+    ok_if_missing(qmp.run(qapi::qmp::blockdev_del { node_name: node.into() }, node).await.map(|_| ()))
+}
+
+async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> Result<(), Error> {
+    ok_if_missing(
+        qmp.run(
+            qapi::qmp::block_dirty_bitmap_remove(qapi::qmp::BlockDirtyBitmap { node: node.into(), name: name.into() }),
+            name,
+        )
+        .await
+        .map(|_| ()),
+    )
+}
+
+fn remove_file(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::File { path: path.to_path_buf(), source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// What [`cleanup_leftovers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Export ids deleted.
+    pub exports: Vec<String>,
+    /// Job ids cancelled.
+    pub jobs: Vec<String>,
+    /// Node names deleted.
+    pub nodes: Vec<String>,
+    /// Files removed (fleecing images, sockets).
+    pub files: Vec<PathBuf>,
+    /// Whether an NBD server Bulwark started was stopped.
+    pub nbd_server: bool,
+    /// Bitmaps rolled back: `(node, new bitmap merged into the frozen ones and removed)`.
+    pub bitmaps: Vec<(String, String)>,
+}
+
+impl Leftovers {
+    /// Whether nothing was left.
+    pub fn is_empty(&self) -> bool {
+        self == &Leftovers::default()
+    }
+}
+
+/// Removes what a killed run left in this QEMU: `bulwark-` exports, jobs, fleecing nodes and
+/// their files, the NBD server Bulwark started (known by its socket in `socket_dir`, named after
+/// this QEMU process), and rolls the bitmaps back as a failed backup would (enabled `bulwark-`
+/// bitmaps are merged into the frozen ones, which record again). Never pauses the VM.
+pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers, Error> {
+    let mut left = Leftovers::default();
+    for e in qmp.run(qapi::qmp::query_block_exports {}, "").await? {
+        if e.id.starts_with(PREFIX) {
+            del_export(qmp, &e.id).await?;
+            left.exports.push(e.id);
+        }
+    }
+    for j in qmp.run(qapi::qmp::query_jobs {}, "").await? {
+        if j.id.starts_with(PREFIX) {
+            cancel_job(qmp, &j.id).await?;
+            left.jobs.push(j.id);
+        }
+    }
+    for n in qmp.run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "").await? {
+        let Some(name) = n.node_name else { continue };
+        if name.starts_with(PREFIX) {
+            del_node(qmp, &name).await?;
+            let file = PathBuf::from(&n.file);
+            if file.file_name().is_some_and(|f| f.to_string_lossy().starts_with(PREFIX)) {
+                remove_file(&file)?;
+                left.files.push(file);
+            }
+            left.nodes.push(name);
+        }
+    }
+    if let Some(id) = qmp.identity() {
+        let mine = format!("{PREFIX}nbd-{}-{}-", id.pid, id.start_time);
+        if let Ok(entries) = std::fs::read_dir(socket_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&mine) && name.ends_with(".sock") {
+                    ok_if_missing(qmp.run(qapi::qmp::nbd_server_stop {}, "").await.map(|_| ()))?;
+                    left.nbd_server = true;
+                    remove_file(&entry.path())?;
+                    left.files.push(entry.path());
+                }
+            }
+        }
+    }
+    for disk in discover(qmp).await? {
+        let ours: Vec<BitmapInfo> = bitmaps(qmp, &disk.node)
+            .await?
+            .into_iter()
+            .filter(|b| b.name.starts_with(PREFIX))
+            .collect();
+        let frozen: Vec<String> = ours.iter().filter(|b| !b.recording).map(|b| b.name.clone()).collect();
+        if frozen.is_empty() {
+            continue;
+        }
+        for new in ours.iter().filter(|b| b.recording) {
+            roll_back_bitmaps(qmp, &disk.node, &new.name, &frozen).await?;
+            left.bitmaps.push((disk.node.clone(), new.name.clone()));
+        }
+        if ours.iter().all(|b| !b.recording) {
+            roll_back_bitmaps(qmp, &disk.node, "", &frozen).await?;
+            left.bitmaps.push((disk.node.clone(), String::new()));
+        }
+    }
+    if !left.is_empty() {
+        tracing::warn!(socket = %qmp.socket().display(), ?left, "removed leftovers of an earlier run");
+    }
+    Ok(left)
+}

@@ -1,0 +1,36 @@
+//! Bulwark's QEMU side: the point in time of a running VM's disks through QMP.
+//!
+//! * [`Qmp`]: a QMP session on a Unix socket (the `qapi` crate's typed commands).
+//! * [`discover`]: the VM's writable disks (`query-block`).
+//! * [`Fleecing`]: fleecing images, one `transaction` over all disks (copy-before-write jobs
+//!   and the dirty-bitmap handover), NBD exports of the point in time, release and roll-back.
+//! * [`cleanup_leftovers`]: removes what a killed run left (everything is named `bulwark-`).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), bulwark_qemu::Error> {
+//! use std::{sync::Arc, time::Duration};
+//! let qmp = Arc::new(bulwark_qemu::Qmp::connect("unix:/run/vm1.qmp", Duration::from_secs(10)).await?);
+//! for disk in bulwark_qemu::discover(&qmp).await? {
+//!     println!("{} {} {} bytes", disk.name, disk.format, disk.size);
+//! }
+//! let fleecing = bulwark_qemu::Fleecing::prepare(qmp, &bulwark_qemu::FleeceOptions::new("/run/bulwark")).await?;
+//! let disks = fleecing.take().await?;
+//! for d in disks {
+//!     println!("{} is exported at {}", d.info().disk.name, d.uri());
+//!     d.release(true).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+mod disks;
+mod error;
+mod fleece;
+mod qmp;
+
+pub use disks::{VmDisk, discover, select};
+pub use error::Error;
+pub use fleece::{
+    BitmapInfo, FleeceDisk, FleeceOptions, Fleecing, Leftovers, PREFIX, TakenDisk, bitmaps,
+    cleanup_leftovers,
+};
+pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
