@@ -64,8 +64,12 @@ pub async fn discover(qmp: &Qmp) -> Result<Vec<VmDisk>, Error> {
             .node_name
             .clone()
             .ok_or_else(|| disk_err("QEMU reports no node name".into()))?;
-        let size = u64::try_from(inserted.image.base.virtual_size)
-            .map_err(|_| disk_err(format!("negative size {}", inserted.image.base.virtual_size)))?;
+        let size = u64::try_from(inserted.image.base.virtual_size).map_err(|_| {
+            disk_err(format!(
+                "negative size {}",
+                inserted.image.base.virtual_size
+            ))
+        })?;
         disks.push(VmDisk {
             name,
             node,
@@ -120,7 +124,11 @@ mod tests {
             Some("datadev")
         );
         assert_eq!(
-            disk_name("", Some("/machine/peripheral-anon/device[0]/virtio-backend")).as_deref(),
+            disk_name(
+                "",
+                Some("/machine/peripheral-anon/device[0]/virtio-backend")
+            )
+            .as_deref(),
             Some("/machine/peripheral-anon/device[0]/virtio-backend")
         );
         assert_eq!(disk_name("", None), None);

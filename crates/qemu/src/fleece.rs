@@ -83,9 +83,15 @@ pub struct BitmapInfo {
 /// The dirty bitmaps of a node.
 pub async fn bitmaps(qmp: &Qmp, node: &str) -> Result<Vec<BitmapInfo>, Error> {
     let nodes = qmp
-        .run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, node)
+        .run(
+            qapi::qmp::query_named_block_nodes { flat: Some(true) },
+            node,
+        )
         .await?;
-    let Some(info) = nodes.into_iter().find(|n| n.node_name.as_deref() == Some(node)) else {
+    let Some(info) = nodes
+        .into_iter()
+        .find(|n| n.node_name.as_deref() == Some(node))
+    else {
         return Err(Error::Disk {
             socket: qmp.socket().to_path_buf(),
             disk: node.to_string(),
@@ -288,8 +294,12 @@ impl Fleecing {
         let exported = export_all(&self.shared, &disks).await;
         if let Err(e) = exported {
             for d in disks {
-                remove_quietly(&qmp, "releasing after a failed export", d.release(false).await)
-                    .await;
+                remove_quietly(
+                    &qmp,
+                    "releasing after a failed export",
+                    d.release(false).await,
+                )
+                .await;
             }
             return Err(e);
         }
@@ -307,7 +317,12 @@ impl Fleecing {
             remove_quietly(&qmp, &d.job, cancel_job(&qmp, &d.job).await).await;
             remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
             remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
-            remove_quietly(&qmp, &d.new_bitmap, remove_bitmap(&qmp, &d.disk.node, &d.new_bitmap).await).await;
+            remove_quietly(
+                &qmp,
+                &d.new_bitmap,
+                remove_bitmap(&qmp, &d.disk.node, &d.new_bitmap).await,
+            )
+            .await;
         }
     }
 }
@@ -344,7 +359,11 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-async fn create_fleece_image(qmp: &Qmp, options: &FleeceOptions, d: &FleeceDisk) -> Result<(), Error> {
+async fn create_fleece_image(
+    qmp: &Qmp,
+    options: &FleeceOptions,
+    d: &FleeceDisk,
+) -> Result<(), Error> {
     let args = vec![
         "create".to_string(),
         "-q".into(),
@@ -367,7 +386,11 @@ async fn create_fleece_image(qmp: &Qmp, options: &FleeceOptions, d: &FleeceDisk)
         return Err(Error::Tool {
             program: path_str(&options.qemu_img),
             args: args.join(" "),
-            reason: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            reason: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     // QEMU opens the file itself: give it to QEMU's user when that is another one.
@@ -441,9 +464,23 @@ impl TakenDisk {
     /// Whether the copy-before-write job still runs. If it stopped (e.g. the fleecing image's
     /// file system is full), the export no longer holds the point's bytes and must not be trusted.
     pub async fn check_job(&self) -> Result<(), Error> {
-        let jobs = self.shared.qmp.run(qapi::qmp::query_jobs {}, &self.info.job).await?;
+        let jobs = self
+            .shared
+            .qmp
+            .run(qapi::qmp::query_jobs {}, &self.info.job)
+            .await?;
         match jobs.iter().find(|j| j.id == self.info.job) {
-            Some(j) if j.error.is_none() && matches!(j.status, qapi::qmp::JobStatus::running | qapi::qmp::JobStatus::ready | qapi::qmp::JobStatus::paused) => Ok(()),
+            Some(j)
+                if j.error.is_none()
+                    && matches!(
+                        j.status,
+                        qapi::qmp::JobStatus::running
+                            | qapi::qmp::JobStatus::ready
+                            | qapi::qmp::JobStatus::paused
+                    ) =>
+            {
+                Ok(())
+            }
             Some(j) => Err(Error::Job {
                 socket: self.shared.qmp.socket().to_path_buf(),
                 job: self.info.job.clone(),
@@ -476,7 +513,12 @@ impl Drop for TakenDisk {
         let info = self.info.clone();
         spawn_cleanup(async move {
             let qmp = shared.qmp.clone();
-            remove_quietly(&qmp, "releasing a dropped disk", release_disk(shared, info, false).await).await;
+            remove_quietly(
+                &qmp,
+                "releasing a dropped disk",
+                release_disk(shared, info, false).await,
+            )
+            .await;
         });
     }
 }
@@ -507,7 +549,15 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
             note(remove_bitmap(qmp, &d.disk.node, &b.name).await);
         }
     } else {
-        note(roll_back_bitmaps(qmp, &d.disk.node, &d.new_bitmap, &d.frozen.iter().map(|b| b.name.clone()).collect::<Vec<_>>()).await);
+        note(
+            roll_back_bitmaps(
+                qmp,
+                &d.disk.node,
+                &d.new_bitmap,
+                &d.frozen.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+            )
+            .await,
+        );
     }
     match first {
         None => Ok(()),
@@ -517,8 +567,17 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
 
 /// Merges `new` into each of `bases`, enables them, removes `new`: no change since the bases'
 /// point is lost, whatever happened to the point that started `new`.
-async fn roll_back_bitmaps(qmp: &Qmp, node: &str, new: &str, bases: &[String]) -> Result<(), Error> {
-    let present: Vec<String> = bitmaps(qmp, node).await?.into_iter().map(|b| b.name).collect();
+async fn roll_back_bitmaps(
+    qmp: &Qmp,
+    node: &str,
+    new: &str,
+    bases: &[String],
+) -> Result<(), Error> {
+    let present: Vec<String> = bitmaps(qmp, node)
+        .await?
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
     if present.iter().any(|n| n == new) {
         for base in bases.iter().filter(|b| present.contains(b)) {
             qmp.run_json::<qapi::qmp::transaction>(
@@ -533,8 +592,14 @@ async fn roll_back_bitmaps(qmp: &Qmp, node: &str, new: &str, bases: &[String]) -
         remove_bitmap(qmp, node, new).await?;
     } else {
         for base in bases.iter().filter(|b| present.contains(b)) {
-            qmp.run(qapi::qmp::block_dirty_bitmap_enable(qapi::qmp::BlockDirtyBitmap { node: node.into(), name: base.clone() }), base)
-                .await?;
+            qmp.run(
+                qapi::qmp::block_dirty_bitmap_enable(qapi::qmp::BlockDirtyBitmap {
+                    node: node.into(),
+                    name: base.clone(),
+                }),
+                base,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -573,14 +638,21 @@ where
 async fn del_export(qmp: &Qmp, id: &str) -> Result<(), Error> {
     ok_if_missing(
         qmp.run(
-            qapi::qmp::block_export_del { id: id.into(), mode: Some(qapi::qmp::BlockExportRemoveMode::hard) },
+            qapi::qmp::block_export_del {
+                id: id.into(),
+                mode: Some(qapi::qmp::BlockExportRemoveMode::hard),
+            },
             id,
         )
         .await
         .map(|_| ()),
     )?;
     wait_until(qmp, id, || async {
-        Ok(!qmp.run(qapi::qmp::query_block_exports {}, id).await?.iter().any(|e| e.id == id))
+        Ok(!qmp
+            .run(qapi::qmp::query_block_exports {}, id)
+            .await?
+            .iter()
+            .any(|e| e.id == id))
     })
     .await
 }
@@ -592,12 +664,22 @@ async fn cancel_job(qmp: &Qmp, id: &str) -> Result<(), Error> {
     };
     use qapi::qmp::JobStatus as S;
     if matches!(job.status, S::concluded) {
-        ok_if_missing(qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id).await.map(|_| ()))?;
-    } else if !matches!(job.status, S::aborting | S::null) {
         ok_if_missing(
-            qmp.run(qapi::qmp::block_job_cancel { device: id.into(), force: Some(true) }, id)
+            qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id)
                 .await
                 .map(|_| ()),
+        )?;
+    } else if !matches!(job.status, S::aborting | S::null) {
+        ok_if_missing(
+            qmp.run(
+                qapi::qmp::block_job_cancel {
+                    device: id.into(),
+                    force: Some(true),
+                },
+                id,
+            )
+            .await
+            .map(|_| ()),
         )?;
     }
     wait_until(qmp, id, || async {
@@ -605,7 +687,11 @@ async fn cancel_job(qmp: &Qmp, id: &str) -> Result<(), Error> {
         match jobs.iter().find(|j| j.id == id) {
             None => Ok(true),
             Some(j) if matches!(j.status, S::concluded) => {
-                ok_if_missing(qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id).await.map(|_| ()))?;
+                ok_if_missing(
+                    qmp.run(qapi::qmp::job_dismiss { id: id.into() }, id)
+                        .await
+                        .map(|_| ()),
+                )?;
                 Ok(false)
             }
             Some(_) => Ok(false),
@@ -615,13 +701,25 @@ async fn cancel_job(qmp: &Qmp, id: &str) -> Result<(), Error> {
 }
 
 async fn del_node(qmp: &Qmp, node: &str) -> Result<(), Error> {
-    ok_if_missing(qmp.run(qapi::qmp::blockdev_del { node_name: node.into() }, node).await.map(|_| ()))
+    ok_if_missing(
+        qmp.run(
+            qapi::qmp::blockdev_del {
+                node_name: node.into(),
+            },
+            node,
+        )
+        .await
+        .map(|_| ()),
+    )
 }
 
 async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> Result<(), Error> {
     ok_if_missing(
         qmp.run(
-            qapi::qmp::block_dirty_bitmap_remove(qapi::qmp::BlockDirtyBitmap { node: node.into(), name: name.into() }),
+            qapi::qmp::block_dirty_bitmap_remove(qapi::qmp::BlockDirtyBitmap {
+                node: node.into(),
+                name: name.into(),
+            }),
             name,
         )
         .await
@@ -631,7 +729,10 @@ async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> Result<(), Error> {
 
 fn remove_file(path: &Path) -> Result<(), Error> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::File { path: path.to_path_buf(), source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::File {
+            path: path.to_path_buf(),
+            source: e,
+        }),
         _ => Ok(()),
     }
 }
@@ -678,17 +779,30 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
             left.jobs.push(j.id);
         }
     }
-    for n in qmp.run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "").await? {
+    // A fleecing node's own `file` reads `json:{...}` (its backing is overridden): the image
+    // path is that of its protocol child, a `file` node.
+    let nodes = qmp
+        .run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "")
+        .await?;
+    let fleece_files: Vec<PathBuf> = nodes
+        .iter()
+        .filter(|n| n.drv == "file")
+        .map(|n| PathBuf::from(&n.file))
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{PREFIX}fleece-")))
+        })
+        .collect();
+    for n in nodes {
         let Some(name) = n.node_name else { continue };
         if name.starts_with(PREFIX) {
             del_node(qmp, &name).await?;
-            let file = PathBuf::from(&n.file);
-            if file.file_name().is_some_and(|f| f.to_string_lossy().starts_with(PREFIX)) {
-                remove_file(&file)?;
-                left.files.push(file);
-            }
             left.nodes.push(name);
         }
+    }
+    for file in fleece_files {
+        remove_file(&file)?;
+        left.files.push(file);
     }
     if let Some(id) = qmp.identity() {
         let mine = format!("{PREFIX}nbd-{}-{}-", id.pid, id.start_time);
@@ -710,7 +824,11 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
             .into_iter()
             .filter(|b| b.name.starts_with(PREFIX))
             .collect();
-        let frozen: Vec<String> = ours.iter().filter(|b| !b.recording).map(|b| b.name.clone()).collect();
+        let frozen: Vec<String> = ours
+            .iter()
+            .filter(|b| !b.recording)
+            .map(|b| b.name.clone())
+            .collect();
         if frozen.is_empty() {
             continue;
         }

@@ -63,10 +63,12 @@ impl Qmp {
     pub async fn connect(socket: &str, timeout: Duration) -> Result<Qmp, Error> {
         let path = PathBuf::from(socket.strip_prefix("unix:").unwrap_or(socket));
         let connect = async {
-            let stream = UnixStream::connect(&path).await.map_err(|source| Error::Connect {
-                socket: path.clone(),
-                source,
-            })?;
+            let stream = UnixStream::connect(&path)
+                .await
+                .map_err(|source| Error::Connect {
+                    socket: path.clone(),
+                    source,
+                })?;
             let identity = peer_identity(&stream);
             let (read, write) = tokio::io::split(stream);
             let negotiation = QmpStreamTokio::open_split(LineLimit::new(read), write)
@@ -89,10 +91,10 @@ impl Qmp {
         let (service, events, identity, version) = tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| Error::Timeout {
-                socket: path.clone(),
-                command: "greeting".into(),
-                secs: timeout.as_secs(),
-            })??;
+            socket: path.clone(),
+            command: "greeting".into(),
+            secs: timeout.as_secs(),
+        })??;
         tracing::debug!(socket = %path.display(), ?version, ?identity, "QMP connected");
         Ok(Qmp {
             socket: path,
@@ -238,7 +240,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for LineLimit<R> {
                 if overlong {
                     buf.set_filled(before);
                     return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
+                        io::ErrorKind::InvalidData,
                         format!("QMP message longer than {MAX_LINE} bytes"),
                     )));
                 }

@@ -4,31 +4,60 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_qemu::{Error, FleeceOptions, Fleecing, PREFIX, Qmp, bitmaps, discover, select};
+use bulwark_qemu::{
+    Error, FleeceOptions, Fleecing, PREFIX, Qmp, bitmaps, cleanup_leftovers, discover, select,
+};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
 fn two_disks() -> Vec<DiskSpec> {
     vec![
-        DiskSpec { drive: true, name: "os", format: "qcow2", size: 64 * MIB, read_only: false },
-        DiskSpec { drive: false, name: "data", format: "raw", size: 32 * MIB, read_only: false },
-        DiskSpec { drive: true, name: "cdrom", format: "raw", size: MIB, read_only: true },
+        DiskSpec {
+            drive: true,
+            name: "os",
+            format: "qcow2",
+            size: 64 * MIB,
+            read_only: false,
+        },
+        DiskSpec {
+            drive: false,
+            name: "data",
+            format: "raw",
+            size: 32 * MIB,
+            read_only: false,
+        },
+        DiskSpec {
+            drive: true,
+            name: "cdrom",
+            format: "raw",
+            size: MIB,
+            read_only: true,
+        },
     ]
 }
 
 /// Everything named bulwark- that QEMU still holds, and bulwark- files in the VM's directory.
 async fn bulwark_objects(qmp: &Qmp, dir: &std::path::Path) -> Vec<String> {
     let mut found = Vec::new();
-    for e in qmp.run(qapi::qmp::query_block_exports {}, "").await.unwrap() {
+    for e in qmp
+        .run(qapi::qmp::query_block_exports {}, "")
+        .await
+        .unwrap()
+    {
         found.push(format!("export {}", e.id));
     }
     for j in qmp.run(qapi::qmp::query_jobs {}, "").await.unwrap() {
         found.push(format!("job {}", j.id));
     }
-    for n in qmp.run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "").await.unwrap() {
+    for n in qmp
+        .run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "")
+        .await
+        .unwrap()
+    {
         if let Some(name) = n.node_name
             && name.starts_with(PREFIX)
         {
@@ -51,11 +80,22 @@ async fn discovers_writable_disks_with_clear_errors() {
     }
     let vm = Vm::start(&two_disks());
     let qmp = vm.qmp().await;
-    assert_eq!(qmp.version().0, 7, "these tests are written against QEMU 7.2");
+    assert_eq!(
+        qmp.version().0,
+        7,
+        "these tests are written against QEMU 7.2"
+    );
     assert_eq!(qmp.identity().unwrap().pid, vm.pid());
     let disks = discover(&qmp).await.unwrap();
-    let names: Vec<_> = disks.iter().map(|d| (d.name.as_str(), d.format.as_str(), d.size)).collect();
-    assert_eq!(names, vec![("os", "qcow2", 64 * MIB), ("data", "raw", 32 * MIB)], "{disks:#?}");
+    let names: Vec<_> = disks
+        .iter()
+        .map(|d| (d.name.as_str(), d.format.as_str(), d.size))
+        .collect();
+    assert_eq!(
+        names,
+        vec![("os", "qcow2", 64 * MIB), ("data", "raw", 32 * MIB)],
+        "{disks:#?}"
+    );
     assert_eq!(disks[1].node, "data-fmt");
     assert_eq!(disks[0].file, vm.image("os", "qcow2").to_str().unwrap());
     assert!(disks[0].persistent_bitmaps() && !disks[1].persistent_bitmaps());
@@ -65,20 +105,36 @@ async fn discovers_writable_disks_with_clear_errors() {
     match select(&qmp, disks, &["cdrom".to_string()]) {
         Err(e @ Error::NoSuchDisk { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("\"cdrom\"") && msg.contains("os, data"), "{msg}");
+            assert!(
+                msg.contains("\"cdrom\"") && msg.contains("os, data"),
+                "{msg}"
+            );
         }
         other => panic!("expected NoSuchDisk, got {other:?}"),
     }
     let missing = vm.path().join("nope.sock");
-    match Qmp::connect(&format!("unix:{}", missing.display()), Duration::from_secs(2)).await {
+    match Qmp::connect(
+        &format!("unix:{}", missing.display()),
+        Duration::from_secs(2),
+    )
+    .await
+    {
         Err(e @ Error::Connect { .. }) => assert!(e.to_string().contains("nope.sock")),
         other => panic!("expected Connect error, got {other:?}"),
     }
     let err = qmp
-        .run(qapi::qmp::blockdev_del { node_name: "no-such-node".into() }, "no-such-node")
+        .run(
+            qapi::qmp::blockdev_del {
+                node_name: "no-such-node".into(),
+            },
+            "no-such-node",
+        )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("blockdev-del no-such-node failed"), "{err}");
+    assert!(
+        err.to_string().contains("blockdev-del no-such-node failed"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,10 +161,19 @@ async fn export_holds_the_instant_and_bitmaps_hand_over() {
     guest_write(&qmp, "os", 0x12, 2 * MIB, 4 * MIB).await;
     guest_write(&qmp, "-d data", 0x22, 0, 3 * MIB).await;
     assert_same(&read_export(&taken[0].uri(), vm.path()), &os, "os export");
-    assert_same(&read_export(&taken[1].uri(), vm.path()), &data, "data export");
+    assert_same(
+        &read_export(&taken[1].uri(), vm.path()),
+        &data,
+        "data export",
+    );
     // Holes stay holes in base:allocation (the tail of the os disk was never written).
     let alloc = nbd_map(&taken[0].uri(), "base:allocation");
-    assert!(alloc.iter().any(|(o, _, d)| *o >= 4 * MIB && d.contains("hole")), "{alloc:?}");
+    assert!(
+        alloc
+            .iter()
+            .any(|(o, _, d)| *o >= 4 * MIB && d.contains("hole")),
+        "{alloc:?}"
+    );
     for d in &taken {
         d.check_job().await.unwrap();
     }
@@ -133,7 +198,11 @@ async fn export_holds_the_instant_and_bitmaps_hand_over() {
     let taken = fleecing.take().await.unwrap();
     guest_write(&qmp, "os", 0x14, 50 * MIB, MIB).await;
     assert_same(&read_export(&taken[0].uri(), vm.path()), &os, "os export 2");
-    assert_same(&read_export(&taken[1].uri(), vm.path()), &data, "data export 2");
+    assert_same(
+        &read_export(&taken[1].uri(), vm.path()),
+        &data,
+        "data export 2",
+    );
     // The frozen bitmap holds every write since point 1's instant (those made while point 1
     // was read, and those after), rounded to its 64 KiB granularity; not the write after point 2.
     assert_eq!(
@@ -151,13 +220,292 @@ async fn export_holds_the_instant_and_bitmaps_hand_over() {
     let node = taken[0].info().disk.node.clone();
     let bms = bitmaps(&qmp, &node).await.unwrap();
     let frozen = bms.iter().find(|b| b.name == new_os).unwrap();
-    let current = bms.iter().find(|b| b.name == taken[0].info().new_bitmap).unwrap();
+    let current = bms
+        .iter()
+        .find(|b| b.name == taken[0].info().new_bitmap)
+        .unwrap();
     assert!(!frozen.recording && current.recording && current.persistent);
-    assert_eq!(current.count, MIB, "the new bitmap holds the write after the instant");
+    assert_eq!(
+        current.count, MIB,
+        "the new bitmap holds the write after the instant"
+    );
     for d in taken {
         d.release(true).await.unwrap();
     }
     let bms = bitmaps(&qmp, &node).await.unwrap();
-    assert_eq!(bms.len(), 1, "committed: only the new base is left: {bms:?}");
+    assert_eq!(
+        bms.len(),
+        1,
+        "committed: only the new base is left: {bms:?}"
+    );
     assert!(bms[0].recording);
+}
+
+async fn bitmap_names(qmp: &Qmp, node: &str) -> Vec<(String, bool)> {
+    bitmaps(qmp, node)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.name, b.recording))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_point_gives_its_changes_back_to_the_base() {
+    if !qemu_or_skip("a_failed_point_gives_its_changes_back_to_the_base") {
+        return;
+    }
+    let vm = Vm::start(&two_disks()[..1]);
+    let qmp = vm.qmp().await;
+    let options = FleeceOptions::new(vm.path());
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    let node = taken[0].info().disk.node.clone();
+    let b1 = taken[0].info().new_bitmap.clone();
+    for d in taken {
+        d.release(true).await.unwrap();
+    }
+    guest_write(&qmp, "os", 0x01, MIB, 64 * 1024).await; // W1: after point 1
+
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    let b2 = taken[0].info().new_bitmap.clone();
+    assert_eq!(taken[0].info().frozen[0].name, b1);
+    guest_write(&qmp, "os", 0x02, 10 * MIB, 64 * 1024).await; // W2: while point 2 is read
+    for d in taken {
+        d.release(false).await.unwrap();
+    }
+    assert!(bulwark_objects(&qmp, vm.path()).await.is_empty());
+    assert_eq!(
+        bitmap_names(&qmp, &node).await,
+        vec![(b1.clone(), true)],
+        "b2 merged into b1 and gone"
+    );
+    guest_write(&qmp, "os", 0x03, 20 * MIB, 64 * 1024).await; // W3: after the failed point
+
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    assert_eq!(taken[0].info().frozen.len(), 1);
+    assert_eq!(
+        dirty_ranges(&taken[0].uri(), &b1),
+        vec![
+            (MIB, MIB + 65536),
+            (10 * MIB, 10 * MIB + 65536),
+            (20 * MIB, 20 * MIB + 65536)
+        ],
+        "the base still covers every change since point 1"
+    );
+    let b3 = taken[0].info().new_bitmap.clone();
+    assert_ne!(b3, b2);
+    for d in taken {
+        d.release(true).await.unwrap();
+    }
+    assert_eq!(bitmap_names(&qmp, &node).await, vec![(b3, true)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_taken_point_cleans_up_and_rolls_back() {
+    if !qemu_or_skip("dropping_a_taken_point_cleans_up_and_rolls_back") {
+        return;
+    }
+    let vm = Vm::start(&two_disks()[..2]);
+    let qmp = vm.qmp().await;
+    let options = FleeceOptions::new(vm.path());
+    for d in Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap()
+    {
+        d.release(true).await.unwrap();
+    }
+    let node = discover(&qmp).await.unwrap()[0].node.clone();
+    let before = bitmap_names(&qmp, &node).await;
+    // A prepared point dropped before the instant: its nodes and files go.
+    let prepared = Fleecing::prepare(qmp.clone(), &options).await.unwrap();
+    assert!(!bulwark_objects(&qmp, vm.path()).await.is_empty());
+    drop(prepared);
+    wait_clean(&qmp, vm.path()).await;
+    // A taken point dropped without release: as a failed one.
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    guest_write(&qmp, "os", 0x05, 30 * MIB, 64 * 1024).await;
+    drop(taken);
+    wait_clean(&qmp, vm.path()).await;
+    let mut after = bitmap_names(&qmp, &node).await;
+    for _ in 0..100 {
+        if after == before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = bitmap_names(&qmp, &node).await;
+    }
+    assert_eq!(after, before, "the base is back and recording");
+    let count = bitmaps(&qmp, &node).await.unwrap()[0].count;
+    assert_eq!(
+        count, 65536,
+        "the write during the dropped point is in the base"
+    );
+}
+
+async fn wait_clean(qmp: &Qmp, dir: &std::path::Path) {
+    let mut left = bulwark_objects(qmp, dir).await;
+    for _ in 0..100 {
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = bulwark_objects(qmp, dir).await;
+    }
+    panic!("left behind: {left:?}");
+}
+
+/// The child half of `a_killed_controller_leaves_only_what_the_next_backup_removes`: runs only
+/// when the parent starts this test binary with BULWARK_QEMU_CHILD_QMP set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_takes_a_point_and_waits_to_be_killed() {
+    let Ok(socket) = std::env::var("BULWARK_QEMU_CHILD_QMP") else {
+        return;
+    };
+    let dir = std::env::var("BULWARK_QEMU_CHILD_DIR").unwrap();
+    let qmp = Arc::new(
+        Qmp::connect(&socket, Duration::from_secs(20))
+            .await
+            .unwrap(),
+    );
+    let taken = Fleecing::prepare(qmp.clone(), &FleeceOptions::new(&dir))
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    println!("\nTAKEN {}", taken[0].info().new_bitmap);
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_controller_leaves_only_what_the_next_backup_removes() {
+    if !qemu_or_skip("a_killed_controller_leaves_only_what_the_next_backup_removes") {
+        return;
+    }
+    let vm = Vm::start(&two_disks()[..2]);
+    let options = FleeceOptions::new(vm.path());
+    let node;
+    let b1;
+    {
+        let qmp = vm.qmp().await;
+        let taken = Fleecing::prepare(qmp.clone(), &options)
+            .await
+            .unwrap()
+            .take()
+            .await
+            .unwrap();
+        node = taken[0].info().disk.node.clone();
+        b1 = taken[0].info().new_bitmap.clone();
+        for d in taken {
+            d.release(true).await.unwrap();
+        }
+    } // QEMU takes one QMP client at a time: this one closes here.
+
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_takes_a_point_and_waits_to_be_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "BULWARK_QEMU_CHILD_QMP",
+            format!("unix:{}", vm.qmp_socket.display()),
+        )
+        .env("BULWARK_QEMU_CHILD_DIR", vm.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let b2 = loop {
+        let line = lines
+            .next()
+            .expect("child ended before taking its point")
+            .unwrap();
+        // libtest prints the test's name on the same line first.
+        if let Some(at) = line.find("TAKEN ") {
+            break line[at + 6..].trim().to_string();
+        }
+    };
+    // SIGKILL, by the child's own pid: no destructor runs.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+
+    let qmp = vm.qmp().await;
+    assert_eq!(
+        qmp.identity().unwrap().pid,
+        vm.pid(),
+        "the VM keeps running"
+    );
+    let status = qmp.run(qapi::qmp::query_status {}, "").await.unwrap();
+    assert_eq!(
+        format!("{:?}", status.status),
+        "prelaunch",
+        "never paused by us (the test VM starts with -S)"
+    );
+    guest_write(&qmp, "os", 0x07, 7 * MIB, 64 * 1024).await;
+    let left = bulwark_objects(&qmp, vm.path()).await;
+    assert!(
+        left.iter().any(|l| l.starts_with("export")) && left.iter().any(|l| l.starts_with("job")),
+        "{left:?}"
+    );
+    let removed = cleanup_leftovers(&qmp, vm.path()).await.unwrap();
+    assert_eq!(removed.exports.len(), 2, "{removed:?}");
+    assert_eq!(removed.jobs.len(), 2);
+    assert_eq!(removed.nodes.len(), 2);
+    assert!(removed.nbd_server);
+    assert_eq!(removed.bitmaps.iter().filter(|(_, b)| b == &b2).count(), 2);
+    let left = bulwark_objects(&qmp, vm.path()).await;
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(bitmap_names(&qmp, &node).await, vec![(b1.clone(), true)]);
+    assert!(
+        cleanup_leftovers(&qmp, vm.path()).await.unwrap().is_empty(),
+        "idempotent"
+    );
+
+    // And the next backup succeeds, with the write made after the kill in its base.
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    assert_eq!(
+        dirty_ranges(&taken[0].uri(), &b1),
+        vec![(7 * MIB, 7 * MIB + 65536)]
+    );
+    for d in taken {
+        d.release(true).await.unwrap();
+    }
 }

@@ -75,7 +75,14 @@ impl Vm {
         let qmp_socket = dir.path().join("qmp.sock");
         let _ = std::fs::remove_file(&qmp_socket);
         let mut args: Vec<String> = [
-            "-M", "q35", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
+            "-M",
+            "q35",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
         ]
         .into_iter()
         .map(String::from)
@@ -91,7 +98,14 @@ impl Vm {
             if !img.exists() {
                 run(
                     "qemu-img",
-                    &["create", "-q", "-f", d.format, img.to_str().unwrap(), &d.size.to_string()],
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        d.format,
+                        img.to_str().unwrap(),
+                        &d.size.to_string(),
+                    ],
                 );
             }
             let ro = if d.read_only { "on" } else { "off" };
@@ -136,8 +150,16 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(qmp_socket.exists(), "QEMU did not create its QMP socket: {args:?}");
-        Vm { dir, qmp_socket, pid: Some(pid), child: Some(child) }
+        assert!(
+            qmp_socket.exists(),
+            "QEMU did not create its QMP socket: {args:?}"
+        );
+        Vm {
+            dir,
+            qmp_socket,
+            pid: Some(pid),
+            child: Some(child),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -154,9 +176,12 @@ impl Vm {
 
     pub async fn qmp(&self) -> Arc<Qmp> {
         Arc::new(
-            Qmp::connect(&format!("unix:{}", self.qmp_socket.display()), Duration::from_secs(20))
-                .await
-                .unwrap(),
+            Qmp::connect(
+                &format!("unix:{}", self.qmp_socket.display()),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap(),
         )
     }
 
@@ -186,7 +211,9 @@ impl Drop for Vm {
 /// `-drive` id, or `-d ID` for a `-blockdev` disk's guest device.
 pub async fn guest_write(qmp: &Qmp, device: &str, pattern: u8, offset: u64, len: u64) {
     let out = qmp
-        .hmp(&format!("qemu-io {device} \"write -P 0x{pattern:02x} {offset} {len}\""))
+        .hmp(&format!(
+            "qemu-io {device} \"write -P 0x{pattern:02x} {offset} {len}\""
+        ))
         .await
         .unwrap();
     // qemu-io prints its report on QEMU's stdout; HMP returns only errors.
@@ -235,6 +262,9 @@ pub fn dirty_ranges(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: size differs");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!("{what}: first difference at byte {i}: got 0x{:02x}, want 0x{:02x}", got[i], want[i]);
+        panic!(
+            "{what}: first difference at byte {i}: got 0x{:02x}, want 0x{:02x}",
+            got[i], want[i]
+        );
     }
 }
