@@ -138,8 +138,13 @@ pub struct FleeceDisk {
     /// The bitmaps frozen at this point (the enabled `bulwark-` bitmaps before it: the changes
     /// since the previous point), as QEMU reported them just before.
     pub frozen: Vec<BitmapInfo>,
+    /// `bulwark-` bitmaps QEMU marked inconsistent, removed before the instant (they can't be
+    /// used, nor disabled in a transaction).
+    pub inconsistent: Vec<String>,
     /// Whether QEMU holds its bitmaps in the image (qcow2).
     pub persistent: bool,
+    /// When the instant was taken (ms since the Unix epoch); 0 before.
+    pub taken_at_ms: u64,
 }
 
 /// What the controller's side shares between a point's disks: the QMP session and the NBD server.
@@ -207,10 +212,23 @@ impl Fleecing {
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| PathBuf::from(".")),
             };
-            let frozen: Vec<BitmapInfo> = bitmaps(&qmp, &disk.node)
+            let ours: Vec<BitmapInfo> = bitmaps(&qmp, &disk.node)
                 .await?
                 .into_iter()
-                .filter(|b| b.name.starts_with(PREFIX) && b.recording)
+                .filter(|b| b.name.starts_with(PREFIX))
+                .collect();
+            let mut inconsistent = Vec::new();
+            for b in ours.iter().filter(|b| b.inconsistent) {
+                tracing::warn!(disk = %disk.name, bitmap = %b.name, "removing an inconsistent bitmap");
+                if let Err(e) = remove_bitmap(&qmp, &disk.node, &b.name).await {
+                    fleecing.abort().await;
+                    return Err(e);
+                }
+                inconsistent.push(b.name.clone());
+            }
+            let frozen: Vec<BitmapInfo> = ours
+                .into_iter()
+                .filter(|b| b.recording && !b.inconsistent)
                 .collect();
             let fd = FleeceDisk {
                 fleece_node: format!("{PREFIX}fleece-{token}-{i}"),
@@ -219,6 +237,8 @@ impl Fleecing {
                 export: format!("{PREFIX}export-{token}-{i}"),
                 new_bitmap: format!("{PREFIX}bitmap-{token}"),
                 persistent: disk.persistent_bitmaps(),
+                taken_at_ms: 0,
+                inconsistent,
                 frozen,
                 disk,
             };
@@ -280,6 +300,13 @@ impl Fleecing {
         tracing::info!(token = %self.token, micros = started.elapsed().as_micros() as u64, "point in time taken");
         // From here the disks own their cleanup (bitmaps included).
         self.armed = false;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for d in &mut self.disks {
+            d.taken_at_ms = now_ms;
+        }
         let disks: Vec<TakenDisk> = std::mem::take(&mut self.disks)
             .into_iter()
             .map(|info| {
@@ -459,6 +486,28 @@ impl TakenDisk {
             self.info.disk.name,
             self.shared.socket.display()
         )
+    }
+
+    /// The record to keep in this point, for the next backup's [`TakenDisk::judge`].
+    pub fn record(&self) -> crate::BitmapRecord {
+        crate::BitmapRecord {
+            bitmap: self.info.new_bitmap.clone(),
+            disk: self.info.disk.name.clone(),
+            size: self.info.disk.size,
+            persistent: self.info.persistent,
+            started_at_ms: self.info.taken_at_ms,
+            qemu: if self.info.persistent {
+                None
+            } else {
+                self.shared.qmp.identity().cloned()
+            },
+        }
+    }
+
+    /// Whether the bitmap `previous` recorded covers every change since it (see
+    /// [`crate::judge`]).
+    pub fn judge(&self, previous: &bulwark_snapshot::PreviousDisk) -> crate::Trust {
+        crate::judge(previous, &self.info, self.shared.qmp.identity())
     }
 
     /// Whether the copy-before-write job still runs. If it stopped (e.g. the fleecing image's
@@ -822,7 +871,8 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
         let ours: Vec<BitmapInfo> = bitmaps(qmp, &disk.node)
             .await?
             .into_iter()
-            .filter(|b| b.name.starts_with(PREFIX))
+            // Inconsistent ones can be neither merged nor enabled: `prepare` removes them.
+            .filter(|b| b.name.starts_with(PREFIX) && !b.inconsistent)
             .collect();
         let frozen: Vec<String> = ours
             .iter()

@@ -5,6 +5,7 @@
 //! * [`Fleecing`]: fleecing images, one `transaction` over all disks (copy-before-write jobs
 //!   and the dirty-bitmap handover), NBD exports of the point in time, release and roll-back.
 //! * [`cleanup_leftovers`]: removes what a killed run left (everything is named `bulwark-`).
+//! * [`judge`], [`BitmapRecord`]: bitmap chain safety, when an incremental may trust a bitmap.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), bulwark_qemu::Error> {
@@ -26,6 +27,7 @@ mod disks;
 mod error;
 mod fleece;
 mod qmp;
+mod tracking;
 
 pub use disks::{VmDisk, discover, select};
 pub use error::Error;
@@ -34,3 +36,4 @@ pub use fleece::{
     cleanup_leftovers,
 };
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
+pub use tracking::{BitmapRecord, KIND, Trust, judge, unchanged_ranges};

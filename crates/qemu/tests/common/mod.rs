@@ -192,6 +192,22 @@ impl Vm {
         std::mem::replace(&mut self.dir, dir)
     }
 
+    /// Waits (up to 20 s) for QEMU to exit by itself (after QMP `quit`), and gives the
+    /// directory back.
+    pub fn wait_exit(mut self) -> tempfile::TempDir {
+        if let Some(child) = self.child.as_mut() {
+            for _ in 0..400 {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.stop();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
