@@ -6,6 +6,8 @@
 //!   and the dirty-bitmap handover), NBD exports of the point in time, release and roll-back.
 //! * [`cleanup_leftovers`]: removes what a killed run left (everything is named `bulwark-`).
 //! * [`judge`], [`BitmapRecord`]: bitmap chain safety, when an incremental may trust a bitmap.
+//! * [`QemuSnapshotter`]: all of it behind `bulwark-snapshot`'s `Snapshotter` / `DiskSource`
+//!   traits, each disk read over NBD ([`NbdReader`]) with change tracking from the bitmap.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), bulwark_qemu::Error> {
@@ -27,6 +29,7 @@ mod disks;
 mod error;
 mod fleece;
 mod qmp;
+mod source;
 mod tracking;
 
 pub use disks::{VmDisk, discover, select};
@@ -36,4 +39,5 @@ pub use fleece::{
     cleanup_leftovers,
 };
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
-pub use tracking::{BitmapRecord, KIND, Trust, judge, unchanged_ranges};
+pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};
+pub use tracking::{BitmapRecord, KIND, Trust, UnchangedBuilder, judge, unchanged_ranges};

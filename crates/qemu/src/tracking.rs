@@ -170,35 +170,75 @@ pub fn unchanged_ranges(
     extents: impl IntoIterator<Item = (u64, u64, bool)>,
     max_ranges: usize,
 ) -> Vec<Range<u64>> {
-    let max_ranges = max_ranges.max(1);
-    let mut out: Vec<Range<u64>> = Vec::new();
-    let mut min_len = 1u64;
-    let mut pos = 0u64;
+    let mut builder = UnchangedBuilder::new(size, max_ranges);
     for (offset, len, dirty) in extents {
-        let Some(end) = offset.checked_add(len) else {
+        if !builder.push(offset, len, dirty) {
             break;
-        };
-        if offset != pos || end > size || len == 0 {
-            break;
-        }
-        pos = end;
-        if dirty {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.end == offset => last.end = end,
-            _ => out.push(offset..end),
-        }
-        while out.len() > max_ranges {
-            min_len = min_len.saturating_mul(2);
-            // The last range may still grow: keep it whatever its length.
-            let keep_last = out.pop();
-            out.retain(|r| r.end - r.start >= min_len);
-            out.extend(keep_last);
         }
     }
-    out.retain(|r| r.end - r.start >= min_len);
-    out
+    builder.finish()
+}
+
+/// [`unchanged_ranges`], fed one extent at a time (as block status replies come).
+#[derive(Debug)]
+pub struct UnchangedBuilder {
+    size: u64,
+    max_ranges: usize,
+    out: Vec<Range<u64>>,
+    min_len: u64,
+    pos: u64,
+}
+
+impl UnchangedBuilder {
+    /// For a disk of `size` bytes, keeping at most `max_ranges` ranges.
+    pub fn new(size: u64, max_ranges: usize) -> Self {
+        UnchangedBuilder {
+            size,
+            max_ranges: max_ranges.max(1),
+            out: Vec::new(),
+            min_len: 1,
+            pos: 0,
+        }
+    }
+
+    /// Where the next extent must start.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Adds the next extent; false (and nothing added) when it does not continue the map.
+    pub fn push(&mut self, offset: u64, len: u64, dirty: bool) -> bool {
+        let Some(end) = offset.checked_add(len) else {
+            return false;
+        };
+        if offset != self.pos || end > self.size || len == 0 {
+            return false;
+        }
+        self.pos = end;
+        if dirty {
+            return true;
+        }
+        match self.out.last_mut() {
+            Some(last) if last.end == offset => last.end = end,
+            _ => self.out.push(offset..end),
+        }
+        while self.out.len() > self.max_ranges {
+            self.min_len = self.min_len.saturating_mul(2);
+            // The last range may still grow: keep it whatever its length.
+            let keep_last = self.out.pop();
+            let min_len = self.min_len;
+            self.out.retain(|r| r.end - r.start >= min_len);
+            self.out.extend(keep_last);
+        }
+        true
+    }
+
+    /// The unchanged ranges (sorted, disjoint, at most `max_ranges`).
+    pub fn finish(mut self) -> Vec<Range<u64>> {
+        let min_len = self.min_len;
+        self.out.retain(|r| r.end - r.start >= min_len);
+        self.out
+    }
 }
 
 #[cfg(test)]

@@ -89,6 +89,13 @@ impl Vm {
         .collect();
         args.push("-qmp".into());
         args.push(format!("unix:{},server=on,wait=off", qmp_socket.display()));
+        // A second monitor for the test's own guest writes while Bulwark holds the first
+        // (QEMU serves one client per monitor).
+        args.push("-qmp".into());
+        args.push(format!(
+            "unix:{},server=on,wait=off",
+            dir.path().join("qmp-test.sock").display()
+        ));
         if disks.iter().any(|d| !d.drive) {
             args.push("-device".into());
             args.push("virtio-scsi-pci,id=scsi0".into());
@@ -178,6 +185,19 @@ impl Vm {
         Arc::new(
             Qmp::connect(
                 &format!("unix:{}", self.qmp_socket.display()),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap(),
+        )
+    }
+
+    /// A session on the second monitor, for guest writes beside Bulwark's session.
+    pub async fn test_qmp(&self) -> Arc<Qmp> {
+        let socket = self.path().join("qmp-test.sock");
+        Arc::new(
+            Qmp::connect(
+                &format!("unix:{}", socket.display()),
                 Duration::from_secs(20),
             )
             .await
