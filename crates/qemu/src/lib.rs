@@ -8,6 +8,8 @@
 //! * [`judge`], [`BitmapRecord`]: bitmap chain safety, when an incremental may trust a bitmap.
 //! * [`QemuSnapshotter`]: all of it behind `bulwark-snapshot`'s `Snapshotter` / `DiskSource`
 //!   traits, each disk read over NBD ([`NbdReader`]) with change tracking from the bitmap.
+//! * [`OfflineSnapshotter`]: images with no VM running, read through `qemu-storage-daemon`
+//!   (read-only, with QEMU's image locks).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), bulwark_qemu::Error> {
@@ -28,6 +30,7 @@
 mod disks;
 mod error;
 mod fleece;
+mod offline;
 mod qmp;
 mod source;
 mod tracking;
@@ -38,6 +41,7 @@ pub use fleece::{
     BitmapInfo, FleeceDisk, FleeceOptions, Fleecing, Leftovers, PREFIX, TakenDisk, bitmaps,
     cleanup_leftovers,
 };
+pub use offline::{OfflineOptions, OfflineSnapshotter};
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
 pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};
 pub use tracking::{BitmapRecord, KIND, Trust, UnchangedBuilder, judge, unchanged_ranges};

@@ -301,6 +301,13 @@ pub struct NbdReader {
     uri: String,
 }
 
+impl NbdReader {
+    /// A reader over `client`, described as `uri` in errors.
+    pub fn new(client: Client, uri: String) -> Self {
+        NbdReader { client, uri }
+    }
+}
+
 impl BlockSource for NbdReader {
     fn size(&self) -> u64 {
         self.client.size()
