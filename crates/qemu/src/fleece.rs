@@ -47,6 +47,11 @@ pub struct FleeceOptions {
     pub qemu_img: PathBuf,
     /// The disks to take (names as [`VmDisk::name`]); empty: every writable disk.
     pub disks: Vec<String>,
+    /// Refuse to start unless each fleecing directory has room for the whole of its disks
+    /// (default). QEMU 7.2's copy-before-write job fails the *guest's* write when the fleecing
+    /// image cannot grow (measured: `write failed: No space left on device` inside the VM), so
+    /// a fleecing image that may need the whole disk must have the room for it.
+    pub require_space: bool,
 }
 
 impl FleeceOptions {
@@ -57,6 +62,7 @@ impl FleeceOptions {
             socket_dir: socket_dir.into(),
             qemu_img: PathBuf::from("qemu-img"),
             disks: Vec::new(),
+            require_space: true,
         }
     }
 }
@@ -186,6 +192,9 @@ impl Fleecing {
     pub async fn prepare(qmp: Arc<Qmp>, options: &FleeceOptions) -> Result<Fleecing, Error> {
         cleanup_leftovers(&qmp, &options.socket_dir).await?;
         let disks = select(&qmp, discover(&qmp).await?, &options.disks)?;
+        if options.require_space {
+            check_space(&disks, options)?;
+        }
         let token = random_token();
         let identity = qmp.identity().cloned();
         let socket_name = match &identity {
@@ -205,13 +214,7 @@ impl Fleecing {
             armed: true,
         };
         for (i, disk) in disks.into_iter().enumerate() {
-            let dir = match &options.fleece_dir {
-                Some(d) => d.clone(),
-                None => Path::new(&disk.file)
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from(".")),
-            };
+            let dir = fleece_dir(&disk, options);
             let ours: Vec<BitmapInfo> = bitmaps(&qmp, &disk.node)
                 .await?
                 .into_iter()
@@ -369,6 +372,49 @@ impl Drop for Fleecing {
             }
         });
     }
+}
+
+fn fleece_dir(disk: &VmDisk, options: &FleeceOptions) -> PathBuf {
+    match &options.fleece_dir {
+        Some(d) => d.clone(),
+        None => Path::new(&disk.file)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    }
+}
+
+/// Each fleecing directory must hold the whole of its disks (plus qcow2 metadata: 1/8192 of
+/// the size for L2 tables and refcounts at 64 KiB clusters, and 1 MiB).
+fn check_space(disks: &[VmDisk], options: &FleeceOptions) -> Result<(), Error> {
+    let mut need: Vec<(PathBuf, u64)> = Vec::new();
+    for d in disks {
+        let dir = fleece_dir(d, options);
+        let bytes = d.size.saturating_add(d.size / 8192).saturating_add(1 << 20);
+        match need.iter_mut().find(|(p, _)| p == &dir) {
+            Some((_, n)) => *n = n.saturating_add(bytes),
+            None => need.push((dir, bytes)),
+        }
+    }
+    for (dir, bytes) in need {
+        let st = rustix::fs::statvfs(&dir).map_err(|e| Error::File {
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < bytes {
+            return Err(Error::File {
+                path: dir,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "{free} bytes free, the fleecing images may need {bytes}: QEMU would fail the guest's writes if they filled the file system (choose a fleecing directory with room)"
+                    ),
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn spawn_cleanup(f: impl std::future::Future<Output = ()> + Send + 'static) {

@@ -509,3 +509,41 @@ async fn a_killed_controller_leaves_only_what_the_next_backup_removes() {
         d.release(true).await.unwrap();
     }
 }
+
+/// QEMU 7.2 fails the guest's own write when the fleecing image cannot grow: a fleecing
+/// directory without room for the whole disk is refused up front, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleecing_directory_without_room_is_refused() {
+    if !qemu_or_skip("a_fleecing_directory_without_room_is_refused") {
+        return;
+    }
+    let vm = Vm::start(&[DiskSpec {
+        drive: true,
+        name: "huge",
+        format: "qcow2",
+        size: 64 << 40,
+        read_only: false,
+    }]);
+    let qmp = vm.qmp().await;
+    let err = Fleecing::prepare(qmp.clone(), &FleeceOptions::new(vm.path()))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bytes free") && msg.contains(vm.path().to_str().unwrap()),
+        "{msg}"
+    );
+    assert!(bulwark_objects(&qmp, vm.path()).await.is_empty());
+    // Asked explicitly, it goes ahead (the administrator vouches for the room).
+    let mut options = FleeceOptions::new(vm.path());
+    options.require_space = false;
+    let taken = Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap();
+    for d in taken {
+        d.release(false).await.unwrap();
+    }
+}
