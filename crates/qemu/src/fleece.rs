@@ -268,6 +268,11 @@ impl Fleecing {
                 return Err(e);
             }
         }
+        // The NBD server now, so that the instant is followed only by the exports.
+        if let Err(e) = start_server(&fleecing.shared).await {
+            fleecing.abort().await;
+            return Err(e);
+        }
         tracing::info!(token = %fleecing.token, disks = fleecing.disks.len(), "fleecing prepared");
         Ok(fleecing)
     }
@@ -343,6 +348,7 @@ impl Fleecing {
         }
         self.armed = false;
         let qmp = self.shared.qmp.clone();
+        remove_quietly(&qmp, "NBD server", stop_server(&self.shared).await).await;
         for d in std::mem::take(&mut self.disks) {
             remove_quietly(&qmp, &d.job, cancel_job(&qmp, &d.job).await).await;
             remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
@@ -365,7 +371,9 @@ impl Drop for Fleecing {
         self.armed = false;
         let disks = std::mem::take(&mut self.disks);
         let qmp = self.shared.qmp.clone();
+        let shared = self.shared.clone();
         spawn_cleanup(async move {
+            remove_quietly(&qmp, "NBD server", stop_server(&shared).await).await;
             for d in disks {
                 remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
                 remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
@@ -484,19 +492,39 @@ async fn create_fleece_image(
     Ok(())
 }
 
-async fn export_all(shared: &Shared, disks: &[TakenDisk]) -> Result<(), Error> {
-    let qmp = &shared.qmp;
-    {
-        let mut started = shared.server_started.lock().await;
-        if !*started {
-            qmp.run_json::<qapi::qmp::nbd_server_start>(
+async fn start_server(shared: &Shared) -> Result<(), Error> {
+    let mut started = shared.server_started.lock().await;
+    if !*started {
+        shared
+            .qmp
+            .run_json::<qapi::qmp::nbd_server_start>(
                 json!({"addr": {"type": "unix", "data": {"path": path_str(&shared.socket)}}}),
                 &path_str(&shared.socket),
             )
             .await?;
-            *started = true;
-        }
+        *started = true;
     }
+    Ok(())
+}
+
+async fn stop_server(shared: &Shared) -> Result<(), Error> {
+    let mut started = shared.server_started.lock().await;
+    if *started {
+        ok_if_missing(
+            shared
+                .qmp
+                .run(qapi::qmp::nbd_server_stop {}, "")
+                .await
+                .map(|_| ()),
+        )?;
+        *started = false;
+    }
+    remove_file(&shared.socket)
+}
+
+async fn export_all(shared: &Shared, disks: &[TakenDisk]) -> Result<(), Error> {
+    let qmp = &shared.qmp;
+    start_server(shared).await?;
     for d in disks {
         let bitmaps: Vec<&str> = d.info.frozen.iter().map(|b| b.name.as_str()).collect();
         qmp.run_json::<qapi::qmp::block_export_add>(
@@ -632,12 +660,7 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
     note(del_node(qmp, &d.fleece_node).await);
     note(remove_file(&d.fleece_file));
     if shared.live_disks.fetch_sub(1, Ordering::SeqCst) == 1 {
-        let mut started = shared.server_started.lock().await;
-        if *started {
-            note(qmp.run(qapi::qmp::nbd_server_stop {}, "").await.map(|_| ()));
-            *started = false;
-        }
-        note(remove_file(&shared.socket));
+        note(stop_server(&shared).await);
     }
     if committed {
         for b in &d.frozen {

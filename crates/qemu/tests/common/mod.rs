@@ -22,10 +22,17 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 /// True when QEMU and the NBD tools are installed; otherwise a visible skip, or a panic under
 /// BULWARK_REQUIRE_SERVERS=1.
 pub fn qemu_or_skip(test: &str) -> bool {
-    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "nbdinfo", "nbdcopy"]
-        .into_iter()
-        .filter(|t| which(t).is_none())
-        .collect();
+    let missing: Vec<&str> = [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "qemu-io",
+        "qemu-storage-daemon",
+        "nbdinfo",
+        "nbdcopy",
+    ]
+    .into_iter()
+    .filter(|t| which(t).is_none())
+    .collect();
     if missing.is_empty() {
         return true;
     }
