@@ -92,7 +92,9 @@ impl Qmp {
             .await
             .map_err(|_| Error::Timeout {
             socket: path.clone(),
-            command: "greeting".into(),
+            // A QMP monitor serves one client at a time: a silent socket is most often one that
+            // libvirt or another tool holds.
+            command: "greeting (is another client, e.g. libvirt, connected to this monitor? give Bulwark a -qmp socket of its own)".into(),
             secs: timeout.as_secs(),
         })??;
         tracing::debug!(socket = %path.display(), ?version, ?identity, "QMP connected");

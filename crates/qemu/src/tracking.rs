@@ -401,6 +401,27 @@ mod tests {
     }
 
     proptest! {
+        /// Any record, however mangled, is read back or refused with a reason: never a panic.
+        #[test]
+        fn any_record_is_read_or_refused(
+            kind in prop_oneof![Just(KIND.to_string()), ".{0,12}"],
+            fields in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("bitmap".to_string()), Just("disk".to_string()), Just("size".to_string()),
+                    Just("persistent".to_string()), Just("started_at_ms".to_string()),
+                    Just("qemu_pid".to_string()), Just("qemu_start_time".to_string()), ".{0,8}",
+                ],
+                prop_oneof![".{0,24}", any::<u64>().prop_map(|n| n.to_string()), Just("true".to_string())],
+                0..9,
+            ),
+        ) {
+            let t = Tracking { kind, fields };
+            match BitmapRecord::from_tracking(&t) {
+                Ok(r) => prop_assert_eq!(BitmapRecord::from_tracking(&r.to_tracking()).unwrap(), r),
+                Err(reason) => prop_assert!(!reason.is_empty()),
+            }
+        }
+
         /// Whatever the extents: at most `max` ranges, sorted, disjoint, and never a dirty byte
         /// inside an unchanged range.
         #[test]

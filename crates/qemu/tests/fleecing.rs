@@ -122,6 +122,16 @@ async fn discovers_writable_disks_with_clear_errors() {
         Err(e @ Error::Connect { .. }) => assert!(e.to_string().contains("nope.sock")),
         other => panic!("expected Connect error, got {other:?}"),
     }
+    // The monitor is taken (this session holds it): a second client is told why it waits.
+    match Qmp::connect(
+        &format!("unix:{}", vm.qmp_socket.display()),
+        Duration::from_secs(2),
+    )
+    .await
+    {
+        Err(e @ Error::Timeout { .. }) => assert!(e.to_string().contains("another client"), "{e}"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
     let err = qmp
         .run(
             qapi::qmp::blockdev_del {
