@@ -557,3 +557,63 @@ async fn a_fleecing_directory_without_room_is_refused() {
         d.release(false).await.unwrap();
     }
 }
+
+/// A transaction QEMU refuses changes nothing (it is atomic), and everything prepared goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transaction_leaves_the_bitmaps_and_nothing_else() {
+    if !qemu_or_skip("a_refused_transaction_leaves_the_bitmaps_and_nothing_else") {
+        return;
+    }
+    let vm = Vm::start(&two_disks()[..2]);
+    let qmp = vm.qmp().await;
+    let other = vm.test_qmp().await;
+    let options = FleeceOptions::new(vm.path());
+    for d in Fleecing::prepare(qmp.clone(), &options)
+        .await
+        .unwrap()
+        .take()
+        .await
+        .unwrap()
+    {
+        d.release(true).await.unwrap();
+    }
+    let nodes: Vec<String> = discover(&qmp)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.node)
+        .collect();
+    let before = [
+        bitmap_names(&qmp, &nodes[0]).await,
+        bitmap_names(&qmp, &nodes[1]).await,
+    ];
+    let prepared = Fleecing::prepare(qmp.clone(), &options).await.unwrap();
+    // Someone removes the second disk's fleecing node behind Bulwark's back.
+    other
+        .run(
+            qapi::qmp::blockdev_del {
+                node_name: prepared.disks()[1].fleece_node.clone(),
+            },
+            "",
+        )
+        .await
+        .unwrap();
+    let err = prepared.take().await.unwrap_err();
+    assert!(err.to_string().contains("transaction"), "{err}");
+    let left = bulwark_objects(&qmp, vm.path()).await;
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        [
+            bitmap_names(&qmp, &nodes[0]).await,
+            bitmap_names(&qmp, &nodes[1]).await
+        ],
+        before
+    );
+    // A fleecing directory that does not exist: a clear error, nothing left.
+    let mut bad = FleeceOptions::new(vm.path());
+    bad.fleece_dir = Some(vm.path().join("missing"));
+    bad.require_space = false;
+    let err = Fleecing::prepare(qmp.clone(), &bad).await.unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert!(bulwark_objects(&qmp, vm.path()).await.is_empty());
+}
