@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget,
-    create_disk, create_slot_fs_disk, image_fs, verify_point,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget, create_disk,
+    create_slot_fs_disk, image_fs, verify_point,
 };
 use bulwark_tests::root_or_skip;
 
@@ -43,7 +43,13 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
     let os = fs.path().join("os.qcow2");
     let data = fs.path().join("data.raw");
     let spec = writer_spec();
-    create_slot_fs_disk(&os, DiskFormat::Qcow2, DISK_SIZE, SLOTS, spec.index_of("os"));
+    create_slot_fs_disk(
+        &os,
+        DiskFormat::Qcow2,
+        DISK_SIZE,
+        SLOTS,
+        spec.index_of("os"),
+    );
     create_disk(&data, DiskFormat::Raw, DISK_SIZE);
 
     let mut guest = Guest::boot(
@@ -52,7 +58,11 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
             .disk("data", &data, DiskFormat::Raw)
             .with_writer(Path::new(env!("CARGO_BIN_EXE_bulwark-guest-writer"))),
     );
-    eprintln!("guest boot (QEMU start to ready marker): {:?}", guest.boot_time());
+    eprintln!(
+        "guest boot (QEMU start to ready marker): {:.2?} wall, {:.2?} of QEMU CPU time",
+        guest.boot_time(),
+        guest.boot_cpu_time()
+    );
     assert!(guest.qmp_socket().exists(), "no QMP socket");
     let (st, out) = guest.sh("ls /dev/disk/by-serial/; exit 7");
     assert_eq!(st, 7);
@@ -71,7 +81,10 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
     assert!(
         log.contains(&WriterEvent::Resumed {
             generation: paused,
-            t_ns: match log.iter().find(|e| matches!(e, WriterEvent::Resumed { .. })) {
+            t_ns: match log
+                .iter()
+                .find(|e| matches!(e, WriterEvent::Resumed { .. }))
+            {
                 Some(WriterEvent::Resumed { t_ns, .. }) => *t_ns,
                 _ => panic!("no resume in the log: {log:?}"),
             }
@@ -86,7 +99,10 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
          ext4 file / raw block), longest gap {} ms, last generation {}",
         summary.writes, summary.secs, summary.rate, summary.max_gap_ms, summary.last_generation
     );
-    assert!(summary.writes > 2 * u64::from(SLOTS), "too few writes: {summary:?}");
+    assert!(
+        summary.writes > 2 * u64::from(SLOTS),
+        "too few writes: {summary:?}"
+    );
     assert!(summary.last_generation > paused);
     let progress = guest
         .writer_log()
