@@ -71,7 +71,8 @@ fn workspace_root() -> PathBuf {
 /// (`(host path, guest path)`, each with its shared libraries). Returns the directory holding
 /// `vmlinuz` and `initrd.gz`. Panics with the builder's output when it fails.
 pub fn build_guest(binaries: &[(PathBuf, String)]) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<Vec<(PathBuf, String)>, PathBuf>>> = OnceLock::new();
+    type Built = HashMap<Vec<(PathBuf, String)>, PathBuf>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(dir) = built.get(binaries) {
