@@ -56,6 +56,8 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
         &GuestSpec::default()
             .disk("os", &os, DiskFormat::Qcow2)
             .disk("data", &data, DiskFormat::Raw)
+            .port("org.bulwark.test.0")
+            .forward(7000)
             .with_writer(Path::new(env!("CARGO_BIN_EXE_bulwark-guest-writer"))),
     );
     eprintln!(
@@ -63,10 +65,42 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
         guest.boot_time(),
         guest.boot_cpu_time()
     );
+    // Wall time depends on how loaded the 2 shared cores are; QEMU's own CPU time does not.
+    if let Some(cpu) = guest.boot_cpu_time() {
+        assert!(
+            cpu < Duration::from_secs(10),
+            "the boot took {cpu:?} of CPU"
+        );
+    }
     assert!(guest.qmp_socket().exists(), "no QMP socket");
     let (st, out) = guest.sh("ls /dev/disk/by-serial/; exit 7");
     assert_eq!(st, 7);
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["data", "os"]);
+
+    // An extra virtio-serial port reaches the host's Unix socket.
+    let mut port = std::os::unix::net::UnixStream::connect(guest.port_socket("org.bulwark.test.0"))
+        .expect("connect to the extra port");
+    guest.sh_ok("echo via-port > /dev/virtio-ports/org.bulwark.test.0");
+    let mut line = String::new();
+    port.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&mut port), &mut line).unwrap();
+    assert_eq!(line, "via-port\n");
+    // User networking forwards 127.0.0.1:<port> to the guest's TCP port 7000.
+    guest.sh_ok("setsid nc -l -p 7000 -e echo via-net </dev/null >/dev/null 2>&1 &");
+    let mut got = String::new();
+    for _ in 0..100 {
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", guest.forwarded_port(7000))) {
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            got.clear();
+            let _ = std::io::Read::read_to_string(&mut c, &mut got);
+            if !got.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got, "via-net\n");
 
     // A fresh state: the writer starts after generation 0.
     assert_eq!(guest.start_writer(&spec), 0);
