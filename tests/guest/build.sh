@@ -187,4 +187,7 @@ if [ ! -f "$idir/done" ]; then
     trap - EXIT
     log "built $idir ($(du -h "$idir/initrd.gz" | cut -f1) initramfs)"
 fi
+# Drop cache entries unused for 3 days (every rebuilt binary makes a new img-*).
+touch "$idir/done" "$bdir/done" "$kdir/done"
+find "$cache" -mindepth 2 -maxdepth 2 -name done -mtime +3 -printf '%h\n' 2>/dev/null | xargs -r rm -rf
 echo "$idir"
