@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # tool:package pairs the tests call.
-need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
+need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
       fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin)
 missing=()
@@ -28,6 +28,33 @@ if [ ${#missing[@]} -gt 0 ]; then
     else
         echo "tests/run.sh: missing ${missing[*]} (not root, so not installing: the tests that need them skip)"
     fi
+fi
+
+# QEMU for the real-guest tests (tests/guest_boot.rs and the QEMU backup tests): Debian 12's
+# qemu-system-x86 7.2. On this machine image it replaces the preinstalled qemu-utils 10.0, so
+# qemu-utils and its companions are pinned to the same 7.2 version (--allow-downgrades). Also
+# busybox-static and Debian's kernel package (downloaded, never installed) for the test guest,
+# which tests/guest/build.sh builds once into target/guest/.
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v busybox >/dev/null 2>&1 \
+        && ! ldd "$(command -v busybox)" >/dev/null 2>&1 \
+        && [ "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" = "$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null)" ]
+}
+if ! qemu_ok; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        qver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2; exit}')
+        echo "tests/run.sh: installing qemu-system-x86 $qver (qemu-utils pinned to the same version), busybox-static"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
+            "qemu-system-x86=$qver" "qemu-system-common=$qver" "qemu-utils=$qver" \
+            "qemu-block-extra=$qver" busybox-static libnbd-bin nbdkit >/dev/null
+    else
+        echo "tests/run.sh: qemu-system-x86 7.2 / busybox-static missing (not root, so not installing: the guest tests skip)"
+    fi
+fi
+if qemu_ok; then
+    [ -n "$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || { [ "$(id -u)" = 0 ] && apt-get update -qq; } || true
+    bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
 fi
 
 if [ -f tests/servers.sh ]; then
