@@ -88,10 +88,13 @@ fn shared(size: usize, options: ServerOptions) -> Shared {
 
 /// Runs one connection over `input` on a current-thread runtime; returns the largest allocation.
 fn drive(input: Vec<u8>) -> usize {
-    let mut options = ServerOptions::new("disk");
-    options.max_request = 1 << 20;
-    options.max_buffered = 1 << 20;
-    let shared = shared(1 << 20, options);
+    static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        let mut options = ServerOptions::new("disk");
+        options.max_request = 1 << 20;
+        options.max_buffered = 1 << 20;
+        shared(1 << 20, options)
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -99,7 +102,7 @@ fn drive(input: Vec<u8>) -> usize {
     let (_, largest) = largest_allocation(|| {
         rt.block_on(async {
             let (_tx, rx) = watch::channel(false);
-            let _ = serve_connection(&input[..], tokio::io::sink(), &shared, rx).await;
+            let _ = serve_connection(&input[..], tokio::io::sink(), shared, rx).await;
         })
     });
     largest
