@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, watch};
@@ -130,6 +133,8 @@ const MAX_OPTION_PAYLOAD: u32 = 16 << 10;
 const MAX_OPTIONS: usize = 256;
 /// Most extents in one BLOCK_STATUS chunk the server sends.
 const MAX_EXTENTS: usize = 1 << 16;
+/// Requests one connection may have in flight.
+const MAX_IN_FLIGHT: usize = 16;
 /// The context id of `base:allocation`.
 const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -320,25 +325,76 @@ where
             Ok(s) => s?,
             Err(_) => return Err(ConnEnd::HandshakeTimeout(timeout)),
         },
-        _ = stop.wait_for(|s| *s) => return Ok(()),
+        _ = stopped(&mut stop) => return Ok(()),
     };
     let Some(session) = session else {
         return Ok(());
     };
+    transmission(&mut r, &mut w, shared, &session, stop).await
+}
+
+/// The transmission phase: up to [`MAX_IN_FLIGHT`] READ/BLOCK_STATUS requests are served
+/// concurrently (QEMU pipelines its requests); each reply is written whole as it completes.
+async fn transmission<R, W>(
+    r: &mut R,
+    w: &mut W,
+    shared: &Shared,
+    session: &Session,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut in_flight: FuturesUnordered<BoxFuture<'_, Reply<'_>>> = FuturesUnordered::new();
+    let mut h = [0u8; Request::SIZE];
+    let mut filled = 0;
+    // Set at the client's EOF or DISC: no more requests; finish those in flight.
+    let mut closing = false;
     loop {
-        let mut h = [0u8; Request::SIZE];
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-            got = read_exact_or_eof(&mut r, &mut h) => if !got? { return Ok(()) },
-        }
-        let req =
-            Request::decode(&h).map_err(|m| ConnEnd::Garbage(format!("request magic {m:#x}")))?;
-        if !serve_request(&mut r, &mut w, shared, &session, req).await? {
+        if closing && in_flight.is_empty() {
             return Ok(());
         }
-        w.flush().await?;
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => return Ok(()),
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                write_reply(w, session, reply).await?;
+                w.flush().await?;
+            }
+            // `read` is cancel-safe: the bytes of a partial header stay in `h`.
+            n = r.read(&mut h[filled..]), if !closing && in_flight.len() < MAX_IN_FLIGHT => {
+                let n = n?;
+                if n == 0 {
+                    if filled > 0 {
+                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                    }
+                    closing = true;
+                    continue;
+                }
+                filled += n;
+                if filled < Request::SIZE {
+                    continue;
+                }
+                filled = 0;
+                let req = Request::decode(&h)
+                    .map_err(|m| ConnEnd::Garbage(format!("request magic {m:#x}")))?;
+                match triage(r, shared, session, req).await? {
+                    Next::Disconnect => closing = true,
+                    Next::Now(reply) => {
+                        write_reply(w, session, reply).await?;
+                        w.flush().await?;
+                    }
+                    Next::Later(work) => in_flight.push(work),
+                }
+            }
+        }
     }
+}
+
+/// Resolves once shutdown is asked for (or the server is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
@@ -565,19 +621,34 @@ pub(crate) fn parse_meta_request(p: &[u8]) -> Option<(String, Vec<String>)> {
     (at == p.len()).then_some((name, queries))
 }
 
-async fn simple_reply<W: AsyncWrite + Unpin>(w: &mut W, errno: u32, cookie: u64) -> io::Result<()> {
-    w.write_all(&encode_simple_reply(errno, cookie)).await
+/// A reply, ready to be written.
+enum Reply<'a> {
+    /// A simple reply (no payload).
+    Simple { errno: u32, cookie: u64 },
+    /// A refusal: an ERROR chunk for READ/BLOCK_STATUS with structured replies, else simple.
+    Error {
+        req: Request,
+        errno: u32,
+        message: String,
+    },
+    /// A successful read; the permit bounds the bytes held until they are written.
+    Read {
+        req: Request,
+        pieces: Vec<Piece>,
+        _permit: tokio::sync::SemaphorePermit<'a>,
+    },
+    /// A BLOCK_STATUS chunk's payload (context id and extents).
+    BlockStatus { req: Request, payload: Vec<u8> },
 }
 
-/// An error answer to `req`: an ERROR chunk when structured replies are on (READ and
-/// BLOCK_STATUS), a simple reply otherwise.
-async fn error_reply<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    session: &Session,
-    req: &Request,
-    errno: u32,
-    message: &str,
-) -> io::Result<()> {
+/// What to do with a request.
+enum Next<'a> {
+    Disconnect,
+    Now(Reply<'a>),
+    Later(BoxFuture<'a, Reply<'a>>),
+}
+
+fn refuse<'a>(req: Request, errno: u32, message: &str) -> Reply<'a> {
     tracing::debug!(
         command = command_name(req.command),
         offset = req.offset,
@@ -586,46 +657,33 @@ async fn error_reply<W: AsyncWrite + Unpin>(
         message,
         "nbd request refused"
     );
-    let structured_command = matches!(req.command, CMD_READ | CMD_BLOCK_STATUS);
-    if session.structured && structured_command {
-        let msg = &message.as_bytes()[..message.len().min(MAX_STRING)];
-        let mut p = errno.to_be_bytes().to_vec();
-        p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-        p.extend_from_slice(msg);
-        let h = ChunkHeader {
-            flags: REPLY_FLAG_DONE,
-            kind: REPLY_TYPE_ERROR,
-            cookie: req.cookie,
-            length: p.len() as u32,
-        };
-        w.write_all(&h.encode()).await?;
-        w.write_all(&p).await
-    } else {
-        simple_reply(w, errno, req.cookie).await
+    Reply::Error {
+        req,
+        errno,
+        message: message.to_string(),
     }
 }
 
-/// Serves one request. `Ok(false)`: the client disconnected (DISC).
-async fn serve_request<R, W>(
+/// Decides how to answer a request; skips a WRITE's payload to stay in step.
+async fn triage<'a, R: AsyncRead + Unpin>(
     r: &mut R,
-    w: &mut W,
-    shared: &Shared,
+    shared: &'a Shared,
     session: &Session,
     req: Request,
-) -> Result<bool, ConnEnd>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> Result<Next<'a>, ConnEnd> {
     let size = shared.backend.size();
     let max = shared.options.max_request;
     let in_range = req
         .offset
         .checked_add(u64::from(req.length))
         .is_some_and(|end| end <= size);
+    let now = |reply| Ok(Next::Now(reply));
     match req.command {
-        CMD_DISC => return Ok(false),
-        CMD_FLUSH | CMD_CACHE => simple_reply(w, 0, req.cookie).await?,
+        CMD_DISC => Ok(Next::Disconnect),
+        CMD_FLUSH | CMD_CACHE => now(Reply::Simple {
+            errno: 0,
+            cookie: req.cookie,
+        }),
         CMD_WRITE => {
             if req.length > max {
                 return Err(ConnEnd::Garbage(format!(
@@ -633,41 +691,71 @@ where
                     req.length
                 )));
             }
-            // Skip the payload to stay in step, then refuse.
-            let skipped =
-                tokio::io::copy(&mut r.take(u64::from(req.length)), &mut tokio::io::sink()).await?;
-            if skipped != u64::from(req.length) {
+            let want = u64::from(req.length);
+            let skipped = tokio::io::copy(&mut r.take(want), &mut tokio::io::sink()).await?;
+            if skipped != want {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
-            error_reply(w, session, &req, EPERM, "read-only export").await?;
+            now(refuse(req, EPERM, "read-only export"))
         }
-        CMD_TRIM | CMD_WRITE_ZEROES => {
-            error_reply(w, session, &req, EPERM, "read-only export").await?;
-        }
-        CMD_READ | CMD_BLOCK_STATUS if req.length == 0 => {
-            error_reply(w, session, &req, EINVAL, "zero length").await?;
-        }
+        CMD_TRIM | CMD_WRITE_ZEROES => now(refuse(req, EPERM, "read-only export")),
+        CMD_READ | CMD_BLOCK_STATUS if req.length == 0 => now(refuse(req, EINVAL, "zero length")),
         CMD_READ | CMD_BLOCK_STATUS if !in_range => {
-            error_reply(w, session, &req, EINVAL, "past the end of the export").await?;
+            now(refuse(req, EINVAL, "past the end of the export"))
         }
         CMD_READ if req.length > max => {
-            error_reply(
-                w,
-                session,
-                &req,
-                EOVERFLOW,
-                "request longer than the maximum",
-            )
-            .await?;
+            now(refuse(req, EOVERFLOW, "request longer than the maximum"))
         }
-        CMD_READ => serve_read(w, shared, session, &req).await?,
+        CMD_READ => Ok(Next::Later(Box::pin(read(shared, req)))),
         CMD_BLOCK_STATUS if !session.structured || !session.base_allocation => {
-            error_reply(w, session, &req, EINVAL, "no meta context selected").await?;
+            now(refuse(req, EINVAL, "no meta context selected"))
         }
-        CMD_BLOCK_STATUS => serve_block_status(w, shared, session, &req).await?,
-        _ => error_reply(w, session, &req, EINVAL, "unknown command").await?,
+        CMD_BLOCK_STATUS => Ok(Next::Later(Box::pin(block_status(shared, req)))),
+        _ => now(refuse(req, EINVAL, "unknown command")),
     }
-    Ok(true)
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    session: &Session,
+    reply: Reply<'_>,
+) -> io::Result<()> {
+    match reply {
+        Reply::Simple { errno, cookie } => w.write_all(&encode_simple_reply(errno, cookie)).await,
+        Reply::Error {
+            req,
+            errno,
+            message,
+        } => {
+            if session.structured && matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
+                let msg = &message.as_bytes()[..message.len().min(MAX_STRING)];
+                let mut p = errno.to_be_bytes().to_vec();
+                p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                p.extend_from_slice(msg);
+                let h = ChunkHeader {
+                    flags: REPLY_FLAG_DONE,
+                    kind: REPLY_TYPE_ERROR,
+                    cookie: req.cookie,
+                    length: p.len() as u32,
+                };
+                w.write_all(&h.encode()).await?;
+                w.write_all(&p).await
+            } else {
+                w.write_all(&encode_simple_reply(errno, req.cookie)).await
+            }
+        }
+        Reply::Read { req, pieces, .. } => write_read(w, session, &req, &pieces).await,
+        Reply::BlockStatus { req, payload } => {
+            let h = ChunkHeader {
+                flags: REPLY_FLAG_DONE,
+                kind: REPLY_TYPE_BLOCK_STATUS,
+                cookie: req.cookie,
+                length: payload.len() as u32,
+            };
+            w.write_all(&h.encode()).await?;
+            w.write_all(&payload).await
+        }
+    }
 }
 
 /// Checks a backend's read answer: pieces covering exactly `len`, none empty.
@@ -691,34 +779,37 @@ fn check_pieces(pieces: &[Piece], len: u32) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve_read<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    shared: &Shared,
-    session: &Session,
-    req: &Request,
-) -> Result<(), ConnEnd> {
+async fn read(shared: &Shared, req: Request) -> Reply<'_> {
     // Bound the bytes held across connections.
-    let Ok(_permit) = shared.buffered.acquire_many(req.length).await else {
-        return Err(ConnEnd::Garbage("server closing".into()));
+    let Ok(permit) = shared.buffered.acquire_many(req.length).await else {
+        return refuse(req, EIO, "server closing");
     };
-    let pieces = match shared.backend.read(req.offset, req.length).await {
-        Ok(p) => match check_pieces(&p, req.length) {
-            Ok(()) => p,
+    match shared.backend.read(req.offset, req.length).await {
+        Ok(pieces) => match check_pieces(&pieces, req.length) {
+            Ok(()) => Reply::Read {
+                req,
+                pieces,
+                _permit: permit,
+            },
             Err(m) => {
                 tracing::error!(offset = req.offset, length = req.length, "{m}");
-                error_reply(w, session, req, EIO, &m).await?;
-                return Ok(());
+                refuse(req, EIO, &m)
             }
         },
-        Err(e) => {
-            error_reply(w, session, req, EIO, &e.to_string()).await?;
-            return Ok(());
-        }
-    };
+        Err(e) => refuse(req, EIO, &e.to_string()),
+    }
+}
+
+async fn write_read<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    session: &Session,
+    req: &Request,
+    pieces: &[Piece],
+) -> io::Result<()> {
     if !session.structured {
-        simple_reply(w, 0, req.cookie).await?;
+        w.write_all(&encode_simple_reply(0, req.cookie)).await?;
         let zeroes = [0u8; 64 << 10];
-        for p in &pieces {
+        for p in pieces {
             match p {
                 Piece::Data(d) => w.write_all(d).await?,
                 Piece::Hole(n) => {
@@ -734,9 +825,12 @@ async fn serve_read<W: AsyncWrite + Unpin>(
         return Ok(());
     }
     let mut at = req.offset;
-    let last = pieces.len() - 1;
     for (i, p) in pieces.iter().enumerate() {
-        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let flags = if i + 1 == pieces.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
         match p {
             Piece::Data(d) => {
                 let h = ChunkHeader {
@@ -802,12 +896,7 @@ pub(crate) fn wire_extents(
     Ok(out)
 }
 
-async fn serve_block_status<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    shared: &Shared,
-    session: &Session,
-    req: &Request,
-) -> Result<(), ConnEnd> {
+async fn block_status(shared: &Shared, req: Request) -> Reply<'_> {
     let limit = if req.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
@@ -818,30 +907,18 @@ async fn serve_block_status<W: AsyncWrite + Unpin>(
             Ok(e) => e,
             Err(m) => {
                 tracing::error!(offset = req.offset, length = req.length, "{m}");
-                error_reply(w, session, req, EIO, &m).await?;
-                return Ok(());
+                return refuse(req, EIO, &m);
             }
         },
-        Err(e) => {
-            error_reply(w, session, req, EIO, &e.to_string()).await?;
-            return Ok(());
-        }
+        Err(e) => return refuse(req, EIO, &e.to_string()),
     };
-    let mut p = Vec::with_capacity(4 + 8 * extents.len());
-    p.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    let mut payload = Vec::with_capacity(4 + 8 * extents.len());
+    payload.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
     for (n, f) in extents {
-        p.extend_from_slice(&n.to_be_bytes());
-        p.extend_from_slice(&f.to_be_bytes());
+        payload.extend_from_slice(&n.to_be_bytes());
+        payload.extend_from_slice(&f.to_be_bytes());
     }
-    let h = ChunkHeader {
-        flags: REPLY_FLAG_DONE,
-        kind: REPLY_TYPE_BLOCK_STATUS,
-        cookie: req.cookie,
-        length: p.len() as u32,
-    };
-    w.write_all(&h.encode()).await?;
-    w.write_all(&p).await?;
-    Ok(())
+    Reply::BlockStatus { req, payload }
 }
 
 #[cfg(test)]
