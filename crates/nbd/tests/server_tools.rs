@@ -225,3 +225,37 @@ fn shutdown_closes_connections_and_removes_the_socket() {
         "{err}"
     );
 }
+
+#[test]
+fn the_client_replaces_a_dead_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let data = sparse_disk();
+    let mut first = TestServer::start(
+        Address::Unix(socket.clone()),
+        data.clone(),
+        ServerOptions::new("disk"),
+    );
+    let client = Client::connect(
+        Address::Unix(socket.clone()),
+        ClientOptions::new("disk").connections(1),
+    )
+    .unwrap();
+    first.stop();
+    let _second = TestServer::start(
+        Address::Unix(socket.clone()),
+        data.clone(),
+        ServerOptions::new("disk"),
+    );
+    // The pooled connection died with the first server: that read fails, naming the export
+    // and offset; the connection is dropped and the next read dials the new server.
+    let mut buf = vec![0u8; 4096];
+    let err = client.read(8192, &mut buf).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(
+        err.to_string().contains("\"disk\"") && err.to_string().contains("offset 8192"),
+        "{err}"
+    );
+    client.read(8192, &mut buf).unwrap();
+    assert!(buf[..] == data[8192..12288]);
+}
