@@ -259,3 +259,69 @@ fn the_client_replaces_a_dead_connection() {
     client.read(8192, &mut buf).unwrap();
     assert!(buf[..] == data[8192..12288]);
 }
+
+/// The instant-recovery storage path of issue 13 with QEMU's own block layer: a qcow2 overlay
+/// whose backing file is our export takes the writes; pulling the backing data into the overlay
+/// (`qemu-img rebase -b ''`, what block-stream does live) makes it complete, after which the
+/// export can stop.
+#[test]
+fn a_qcow2_overlay_runs_on_the_export_and_outlives_it() {
+    if !tools_or_skip(
+        "a_qcow2_overlay_runs_on_the_export_and_outlives_it",
+        &["qemu-img", "qemu-io"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sparse_disk();
+    let mut server = TestServer::start(
+        Address::Unix(dir.path().join("s.sock")),
+        data.clone(),
+        ServerOptions::new("disk"),
+    );
+    let uri = server.uri("disk");
+    let overlay = dir.path().join("overlay.qcow2");
+    let ov = overlay.to_str().unwrap();
+    run(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            uri.as_str(),
+            "-F",
+            "raw",
+            ov,
+        ],
+    );
+    run(
+        "qemu-io",
+        ["-f", "qcow2", "-c", "write -q -P 0x77 1M 64k", ov],
+    );
+    let mut expected = data.clone();
+    expected[1 << 20..(1 << 20) + (64 << 10)].fill(0x77);
+
+    let out = dir.path().join("out.raw");
+    run(
+        "qemu-img",
+        ["convert", "-O", "raw", ov, out.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == expected,
+        "overlay over the export reads wrong bytes"
+    );
+
+    run("qemu-img", ["rebase", "-f", "qcow2", "-b", "", ov]);
+    server.stop();
+    std::fs::remove_file(&out).unwrap();
+    run(
+        "qemu-img",
+        ["convert", "-O", "raw", ov, out.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == expected,
+        "streamed overlay differs"
+    );
+}
