@@ -44,7 +44,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bulwark_consistency::scripts::{MAX_TIMEOUT, ScriptSpec};
+use bulwark_quiesce::scripts::{MAX_TIMEOUT, ScriptSpec};
 use serde::Deserialize;
 
 use crate::Error;

@@ -457,14 +457,6 @@ fn spec_deserializes_from_config_json() {
 }
 
 #[test]
-fn one_line_tail_is_bounded() {
-    assert_eq!(one_line_tail("a\n\n b \nc\n", 100), "a | b | c");
-    let long = "x".repeat(500);
-    let t = one_line_tail(&long, 10);
-    assert_eq!(t.chars().count(), 11);
-}
-
-#[test]
 fn availability_checks_the_config_file_and_every_script() {
     let d = tempfile::tempdir().unwrap();
     let c = d.path().join("agent.toml");
