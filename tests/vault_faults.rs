@@ -291,6 +291,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(100),
         },
+        ..OpenOptions::default()
     };
     let location = "az://killtest/vault";
     let vault = Vault::create_with(location, &create_options(), &opts)

@@ -377,42 +377,52 @@ pub struct Vault {
     retry: RetryPolicy,
     /// Aligned buffers for blocks read back (`bulwark_blockdiff::buffers`).
     buffers: Arc<bulwark_blockdiff::buffers::Pool>,
+    /// The host name recorded in this process's leases.
+    host: Arc<str>,
 }
 
-/// How to open (or create) a vault: storage settings, the key of an encrypted vault, and the
-/// retry policy of the vault's own requests.
+/// How to open (or create) a vault: storage settings, the key of an encrypted vault, the
+/// retry policy of the vault's own requests and the host name its leases record.
+///
+/// The library never reads the environment: a binary builds these once, from its flags and
+/// its environment, and passes them to [`Vault::open_with`] and friends.
+///
+/// ```
+/// use bulwark_vault::{MasterKey, OpenOptions, StoreOptions};
+///
+/// let options = OpenOptions {
+///     store: StoreOptions::default().with_var("BULWARK_STORE_MAX_RETRIES", "1"),
+///     host: Some("backup01".into()),
+///     ..OpenOptions::default()
+/// }
+/// .with_key(MasterKey::generate());
+/// assert!(options.key.is_some());
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Credentials, endpoints, timeouts ([`StoreOptions::from_env`] for the environment's).
+    /// Credentials, endpoints, timeouts ([`StoreOptions::from_vars`] builds them from the
+    /// environment's variables).
     pub store: StoreOptions,
     /// The master key: required to open an encrypted vault; creating with a key makes the
-    /// new vault encrypted.
+    /// new vault encrypted. [`OpenOptions::with_key_file`] loads one.
     pub key: Option<MasterKey>,
     /// Retries of the vault's own requests after transient failures. On a cloud location
     /// the default becomes [`RetryPolicy::remote`]: the cloud client retries each request
     /// itself, so the vault adds one round, not four, and a dead endpoint fails the job soon.
     pub retry: RetryPolicy,
+    /// The host name written into the leases this process takes (who holds a lease); `None`:
+    /// the kernel's (`/proc/sys/kernel/hostname`), or "unknown".
+    pub host: Option<String>,
 }
 
 impl OpenOptions {
-    /// Storage settings from the environment, and the key named by `BULWARK_KEY_FILE` (with
-    /// the passphrase in `BULWARK_PASSPHRASE` when the file is protected by one), if set.
-    pub fn from_env() -> Result<OpenOptions, Error> {
-        let key = match std::env::var_os("BULWARK_KEY_FILE") {
-            Some(path) if !path.is_empty() => {
-                let pass = std::env::var("BULWARK_PASSPHRASE").ok();
-                Some(MasterKey::load(
-                    std::path::Path::new(&path),
-                    pass.as_deref(),
-                )?)
-            }
-            _ => None,
-        };
-        Ok(OpenOptions {
-            store: StoreOptions::from_env()?,
-            key,
-            ..Default::default()
-        })
+    /// With the key in `file`, unwrapped with `passphrase` when the file is protected by one.
+    pub fn with_key_file(
+        self,
+        file: &std::path::Path,
+        passphrase: Option<&str>,
+    ) -> Result<OpenOptions, Error> {
+        Ok(self.with_key(MasterKey::load(file, passphrase)?))
     }
 
     /// With this key.
@@ -487,10 +497,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Vault {
     /// Opens the vault at `location`: a directory path, `file://PATH`, `memory:` (empty, for
-    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with storage
-    /// settings from the environment (see [`location`]).
+    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with default
+    /// options: no key, no cloud credentials (see [`Vault::open_with`] and [`location`]).
     pub async fn open(location: &str) -> Result<Vault, Error> {
-        Self::open_with(location, &OpenOptions::from_env()?).await
+        Self::open_with(location, &OpenOptions::default()).await
     }
 
     /// Opens the vault at `location` with explicit options (storage settings, key).
@@ -580,13 +590,18 @@ impl Vault {
             concurrency: 16,
             cipher,
             retry: options.retry,
+            host: options
+                .host
+                .clone()
+                .unwrap_or_else(lease::kernel_host_name)
+                .into(),
         })
     }
 
-    /// Creates a vault at `location` (creating the directory of a local path), with storage
-    /// settings from the environment.
+    /// Creates a vault at `location` (creating the directory of a local path), with default
+    /// open options: unencrypted, no cloud credentials (see [`Vault::create_with`]).
     pub async fn create(location: &str, options: &CreateOptions) -> Result<Vault, Error> {
-        Self::create_with(location, options, &OpenOptions::from_env()?).await
+        Self::create_with(location, options, &OpenOptions::default()).await
     }
 
     /// Creates a vault at `location`; encrypted when `open.key` is set.
@@ -655,7 +670,7 @@ impl Vault {
         location: &str,
         options: &CreateOptions,
     ) -> Result<(Vault, bool), Error> {
-        Self::open_or_create_with(location, options, &OpenOptions::from_env()?).await
+        Self::open_or_create_with(location, options, &OpenOptions::default()).await
     }
 
     /// [`Vault::open_or_create`] with explicit options; a created vault is encrypted when
