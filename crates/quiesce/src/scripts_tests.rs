@@ -301,7 +301,11 @@ async fn a_script_owned_by_another_user_is_refused() {
         }
         assert!(!marker.exists(), "a refused script ran");
     } else {
-        eprintln!("(not root: skipping the chown-to-65534 half of this test)");
+        bulwark_tests::skip(
+            "quiesce scripts::tests::a_script_owned_by_another_user_is_refused (chown half)",
+            bulwark_tests::Needs::Root,
+            "needs root to give a script to uid 65534",
+        );
     }
 }
 
