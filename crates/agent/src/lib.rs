@@ -46,6 +46,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A listen address is neither `unix:/PATH` nor `tcp:HOST:PORT`.
+    #[error("{given:?}: {reason}")]
+    Listen {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A file operation failed.
     #[error("{action} {}: {source}", .path.display())]
     Io {
