@@ -62,7 +62,13 @@ const SYSTEM_CRATES: &[&str] = &["libc", "rustix", "nix", "tokio", "mio", "objec
 fn workspace_dependencies() -> BTreeMap<String, BTreeSet<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -96,7 +102,9 @@ fn violations(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut bad = Vec::new();
     for (pkg, deps) in graph {
         let Some(r) = rank(pkg) else {
-            bad.push(format!("{pkg} has no rank in tests/layering.rs (give it one)"));
+            bad.push(format!(
+                "{pkg} has no rank in tests/layering.rs (give it one)"
+            ));
             continue;
         };
         for dep in deps.iter().filter(|d| graph.contains_key(*d)) {
@@ -115,7 +123,9 @@ fn violations(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
         }
         if PURE.contains(&pkg.as_str()) {
             for dep in deps.iter().filter(|d| SYSTEM_CRATES.contains(&d.as_str())) {
-                bad.push(format!("{pkg} must stay pure (no I/O) but depends on {dep}"));
+                bad.push(format!(
+                    "{pkg} must stay pure (no I/O) but depends on {dep}"
+                ));
             }
         }
     }
@@ -165,8 +175,17 @@ fn the_rules_catch_upward_guest_side_and_impure_dependencies() {
     add("bulwark-protocol", "bulwark-quiesce"); // guest side, same rank
     add("bulwark-consistency", "rustix"); // impure
     let bad = violations(&graph).join("\n");
-    assert!(bad.contains("bulwark-vault (rank 2) depends on bulwark-snapshot"), "{bad}");
-    assert!(bad.contains("bulwark-protocol depends on the guest-side bulwark-quiesce"), "{bad}");
-    assert!(bad.contains("bulwark-protocol reaches the guest-side bulwark-quiesce"), "{bad}");
+    assert!(
+        bad.contains("bulwark-vault (rank 2) depends on bulwark-snapshot"),
+        "{bad}"
+    );
+    assert!(
+        bad.contains("bulwark-protocol depends on the guest-side bulwark-quiesce"),
+        "{bad}"
+    );
+    assert!(
+        bad.contains("bulwark-protocol reaches the guest-side bulwark-quiesce"),
+        "{bad}"
+    );
     assert!(bad.contains("bulwark-consistency must stay pure"), "{bad}");
 }
