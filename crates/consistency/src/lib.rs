@@ -40,7 +40,6 @@
 //! let ok = resolve(Level::FileSystem, Level::Crash, &observed).unwrap();
 //! assert_eq!(ok.level, Level::Crash);
 //! ```
-#![warn(missing_docs)]
 
 mod error;
 pub mod fallback;

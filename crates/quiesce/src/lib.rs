@@ -22,7 +22,6 @@
 //! let mounts = parse_mountinfo(text).unwrap();
 //! assert_eq!(freezable_mounts(&mounts, &[]), [std::path::PathBuf::from("/srv/db"), "/".into()]);
 //! ```
-#![warn(missing_docs)]
 
 mod error;
 pub mod freeze;
