@@ -16,7 +16,7 @@ use bulwark_controller::{BackupRequest, DiskSpec, NoProgress, RestoreRequest, ba
 use bulwark_vault::fault::{FaultConfig, FaultyStore};
 use bulwark_vault::{CreateOptions, MasterKey, OpenOptions, RetryPolicy, StoreOptions, Vault};
 use object_store::ObjectStore;
-use vault_servers::{Backend, noise, server_var, servers_required};
+use vault_servers::{Backend, noise, server_var};
 
 const BLOCK: usize = 64 << 10;
 
@@ -254,12 +254,10 @@ async fn azurite_killed_mid_backup_and_restarted() {
         server_var("BULWARK_TEST_AZURITE_BIN"),
         server_var("BULWARK_TEST_SERVERS_SH"),
     ) else {
-        assert!(
-            !servers_required(),
-            "BULWARK_TEST_AZURITE_BIN is not set and BULWARK_REQUIRE_SERVERS=1"
-        );
-        eprintln!(
-            "SKIP azurite_killed_mid_backup_and_restarted: run `bash tests/servers.sh start`"
+        bulwark_tests::skip(
+            "azurite_killed_mid_backup_and_restarted",
+            bulwark_tests::Needs::Servers,
+            "BULWARK_TEST_AZURITE_BIN not set (run `bash tests/servers.sh start`)",
         );
         return;
     };
@@ -291,6 +289,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(100),
         },
+        ..OpenOptions::default()
     };
     let location = "az://killtest/vault";
     let vault = Vault::create_with(location, &create_options(), &opts)

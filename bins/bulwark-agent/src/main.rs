@@ -25,7 +25,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     // The freeze guardian re-executes this binary: dispatch before anything else.
-    if let Some(code) = bulwark_consistency::guardian::dispatch_guardian() {
+    if let Some(code) = bulwark_quiesce::guardian::dispatch_guardian(std::env::args_os().skip(1)) {
         return code;
     }
     let cli = Cli::parse();

@@ -108,9 +108,13 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
             bulwark_controller::history::STOPPED_DURING_JOB
         );
     }
-    let (vault, created) = Vault::open_or_create(&config.vault, &CreateOptions::default())
-        .await
-        .with_context(|| format!("vault {}", config.vault))?;
+    let (vault, created) = Vault::open_or_create_with(
+        &config.vault,
+        &CreateOptions::default(),
+        &crate::keys::vault_options()?,
+    )
+    .await
+    .with_context(|| format!("vault {}", config.vault))?;
     if created {
         eprintln!("created a new vault at {}", vault.location());
     }
@@ -255,7 +259,7 @@ pub async fn backup_keeping(
 
 /// `list --snapshot-dir DIR`: every point with its tier.
 pub async fn list(vault: &str, snapshot_dir: &Path, vm: Option<&str>, json: bool) -> Result<()> {
-    let vault = Vault::open(vault).await?;
+    let vault = Vault::open_with(vault, &crate::keys::vault_options()?).await?;
     let list = vault.list_points(vm).await?;
     let store = SnapshotStore::new(snapshot_dir);
     let kept: Vec<_> = store

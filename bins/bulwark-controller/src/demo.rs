@@ -155,7 +155,12 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     make_image(&image, a.size)?;
     let first_digest = digest(&image)?;
 
-    let (vault, _) = Vault::open_or_create(vault_loc, &CreateOptions::default()).await?;
+    let (vault, _) = Vault::open_or_create_with(
+        vault_loc,
+        &CreateOptions::default(),
+        &crate::keys::vault_options()?,
+    )
+    .await?;
     let req = BackupRequest::new(
         "demo-vm",
         vec![DiskSpec::parse(&format!("disk0={}", image.display()))?],

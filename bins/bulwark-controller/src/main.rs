@@ -208,7 +208,7 @@ struct VerifyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    keys::export(&cli.keys);
+    keys::init(&cli.keys);
     ui::init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -233,9 +233,10 @@ async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Init(a) => {
             keys::check_init(&a.encrypt)?;
-            let vault = Vault::create(
+            let vault = Vault::create_with(
                 &a.vault.vault,
                 &create_options(a.block_size, a.compression_level)?,
+                &keys::vault_options()?,
             )
             .await?;
             println!(
@@ -292,7 +293,12 @@ async fn backup(a: BackupArgs) -> Result<()> {
     req.upload_concurrency = a.upload_concurrency;
     req.lease = req.lease.waiting(a.lease_wait);
     bulwark_controller::check_request(&req)?;
-    let (vault, created) = Vault::open_or_create(&a.vault.vault, &CreateOptions::default()).await?;
+    let (vault, created) = Vault::open_or_create_with(
+        &a.vault.vault,
+        &CreateOptions::default(),
+        &keys::vault_options()?,
+    )
+    .await?;
     if created {
         eprintln!("created a new vault at {}", vault.location());
     }
@@ -343,7 +349,7 @@ async fn list(a: ListArgs) -> Result<()> {
     if let Some(dir) = &a.snapshot_dir {
         return daemon_cmd::list(&a.vault.vault, dir, a.vm.as_deref(), a.json).await;
     }
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let list = vault.list_points(a.vm.as_deref()).await?;
     if a.json {
         let broken: Vec<_> = list
@@ -382,7 +388,7 @@ async fn list(a: ListArgs) -> Result<()> {
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let req = RestoreRequest {
         vm: a.vm,
         point: a.point,
@@ -417,7 +423,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
 }
 
 async fn verify(a: VerifyArgs) -> Result<ExitCode> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let bars = ui::Bars::new(!a.json);
     let cb = bars.clone();
     let report = vault

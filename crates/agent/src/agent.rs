@@ -10,18 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bulwark_consistency::guardian::GuardianCommand;
-use bulwark_consistency::mounts::{FREEZABLE_FS_TYPES, discover_freezable, read_mountinfo};
-use bulwark_consistency::scripts::{
-    Phase, RunOptions, ScriptFailure, ScriptReport, ScriptSpec, check_config_file, check_script,
-    run_script,
-};
-use bulwark_consistency::{FreezeOptions, Level, PreScripts, WatchedFreeze, after_pre_scripts};
+use bulwark_consistency::scripts::{Phase, ScriptFailure, ScriptReport};
+use bulwark_consistency::{Level, PreScripts, after_pre_scripts};
 use bulwark_protocol::{
     AgentIdentity, AgentState, CAP_FSFREEZE, CAP_SCRIPTS, CAP_WATCHDOG, ErrorCode, ErrorReply,
     Frozen, Handler, Hello, HelloOk, Prepared, Request, Response, ScriptOutcome, ScriptStatus,
     StatusReport, Thawed,
 };
+use bulwark_quiesce::guardian::GuardianCommand;
+use bulwark_quiesce::mounts::{FREEZABLE_FS_TYPES, discover_freezable, read_mountinfo};
+use bulwark_quiesce::scripts::{
+    RunOptions, ScriptSpec, check_config_file, check_script, run_script,
+};
+use bulwark_quiesce::{FreezeOptions, WatchedFreeze};
 use tokio::sync::Mutex;
 
 use crate::config::Config;
@@ -206,7 +207,7 @@ impl AgentCore {
                     Some(_) => out.push(canon),
                 }
             }
-            bulwark_consistency::mounts::freeze_order(&out)
+            bulwark_quiesce::mounts::freeze_order(&out)
         };
         if mounts.is_empty() {
             return Err("no mount to freeze".into());
@@ -366,7 +367,7 @@ impl AgentCore {
             }
             Err(why) => return Response::error(ErrorCode::FreezeFailed, why),
         };
-        let cap = u64::try_from(bulwark_consistency::watchdog::MAX_FREEZE_TIMEOUT.as_millis())
+        let cap = u64::try_from(bulwark_quiesce::watchdog::MAX_FREEZE_TIMEOUT.as_millis())
             .unwrap_or(u64::MAX)
             .min(self.config.freeze.max_timeout_ms);
         let ms = timeout_ms.clamp(1, cap);

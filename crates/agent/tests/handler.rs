@@ -102,7 +102,11 @@ async fn pre_scripts_outcomes_and_fallbacks() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     if !is_owner_root(dir) {
-        eprintln!("SKIPPED: scripts must be owned by root");
+        bulwark_tests::skip(
+            "agent handler::pre_scripts_outcomes_and_fallbacks",
+            bulwark_tests::Needs::Root,
+            "needs root (the scripts it makes must be owned by root)",
+        );
         return;
     }
     let ok = script(dir, "ok.sh", "#!/bin/sh\necho fine\n", 0o755);

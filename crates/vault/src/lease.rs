@@ -184,12 +184,13 @@ pub(crate) fn minus(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_sub(d).unwrap_or(Timestamp::MIN)
 }
 
-fn host_name() -> String {
+/// The kernel's host name, or "unknown": the lease host when [`crate::OpenOptions::host`] is
+/// not set.
+pub(crate) fn kernel_host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -415,7 +416,7 @@ impl Lease {
             id: lease_id(),
             holder: holder.to_string(),
             pid: std::process::id(),
-            host: host_name(),
+            host: vault.host.to_string(),
             created: now,
             expires: plus(now, ttl),
         };

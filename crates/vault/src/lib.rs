@@ -53,6 +53,7 @@
 
 pub mod crypto;
 pub mod envelope;
+mod error;
 pub mod fault;
 mod gc;
 pub mod lease;
@@ -74,6 +75,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 pub use crypto::MasterKey;
 use envelope::Kind;
+pub use error::Error;
 pub use gc::{GcOptions, GcReport};
 pub use lease::{Lease, LeaseKind, LeaseOptions, LeaseRecord};
 pub use location::{Location, StoreOptions};
@@ -88,246 +90,6 @@ pub use verify::{Problem, VerifyReport};
 
 /// The key of the vault configuration object.
 pub const CONFIG_KEY: &str = "bulwark-vault.json";
-
-/// Errors of the vault.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No vault at this location.
-    #[error("no Bulwark vault at {location}: {why}")]
-    NoVault {
-        /// The location.
-        location: String,
-        /// Why not.
-        why: String,
-    },
-    /// `create` found a vault already there.
-    #[error("a Bulwark vault already exists at {location}")]
-    VaultExists {
-        /// The location.
-        location: String,
-    },
-    /// A location this build cannot open.
-    #[error("cannot use vault location {location:?}: {why}")]
-    UnsupportedLocation {
-        /// The location.
-        location: String,
-        /// Why not.
-        why: String,
-    },
-    /// The vault was written by a newer (or unknown) format.
-    #[error("vault format version {found} is not supported (this build reads version {supported})")]
-    UnsupportedVaultVersion {
-        /// The version found.
-        found: u32,
-        /// The version supported.
-        supported: u32,
-    },
-    /// An object with an envelope version this build does not know.
-    #[error("{key}: object format version {found} is not supported")]
-    UnsupportedObjectVersion {
-        /// The object key.
-        key: String,
-        /// The version found.
-        found: u8,
-    },
-    /// An object is corrupt: it does not verify.
-    #[error("{key}: corrupt: {why}")]
-    Corrupt {
-        /// The object key.
-        key: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// An object that should exist does not.
-    #[error("{key}: missing from the vault")]
-    Missing {
-        /// The object key.
-        key: String,
-    },
-    /// A manifest whose block map does not decode.
-    #[error("{key}: invalid block map: {source}")]
-    Manifest {
-        /// The object key.
-        key: String,
-        /// The decoding error.
-        #[source]
-        source: bulwark_blockdiff::Error,
-    },
-    /// The storage backend failed.
-    #[error("{key}: storage error: {source}")]
-    Store {
-        /// The object key (or prefix).
-        key: String,
-        /// The backend's error.
-        #[source]
-        source: object_store::Error,
-    },
-    /// A VM, disk or point name that cannot be used.
-    #[error("invalid {what} name {name:?}: {why}")]
-    InvalidName {
-        /// What the name is for.
-        what: &'static str,
-        /// The name.
-        name: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// A point with this id was already committed.
-    #[error("{key}: a recovery point with this id already exists")]
-    PointExists {
-        /// The object key.
-        key: String,
-    },
-    /// No such recovery point.
-    #[error("VM {vm:?} has no recovery point {point:?}")]
-    NoSuchPoint {
-        /// The VM.
-        vm: String,
-        /// The point asked for.
-        point: String,
-    },
-    /// A recovery point has no such disk.
-    #[error("recovery point {point} of VM {vm:?} has no disk {disk:?} (it has: {available})")]
-    NoSuchDisk {
-        /// The VM.
-        vm: String,
-        /// The point.
-        point: String,
-        /// The disk asked for.
-        disk: String,
-        /// The disks it has.
-        available: String,
-    },
-    /// A worker task failed.
-    #[error("vault worker failed: {0}")]
-    Worker(String),
-    /// A cloud location without the credentials it needs.
-    #[error("vault location {location}: missing credentials: {why}")]
-    MissingCredentials {
-        /// The location.
-        location: String,
-        /// What to set.
-        why: String,
-    },
-    /// A storage setting that cannot be used.
-    #[error("storage setting {what}: {why}")]
-    StoreConfig {
-        /// The setting (or file:line).
-        what: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A key file that cannot be used.
-    #[error("key file {path}: {why}")]
-    KeyFile {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A passphrase-protected key file was given without a passphrase.
-    #[error(
-        "key file {path} is protected by a passphrase: set it in the environment (BULWARK_PASSPHRASE)"
-    )]
-    PassphraseRequired {
-        /// The file.
-        path: String,
-    },
-    /// The passphrase does not open the key file.
-    #[error("key file {path}: wrong passphrase")]
-    WrongPassphrase {
-        /// The file.
-        path: String,
-    },
-    /// An encrypted vault opened without its key.
-    #[error(
-        "the vault at {location} is encrypted: give its key file (--key-file or BULWARK_KEY_FILE)"
-    )]
-    KeyRequired {
-        /// The location.
-        location: String,
-    },
-    /// The key given is not the vault's key.
-    #[error(
-        "wrong key for the vault at {location}: the vault's key has fingerprint {expected}, the key given has {given}; nothing was read or written"
-    )]
-    WrongKey {
-        /// The location.
-        location: String,
-        /// Fingerprint recorded in the vault.
-        expected: String,
-        /// Fingerprint of the key given.
-        given: String,
-    },
-    /// A key was given for a vault that is not encrypted.
-    #[error(
-        "the vault at {location} is not encrypted, but a key was given (remove --key-file / BULWARK_KEY_FILE)"
-    )]
-    NotEncrypted {
-        /// The location.
-        location: String,
-    },
-    /// A conflicting lease is live (see [`lease`]).
-    #[error("cannot take a {wanted} lease: {key} is live ({holder}); gave up after {waited_ms} ms")]
-    LeaseConflict {
-        /// The kind of lease wanted.
-        wanted: &'static str,
-        /// The key of the conflicting lease.
-        key: String,
-        /// Who holds it, until when.
-        holder: String,
-        /// How long we waited.
-        waited_ms: u64,
-    },
-    /// A lease object that cannot be read.
-    #[error("{key}: corrupt lease: {why}; if no Bulwark job is running, delete this object")]
-    CorruptLease {
-        /// The object key.
-        key: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A lease we held ran out: the job must stop.
-    #[error("{key}: lease lost: {why}")]
-    LeaseLost {
-        /// The lease key.
-        key: String,
-        /// Why.
-        why: String,
-    },
-    /// No such soft-deleted point.
-    #[error("VM {vm:?} has no soft-deleted point {point:?}{hint}")]
-    NoSuchDeletedPoint {
-        /// The VM.
-        vm: String,
-        /// The point asked for.
-        point: String,
-        /// More help (e.g. that the point is live).
-        hint: String,
-    },
-    /// Garbage collection stopped before freeing anything: it could not learn every reference.
-    #[error("garbage collection aborted, nothing was deleted: {why}")]
-    GcAborted {
-        /// The object that could not be read.
-        key: String,
-        /// Why (the read error, which names the key).
-        why: String,
-    },
-}
-
-impl Error {
-    fn store(key: &ObjPath, source: object_store::Error) -> Error {
-        match source {
-            object_store::Error::NotFound { .. } => Error::Missing {
-                key: key.to_string(),
-            },
-            source => Error::Store {
-                key: key.to_string(),
-                source,
-            },
-        }
-    }
-}
 
 /// Options for [`Vault::create`].
 #[derive(Debug, Clone)]
@@ -377,42 +139,52 @@ pub struct Vault {
     retry: RetryPolicy,
     /// Aligned buffers for blocks read back (`bulwark_blockdiff::buffers`).
     buffers: Arc<bulwark_blockdiff::buffers::Pool>,
+    /// The host name recorded in this process's leases.
+    host: Arc<str>,
 }
 
-/// How to open (or create) a vault: storage settings, the key of an encrypted vault, and the
-/// retry policy of the vault's own requests.
+/// How to open (or create) a vault: storage settings, the key of an encrypted vault, the
+/// retry policy of the vault's own requests and the host name its leases record.
+///
+/// The library never reads the environment: a binary builds these once, from its flags and
+/// its environment, and passes them to [`Vault::open_with`] and friends.
+///
+/// ```
+/// use bulwark_vault::{MasterKey, OpenOptions, StoreOptions};
+///
+/// let options = OpenOptions {
+///     store: StoreOptions::default().with_var("BULWARK_STORE_MAX_RETRIES", "1"),
+///     host: Some("backup01".into()),
+///     ..OpenOptions::default()
+/// }
+/// .with_key(MasterKey::generate());
+/// assert!(options.key.is_some());
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Credentials, endpoints, timeouts ([`StoreOptions::from_env`] for the environment's).
+    /// Credentials, endpoints, timeouts ([`StoreOptions::from_vars`] builds them from the
+    /// environment's variables).
     pub store: StoreOptions,
     /// The master key: required to open an encrypted vault; creating with a key makes the
-    /// new vault encrypted.
+    /// new vault encrypted. [`OpenOptions::with_key_file`] loads one.
     pub key: Option<MasterKey>,
     /// Retries of the vault's own requests after transient failures. On a cloud location
     /// the default becomes [`RetryPolicy::remote`]: the cloud client retries each request
     /// itself, so the vault adds one round, not four, and a dead endpoint fails the job soon.
     pub retry: RetryPolicy,
+    /// The host name written into the leases this process takes (who holds a lease); `None`:
+    /// the kernel's (`/proc/sys/kernel/hostname`), or "unknown".
+    pub host: Option<String>,
 }
 
 impl OpenOptions {
-    /// Storage settings from the environment, and the key named by `BULWARK_KEY_FILE` (with
-    /// the passphrase in `BULWARK_PASSPHRASE` when the file is protected by one), if set.
-    pub fn from_env() -> Result<OpenOptions, Error> {
-        let key = match std::env::var_os("BULWARK_KEY_FILE") {
-            Some(path) if !path.is_empty() => {
-                let pass = std::env::var("BULWARK_PASSPHRASE").ok();
-                Some(MasterKey::load(
-                    std::path::Path::new(&path),
-                    pass.as_deref(),
-                )?)
-            }
-            _ => None,
-        };
-        Ok(OpenOptions {
-            store: StoreOptions::from_env()?,
-            key,
-            ..Default::default()
-        })
+    /// With the key in `file`, unwrapped with `passphrase` when the file is protected by one.
+    pub fn with_key_file(
+        self,
+        file: &std::path::Path,
+        passphrase: Option<&str>,
+    ) -> Result<OpenOptions, Error> {
+        Ok(self.with_key(MasterKey::load(file, passphrase)?))
     }
 
     /// With this key.
@@ -487,10 +259,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Vault {
     /// Opens the vault at `location`: a directory path, `file://PATH`, `memory:` (empty, for
-    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with storage
-    /// settings from the environment (see [`location`]).
+    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with default
+    /// options: no key, no cloud credentials (see [`Vault::open_with`] and [`location`]).
     pub async fn open(location: &str) -> Result<Vault, Error> {
-        Self::open_with(location, &OpenOptions::from_env()?).await
+        Self::open_with(location, &OpenOptions::default()).await
     }
 
     /// Opens the vault at `location` with explicit options (storage settings, key).
@@ -580,13 +352,18 @@ impl Vault {
             concurrency: 16,
             cipher,
             retry: options.retry,
+            host: options
+                .host
+                .clone()
+                .unwrap_or_else(lease::kernel_host_name)
+                .into(),
         })
     }
 
-    /// Creates a vault at `location` (creating the directory of a local path), with storage
-    /// settings from the environment.
+    /// Creates a vault at `location` (creating the directory of a local path), with default
+    /// open options: unencrypted, no cloud credentials (see [`Vault::create_with`]).
     pub async fn create(location: &str, options: &CreateOptions) -> Result<Vault, Error> {
-        Self::create_with(location, options, &OpenOptions::from_env()?).await
+        Self::create_with(location, options, &OpenOptions::default()).await
     }
 
     /// Creates a vault at `location`; encrypted when `open.key` is set.
@@ -655,7 +432,7 @@ impl Vault {
         location: &str,
         options: &CreateOptions,
     ) -> Result<(Vault, bool), Error> {
-        Self::open_or_create_with(location, options, &OpenOptions::from_env()?).await
+        Self::open_or_create_with(location, options, &OpenOptions::default()).await
     }
 
     /// [`Vault::open_or_create`] with explicit options; a created vault is encrypted when

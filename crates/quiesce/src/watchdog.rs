@@ -18,9 +18,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bulwark_consistency::FreezeObserved;
 use serde::{Deserialize, Serialize};
 
-use crate::fallback::FreezeObserved;
 use crate::freeze::{FrozenSet, ThawReport};
 use crate::guardian::{Guardian, GuardianCommand, GuardianExit, spawn_guardian};
 use crate::{Error, Result};

@@ -8,11 +8,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bulwark_consistency::freeze::{self, FrozenSet};
-use bulwark_consistency::watchdog::{FrozenState, read_frozen_state, write_frozen_state};
-use bulwark_consistency::{
-    Error, FreezeObserved, FreezeOptions, WatchedFreeze, recover_frozen_state,
-};
+use bulwark_consistency::FreezeObserved;
+use bulwark_quiesce::freeze::{self, FrozenSet};
+use bulwark_quiesce::watchdog::{FrozenState, read_frozen_state, write_frozen_state};
+use bulwark_quiesce::{Error, FreezeOptions, WatchedFreeze, recover_frozen_state};
 use bulwark_tests::{FsType, root_or_skip};
 use common::{Writer, assert_frozen, assert_writable, loop_fs, loop_fs_sized};
 
@@ -362,15 +361,14 @@ fn discovery_sees_a_loop_mount_and_honours_the_skip_list() {
     let dir = tempfile::tempdir().unwrap();
     let fs = loop_fs(dir.path(), "fs", FsType::Ext4);
     // Discovery only: nothing is frozen here.
-    let found = bulwark_consistency::mounts::discover_freezable(&[]).unwrap();
+    let found = bulwark_quiesce::mounts::discover_freezable(&[]).unwrap();
     let canon = std::fs::canonicalize(fs.path()).unwrap();
     assert!(
         found.contains(&canon),
         "{found:?} lacks {}",
         canon.display()
     );
-    let found =
-        bulwark_consistency::mounts::discover_freezable(std::slice::from_ref(&canon)).unwrap();
+    let found = bulwark_quiesce::mounts::discover_freezable(std::slice::from_ref(&canon)).unwrap();
     assert!(!found.contains(&canon));
     let _: Vec<PathBuf> = found;
 }

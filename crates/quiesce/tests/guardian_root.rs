@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_consistency::guardian::{self, GuardianCommand, GuardianExit, spawn_guardian};
-use bulwark_consistency::{Error, FreezeOptions, FrozenSet, WatchedFreeze, recover_frozen_state};
+use bulwark_quiesce::guardian::{self, GuardianCommand, GuardianExit, spawn_guardian};
+use bulwark_quiesce::{Error, FreezeOptions, FrozenSet, WatchedFreeze, recover_frozen_state};
 use bulwark_tests::{FsType, root_or_skip};
 use common::{KillOnDrop, assert_frozen, loop_fs};
 
@@ -259,7 +259,7 @@ fn a_guardian_that_cannot_arm_is_an_error() {
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = guardian::dispatch_guardian() {
+    if let Some(code) = guardian::dispatch_guardian(std::env::args_os().skip(1)) {
         return code;
     }
     let args: Vec<String> = std::env::args().collect();

@@ -29,7 +29,8 @@
 //! use std::process::ExitCode;
 //!
 //! fn main() -> ExitCode {
-//!     if let Some(code) = bulwark_consistency::guardian::dispatch_guardian() {
+//!     // The library never reads the process's arguments itself: the binary passes them.
+//!     if let Some(code) = bulwark_quiesce::guardian::dispatch_guardian(std::env::args_os().skip(1)) {
 //!         return code;
 //!     }
 //!     // ... the agent proper ...
@@ -286,10 +287,11 @@ fn parse_args(args: &[OsString]) -> std::result::Result<Args, String> {
     Ok(Args { timeout, mounts })
 }
 
-/// If this process was started as a guardian (its first argument is [`GUARDIAN_ARG`]), runs
-/// the guardian and returns its exit code; otherwise returns `None` at once.
-pub fn dispatch_guardian() -> Option<ExitCode> {
-    let mut args = std::env::args_os().skip(1);
+/// If this process was started as a guardian (the first of `args`, the process's arguments
+/// after the program name, is [`GUARDIAN_ARG`]), runs the guardian and returns its exit code;
+/// otherwise returns `None` at once.
+pub fn dispatch_guardian<I: IntoIterator<Item = OsString>>(args: I) -> Option<ExitCode> {
+    let mut args = args.into_iter();
     if args.next().is_some_and(|a| a == OsStr::new(GUARDIAN_ARG)) {
         Some(guardian_main(args))
     } else {
