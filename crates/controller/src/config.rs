@@ -51,7 +51,9 @@ use bulwark_vault::validate_name;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{AgentAddress, AgentTarget, DiskSpec, Error};
+use bulwark_snapshot::ImageDisk;
+
+use crate::{AgentAddress, AgentTarget, Error};
 
 /// Default VMs backed up at once.
 pub const CONCURRENCY_DEFAULT: usize = 2;
@@ -98,7 +100,7 @@ pub struct VmConfig {
     /// The VM's name.
     pub name: String,
     /// Its disks.
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<ImageDisk>,
     /// The guest agent, if configured: jobs quiesce the guest through it for the policy's
     /// consistency, falling back as far as the policy's minimum allows.
     pub agent: Option<AgentTarget>,
@@ -293,7 +295,7 @@ impl Config {
                         ));
                     }
                 }
-                disks.push(DiskSpec {
+                disks.push(ImageDisk {
                     name: d.name.clone(),
                     path: p,
                 });
