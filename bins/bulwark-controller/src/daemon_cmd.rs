@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use bulwark_controller::RestoreReport;
-use bulwark_controller::config::Config;
-use bulwark_controller::daemon::{
+use bulwark_controller::tiers::{SnapshotStore, Tier};
+use bulwark_daemon::config::Config;
+use bulwark_daemon::daemon::{
     BackupRunner, Daemon, DaemonOptions, RetentionMaintenance, SystemClock, VmSchedule,
     lock_state_dir,
 };
-use bulwark_controller::history::{History, JobRecord};
-use bulwark_controller::tiers::{SnapshotStore, Tier};
+use bulwark_daemon::history::{History, JobRecord};
 use bulwark_vault::{CreateOptions, Vault};
 use clap::Args;
 use jiff::Timestamp;
@@ -100,7 +100,7 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
     if recovered > 0 {
         eprintln!(
             "{recovered} job(s) left in progress by a stopped daemon marked Failed (\"{}\")",
-            bulwark_controller::history::STOPPED_DURING_JOB
+            bulwark_daemon::history::STOPPED_DURING_JOB
         );
     }
     let (vault, created) = Vault::open_or_create(&config.vault, &CreateOptions::default())

@@ -28,9 +28,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod config;
-pub mod daemon;
-pub mod history;
 mod job;
 mod quiesce;
 mod restore;
@@ -102,31 +99,6 @@ pub enum Error {
     /// levels asked for are contradictory.
     #[error(transparent)]
     Consistency(#[from] bulwark_consistency::Error),
-    /// The daemon's configuration file is not usable.
-    #[error("{at}: {message}")]
-    Config {
-        /// `file:line` (or the file).
-        at: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The job history database failed.
-    #[error("job history {path}: {source}")]
-    History {
-        /// The database file.
-        path: PathBuf,
-        /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// Another daemon holds the state directory.
-    #[error("{path}: another bulwark-controller daemon (pid {pid}) uses this state directory")]
-    StateDirLocked {
-        /// The lock file.
-        path: PathBuf,
-        /// The pid written in it, as text.
-        pid: String,
-    },
 }
 
 /// A phase of a backup job, as [`Observer::phase`] reports it.

@@ -53,7 +53,9 @@ use toml::Spanned;
 
 use bulwark_snapshot::ImageDisk;
 
-use crate::{AgentAddress, AgentTarget, Error};
+use bulwark_controller::{AgentAddress, AgentTarget};
+
+use crate::Error;
 
 /// Default VMs backed up at once.
 pub const CONCURRENCY_DEFAULT: usize = 2;

@@ -40,10 +40,13 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::Error;
 use crate::config::{Config, VmConfig};
 use crate::history::{History, JobEnd, JobState, Phase, PhaseState, Trigger};
-use crate::tiers::SnapshotStore;
-use crate::{BackupRequest, Error, KeepSnapshots, Observer, PhaseEvent, Quiesce, QuiesceOptions};
+use bulwark_controller::tiers::SnapshotStore;
+use bulwark_controller::{
+    BackupRequest, KeepSnapshots, Observer, PhaseEvent, Quiesce, QuiesceOptions,
+};
 
 /// A boxed future, as the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -316,9 +319,9 @@ pub trait Maintenance: Send + Sync {
 
 /// The retention the daemon applies at housekeeping: after each job and every housekeeping
 /// interval it prunes every VM by its policy (soft-deletes the points the policy does not keep,
-/// purges those soft-deleted longer than its soft-delete days, through [`crate::prune`]) and
+/// purges those soft-deleted longer than its soft-delete days, through [`bulwark_controller::prune`]) and
 /// removes the kept snapshots of the points it soft-deleted; every `gc_every` it runs garbage
-/// collection ([`crate::gc`], which refuses while a backup or prune holds its lease; it is then
+/// collection ([`bulwark_controller::gc`], which refuses while a backup or prune holds its lease; it is then
 /// tried again at the next housekeeping).
 #[derive(Debug)]
 pub struct RetentionMaintenance {
@@ -361,7 +364,9 @@ impl Maintenance for RetentionMaintenance {
             let mut errors = Vec::new();
             if self.prune {
                 for vm in vms {
-                    match crate::prune(&self.vault, &vm.name, &vm.policy, now, false).await {
+                    match bulwark_controller::prune(&self.vault, &vm.name, &vm.policy, now, false)
+                        .await
+                    {
                         Ok(r) => {
                             if !r.deleted.is_empty() || !r.purged.is_empty() {
                                 tracing::info!(vm = %vm.name, soft_deleted = r.deleted.len(), purged = r.purged.len(), "retention applied");
@@ -387,7 +392,7 @@ impl Maintenance for RetentionMaintenance {
                     .and_then(|d| last.checked_add(d).ok())
                     .is_some_and(|t| t <= now);
                 if due {
-                    match crate::gc(&self.vault, &self.gc_options).await {
+                    match bulwark_controller::gc(&self.vault, &self.gc_options).await {
                         Ok(r) => {
                             tracing::info!(report = ?r, "garbage collection done");
                             *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = now;
@@ -437,7 +442,9 @@ impl JobRunner for BackupRunner {
                 };
             }
             let result = match self.request(job) {
-                Ok(req) => crate::run_backup(req, &self.vault).await,
+                Ok(req) => bulwark_controller::run_backup(req, &self.vault)
+                    .await
+                    .map_err(Error::from),
                 Err(e) => Err(e),
             };
             match result {
@@ -473,11 +480,12 @@ impl BackupRunner {
     fn request(&self, job: &Job) -> Result<BackupRequest, Error> {
         let vm = &job.vm;
         let c = vm.policy.consistency();
-        let mut snapshotter =
-            ImageSnapshotter::new(vm.disks.clone()).map_err(|source| Error::Snapshot {
+        let mut snapshotter = ImageSnapshotter::new(vm.disks.clone()).map_err(|source| {
+            bulwark_controller::Error::Snapshot {
                 vm: vm.name.clone(),
                 source,
-            })?;
+            }
+        })?;
         snapshotter.provider = self.provider;
         snapshotter.dir = Some(self.store.root().to_path_buf());
         let mut req = BackupRequest::new(vm.name.clone(), Arc::new(snapshotter));
@@ -517,9 +525,9 @@ struct PhaseRecorder {
 }
 
 impl Observer for PhaseRecorder {
-    fn phase(&self, phase: crate::Phase, event: PhaseEvent) {
+    fn phase(&self, phase: bulwark_controller::Phase, event: PhaseEvent) {
         let phase = match phase {
-            crate::Phase::Snapshot => Phase::Snapshot,
+            bulwark_controller::Phase::Snapshot => Phase::Snapshot,
             _ => Phase::Transfer,
         };
         let state = match event {
