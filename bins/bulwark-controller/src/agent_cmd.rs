@@ -54,7 +54,7 @@ pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
     };
     let address: AgentAddress = agent
         .parse()
-        .map_err(|e: String| anyhow::anyhow!("--agent {e}"))?;
+        .map_err(|e: bulwark_controller::Error| anyhow::anyhow!("--agent {e}"))?;
     if matches!(address, AgentAddress::Tcp { .. }) && a.tls_dir.is_none() {
         bail!("--agent tcp:... needs --tls-dir (the controller's files from `enroll`)");
     }

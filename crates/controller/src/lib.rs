@@ -87,6 +87,14 @@ pub enum Error {
     /// A worker task failed.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// An agent address that is neither `unix:PATH` nor `tcp:HOST:PORT`.
+    #[error("{address:?}: {why}")]
+    InvalidAgentAddress {
+        /// The address given.
+        address: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The guest agent refused or failed a step the job cannot do without.
     #[error("agent {agent}: {message}")]
     Agent {

@@ -64,28 +64,32 @@ pub enum AgentAddress {
 }
 
 impl FromStr for AgentAddress {
-    type Err = String;
+    type Err = Error;
 
     /// Parses `unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6).
-    fn from_str(s: &str) -> Result<AgentAddress, String> {
+    fn from_str(s: &str) -> Result<AgentAddress, Error> {
+        let bad = |why: &str| Error::InvalidAgentAddress {
+            address: s.to_string(),
+            why: why.to_string(),
+        };
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err(format!("{s:?}: no socket path"));
+                return Err(bad("no socket path"));
             }
             return Ok(AgentAddress::Unix(PathBuf::from(p)));
         }
         let Some(rest) = s.strip_prefix("tcp:") else {
-            return Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"));
+            return Err(bad("expected unix:PATH or tcp:HOST:PORT"));
         };
         let (host, port) = rest
             .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?}: expected tcp:HOST:PORT"))?;
+            .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
         let port: u16 = port
             .parse()
-            .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+            .map_err(|_| bad(&format!("bad port {port:?}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("{s:?}: no host"));
+            return Err(bad("no host"));
         }
         Ok(AgentAddress::Tcp {
             host: host.to_owned(),

@@ -373,9 +373,10 @@ impl Config {
                     } else {
                         format!("tcp:{a}")
                     };
-                    let address: AgentAddress = spelled.parse().map_err(|e: String| {
-                        err(Some(vm_line), format!("vm {name}: agent: {e}"))
-                    })?;
+                    let address: AgentAddress =
+                        spelled.parse().map_err(|e: bulwark_controller::Error| {
+                            err(Some(vm_line), format!("vm {name}: agent: {e}"))
+                        })?;
                     let tls = match (&address, &tls_dir) {
                         (AgentAddress::Unix(_), _) => None,
                         (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
