@@ -19,7 +19,6 @@
 //! the connection that froze; the in-process watchdog at the deadline; the guardian process at
 //! the deadline or as soon as the agent dies (even by SIGKILL); the state file at the next start.
 
-
 mod agent;
 pub mod config;
 

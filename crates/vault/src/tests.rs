@@ -57,6 +57,7 @@ pub(crate) async fn commit_map(v: &Vault, vm: &str, map: &BlockMap) -> RecoveryP
             manifest_digest: digest,
             source: String::new(),
             stats: DiskStats::default(),
+            tracking: None,
         }],
         policy: None,
         agent: None,

@@ -4,12 +4,12 @@
 //! (moved there; a reflink clone when the snapshot is kept for instant restore):
 //! `<snapshot dir>/<vm>/.base/<disk>.img`, with `<disk>.json` saying which point and which
 //! manifest it holds. The next backup of the disk compares its new snapshot's extent map with
-//! the base's (`bulwark_snapshot::identical_ranges`): blocks whose extents are still shared
+//! the base's ([`crate::identical_ranges`]): blocks whose extents are still shared
 //! are known unchanged and are not read. An incremental then costs in proportion to what the
 //! guest wrote, not to the size of the disk.
 //!
 //! The base is trusted only when everything matches: the same point and manifest digest as
-//! the previous point of the disk in the vault, the same block size and disk size, the same
+//! the previous point of the disk in the vault, the same disk size, the same
 //! file (device, inode) with an unchanged ctime (nothing wrote to it; it is also read-only).
 //! Anything else, and any error, means a full read: correctness never depends on the base.
 //! The identity is checked on the very file descriptor whose extents are then read, and one
@@ -26,15 +26,16 @@ use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use bulwark_snapshot::Snapshot;
+use crate::{Provider, Snapshot};
 use serde::{Deserialize, Serialize};
 
-/// What a base holds, stored beside it.
+/// What a base holds, stored beside it. (Bases written before the block size stopped being
+/// recorded carry a `block_size` too: unknown fields are ignored. The manifest digest pins
+/// the block size anyway.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct BaseInfo {
     point: String,
     manifest_digest: String,
-    block_size: u32,
     size: u64,
     dev: u64,
     ino: u64,
@@ -80,18 +81,19 @@ impl Base {
     }
 
     /// The byte ranges of `snapshot` known to hold the same data as the previous point's
-    /// snapshot (point `point`, manifest `digest`). Empty when the base does not match or
-    /// anything fails.
+    /// snapshot (point `point`, manifest `digest`, disk size `size`). `Err(reason)` when the
+    /// base does not match or anything fails: then nothing is known.
     pub(crate) fn unchanged_ranges(
         &self,
         snapshot: &Path,
         point: &str,
         digest: &str,
-        block_size: u32,
         size: u64,
-    ) -> Vec<Range<u64>> {
+    ) -> Result<Vec<Range<u64>>, String> {
         let read = match std::fs::read(&self.info) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err("no change-tracking base yet".into());
+            }
             r => r
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<BaseInfo>(&b).map_err(|e| e.to_string())),
@@ -100,25 +102,24 @@ impl Base {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(file = %self.info.display(), error = %e, "unreadable change-tracking base; reading the whole disk");
-                return Vec::new();
+                return Err(format!("unreadable change-tracking base: {e}"));
             }
         };
         let (Ok(base), Ok(snap)) = (File::open(&self.image), File::open(snapshot)) else {
             tracing::info!(base = %self.image.display(), "no change-tracking base; reading the whole disk");
-            return Vec::new();
+            return Err("no change-tracking base".into());
         };
         let matches = info.point == point
             && info.manifest_digest == digest
-            && info.block_size == block_size
             && info.size == size
             && base
                 .metadata()
                 .is_ok_and(|m| identity(&m) == (info.dev, info.ino, info.ctime_ns));
         if !matches {
             tracing::info!(base = %self.image.display(), "change-tracking base is not the previous point's snapshot; reading the whole disk");
-            return Vec::new();
+            return Err("the change-tracking base is not the previous point's snapshot".into());
         }
-        match bulwark_snapshot::identical_ranges(&base, &self.image, &snap, snapshot) {
+        match crate::identical_ranges(&base, &self.image, &snap, snapshot) {
             Ok(r) => {
                 let same: u64 = r.iter().map(|r| r.end - r.start).sum();
                 tracing::debug!(
@@ -126,11 +127,11 @@ impl Base {
                     ranges = r.len(),
                     "change tracking"
                 );
-                r
+                Ok(r)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "change tracking failed; reading the whole disk");
-                Vec::new()
+                Err(format!("change tracking failed: {e}"))
             }
         }
     }
@@ -145,7 +146,6 @@ impl Base {
         snapshot: &mut Snapshot,
         point: &str,
         digest: &str,
-        block_size: u32,
     ) -> std::io::Result<()> {
         remove_if_exists(&self.info)?;
         let pid = std::process::id();
@@ -153,9 +153,8 @@ impl Base {
             // Kept for instant restore: the base is a clone of it.
             let tmp = self.image.with_extension(format!("img.tmp-{pid}"));
             remove_if_exists(&tmp)?;
-            let taken =
-                bulwark_snapshot::take(snapshot.path(), &tmp, bulwark_snapshot::Provider::Reflink)
-                    .map_err(std::io::Error::other)?;
+            let taken = crate::take(snapshot.path(), &tmp, Provider::Reflink)
+                .map_err(std::io::Error::other)?;
             let tmp = taken.keep();
             let file = File::open(&tmp)?;
             std::fs::rename(&tmp, &self.image)?;
@@ -172,7 +171,6 @@ impl Base {
         let info = BaseInfo {
             point: point.to_string(),
             manifest_digest: digest.to_string(),
-            block_size,
             size: meta.len(),
             dev,
             ino,

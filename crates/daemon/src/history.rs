@@ -24,6 +24,16 @@ pub const DB_FILE: &str = "jobs.db";
 /// The error recorded for jobs a stopped daemon left in progress.
 pub const STOPPED_DURING_JOB: &str = "controller stopped during the job";
 
+/// A stored name that is none of an enum's values (a damaged or newer history).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?}")]
+pub struct UnknownName {
+    /// The enum.
+    pub what: &'static str,
+    /// The name found.
+    pub name: String,
+}
+
 macro_rules! string_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),* $(,)? }) => {
         $(#[$m])*
@@ -37,9 +47,12 @@ macro_rules! string_enum {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
         }
         impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s { $($s => Ok($name::$v),)* other => Err(format!("unknown {} {other:?}", stringify!($name))) }
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $($s => Ok($name::$v),)*
+                    other => Err(UnknownName { what: stringify!($name), name: other.to_string() }),
+                }
             }
         }
     };
@@ -456,7 +469,7 @@ impl History {
                 reasons,
                 (read, new, up, error),
             ) = row.map_err(|e| self.err(e))?;
-            let bad = |what: String| Error::History {
+            let bad = |what: UnknownName| Error::History {
                 path: self.path.clone(),
                 source: rusqlite::Error::InvalidColumnName(format!("job {id}: {what}")),
             };

@@ -51,7 +51,11 @@ use bulwark_vault::validate_name;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{AgentAddress, AgentTarget, DiskSpec, Error};
+use bulwark_snapshot::ImageDisk;
+
+use bulwark_controller::{AgentAddress, AgentTarget};
+
+use crate::Error;
 
 /// Default VMs backed up at once.
 pub const CONCURRENCY_DEFAULT: usize = 2;
@@ -98,7 +102,7 @@ pub struct VmConfig {
     /// The VM's name.
     pub name: String,
     /// Its disks.
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<ImageDisk>,
     /// The guest agent, if configured: jobs quiesce the guest through it for the policy's
     /// consistency, falling back as far as the policy's minimum allows.
     pub agent: Option<AgentTarget>,
@@ -293,7 +297,7 @@ impl Config {
                         ));
                     }
                 }
-                disks.push(DiskSpec {
+                disks.push(ImageDisk {
                     name: d.name.clone(),
                     path: p,
                 });
@@ -369,9 +373,10 @@ impl Config {
                     } else {
                         format!("tcp:{a}")
                     };
-                    let address: AgentAddress = spelled.parse().map_err(|e: String| {
-                        err(Some(vm_line), format!("vm {name}: agent: {e}"))
-                    })?;
+                    let address: AgentAddress =
+                        spelled.parse().map_err(|e: bulwark_controller::Error| {
+                            err(Some(vm_line), format!("vm {name}: agent: {e}"))
+                        })?;
                     let tls = match (&address, &tls_dir) {
                         (AgentAddress::Unix(_), _) => None,
                         (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),

@@ -34,17 +34,19 @@ use std::time::Duration;
 
 use bulwark_consistency::Level;
 use bulwark_policy::Policy;
-use bulwark_snapshot::Provider;
-use bulwark_vault::{ConsistencyRecord, Vault};
+use bulwark_snapshot::{ImageSnapshotter, Provider};
+use bulwark_vault::Vault;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::Error;
 use crate::config::{Config, VmConfig};
 use crate::history::{History, JobEnd, JobState, Phase, PhaseState, Trigger};
-use crate::quiesce::{QuiesceOptions, snapshot_with_agent};
-use crate::tiers::{Keep, SnapshotStore, backup_tiered, transfer_tiered};
-use crate::{BackupRequest, Error, NoProgress, SnapshotOptions};
+use bulwark_controller::tiers::SnapshotStore;
+use bulwark_controller::{
+    BackupRequest, KeepSnapshots, Observer, PhaseEvent, Quiesce, QuiesceOptions,
+};
 
 /// A boxed future, as the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -317,9 +319,9 @@ pub trait Maintenance: Send + Sync {
 
 /// The retention the daemon applies at housekeeping: after each job and every housekeeping
 /// interval it prunes every VM by its policy (soft-deletes the points the policy does not keep,
-/// purges those soft-deleted longer than its soft-delete days, through [`crate::prune`]) and
+/// purges those soft-deleted longer than its soft-delete days, through [`bulwark_controller::prune`]) and
 /// removes the kept snapshots of the points it soft-deleted; every `gc_every` it runs garbage
-/// collection ([`crate::gc`], which refuses while a backup or prune holds its lease; it is then
+/// collection ([`bulwark_controller::gc`], which refuses while a backup or prune holds its lease; it is then
 /// tried again at the next housekeeping).
 #[derive(Debug)]
 pub struct RetentionMaintenance {
@@ -362,7 +364,9 @@ impl Maintenance for RetentionMaintenance {
             let mut errors = Vec::new();
             if self.prune {
                 for vm in vms {
-                    match crate::prune(&self.vault, &vm.name, &vm.policy, now, false).await {
+                    match bulwark_controller::prune(&self.vault, &vm.name, &vm.policy, now, false)
+                        .await
+                    {
                         Ok(r) => {
                             if !r.deleted.is_empty() || !r.purged.is_empty() {
                                 tracing::info!(vm = %vm.name, soft_deleted = r.deleted.len(), purged = r.purged.len(), "retention applied");
@@ -388,7 +392,7 @@ impl Maintenance for RetentionMaintenance {
                     .and_then(|d| last.checked_add(d).ok())
                     .is_some_and(|t| t <= now);
                 if due {
-                    match crate::gc(&self.vault, &self.gc_options).await {
+                    match bulwark_controller::gc(&self.vault, &self.gc_options).await {
                         Ok(r) => {
                             tracing::info!(report = ?r, "garbage collection done");
                             *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = now;
@@ -423,7 +427,6 @@ pub struct BackupRunner {
 impl JobRunner for BackupRunner {
     fn run<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, JobEnd> {
         Box::pin(async move {
-            let started = std::time::Instant::now();
             let vm = &job.vm;
             let c = vm.policy.consistency();
             if vm.agent.is_none() && c.minimum > Level::Crash {
@@ -438,85 +441,11 @@ impl JobRunner for BackupRunner {
                     ..JobEnd::default()
                 };
             }
-            let mut req = BackupRequest::new(vm.name.clone(), vm.disks.clone());
-            req.snapshot = SnapshotOptions {
-                provider: self.provider,
-                dir: Some(self.store.root().to_path_buf()),
-                ..SnapshotOptions::default()
-            };
-            req.upload_concurrency = self.upload_concurrency;
-            req.policy = Some(
-                vm.policy
-                    .name()
-                    .unwrap_or(vm.policy.file_name())
-                    .to_string(),
-            );
-            let history = job.history.clone();
-            let id = job.id;
-            let observer = move |phase, state| {
-                if let Err(e) = history.set_phase(id, phase, state) {
-                    tracing::error!(error = %e, job = id, "cannot record the phase");
-                }
-            };
-            let keep = vm.keep_snapshots.then_some(Keep {
-                store: &self.store,
-                days: vm.policy.retention().instant_restore_days,
-            });
-            let result = match &vm.agent {
-                // Quiesced through the guest agent, as far as the policy's levels allow.
-                Some(target) => {
-                    observer(Phase::Snapshot, PhaseState::Running);
-                    let opts = QuiesceOptions {
-                        wanted: Some(c.wanted),
-                        minimum: c.minimum,
-                        ..QuiesceOptions::default()
-                    };
-                    match snapshot_with_agent(&self.vault, &req, target, &opts).await {
-                        Ok(q) => {
-                            observer(Phase::Snapshot, PhaseState::Completed);
-                            transfer_tiered(
-                                &self.vault,
-                                &req,
-                                q.taken,
-                                keep,
-                                q.consistency,
-                                q.agent,
-                                Arc::new(NoProgress),
-                                &observer,
-                                started,
-                            )
-                            .await
-                        }
-                        Err(e) => {
-                            observer(Phase::Snapshot, PhaseState::Failed);
-                            Err(e)
-                        }
-                    }
-                }
-                None => {
-                    let mut reasons = Vec::new();
-                    if c.wanted > Level::Crash {
-                        reasons.push(format!(
-                            "no guest agent: crash-consistent instead of {}",
-                            c.wanted
-                        ));
-                    }
-                    let consistency = ConsistencyRecord {
-                        reached: Level::Crash,
-                        wanted: c.wanted,
-                        reasons,
-                        freeze_window_ms: None,
-                    };
-                    backup_tiered(
-                        &self.vault,
-                        &req,
-                        keep,
-                        consistency,
-                        Arc::new(NoProgress),
-                        &observer,
-                    )
+            let result = match self.request(job) {
+                Ok(req) => bulwark_controller::run_backup(req, &self.vault)
                     .await
-                }
+                    .map_err(Error::from),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(r) => JobEnd {
@@ -540,6 +469,75 @@ impl JobRunner for BackupRunner {
                 },
             }
         })
+    }
+}
+
+impl BackupRunner {
+    /// The request of one job: the VM's image disks snapshotted into the store, quiesced
+    /// through its agent (as far as the policy's levels allow) when it has one, the snapshots
+    /// kept for the policy's instant-restore days when the VM says so, and every phase
+    /// recorded in the job history.
+    fn request(&self, job: &Job) -> Result<BackupRequest, Error> {
+        let vm = &job.vm;
+        let c = vm.policy.consistency();
+        let mut snapshotter = ImageSnapshotter::new(vm.disks.clone()).map_err(|source| {
+            bulwark_controller::Error::Snapshot {
+                vm: vm.name.clone(),
+                source,
+            }
+        })?;
+        snapshotter.provider = self.provider;
+        snapshotter.dir = Some(self.store.root().to_path_buf());
+        let mut req = BackupRequest::new(vm.name.clone(), Arc::new(snapshotter));
+        req.quiesce = vm.agent.clone().map(|agent| Quiesce {
+            agent,
+            options: QuiesceOptions {
+                wanted: Some(c.wanted),
+                minimum: c.minimum,
+                ..QuiesceOptions::default()
+            },
+        });
+        req.consistency_wanted = c.wanted;
+        req.keep_snapshots = vm.keep_snapshots.then(|| KeepSnapshots {
+            store: self.store.clone(),
+            days: vm.policy.retention().instant_restore_days,
+        });
+        req.upload_concurrency = self.upload_concurrency;
+        req.policy = Some(
+            vm.policy
+                .name()
+                .unwrap_or(vm.policy.file_name())
+                .to_string(),
+        );
+        req.observer = Arc::new(PhaseRecorder {
+            history: job.history.clone(),
+            job: job.id,
+        });
+        Ok(req)
+    }
+}
+
+/// Records a job's phases in the history.
+#[derive(Debug)]
+struct PhaseRecorder {
+    history: History,
+    job: i64,
+}
+
+impl Observer for PhaseRecorder {
+    fn phase(&self, phase: bulwark_controller::Phase, event: PhaseEvent) {
+        let phase = match phase {
+            bulwark_controller::Phase::Snapshot => Phase::Snapshot,
+            _ => Phase::Transfer,
+        };
+        let state = match event {
+            PhaseEvent::Started => PhaseState::Running,
+            PhaseEvent::Completed => PhaseState::Completed,
+            _ => PhaseState::Failed,
+        };
+        if let Err(e) = self.history.set_phase(self.job, phase, state) {
+            tracing::error!(error = %e, job = self.job, "cannot record the phase");
+        }
     }
 }
 
@@ -865,8 +863,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::DiskSpec;
     use crate::history::PhaseState;
+    use bulwark_snapshot::ImageDisk as DiskSpec;
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
