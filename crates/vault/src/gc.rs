@@ -153,23 +153,18 @@ impl Vault {
                     point: &p.id,
                 });
                 if manifests.insert(key.to_string()) {
-                    wanted.push((
-                        p.vm.clone(),
-                        d.name.clone(),
-                        p.id.clone(),
-                        d.manifest_digest.clone(),
-                    ));
+                    wanted.push((p.vm.clone(), p.id.clone(), d.clone()));
                 }
             }
         }
         let mut maps = futures::stream::iter(wanted)
-            .map(|(vm, disk, id, digest)| async move {
+            .map(|(vm, id, disk)| async move {
                 let m = ManifestRef {
                     vm: &vm,
-                    disk: &disk,
+                    disk: &disk.name,
                     point: &id,
                 };
-                let r = self.get_manifest(&m, &digest).await;
+                let r = self.get_manifest_of(&m, &disk).await;
                 (m.to_string(), r)
             })
             .buffer_unordered(self.concurrency());

@@ -264,12 +264,18 @@ async fn read_lease(
     store: &Arc<dyn ObjectStore>,
     key: &ObjPath,
 ) -> Result<Option<LeaseRecord>, Error> {
-    let bytes = match store.get(key).await {
-        Ok(r) => match r.bytes().await {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::store(key, e)),
-        },
+    let limit = crate::bounded::MAX_LEASE_BYTES;
+    let none = crate::retry::RetryPolicy::none();
+    let bytes = match crate::bounded::get_capped(store.as_ref(), &none, key, limit).await {
+        Ok(crate::bounded::Capped::Read(b)) => b,
+        Ok(crate::bounded::Capped::TooLarge(size)) => {
+            return Err(Error::CorruptLease {
+                key: key.to_string(),
+                why: format!(
+                    "the object is {size} bytes, more than the {limit}-byte limit of a lease;                      not read"
+                ),
+            });
+        }
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(Error::store(key, e)),
     };
