@@ -193,7 +193,9 @@ impl Vault {
         );
 
         // Sweep.
-        let cutoff = minus(Timestamp::now(), options.grace);
+        // On the store's clock, like `last_modified`: a host whose clock runs ahead must not
+        // take a young block for an old one.
+        let cutoff = minus(lease.store_now(), options.grace);
         let young = |meta: &ObjectMeta| {
             Timestamp::from_millisecond(meta.last_modified.timestamp_millis())
                 .map(|t| t >= cutoff)
@@ -257,11 +259,13 @@ impl Vault {
         if !options.dry_run {
             let mut deletes = futures::stream::iter(doomed)
                 .map(|key| async move {
-                    lease.ensure_held()?;
-                    match self.store.delete(&key).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(Error::store(&key, e)),
-                    }
+                    let delete = async {
+                        match self.store.delete(&key).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                            Err(e) => Err(Error::store(&key, e)),
+                        }
+                    };
+                    lease.held("a delete", delete).await
                 })
                 .buffer_unordered(self.concurrency());
             while let Some(r) = deletes.next().await {

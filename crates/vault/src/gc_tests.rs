@@ -334,6 +334,7 @@ async fn expired_leases_do_not_block_and_gc_removes_them() {
         host: "h".into(),
         created: past,
         expires: past,
+        ttl_ms: None,
     };
     write_lease_record(&v, &rec).await.unwrap();
     let r = v.gc(&gc0()).await.unwrap();
@@ -383,6 +384,7 @@ async fn a_corrupt_lease_is_a_clear_error() {
         host: "h".into(),
         created: Timestamp::now(),
         expires: Timestamp::now(),
+        ttl_ms: None,
     };
     v.store
         .put(

@@ -1016,6 +1016,19 @@ impl Vault {
         }
     }
 
+    /// [`Vault::commit_point`] under `lease` (a backup lease): the lease is checked first, and
+    /// the commit, retries included, is abandoned with [`Error::LeaseLost`] before the lease
+    /// could look expired to a GC on another host (see [`Lease::held`]).
+    pub async fn commit_point_held(
+        &self,
+        lease: &Lease,
+        point: &RecoveryPoint,
+    ) -> Result<(), Error> {
+        lease
+            .held("committing the point", self.commit_point(point))
+            .await
+    }
+
     /// Reads one recovery point.
     pub async fn get_point(&self, vm: &str, id: &str) -> Result<RecoveryPoint, Error> {
         validate_name("vm", vm)?;
@@ -1146,5 +1159,7 @@ impl Vault {
 
 #[cfg(test)]
 mod gc_tests;
+#[cfg(test)]
+mod lease_clock_tests;
 #[cfg(test)]
 mod tests;

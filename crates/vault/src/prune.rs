@@ -135,8 +135,9 @@ impl Vault {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(Error::store(&dkey, e)),
         }
-        lease.ensure_held()?;
-        self.delete_key(&key).await?;
+        lease
+            .held("deleting the live point", self.delete_key(&key))
+            .await?;
         tracing::info!(vm, point = id, reason, "point soft-deleted");
         Ok(true)
     }
@@ -230,8 +231,10 @@ impl Vault {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(Error::store(&key, e)),
         }
-        lease.ensure_held()?;
-        self.delete_key(&deleted_key(vm, id)).await?;
+        let tomb = deleted_key(vm, id);
+        lease
+            .held("deleting the tombstone", self.delete_key(&tomb))
+            .await?;
         tracing::info!(vm, point = id, "point undeleted");
         Ok(deleted.point)
     }
@@ -329,13 +332,14 @@ impl Vault {
         self.delete_key(&deleted_key(vm, id)).await?;
         let mut n = 0;
         for d in &deleted.point.disks {
-            lease.ensure_held()?;
             let key = manifest_key(&ManifestRef {
                 vm,
                 disk: &d.name,
                 point: id,
             });
-            self.delete_key(&key).await?;
+            lease
+                .held("deleting a purged manifest", self.delete_key(&key))
+                .await?;
             n += 1;
         }
         tracing::info!(vm, point = id, manifests = n, "soft-deleted point purged");
