@@ -4,6 +4,8 @@
 //! `/usr/bin/time`) stays under 256 MiB. The planted objects are sparse files: cheap to make,
 //! 4 GiB when read.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

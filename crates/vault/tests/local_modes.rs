@@ -1,6 +1,8 @@
 //! A local vault is private whatever the umask: directories 0700, files 0600. Its own test
 //! binary, because the umask is per process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
