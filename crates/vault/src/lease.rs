@@ -199,6 +199,10 @@ pub struct LeaseOptions {
     /// and `expires` fields): clock skew between hosts, injected in tests. Expiry never
     /// depends on it.
     pub clock_offset: jiff::SignedDuration,
+    /// The operator's word that no other Bulwark process writes to the vault meanwhile:
+    /// required for prune and GC leases on a store that ignores conditional writes (see
+    /// [`crate::conditional`]).
+    pub single_writer: bool,
 }
 
 impl Default for LeaseOptions {
@@ -208,6 +212,7 @@ impl Default for LeaseOptions {
             wait: Duration::ZERO,
             retry: Duration::from_millis(500),
             clock_offset: jiff::SignedDuration::ZERO,
+            single_writer: false,
         }
     }
 }
@@ -465,6 +470,18 @@ impl Lease {
         holder: &str,
         options: &LeaseOptions,
     ) -> Result<Lease, Error> {
+        if kind != LeaseKind::Backup {
+            crate::conditional::check_single_writer(
+                vault.location(),
+                vault.config(),
+                options.single_writer,
+                if kind == LeaseKind::Gc {
+                    "garbage collection"
+                } else {
+                    "prune"
+                },
+            )?;
+        }
         let started = std::time::Instant::now();
         let ttl = options.ttl.max(Duration::from_millis(100));
         loop {

@@ -52,6 +52,7 @@
 //! ```
 
 pub mod bounded;
+pub mod conditional;
 pub mod crypto;
 pub mod envelope;
 pub mod fault;
@@ -598,6 +599,7 @@ impl Vault {
                 Some(Arc::new(key.cipher()))
             }
         };
+        conditional::warn_once(label, &config);
         Ok(Vault {
             store: counting.clone(),
             counting,
@@ -655,6 +657,17 @@ impl Vault {
             });
         }
         let key = ObjPath::from(CONFIG_KEY);
+        let probed = match conditional::probe(&store, &open.retry).await {
+            Ok(honoured) => Ok(honoured),
+            Err(Error::Missing { .. }) => {
+                return Err(Error::NoVault {
+                    location: label.into(),
+                    why: "the bucket or container does not exist (create it first)".into(),
+                });
+            }
+            Err(e) => Err(e),
+        }?;
+        config.conditional_writes = Some(probed);
         let mut json =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::Worker(e.to_string()))?;
         json.push(b'\n');
