@@ -57,6 +57,7 @@ pub mod crypto;
 pub mod envelope;
 pub mod fault;
 mod gc;
+pub mod health;
 pub mod lease;
 pub mod location;
 mod model;
