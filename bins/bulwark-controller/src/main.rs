@@ -2,6 +2,7 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod assets;
 mod daemon_cmd;
 mod demo;
 mod keys;
@@ -207,6 +208,9 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = assets::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     keys::export(&cli.keys);
     ui::init_logging(cli.verbose);
