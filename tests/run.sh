@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 
 # tool:package pairs the tests call.
 need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
-      fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd)
+      fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
+      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}
@@ -28,6 +29,9 @@ if [ ${#missing[@]} -gt 0 ]; then
         echo "tests/run.sh: missing ${missing[*]} (not root, so not installing: the tests that need them skip)"
     fi
 fi
+
+# tests/packaging.rs builds the Debian packages with the pinned cargo-deb.
+bash packaging/build-debs.sh --install-tool
 
 if [ -f tests/servers.sh ]; then
     bash tests/servers.sh start
