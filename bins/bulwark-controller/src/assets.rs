@@ -57,9 +57,28 @@ fn generate(cmd: clap::Command, out: &Path) -> Result<()> {
         .with_context(|| format!("writing man pages to {}", man.display()))?;
     let mut cmd = cmd;
     let name = cmd.get_name().to_string();
-    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+    for shell in [Shell::Zsh, Shell::Fish] {
         clap_complete::generate_to(shell, &mut cmd, &name, &completions)
             .with_context(|| format!("writing {shell} completion to {}", completions.display()))?;
     }
+    let mut bash = Vec::new();
+    clap_complete::generate(Shell::Bash, &mut cmd, &name, &mut bash);
+    let bash = fix_bash_labels(&String::from_utf8_lossy(&bash), &name);
+    let path = completions.join(format!("{name}.bash"));
+    std::fs::write(&path, bash).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Works around clap_complete's bash generator for a binary name with a hyphen (clap issues
+/// 6421, 6529): the loop that walks the words names the state of `my-app sub` as
+/// `my__app__subcmd__sub`, but the case arm that completes it is labelled
+/// `my__subcmd__app__subcmd__sub`, so no subcommand's options or subcommands ever completed.
+/// The arms are renamed to what the loop produces.
+fn fix_bash_labels(script: &str, name: &str) -> String {
+    if !name.contains('-') {
+        return script.to_string();
+    }
+    let wrong = format!("{}__subcmd__", name.replace('-', "__subcmd__"));
+    let right = format!("{}__subcmd__", name.replace('-', "__"));
+    script.replace(&wrong, &right)
 }
