@@ -9,6 +9,8 @@
 //! for these vaults fails this test. Never regenerate them to make it pass: add a reader or a
 //! migration, then ADD a vault of the new version (`tests/data/golden-vault/regenerate.sh`).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::{Path, PathBuf};
 
 use bulwark_tests::{controller_bin, file_digest, stderr_of};

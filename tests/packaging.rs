@@ -15,6 +15,8 @@
 //! (`bash packaging/build-debs.sh --install-tool`); skips without them unless
 //! BULWARK_REQUIRE_ROOT_TESTS=1.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
