@@ -2,6 +2,7 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod assets;
 mod daemon_cmd;
 mod demo;
 mod keys;
@@ -213,6 +214,9 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = assets::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     keys::init(&cli.keys);
     ui::init_logging(cli.verbose);
