@@ -443,3 +443,7 @@ impl ext4_view::Ext4Read for BlockingReader {
         BlockingReader::read_at(self, start_byte, dst).map_err(|e| Box::new(e) as _)
     }
 }
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;
