@@ -35,7 +35,8 @@ fn source_tree(src: &Path, filler: u64) -> (Vec<String>, Vec<String>) {
         std::os::unix::fs::chown(&path, Some(1000 + i as u32), Some(2000 + i as u32 % 4)).unwrap();
         let f = File::options().write(true).open(&path).unwrap();
         let t = SystemTime::UNIX_EPOCH + Duration::new(file_time(i), 0);
-        f.set_times(FileTimes::new().set_accessed(t).set_modified(t)).unwrap();
+        f.set_times(FileTimes::new().set_accessed(t).set_modified(t))
+            .unwrap();
         files.push(format!("/{rel}"));
     }
     let mut links = Vec::new();
@@ -82,7 +83,11 @@ fn stored_bytes(dir: &Path) -> u64 {
     for e in fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let md = e.metadata().unwrap();
-        total += if md.is_dir() { stored_bytes(&e.path()) } else { md.len() };
+        total += if md.is_dir() {
+            stored_bytes(&e.path())
+        } else {
+            md.len()
+        };
     }
     total
 }
@@ -115,7 +120,9 @@ fn files_get_of_100_files_from_a_4gib_point_reads_under_5_percent() {
     let out = controller(["init", "--vault", v, "--block-size", "64KiB"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     let disk = format!("os={}", image.display());
-    controller_json(["backup", "--vault", v, "--vm", "vm", "--disk", &disk, "--json"]);
+    controller_json([
+        "backup", "--vault", v, "--vm", "vm", "--disk", &disk, "--json",
+    ]);
     let stored = stored_bytes(&vault.join("blocks"));
     assert!(stored > 256 << 20, "the point stores {stored} bytes");
 
@@ -138,7 +145,12 @@ fn files_get_of_100_files_from_a_4gib_point_reads_under_5_percent() {
         let (mo, mc) = (fs::metadata(o).unwrap(), fs::symlink_metadata(c).unwrap());
         assert!(mc.file_type().is_file(), "{}", c.display());
         assert_eq!(mo.mode(), mc.mode(), "mode of {}", c.display());
-        assert_eq!((mo.uid(), mo.gid()), (mc.uid(), mc.gid()), "owner of {}", c.display());
+        assert_eq!(
+            (mo.uid(), mo.gid()),
+            (mc.uid(), mc.gid()),
+            "owner of {}",
+            c.display()
+        );
         assert_eq!(
             (mo.mtime(), mo.mtime_nsec()),
             (mc.mtime(), mc.mtime_nsec()),
@@ -146,15 +158,27 @@ fn files_get_of_100_files_from_a_4gib_point_reads_under_5_percent() {
             c.display()
         );
         // The host's original was read since (by mkfs): its atime moved, the guest's did not.
-        assert_eq!(mc.atime() as u64, file_time(i as u64), "atime of {}", c.display());
+        assert_eq!(
+            mc.atime() as u64,
+            file_time(i as u64),
+            "atime of {}",
+            c.display()
+        );
     }
     // Hashed after the times were checked: reading moves a copy's atime.
     assert_eq!(sha256s(&originals), sha256s(&copies));
     // Symlinks stay symlinks with their targets, and nothing was written outside `to`.
     for l in &links {
         let c = to.join(&l[1..]);
-        assert!(fs::symlink_metadata(&c).unwrap().file_type().is_symlink(), "{}", c.display());
-        assert_eq!(fs::read_link(&c).unwrap(), fs::read_link(src.join(&l[1..])).unwrap());
+        assert!(
+            fs::symlink_metadata(&c).unwrap().file_type().is_symlink(),
+            "{}",
+            c.display()
+        );
+        assert_eq!(
+            fs::read_link(&c).unwrap(),
+            fs::read_link(src.join(&l[1..])).unwrap()
+        );
     }
     assert!(!Path::new("/tmp/outside").exists());
 
@@ -170,20 +194,55 @@ fn files_get_of_100_files_from_a_4gib_point_reads_under_5_percent() {
     assert!(down * 20 < stored, "read {down} of {stored} stored bytes");
 
     // ls shows a directory with owners and a symlink's target; cat writes a file's bytes.
-    let ls = controller_json(["files", "ls", "--vault", v, "--vm", "vm", "--disk", "os", "/d0", "--json"]);
+    let ls = controller_json([
+        "files", "ls", "--vault", v, "--vm", "vm", "--disk", "os", "/d0", "--json",
+    ]);
     let entries = ls["entries"].as_array().unwrap();
-    let link = entries.iter().find(|e| e["path"] == "/d0/abs-link").unwrap();
+    let link = entries
+        .iter()
+        .find(|e| e["path"] == "/d0/abs-link")
+        .unwrap();
     assert_eq!(link["target"], "/etc/passwd");
-    let out = controller(["files", "cat", "--vault", v, "--vm", "vm", "--disk", "os", &files[7]]);
+    let out = controller([
+        "files", "cat", "--vault", v, "--vm", "vm", "--disk", "os", &files[7],
+    ]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(out.stdout, fs::read(&originals[7]).unwrap());
 
     // Nothing already there is replaced; `..` is refused.
-    let again = controller(["files", "get", "--vault", v, "--vm", "vm", "--disk", "os", &files[0], "--to", to.to_str().unwrap()]);
+    let again = controller([
+        "files",
+        "get",
+        "--vault",
+        v,
+        "--vm",
+        "vm",
+        "--disk",
+        "os",
+        &files[0],
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert!(!again.status.success());
-    let up = controller(["files", "get", "--vault", v, "--vm", "vm", "--disk", "os", "/d0/../../etc", "--to", to.to_str().unwrap()]);
+    let up = controller([
+        "files",
+        "get",
+        "--vault",
+        v,
+        "--vm",
+        "vm",
+        "--disk",
+        "os",
+        "/d0/../../etc",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert!(!up.status.success());
-    assert!(stderr_of(&up).contains("`..` is not allowed"), "{}", stderr_of(&up));
+    assert!(
+        stderr_of(&up).contains("`..` is not allowed"),
+        "{}",
+        stderr_of(&up)
+    );
 }
 
 /// Writes an MBR with one partition entry into the first sector of `image`.
@@ -213,7 +272,10 @@ fn partitions_gpt_is_read_and_a_partition_past_the_end_is_refused() {
     // A GPT disk: partition 1 (16 MiB, empty), partition 2 holds the ext4 file system.
     let disk = tmp.path().join("gpt.img");
     File::create(&disk).unwrap().set_len(128 << 20).unwrap();
-    run("sgdisk", ["-n", "1:2048:+16M", "-n", "2:0:0", disk.to_str().unwrap()]);
+    run(
+        "sgdisk",
+        ["-n", "1:2048:+16M", "-n", "2:0:0", disk.to_str().unwrap()],
+    );
     let out = run("sgdisk", ["-i", "2", disk.to_str().unwrap()]);
     let info = String::from_utf8_lossy(&out.stdout).into_owned();
     let sector = |key: &str| -> u64 {
@@ -235,27 +297,82 @@ fn partitions_gpt_is_read_and_a_partition_past_the_end_is_refused() {
     let vault = tmp.path().join("vault");
     let v = vault.to_str().unwrap();
     let spec = format!("os={}", disk.display());
-    controller_json(["backup", "--vault", v, "--vm", "g", "--disk", &spec, "--json"]);
-    let out = controller(["files", "cat", "--vault", v, "--vm", "g", "--disk", "os", "--partition", "2", "/etc/hostname"]);
+    controller_json([
+        "backup", "--vault", v, "--vm", "g", "--disk", &spec, "--json",
+    ]);
+    let out = controller([
+        "files",
+        "cat",
+        "--vault",
+        v,
+        "--vm",
+        "g",
+        "--disk",
+        "os",
+        "--partition",
+        "2",
+        "/etc/hostname",
+    ]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(out.stdout, b"guest-on-p2\n");
     // The whole disk is not a file system: the error names the partitions.
     let out = controller(["files", "ls", "--vault", v, "--vm", "g", "--disk", "os"]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("partitions 1, 2"), "{}", stderr_of(&out));
-    let out = controller(["files", "ls", "--vault", v, "--vm", "g", "--disk", "os", "--partition", "3"]);
-    assert!(stderr_of(&out).contains("no partition 3"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("partitions 1, 2"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = controller([
+        "files",
+        "ls",
+        "--vault",
+        v,
+        "--vm",
+        "g",
+        "--disk",
+        "os",
+        "--partition",
+        "3",
+    ]);
+    assert!(
+        stderr_of(&out).contains("no partition 3"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // An MBR whose partition reaches past the disk's end is refused, not read.
     let bad = tmp.path().join("bad.img");
     fs::copy(&part, &bad).unwrap();
     let len = fs::metadata(&bad).unwrap().len();
-    File::options().write(true).open(&bad).unwrap().set_len(len + (1 << 20)).unwrap();
+    File::options()
+        .write(true)
+        .open(&bad)
+        .unwrap()
+        .set_len(len + (1 << 20))
+        .unwrap();
     let sectors = ((len + (1 << 20)) / 512) as u32;
     write_mbr(&bad, 0x83, 2048, sectors); // starts at 1 MiB, as long as the whole disk
     let spec = format!("os={}", bad.display());
-    controller_json(["backup", "--vault", v, "--vm", "b", "--disk", &spec, "--json"]);
-    let out = controller(["files", "ls", "--vault", v, "--vm", "b", "--disk", "os", "--partition", "1"]);
+    controller_json([
+        "backup", "--vault", v, "--vm", "b", "--disk", &spec, "--json",
+    ]);
+    let out = controller([
+        "files",
+        "ls",
+        "--vault",
+        v,
+        "--vm",
+        "b",
+        "--disk",
+        "os",
+        "--partition",
+        "1",
+    ]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("past the end of the disk"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("past the end of the disk"),
+        "{}",
+        stderr_of(&out)
+    );
 }

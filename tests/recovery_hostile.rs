@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
 use bulwark_blockdiff::{BlockMap, BlockSize, Entry, MIN_BLOCK_SIZE};
-use bulwark_recovery::DiskOptions;
 use bulwark_recovery::files::{self, GetOptions, Kind, Source};
+use bulwark_recovery::{DiskOptions, Error};
 use bulwark_tests::{pseudo_random, root_or_skip, run};
 use bulwark_vault::{
     ConsistencyRecord, CreateOptions, DiskRecord, DiskStats, ManifestRef, RecoveryPoint, Vault,
@@ -38,17 +38,41 @@ fn make(csum: bool) -> Pristine {
     fs::create_dir_all(src.join("a/b/c")).unwrap();
     fs::create_dir_all(src.join("big")).unwrap();
     for i in 0..300u64 {
-        fs::write(src.join(format!("big/entry-with-a-long-name-{i:04}")), pseudo_random(i as usize % 300, i)).unwrap();
+        fs::write(
+            src.join(format!("big/entry-with-a-long-name-{i:04}")),
+            pseudo_random(i as usize % 300, i),
+        )
+        .unwrap();
     }
     fs::write(src.join("a/b/c/deep"), pseudo_random(70_000, 9)).unwrap();
     fs::write(src.join("a/file"), b"hello").unwrap();
     std::os::unix::fs::symlink("../a/file", src.join("a/b/link")).unwrap();
     let img = tmp.path().join("fs.img");
     fs::File::create(&img).unwrap().set_len(IMAGE).unwrap();
-    let features = if csum { "metadata_csum" } else { "^metadata_csum" };
-    run("mkfs.ext4", ["-q", "-F", "-b", "4096", "-O", features, "-d", src.to_str().unwrap(), img.to_str().unwrap()]);
+    let features = if csum {
+        "metadata_csum"
+    } else {
+        "^metadata_csum"
+    };
+    run(
+        "mkfs.ext4",
+        [
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-O",
+            features,
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
     let blocks_of = |path: &str| -> Vec<(usize, usize)> {
-        let out = run("debugfs", ["-R", &format!("blocks {path}"), img.to_str().unwrap()]);
+        let out = run(
+            "debugfs",
+            ["-R", &format!("blocks {path}"), img.to_str().unwrap()],
+        );
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|b| b.parse::<usize>().ok())
@@ -72,7 +96,11 @@ fn make(csum: bool) -> Pristine {
 fn pristine(csum: bool) -> &'static Pristine {
     static WITH: OnceLock<Pristine> = OnceLock::new();
     static WITHOUT: OnceLock<Pristine> = OnceLock::new();
-    if csum { WITH.get_or_init(|| make(true)) } else { WITHOUT.get_or_init(|| make(false)) }
+    if csum {
+        WITH.get_or_init(|| make(true))
+    } else {
+        WITHOUT.get_or_init(|| make(false))
+    }
 }
 
 /// Stores `image` as the single disk `os` of a point of VM `vm` in a new in-memory vault.
@@ -92,13 +120,23 @@ async fn point(image: &[u8]) -> Vault {
             continue;
         }
         let address = vault.address_of(block);
-        vault.put_block(address, bytes::Bytes::copy_from_slice(block)).await.unwrap();
+        vault
+            .put_block(address, bytes::Bytes::copy_from_slice(block))
+            .await
+            .unwrap();
         entries.push(Entry::Data { change: 0, address });
     }
     let map = BlockMap::new(bs, image.len() as u64, entries).unwrap();
     let id = new_point_id(jiff::Timestamp::now());
     let (digest, _) = vault
-        .put_manifest(&ManifestRef { vm: "vm", disk: "os", point: &id }, &map)
+        .put_manifest(
+            &ManifestRef {
+                vm: "vm",
+                disk: "os",
+                point: &id,
+            },
+            &map,
+        )
         .await
         .unwrap();
     let p = RecoveryPoint {
@@ -123,14 +161,18 @@ async fn point(image: &[u8]) -> Vault {
 }
 
 /// Lists every directory (bounded), cats every file, gets everything. Returns how many
-/// operations failed with a clear error.
+/// operations failed with a clear error. A panic in a worker (the parser runs on the blocking
+/// pool, where a panic would come back as an error) fails the test.
 async fn exercise(vault: &Vault) -> usize {
     let src = Source {
         vm: "vm".into(),
         point: "latest".into(),
         disk: "os".into(),
         partition: None,
-        options: DiskOptions { cache_bytes: 4 << 20, ..DiskOptions::default() },
+        options: DiskOptions {
+            cache_bytes: 4 << 20,
+            ..DiskOptions::default()
+        },
     };
     let mut errors = 0;
     let mut queue = vec!["/".to_string()];
@@ -146,7 +188,9 @@ async fn exercise(vault: &Vault) -> usize {
                     match e.kind {
                         Kind::Dir => queue.push(e.path),
                         Kind::File => {
-                            if files::cat(vault, &src, &e.path, std::io::sink()).await.is_err() {
+                            if let Err(e) = files::cat(vault, &src, &e.path, std::io::sink()).await
+                            {
+                                no_panic(&e);
                                 errors += 1;
                             }
                         }
@@ -154,21 +198,33 @@ async fn exercise(vault: &Vault) -> usize {
                     }
                 }
             }
-            Err(_) => errors += 1,
+            Err(e) => {
+                no_panic(&e);
+                errors += 1;
+            }
         }
     }
     let to = tempfile::tempdir().unwrap();
-    if files::get(vault, &src, &["/".into()], to.path(), GetOptions::default()).await.is_err() {
+    if let Err(e) = files::get(vault, &src, &["/".into()], to.path(), GetOptions::default()).await {
+        no_panic(&e);
         errors += 1;
     }
     errors
+}
+
+fn no_panic(e: &Error) {
+    assert!(!matches!(e, Error::Worker(_)), "a worker panicked: {e}");
 }
 
 /// Runs one damaged image on its own thread and runtime; fails on a panic or a hang.
 fn check(image: Vec<u8>) -> usize {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let errors = rt.block_on(async {
             let vault = point(&image).await;
             exercise(&vault).await
@@ -177,7 +233,9 @@ fn check(image: Vec<u8>) -> usize {
     });
     match rx.recv_timeout(CASE_TIME) {
         Ok(errors) => errors,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("a damaged image took longer than {CASE_TIME:?}"),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("a damaged image took longer than {CASE_TIME:?}")
+        }
         Err(mpsc::RecvTimeoutError::Disconnected) => panic!("reading a damaged image panicked"),
     }
 }
@@ -212,7 +270,7 @@ fn the_pristine_images_read_without_errors() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn damaged_ext4_metadata_gives_errors_not_panics_or_hangs(

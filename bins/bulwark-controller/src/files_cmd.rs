@@ -123,7 +123,11 @@ pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
                         .mtime
                         .and_then(|t| jiff::Timestamp::from_second(t).ok())
                         .map_or_else(|| "-".to_string(), |t| t.to_string());
-                    let target = e.target.as_ref().map(|t| format!(" -> {t}")).unwrap_or_default();
+                    let target = e
+                        .target
+                        .as_ref()
+                        .map(|t| format!(" -> {t}"))
+                        .unwrap_or_default();
                     writeln!(
                         out,
                         "{kind}{:04o} {:>6}:{:<6} {:>12} {mtime} {}{target}",

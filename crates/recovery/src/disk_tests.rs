@@ -11,7 +11,9 @@ use super::*;
 const BS: u64 = MIN_BLOCK_SIZE as u64;
 
 fn pattern(index: u64) -> Vec<u8> {
-    (0..BS).map(|i| (i as u8) ^ (index as u8).wrapping_mul(31) ^ 0x5A).collect()
+    (0..BS)
+        .map(|i| (i as u8) ^ (index as u8).wrapping_mul(31) ^ 0x5A)
+        .collect()
 }
 
 /// A vault holding a disk of `blocks` blocks whose even blocks are data and odd ones zero.
@@ -33,8 +35,17 @@ async fn disk(blocks: u64, options: DiskOptions) -> (PointDisk, Arc<InMemory>, V
         entries.push(Entry::Data { change: 0, address });
         addresses.push(address);
     }
-    let map = BlockMap::new(BlockSize::new(MIN_BLOCK_SIZE).unwrap(), blocks * BS, entries).unwrap();
-    (PointDisk::from_map(vault, map, "t".into(), options), store, addresses)
+    let map = BlockMap::new(
+        BlockSize::new(MIN_BLOCK_SIZE).unwrap(),
+        blocks * BS,
+        entries,
+    )
+    .unwrap();
+    (
+        PointDisk::from_map(vault, map, "t".into(), options),
+        store,
+        addresses,
+    )
 }
 
 use bulwark_blockdiff::Address;
@@ -84,8 +95,14 @@ async fn reads_across_blocks_and_zero_blocks_fetch_nothing() {
 #[tokio::test]
 async fn reads_past_the_end_are_refused() {
     let (d, _, _) = disk(2, no_readahead()).await;
-    assert!(matches!(d.read(2 * BS - 1, 2).await, Err(Error::ReadPastEnd { .. })));
-    assert!(matches!(d.read(u64::MAX, 2).await, Err(Error::ReadPastEnd { .. })));
+    assert!(matches!(
+        d.read(2 * BS - 1, 2).await,
+        Err(Error::ReadPastEnd { .. })
+    ));
+    assert!(matches!(
+        d.read(u64::MAX, 2).await,
+        Err(Error::ReadPastEnd { .. })
+    ));
     assert!(d.read(2 * BS, 0).await.is_ok());
 }
 
@@ -130,7 +147,13 @@ async fn a_block_that_does_not_match_its_address_is_an_error() {
         ObjPath::from(format!("blocks/{}/{h}", &h[..2]))
     };
     // Block 2's stored object under block 0's key.
-    let other = store.get(&key(&addresses[1])).await.unwrap().bytes().await.unwrap();
+    let other = store
+        .get(&key(&addresses[1]))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     store.put(&key(&addresses[0]), other.into()).await.unwrap();
     let err = d.read(0, 10).await.unwrap_err();
     assert!(err.to_string().contains("another address"), "{err}");
@@ -156,7 +179,11 @@ async fn sequential_readers_get_blocks_fetched_ahead() {
     assert_eq!(d.stats().readahead_blocks, 2, "{:?}", d.stats()); // blocks 2 and 4 hold data
     let before = d.stats().blocks_fetched;
     d.read(2 * BS, 10).await.unwrap();
-    assert_eq!(d.stats().blocks_fetched, before, "block 2 came from the read-ahead");
+    assert_eq!(
+        d.stats().blocks_fetched,
+        before,
+        "block 2 came from the read-ahead"
+    );
 }
 
 #[tokio::test]
@@ -164,8 +191,22 @@ async fn extents_merge_runs_and_respect_the_limit() {
     let (d, _, _) = disk(6, no_readahead()).await;
     let e = d.extents(10, 3 * BS, 16);
     assert_eq!(e.len(), 4);
-    assert_eq!(e[0], Extent { offset: 10, len: BS - 10, zero: false });
-    assert_eq!(e[1], Extent { offset: BS, len: BS, zero: true });
+    assert_eq!(
+        e[0],
+        Extent {
+            offset: 10,
+            len: BS - 10,
+            zero: false
+        }
+    );
+    assert_eq!(
+        e[1],
+        Extent {
+            offset: BS,
+            len: BS,
+            zero: true
+        }
+    );
     assert_eq!(e[3].offset + e[3].len, 3 * BS + 10);
     assert_eq!(d.extents(0, u64::MAX, 2).len(), 2);
     assert!(d.extents(6 * BS, 10, 4).is_empty());

@@ -22,10 +22,10 @@ use ext4_view::{Ext4, Ext4Error, FileType, Metadata};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use serde::Serialize;
 
+use crate::Error;
 use crate::disk::{BlockingReader, DiskOptions, FetchStats, PointDisk};
 use crate::inode::{Locator, Times, inode_from_debug};
 use crate::partition::{Scheme, read_table};
-use crate::Error;
 
 /// Most entries one `list` returns, and most nodes one `get` writes.
 const MAX_ENTRIES: u64 = 10_000_000;
@@ -473,7 +473,9 @@ fn fill(
 ) -> Result<usize, Error> {
     let mut n = 0;
     while n < buf.len() {
-        let got = file.read_bytes(&mut buf[n..]).map_err(|e| fs.err(path, e))?;
+        let got = file
+            .read_bytes(&mut buf[n..])
+            .map_err(|e| fs.err(path, e))?;
         if got == 0 {
             break;
         }
@@ -520,10 +522,7 @@ fn safe_name(name: &[u8], parent: &Path) -> Result<(), Error> {
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
     {
         return Err(Error::UnsafePath {
-            path: parent
-                .join(OsStr::from_bytes(name))
-                .display()
-                .to_string(),
+            path: parent.join(OsStr::from_bytes(name)).display().to_string(),
             why: "the guest file system holds a name that is not a single path component".into(),
         });
     }
@@ -605,7 +604,11 @@ impl Writer<'_> {
                 let fd = rustix::fs::openat(
                     dir,
                     OsStr::from_bytes(name),
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io)?;
@@ -619,10 +622,11 @@ impl Writer<'_> {
                     }
                     // All-zero chunks stay holes.
                     if buf[..n].iter().any(|b| *b != 0) {
-                        out.write_all_at(&buf[..n], at).map_err(|source| Error::Io {
-                            path: host.clone(),
-                            source,
-                        })?;
+                        out.write_all_at(&buf[..n], at)
+                            .map_err(|source| Error::Io {
+                                path: host.clone(),
+                                source,
+                            })?;
                     }
                     at += n as u64;
                 }
@@ -635,7 +639,11 @@ impl Writer<'_> {
                 self.apply_fd(out.as_fd(), &md, ino, &host)?;
             }
             FileType::Symlink => {
-                let target = self.fs.fs.read_link(gpath).map_err(|e| self.fs.err(gpath, e))?;
+                let target = self
+                    .fs
+                    .fs
+                    .read_link(gpath)
+                    .map_err(|e| self.fs.err(gpath, e))?;
                 let target: &[u8] = target.as_ref();
                 rustix::fs::symlinkat(OsStr::from_bytes(target), dir, OsStr::from_bytes(name))
                     .map_err(io)?;
@@ -655,8 +663,13 @@ impl Writer<'_> {
                         last_access: timespec(t.atime),
                         last_modification: timespec(t.mtime),
                     };
-                    rustix::fs::utimensat(dir, OsStr::from_bytes(name), &ts, AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(io)?;
+                    rustix::fs::utimensat(
+                        dir,
+                        OsStr::from_bytes(name),
+                        &ts,
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(io)?;
                 }
                 self.report.symlinks += 1;
             }
@@ -689,7 +702,11 @@ impl Writer<'_> {
         host: &Path,
         depth: u32,
     ) -> Result<(), Error> {
-        let entries = self.fs.fs.read_dir(gpath).map_err(|e| self.fs.err(gpath, e))?;
+        let entries = self
+            .fs
+            .fs
+            .read_dir(gpath)
+            .map_err(|e| self.fs.err(gpath, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| self.fs.err(gpath, e))?;
             let name = entry.file_name();

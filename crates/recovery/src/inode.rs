@@ -70,7 +70,9 @@ impl Locator {
         {
             return Err(corrupt(
                 disk,
-                format!("inodes per group {inodes_per_group} or inode size {inode_size} is invalid"),
+                format!(
+                    "inodes per group {inodes_per_group} or inode size {inode_size} is invalid"
+                ),
             ));
         }
         let is_64bit = u32_at(&sb, 0x60) & 0x80 != 0;
@@ -80,7 +82,10 @@ impl Locator {
             32
         };
         if !(32..=1024).contains(&desc_size) {
-            return Err(corrupt(disk, format!("descriptor size {desc_size} is invalid")));
+            return Err(corrupt(
+                disk,
+                format!("descriptor size {desc_size} is invalid"),
+            ));
         }
         let first_data_block = u64::from(u32_at(&sb, 0x14));
         Ok(Locator {
@@ -177,7 +182,10 @@ mod tests {
 
     #[test]
     fn inode_numbers_from_debug() {
-        assert_eq!(inode_from_debug("File { inode: 12, position: 0, .. }"), Some(12));
+        assert_eq!(
+            inode_from_debug("File { inode: 12, position: 0, .. }"),
+            Some(12)
+        );
         assert_eq!(
             inode_from_debug("DirEntry { fs: Ext4 { superblock: X, .. }, inode: 77, name: \"a\" }"),
             Some(77)

@@ -143,7 +143,11 @@ pub fn parse_mbr(disk: &str, sector0: &[u8], disk_size: u64) -> Result<Mbr, Erro
         if e[0] != 0 && e[0] != 0x80 {
             return Err(bad(
                 disk,
-                format!("MBR entry {} has an invalid status byte {:#04x}", slot + 1, e[0]),
+                format!(
+                    "MBR entry {} has an invalid status byte {:#04x}",
+                    slot + 1,
+                    e[0]
+                ),
             ));
         }
         // u32 sectors × 512 cannot overflow a u64.
@@ -155,7 +159,13 @@ pub fn parse_mbr(disk: &str, sector0: &[u8], disk_size: u64) -> Result<Mbr, Erro
                 format!("MBR partition {} starts at sector 0", slot + 1),
             ));
         }
-        inside(disk, &format!("MBR partition {}", slot + 1), start, len, disk_size)?;
+        inside(
+            disk,
+            &format!("MBR partition {}", slot + 1),
+            start,
+            len,
+            disk_size,
+        )?;
         parts.push(Partition {
             number: slot as u32 + 1,
             start,
@@ -220,7 +230,10 @@ pub fn parse_gpt_header(disk: &str, sector1: &[u8], disk_size: u64) -> Result<Gp
     }
     let header_size = u32_at(sector1, 12) as usize;
     if !(92..=sector1.len().min(512)).contains(&header_size) {
-        return Err(bad(disk, format!("GPT header size {header_size} is invalid")));
+        return Err(bad(
+            disk,
+            format!("GPT header size {header_size} is invalid"),
+        ));
     }
     let mut h = sector1[..header_size].to_vec();
     let stored_crc = u32_at(&h, 16);
@@ -265,7 +278,13 @@ pub fn parse_gpt_header(disk: &str, sector1: &[u8], disk_size: u64) -> Result<Gp
         .entries_lba
         .checked_mul(SECTOR)
         .ok_or_else(|| bad(disk, "GPT entry array LBA overflows"))?;
-    inside(disk, "the GPT entry array", start, hdr.array_bytes(), disk_size)?;
+    inside(
+        disk,
+        "the GPT entry array",
+        start,
+        hdr.array_bytes(),
+        disk_size,
+    )?;
     Ok(hdr)
 }
 
@@ -307,7 +326,13 @@ pub fn parse_gpt_entries(
         let len = (last - first + 1)
             .checked_mul(SECTOR)
             .ok_or_else(|| bad(disk, format!("GPT partition {number} length overflows")))?;
-        inside(disk, &format!("GPT partition {number}"), start, len, disk_size)?;
+        inside(
+            disk,
+            &format!("GPT partition {number}"),
+            start,
+            len,
+            disk_size,
+        )?;
         let units: Vec<u16> = e[56..128]
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
@@ -357,7 +382,11 @@ const CRC_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;
