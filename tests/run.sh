@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 # tool:package pairs the tests call.
 need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
-      fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
+      sgdisk:gdisk sfdisk:fdisk fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
       lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)

@@ -5,6 +5,7 @@ mod agent_cmd;
 mod assets;
 mod daemon_cmd;
 mod demo;
+mod files_cmd;
 mod keys;
 mod retention_cmd;
 mod ui;
@@ -88,6 +89,9 @@ enum Command {
     /// Check a policy file, or show when it runs next.
     #[command(subcommand)]
     Policy(retention_cmd::PolicyCommand),
+    /// Files from a point without a full restore: ls, get, cat (read in user space).
+    #[command(subcommand)]
+    Files(files_cmd::FilesCommand),
 }
 
 #[derive(Debug, Args)]
@@ -270,6 +274,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::ListDeleted(a) => return retention_cmd::list_deleted_cmd(a).await,
         Command::Locks(a) => return retention_cmd::locks(a).await,
         Command::Policy(a) => return retention_cmd::policy(a),
+        Command::Files(a) => return files_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }
