@@ -3,6 +3,8 @@
 //! `files get` of 100 named files, checked against the originals, reading < 5% of the point's
 //! stored bytes. Also a GPT-partitioned disk (sgdisk) and an MBR partition past the disk's end.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::fs::{self, File, FileTimes};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};

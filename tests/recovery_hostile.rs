@@ -4,6 +4,8 @@
 //! (list every directory, cat every file, get everything). Each case must end, within a time
 //! bound, in an answer or a clear error: never a panic, never a hang.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::fs;
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
