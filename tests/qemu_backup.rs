@@ -300,7 +300,8 @@ fn writer_dirty_blocks(
         let ranges = match &spec.targets[t] {
             WriterTarget::Block { .. } => {
                 let off = BLOCK_BASE + u64::from(s) * SLOT_SIZE as u64;
-                vec![off..off + SLOT_SIZE as u64]
+                let slot: Range<u64> = off..off + SLOT_SIZE as u64;
+                vec![slot]
             }
             WriterTarget::Ext4Files { .. } => os_slot_extents[s as usize].clone(),
         };
