@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_blockdiff::{BlockEvent, BlockMap, BlockSize, Disk, ScanOptions, scan};
+use bulwark_blockdiff::{BlockEvent, BlockMap, BlockSize, BlockSource, Disk, ScanOptions, scan};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 
@@ -32,7 +32,8 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 async fn run(disk: &Disk, prev: Option<Arc<BlockMap>>, options: &ScanOptions) -> BlockMap {
-    let mut events = std::pin::pin!(scan(disk, prev, options));
+    let source: Arc<dyn BlockSource> = Arc::new(disk.clone());
+    let mut events = std::pin::pin!(scan(source, prev, options));
     let mut entries = Vec::new();
     let mut changed = 0u64;
     while let Some(e) = events.next().await {
@@ -91,9 +92,9 @@ fn scan_unchanged(c: &mut Criterion) {
         ] {
             let opts = ScanOptions {
                 parallelism,
-                direct_io,
                 ..all.clone()
             };
+            let disk = disk.clone().with_direct_io(direct_io);
             g.bench_function(BenchmarkId::new(format!("unchanged_{name}"), &label), |b| {
                 b.iter(|| rt.block_on(run(&disk, Some(prev.clone()), &opts)))
             });

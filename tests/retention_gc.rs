@@ -12,8 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_blockdiff::{Address, BlockMap, BlockSize, Entry, content_address};
-use bulwark_controller::{BackupRequest, DiskSpec, NoProgress, RestoreRequest};
+use bulwark_controller::{
+    BackupRequest, NoObserver, RestoreFrom, RestoreRequest, run_backup, run_restore,
+};
 use bulwark_policy::{PointInfo, Policy};
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_tests::*;
 use bulwark_vault::lease::{LeaseRecord, write_lease_record};
 use bulwark_vault::{
@@ -142,6 +145,7 @@ async fn synthetic_point(v: &Vault, vm: &str, n: u64, created: Timestamp) -> Rec
             manifest_digest: digest,
             source: String::new(),
             stats: DiskStats::default(),
+            tracking: None,
         }],
         policy: None,
         agent: None,
@@ -496,6 +500,7 @@ fn lease(kind: LeaseKind, id: &str, expires_in: i64) -> LeaseRecord {
         host: "testhost".into(),
         created: now,
         expires,
+        ttl_ms: None,
     }
 }
 
@@ -560,11 +565,12 @@ async fn leases_keep_gc_and_backups_apart() {
     write_lease_record(&vault, &lease(LeaseKind::Gc, "sweeping2", 60))
         .await
         .unwrap();
-    let mut req = BackupRequest::new("vm", vec![DiskSpec::parse(&disk).unwrap()]);
+    let mut req = BackupRequest::new(
+        "vm",
+        Arc::new(ImageSnapshotter::new(vec![ImageDisk::parse(&disk).unwrap()]).unwrap()),
+    );
     req.lease = LeaseOptions::default();
-    let e = bulwark_controller::backup(&vault, &req, Arc::new(NoProgress))
-        .await
-        .unwrap_err();
+    let e = run_backup(req.clone(), &vault).await.unwrap_err();
     assert!(
         matches!(
             e,
@@ -805,15 +811,16 @@ async fn stress_backups_prunes_and_gc_concurrently() {
                         data[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&pool[k]);
                     }
                     std::fs::write(&path, &data).unwrap();
-                    let spec = DiskSpec::parse(&format!("d0={}", path.display())).unwrap();
-                    let mut req = BackupRequest::new(format!("vm{v}"), vec![spec]);
+                    let spec = ImageDisk::parse(&format!("d0={}", path.display())).unwrap();
+                    let mut req = BackupRequest::new(
+                        format!("vm{v}"),
+                        Arc::new(ImageSnapshotter::new(vec![spec]).unwrap()),
+                    );
                     req.lease = LeaseOptions {
                         retry: Duration::from_millis(10),
                         ..LeaseOptions::default().waiting(Duration::from_secs(30))
                     };
-                    let r = bulwark_controller::backup(&vault, &req, Arc::new(NoProgress))
-                        .await
-                        .unwrap();
+                    let r = run_backup(req.clone(), &vault).await.unwrap();
                     expected.lock().unwrap().insert(r.point, data.clone());
                 }
                 data
@@ -841,17 +848,19 @@ async fn stress_backups_prunes_and_gc_concurrently() {
         assert!(points.broken.is_empty());
         for p in &points.points {
             let to = dir.path().join(format!("restore-{}.img", p.id));
-            bulwark_controller::restore(
-                &vault,
-                &RestoreRequest {
+            run_restore(
+                RestoreRequest {
                     vm: p.vm.clone(),
                     point: p.id.clone(),
                     disk: "d0".into(),
                     to: to.clone(),
                     force: true,
                     concurrency: 8,
+                    from: RestoreFrom::Vault,
+                    snapshots: None,
+                    observer: Arc::new(NoObserver),
                 },
-                Arc::new(NoProgress),
+                &vault,
             )
             .await
             .unwrap_or_else(|e| panic!("round {round}: restore {}/{}: {e}", p.vm, p.id));

@@ -3,17 +3,22 @@
 #   - Debian packages for the real file systems the root tests make (xfsprogs, btrfs-progs, ...);
 #   - the object-store test servers (Azurite for Azure Blob, an S3-compatible server) on loopback,
 #     through tests/servers.sh, stopped again on exit;
-#   - then `cargo test --workspace`, with any extra arguments passed on to cargo test.
+#   - then `cargo test --workspace`, with any extra arguments passed on to cargo test;
+#   - and at the end, how many tests skipped and why (grouped by reason).
 #
 # Root tests (loop mounts, fsfreeze) skip when not run as root, unless
-# BULWARK_REQUIRE_ROOT_TESTS=1, which makes them fail instead (CI sets it).
+# BULWARK_REQUIRE_ROOT_TESTS=1, which makes them fail instead (CI sets it); server tests skip
+# without their servers unless BULWARK_REQUIRE_SERVERS=1. Every skip appends "<test>: <reason>"
+# to $BULWARK_SKIP_LOG (target/test-skips.log), emptied at the start of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # tool:package pairs the tests call.
 need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
       fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
-      qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin)
+      qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
+      /usr/bin/time:time
+      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}
@@ -57,6 +62,9 @@ if qemu_ok; then
     bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
 fi
 
+# tests/packaging.rs builds the Debian packages with the pinned cargo-deb.
+bash packaging/build-debs.sh --install-tool
+
 if [ -f tests/servers.sh ]; then
     bash tests/servers.sh start
     trap 'bash tests/servers.sh stop || true' EXIT
@@ -64,4 +72,22 @@ if [ -f tests/servers.sh ]; then
     [ -f target/test-servers.env ] && set -a && . target/test-servers.env && set +a
 fi
 
-cargo test --workspace --no-fail-fast "$@"
+export BULWARK_SKIP_LOG="$PWD/target/test-skips.log"
+mkdir -p target
+: > "$BULWARK_SKIP_LOG"
+
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+
+skips=$(grep -c . "$BULWARK_SKIP_LOG" || true)
+echo
+if [ "$skips" -gt 0 ]; then
+    echo "tests/run.sh: $skips test(s) or parts of tests SKIPPED; this run was NOT complete:"
+    # "<test>: <reason>" -> count per reason, then the tests.
+    awk -F': ' '{ r = substr($0, length($1) + 3); n[r]++; t[r] = t[r] "\n        " $1 }
+                END { for (r in n) printf "  %d x %s%s\n", n[r], r, t[r] }' "$BULWARK_SKIP_LOG"
+    echo "  (run as root with BULWARK_REQUIRE_ROOT_TESTS=1 BULWARK_REQUIRE_SERVERS=1 to run them all)"
+else
+    echo "tests/run.sh: no test skipped."
+fi
+exit "$status"

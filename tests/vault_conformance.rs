@@ -10,7 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bulwark_blockdiff::BlockSize;
-use bulwark_controller::{BackupRequest, DiskSpec, NoProgress, RestoreRequest, backup, restore};
+use bulwark_controller::{
+    BackupRequest, NoObserver, RestoreFrom, RestoreRequest, run_backup, run_restore,
+};
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_vault::{
     CreateOptions, Error, GcOptions, Lease, LeaseKind, LeaseOptions, MasterKey, Vault,
 };
@@ -19,17 +22,19 @@ use vault_servers::{Backend, Place, noise, place};
 const BLOCK: usize = 256 << 10;
 
 async fn restore_to(vault: &Vault, point: &str, to: &Path) -> Vec<u8> {
-    restore(
-        vault,
-        &RestoreRequest {
+    run_restore(
+        RestoreRequest {
             vm: "vm1".into(),
             point: point.into(),
             disk: "os".into(),
             to: to.to_path_buf(),
             force: true,
             concurrency: 8,
+            from: RestoreFrom::Vault,
+            snapshots: None,
+            observer: Arc::new(NoObserver),
         },
-        Arc::new(NoProgress),
+        vault,
     )
     .await
     .unwrap_or_else(|e| panic!("restore of {point}: {e}"));
@@ -49,6 +54,12 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
         .await
         .unwrap_or_else(|e| panic!("{what}: create: {e}"));
     assert_eq!(vault.is_encrypted(), key.is_some());
+    // init's probe: a second create-only write of the same key is refused here.
+    assert_eq!(
+        vault.config().conditional_writes,
+        Some(true),
+        "{what}: the store honours conditional writes"
+    );
     assert!(matches!(
         Vault::create_with(&place.location, &create, &opts).await,
         Err(Error::VaultExists { .. })
@@ -61,9 +72,14 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
     std::fs::write(&img, &data).unwrap();
     let req = BackupRequest::new(
         "vm1",
-        vec![DiskSpec::parse(&format!("os={}", img.display())).unwrap()],
+        Arc::new(
+            ImageSnapshotter::new(vec![
+                ImageDisk::parse(&format!("os={}", img.display())).unwrap(),
+            ])
+            .unwrap(),
+        ),
     );
-    let r1 = backup(&vault, &req, Arc::new(NoProgress))
+    let r1 = run_backup(req.clone(), &vault)
         .await
         .unwrap_or_else(|e| panic!("{what}: first backup: {e}"));
     let s1 = &r1.disks[0].stats;
@@ -88,7 +104,7 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
     data[10..20].fill(0xAB);
     data[12 * BLOCK + 5] ^= 0xFF;
     std::fs::write(&img, &data).unwrap();
-    let r2 = backup(&vault, &req, Arc::new(NoProgress))
+    let r2 = run_backup(req.clone(), &vault)
         .await
         .unwrap_or_else(|e| panic!("{what}: second backup: {e}"));
     let s2 = &r2.disks[0].stats;

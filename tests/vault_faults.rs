@@ -12,11 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_blockdiff::BlockSize;
-use bulwark_controller::{BackupRequest, DiskSpec, NoProgress, RestoreRequest, backup, restore};
+use bulwark_controller::{
+    BackupRequest, NoObserver, RestoreFrom, RestoreRequest, run_backup, run_restore,
+};
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_vault::fault::{FaultConfig, FaultyStore};
 use bulwark_vault::{CreateOptions, MasterKey, OpenOptions, RetryPolicy, StoreOptions, Vault};
 use object_store::ObjectStore;
-use vault_servers::{Backend, noise, server_var, servers_required};
+use vault_servers::{Backend, noise, server_var};
 
 const BLOCK: usize = 64 << 10;
 
@@ -30,7 +33,12 @@ fn create_options() -> CreateOptions {
 fn request(img: &Path) -> BackupRequest {
     let mut r = BackupRequest::new(
         "vm1",
-        vec![DiskSpec::parse(&format!("os={}", img.display())).unwrap()],
+        Arc::new(
+            ImageSnapshotter::new(vec![
+                ImageDisk::parse(&format!("os={}", img.display())).unwrap(),
+            ])
+            .unwrap(),
+        ),
     );
     r.upload_concurrency = 8;
     r
@@ -38,17 +46,19 @@ fn request(img: &Path) -> BackupRequest {
 
 async fn restored(vault: &Vault, point: &str, dir: &Path) -> Vec<u8> {
     let to = dir.join(format!("restore-{point}.img"));
-    restore(
-        vault,
-        &RestoreRequest {
+    run_restore(
+        RestoreRequest {
             vm: "vm1".into(),
             point: point.into(),
             disk: "os".into(),
             to: to.clone(),
             force: true,
             concurrency: 8,
+            from: RestoreFrom::Vault,
+            snapshots: None,
+            observer: Arc::new(NoObserver),
         },
-        Arc::new(NoProgress),
+        vault,
     )
     .await
     .unwrap_or_else(|e| panic!("restore {point}: {e}"));
@@ -86,17 +96,13 @@ async fn flaky_round(inner: Arc<dyn ObjectStore>, key: Option<MasterKey>, dir: &
     let img = dir.join("disk.img");
     let mut data = noise(seed, 8 << 20);
     std::fs::write(&img, &data).unwrap();
-    let r1 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r1 = run_backup(request(&img), &vault).await.unwrap();
     for i in 0..10 {
         let n = data.len();
         data[i * 700_001 % n] ^= 0x5A;
     }
     std::fs::write(&img, &data).unwrap();
-    let r2 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r2 = run_backup(request(&img), &vault).await.unwrap();
     assert!(r2.disks[0].stats.blocks_uploaded <= 10);
     assert!(restored(&vault, &r2.point, dir).await == data);
     let rep = vault.verify(None, &|_, _| {}).await.unwrap();
@@ -165,16 +171,14 @@ async fn storage_down_fails_cleanly_and_next_job_resumes() {
     let img = dir.path().join("disk.img");
     let small = noise(1, 1 << 20);
     std::fs::write(&img, &small).unwrap();
-    let r1 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r1 = run_backup(request(&img), &vault).await.unwrap();
 
     // A bigger disk; the store goes down once some of its blocks are stored.
     let data = noise(2, 16 << 20);
     std::fs::write(&img, &data).unwrap();
     let v = vault.clone();
     let req = request(&img);
-    let job = tokio::spawn(async move { backup(&v, &req, Arc::new(NoProgress)).await });
+    let job = tokio::spawn(async move { run_backup(req.clone(), &v).await });
     let start_puts = vault.store_stats().puts;
     let t = Instant::now();
     while vault.store_stats().puts < start_puts + 60 && t.elapsed() < Duration::from_secs(30) {
@@ -193,9 +197,7 @@ async fn storage_down_fails_cleanly_and_next_job_resumes() {
     assert_eq!(rep.points, 1);
     assert!(restored(&vault, &r1.point, dir.path()).await == small);
 
-    let r3 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r3 = run_backup(request(&img), &vault).await.unwrap();
     let s = &r3.disks[0].stats;
     assert!(
         s.blocks_deduplicated >= 40,
@@ -254,12 +256,10 @@ async fn azurite_killed_mid_backup_and_restarted() {
         server_var("BULWARK_TEST_AZURITE_BIN"),
         server_var("BULWARK_TEST_SERVERS_SH"),
     ) else {
-        assert!(
-            !servers_required(),
-            "BULWARK_TEST_AZURITE_BIN is not set and BULWARK_REQUIRE_SERVERS=1"
-        );
-        eprintln!(
-            "SKIP azurite_killed_mid_backup_and_restarted: run `bash tests/servers.sh start`"
+        bulwark_tests::skip(
+            "azurite_killed_mid_backup_and_restarted",
+            bulwark_tests::Needs::Servers,
+            "BULWARK_TEST_AZURITE_BIN not set (run `bash tests/servers.sh start`)",
         );
         return;
     };
@@ -291,6 +291,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(100),
         },
+        ..OpenOptions::default()
     };
     let location = "az://killtest/vault";
     let vault = Vault::create_with(location, &create_options(), &opts)
@@ -299,9 +300,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
     let img = dir.path().join("disk.img");
     let small = noise(3, 1 << 20);
     std::fs::write(&img, &small).unwrap();
-    let r1 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r1 = run_backup(request(&img), &vault).await.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     let data = noise(4, 24 << 20);
@@ -318,7 +317,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
     let v = Vault::open_store_with(slow, location, &opts).await.unwrap();
     let mut req = request(&img);
     req.upload_concurrency = 4;
-    let job = tokio::spawn(async move { backup(&v, &req, Arc::new(NoProgress)).await });
+    let job = tokio::spawn(async move { run_backup(req.clone(), &v).await });
     // At least 384 × 2 requests × 50 ms / 4 = 9.6 s in all; Azurite saved its metadata at
     // least once in the first 5 s, so blocks stored in the 3 s before that are durable.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -344,9 +343,7 @@ async fn azurite_killed_mid_backup_and_restarted() {
     assert_eq!(rep.points, 1, "the killed job committed nothing");
     assert!(restored(&vault, &r1.point, dir.path()).await == small);
 
-    let r3 = backup(&vault, &request(&img), Arc::new(NoProgress))
-        .await
-        .unwrap();
+    let r3 = run_backup(request(&img), &vault).await.unwrap();
     let s = &r3.disks[0].stats;
     eprintln!("after restart: {s:?}");
     assert!(

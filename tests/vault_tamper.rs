@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use bulwark_blockdiff::BlockSize;
 use bulwark_controller::{
-    BackupReport, BackupRequest, DiskSpec, NoProgress, RestoreRequest, backup, restore,
+    BackupReport, BackupRequest, NoObserver, RestoreFrom, RestoreRequest, run_backup, run_restore,
 };
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_vault::{CreateOptions, Error, MasterKey, OpenOptions, Vault};
 use vault_servers::noise;
 
@@ -43,12 +44,17 @@ impl Fixture {
         std::fs::write(&img, &data).unwrap();
         let req = BackupRequest::new(
             "vm1",
-            vec![DiskSpec::parse(&format!("os={}", img.display())).unwrap()],
+            Arc::new(
+                ImageSnapshotter::new(vec![
+                    ImageDisk::parse(&format!("os={}", img.display())).unwrap(),
+                ])
+                .unwrap(),
+            ),
         );
-        let mut points = vec![backup(&vault, &req, Arc::new(NoProgress)).await.unwrap()];
+        let mut points = vec![run_backup(req.clone(), &vault).await.unwrap()];
         data[3 * BLOCK..4 * BLOCK].fill(0x33);
         std::fs::write(&img, &data).unwrap();
-        points.push(backup(&vault, &req, Arc::new(NoProgress)).await.unwrap());
+        points.push(run_backup(req.clone(), &vault).await.unwrap());
         Fixture {
             dir,
             vault_dir,
@@ -101,17 +107,19 @@ impl Fixture {
         let mut errors = Vec::new();
         for p in &self.points {
             let to = self.dir.path().join(format!("r-{}.img", p.point));
-            let r = restore(
-                &vault,
-                &RestoreRequest {
+            let r = run_restore(
+                RestoreRequest {
                     vm: "vm1".into(),
                     point: p.point.clone(),
                     disk: "os".into(),
                     to: to.clone(),
                     force: true,
                     concurrency: 4,
+                    from: RestoreFrom::Vault,
+                    snapshots: None,
+                    observer: Arc::new(NoObserver),
                 },
-                Arc::new(NoProgress),
+                &vault,
             )
             .await;
             if let Err(e) = r {

@@ -1,7 +1,10 @@
 //! Test kit for Bulwark's cross-crate scenarios (`tests/*.rs`) and benchmarks.
 //!
 //! * [`root_or_skip`] gates tests that need root: they skip with a clear message when not root,
-//!   and fail instead when `BULWARK_REQUIRE_ROOT_TESTS=1` (CI sets it).
+//!   and fail instead when `BULWARK_REQUIRE_ROOT_TESTS=1` (CI sets it). Every skip, for root or
+//!   for a server, goes through [`skip`]: it fails under `BULWARK_REQUIRE_ROOT_TESTS=1` /
+//!   `BULWARK_REQUIRE_SERVERS=1`, and appends `<test>: <reason>` to the file named by
+//!   `BULWARK_SKIP_LOG`, which `tests/run.sh` sums up at the end of a run.
 //! * [`LoopFs`] makes a file system of the test's own (ext4, XFS with reflink, btrfs) on a loop
 //!   device under the test's temporary directory. Its `Drop` always thaws, unmounts and detaches,
 //!   also when the test panics. Nothing here ever touches `/` or a mount it did not create.
@@ -18,9 +21,52 @@ use std::sync::OnceLock;
 pub mod guest;
 /// The environment variable that turns a skipped root test into a failure.
 pub const REQUIRE_ROOT_ENV: &str = "BULWARK_REQUIRE_ROOT_TESTS";
+/// The environment variable that turns a test skipped for lack of a server into a failure.
+pub const REQUIRE_SERVERS_ENV: &str = "BULWARK_REQUIRE_SERVERS";
+/// The environment variable naming the file every skip is appended to (`tests/run.sh` sets it).
+pub const SKIP_LOG_ENV: &str = "BULWARK_SKIP_LOG";
 
-fn require_root() -> bool {
-    std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v == "1")
+/// What a skipped test lacked: it decides which `BULWARK_REQUIRE_*` variable forbids the skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Root privileges or a system tool the root tests use (`BULWARK_REQUIRE_ROOT_TESTS`).
+    Root,
+    /// A test server or a tool the server tests use (`BULWARK_REQUIRE_SERVERS`).
+    Servers,
+}
+
+fn env_is_one(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Skips (all or part of) `test` because `reason`: panics instead when the `BULWARK_REQUIRE_*`
+/// variable for `needs` is `1`, so that CI cannot pass by skipping; otherwise prints
+/// `SKIPPED <test>: <reason>` and appends `<test>: <reason>` to the `BULWARK_SKIP_LOG` file.
+/// The caller returns (or leaves out the part) after it.
+pub fn skip(test: &str, needs: Needs, reason: &str) {
+    let var = match needs {
+        Needs::Root => REQUIRE_ROOT_ENV,
+        Needs::Servers => REQUIRE_SERVERS_ENV,
+    };
+    if env_is_one(var) {
+        panic!("{test}: {reason}, and {var}=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os(SKIP_LOG_ENV).filter(|l| !l.is_empty()) {
+        let line = format!("{test}: {}\n", reason.replace('\n', " "));
+        // One write of one line in append mode: lines from parallel tests do not interleave.
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            eprintln!(
+                "cannot append to the skip log {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    }
 }
 
 /// Returns true when the test may run as root, with every tool in `tools` on the PATH.
@@ -41,11 +87,7 @@ pub fn root_or_skip(test: &str, tools: &[&str]) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let why = format!("{test}: needs {}", missing.join(", "));
-    if require_root() {
-        panic!("{why}, and {REQUIRE_ROOT_ENV}=1 forbids skipping");
-    }
-    eprintln!("SKIPPED {why} (run as root to include it)");
+    skip(test, Needs::Root, &format!("needs {}", missing.join(", ")));
     false
 }
 

@@ -49,23 +49,19 @@ pub fn server_var(name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-pub fn servers_required() -> bool {
-    std::env::var("BULWARK_REQUIRE_SERVERS").is_ok_and(|v| v == "1")
-}
-
 /// The endpoint of `backend`'s server, or `None` after printing why the test skips (panics
 /// instead when servers are required).
 pub fn endpoint(backend: Backend, test: &str) -> Option<String> {
     match server_var(backend.var()) {
         Some(u) => Some(u),
-        None if servers_required() => panic!(
-            "{test}: {} is not set and BULWARK_REQUIRE_SERVERS=1: run `bash tests/servers.sh start`",
-            backend.var()
-        ),
         None => {
-            eprintln!(
-                "SKIP {test} on {backend:?}: {} not set (run `bash tests/servers.sh start`)",
-                backend.var()
+            bulwark_tests::skip(
+                &format!("{test} on {backend:?}"),
+                bulwark_tests::Needs::Servers,
+                &format!(
+                    "{} not set (run `bash tests/servers.sh start`)",
+                    backend.var()
+                ),
             );
             None
         }

@@ -2,15 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bulwark_consistency::Level;
-use bulwark_controller::{
-    AgentAddress, AgentTarget, BackupReport, BackupRequest, Progress, QuiesceOptions,
-};
-use bulwark_vault::Vault;
+use bulwark_controller::{AgentAddress, AgentTarget, QuiesceOptions};
 use clap::Args;
 
 /// The guest-agent options of `backup`.
@@ -51,7 +47,6 @@ impl QuiesceArgs {
     }
 }
 
-/// Runs the quiesced backup.
 /// The agent and the quiesce options that `--agent`, `--tls-dir`, `--consistency`… name.
 pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
     let Some(agent) = &a.agent else {
@@ -59,7 +54,7 @@ pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
     };
     let address: AgentAddress = agent
         .parse()
-        .map_err(|e: String| anyhow::anyhow!("--agent {e}"))?;
+        .map_err(|e: bulwark_controller::Error| anyhow::anyhow!("--agent {e}"))?;
     if matches!(address, AgentAddress::Tcp { .. }) && a.tls_dir.is_none() {
         bail!("--agent tcp:... needs --tls-dir (the controller's files from `enroll`)");
     }
@@ -75,17 +70,6 @@ pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
         snapshot_delay: a.test_snapshot_delay_ms.map(Duration::from_millis),
     };
     Ok((target, opts))
-}
-
-/// A quiesced backup (`backup --agent …`).
-pub async fn backup(
-    vault: &Vault,
-    req: &BackupRequest,
-    a: &QuiesceArgs,
-    progress: Arc<dyn Progress>,
-) -> Result<BackupReport> {
-    let (target, opts) = target(a)?;
-    Ok(bulwark_controller::backup_with_agent(vault, req, &target, &opts, progress).await?)
 }
 
 /// `bulwark-controller enroll`.

@@ -6,20 +6,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use bulwark_controller::config::Config;
-use bulwark_controller::daemon::{
+use bulwark_controller::RestoreReport;
+use bulwark_controller::tiers::{SnapshotStore, Tier};
+use bulwark_daemon::config::Config;
+use bulwark_daemon::daemon::{
     BackupRunner, Daemon, DaemonOptions, RetentionMaintenance, SystemClock, VmSchedule,
     lock_state_dir,
 };
-use bulwark_controller::history::{History, JobRecord};
-use bulwark_controller::tiers::{
-    Keep, SnapshotStore, Tier, backup_tiered, restore_tiered, transfer_tiered,
-};
-use bulwark_controller::{
-    AgentTarget, BackupReport, BackupRequest, Progress, QuiesceOptions, RestoreRequest,
-    snapshot_with_agent,
-};
-use bulwark_vault::{ConsistencyRecord, CreateOptions, Vault};
+use bulwark_daemon::history::{History, JobRecord};
+use bulwark_vault::{CreateOptions, Vault};
 use clap::Args;
 use jiff::Timestamp;
 
@@ -105,12 +100,16 @@ pub async fn serve(a: ServeArgs) -> Result<ExitCode> {
     if recovered > 0 {
         eprintln!(
             "{recovered} job(s) left in progress by a stopped daemon marked Failed (\"{}\")",
-            bulwark_controller::history::STOPPED_DURING_JOB
+            bulwark_daemon::history::STOPPED_DURING_JOB
         );
     }
-    let (vault, created) = Vault::open_or_create(&config.vault, &CreateOptions::default())
-        .await
-        .with_context(|| format!("vault {}", config.vault))?;
+    let (vault, created) = Vault::open_or_create_with(
+        &config.vault,
+        &CreateOptions::default(),
+        &crate::keys::vault_options()?,
+    )
+    .await
+    .with_context(|| format!("vault {}", config.vault))?;
     if created {
         eprintln!("created a new vault at {}", vault.location());
     }
@@ -207,55 +206,9 @@ pub fn jobs(a: JobsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `backup --keep-snapshot-days N`: keeps the snapshots in the snapshot directory; quiesced
-/// through the agent when `quiesce` names one.
-pub async fn backup_keeping(
-    vault: &Vault,
-    req: &BackupRequest,
-    days: u32,
-    quiesce: Option<(AgentTarget, QuiesceOptions)>,
-    progress: Arc<dyn Progress>,
-) -> Result<BackupReport> {
-    let dir = req
-        .snapshot
-        .dir
-        .clone()
-        .context("--keep-snapshot-days needs --snapshot-dir")?;
-    let store = SnapshotStore::new(dir);
-    let keep = Some(Keep {
-        store: &store,
-        days,
-    });
-    let Some((target, opts)) = quiesce else {
-        return Ok(backup_tiered(
-            vault,
-            req,
-            keep,
-            ConsistencyRecord::crash(),
-            progress,
-            &|_, _| {},
-        )
-        .await?);
-    };
-    let started = std::time::Instant::now();
-    let q = snapshot_with_agent(vault, req, &target, &opts).await?;
-    Ok(transfer_tiered(
-        vault,
-        req,
-        q.taken,
-        keep,
-        q.consistency,
-        q.agent,
-        progress,
-        &|_, _| {},
-        started,
-    )
-    .await?)
-}
-
 /// `list --snapshot-dir DIR`: every point with its tier.
 pub async fn list(vault: &str, snapshot_dir: &Path, vm: Option<&str>, json: bool) -> Result<()> {
-    let vault = Vault::open(vault).await?;
+    let vault = Vault::open_with(vault, &crate::keys::vault_options()?).await?;
     let list = vault.list_points(vm).await?;
     let store = SnapshotStore::new(snapshot_dir);
     let kept: Vec<_> = store
@@ -330,18 +283,10 @@ pub async fn list(vault: &str, snapshot_dir: &Path, vm: Option<&str>, json: bool
     Ok(())
 }
 
-/// `restore --snapshot-dir DIR`: a kept snapshot first (verified), the vault otherwise.
-pub async fn restore(
-    vault: &Vault,
-    snapshot_dir: &Path,
-    req: &RestoreRequest,
-    json: bool,
-    progress: Arc<dyn Progress>,
-) -> Result<()> {
-    let store = SnapshotStore::new(snapshot_dir);
-    let r = restore_tiered(vault, Some(&store), req, progress).await?;
+/// The output of `restore --snapshot-dir DIR`: which tier, verified or not.
+pub fn show_restore(r: &RestoreReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
     if let Some(why) = &r.snapshot_rejected {
@@ -349,10 +294,10 @@ pub async fn restore(
     }
     eprintln!(
         "restored {}/{} disk {} to {} from the {}{}: {}",
-        r.report.vm,
-        r.report.point,
-        r.report.disk,
-        r.report.to.display(),
+        r.vm,
+        r.point,
+        r.disk,
+        r.to.display(),
         match r.source {
             Tier::Snapshot => "kept snapshot (fast path)",
             _ => "vault",
@@ -362,7 +307,7 @@ pub async fn restore(
         } else {
             ", NOT verified (the point never reached the vault)"
         },
-        ui::human(r.report.size)
+        ui::human(r.size)
     );
     Ok(())
 }

@@ -5,9 +5,11 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use bulwark_controller::{BackupReport, BackupRequest, DiskSpec, RestoreRequest};
+use bulwark_controller::{BackupReport, BackupRequest, RestoreRequest, run_backup, run_restore};
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_vault::{CreateOptions, Vault};
 use clap::Args;
 
@@ -155,13 +157,20 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     make_image(&image, a.size)?;
     let first_digest = digest(&image)?;
 
-    let (vault, _) = Vault::open_or_create(vault_loc, &CreateOptions::default()).await?;
-    let req = BackupRequest::new(
-        "demo-vm",
-        vec![DiskSpec::parse(&format!("disk0={}", image.display()))?],
-    );
+    let (vault, _) = Vault::open_or_create_with(
+        vault_loc,
+        &CreateOptions::default(),
+        &crate::keys::vault_options()?,
+    )
+    .await?;
+    let disks = ImageSnapshotter::new(vec![ImageDisk::parse(&format!(
+        "disk0={}",
+        image.display()
+    ))?])?;
+    let mut req = BackupRequest::new("demo-vm", Arc::new(disks));
     let progress = ui::Bars::new(true);
-    let first = bulwark_controller::backup(&vault, &req, progress.clone()).await?;
+    req.observer = progress.clone();
+    let first = run_backup(req.clone(), &vault).await?;
     progress.clear();
     show("2. full backup       ", &first);
 
@@ -169,7 +178,8 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
     let second_digest = digest(&image)?;
     println!("3. the guest wrote 24 scattered 4 KiB blocks");
     let progress = ui::Bars::new(true);
-    let second = bulwark_controller::backup(&vault, &req, progress.clone()).await?;
+    req.observer = progress.clone();
+    let second = run_backup(req, &vault).await?;
     progress.clear();
     show("4. incremental backup", &second);
 
@@ -179,16 +189,11 @@ pub async fn run(a: DemoArgs) -> Result<ExitCode> {
         .enumerate()
     {
         let to = dir.join(format!("restored-{}.img", n + 1));
-        let rr = RestoreRequest {
-            vm: "demo-vm".into(),
-            point: report.point.clone(),
-            disk: "disk0".into(),
-            to: to.clone(),
-            force: true,
-            concurrency: 16,
-        };
+        let mut rr = RestoreRequest::new("demo-vm", report.point.clone(), "disk0", &to);
+        rr.force = true;
         let progress = ui::Bars::new(true);
-        let r = bulwark_controller::restore(&vault, &rr, progress.clone()).await?;
+        rr.observer = progress.clone();
+        let r = run_restore(rr, &vault).await?;
         progress.clear();
         let same = digest(&to)? == *expected;
         ok &= same;

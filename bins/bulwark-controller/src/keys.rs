@@ -5,9 +5,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
-use bulwark_vault::MasterKey;
+use bulwark_vault::{MasterKey, OpenOptions, StoreOptions};
 use clap::{Args, Subcommand};
 
 /// The key of an encrypted vault, for every command.
@@ -68,20 +69,44 @@ fn passphrase_from(var: &str, required: bool) -> Result<Option<String>> {
     }
 }
 
-/// Makes the key option visible to every vault operation: the library reads the key from
-/// `BULWARK_KEY_FILE`. Call before any thread is started.
-pub fn export(args: &GlobalKeyArgs) {
-    if let Some(path) = &args.key_file {
-        // SAFETY: called from main() before the async runtime or any other thread exists, so
-        // nothing reads the environment concurrently.
-        unsafe { std::env::set_var("BULWARK_KEY_FILE", path) };
-    }
+/// The key file given with --key-file or BULWARK_KEY_FILE, kept by [`init`] for every vault
+/// operation of this run.
+static KEY_FILE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Keeps the key option for [`vault_options`] and the `key` commands. Call once, from `main`.
+pub fn init(args: &GlobalKeyArgs) {
+    let file = args.key_file.clone().filter(|f| !f.as_os_str().is_empty());
+    // A second call would be a bug of main's; the first value stays.
+    let _ = KEY_FILE.set(file);
+}
+
+fn key_file() -> Option<&'static PathBuf> {
+    KEY_FILE.get().and_then(Option::as_ref)
+}
+
+/// The vault options of this run, built from the command line and the environment (the vault
+/// library reads neither): the store settings (`AWS_*`, `AZURE_*`, `AZURITE_BLOB_STORAGE_URL`,
+/// `BULWARK_STORE_*`, the file named by `BULWARK_STORE_CONFIG`) and the key of --key-file /
+/// `BULWARK_KEY_FILE`, unwrapped with `BULWARK_PASSPHRASE` when the file is protected by one.
+pub fn vault_options() -> Result<OpenOptions> {
+    let store = StoreOptions::from_vars(std::env::vars())?;
+    let options = OpenOptions {
+        store,
+        ..OpenOptions::default()
+    };
+    Ok(match key_file() {
+        Some(file) => {
+            let pass = std::env::var("BULWARK_PASSPHRASE").ok();
+            options.with_key_file(file, pass.as_deref())?
+        }
+        None => options,
+    })
 }
 
 /// `init`: `--encrypt` and a key go together, so a vault is never encrypted by accident, nor
 /// left unencrypted when encryption was asked for.
 pub fn check_init(a: &EncryptArgs) -> Result<()> {
-    let has_key = std::env::var_os("BULWARK_KEY_FILE").is_some_and(|v| !v.is_empty());
+    let has_key = key_file().is_some();
     match (a.encrypt, has_key) {
         (true, false) => bail!("--encrypt needs --key-file (create one with `key create`)"),
         (false, true) => bail!(
@@ -94,9 +119,8 @@ pub fn check_init(a: &EncryptArgs) -> Result<()> {
 
 /// Runs a `key` command.
 pub fn run(cmd: KeyCommand) -> Result<ExitCode> {
-    let file = match std::env::var_os("BULWARK_KEY_FILE") {
-        Some(f) if !f.is_empty() => PathBuf::from(f),
-        _ => bail!("give the key file with --key-file FILE (or BULWARK_KEY_FILE)"),
+    let Some(file) = key_file().cloned() else {
+        bail!("give the key file with --key-file FILE (or BULWARK_KEY_FILE)");
     };
     match cmd {
         KeyCommand::Create(a) => {

@@ -2,6 +2,7 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod assets;
 mod daemon_cmd;
 mod demo;
 mod keys;
@@ -12,7 +13,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use bulwark_controller::{BackupRequest, DiskSpec, RestoreRequest, SnapshotOptions};
+use std::sync::Arc;
+
+use bulwark_controller::tiers::SnapshotStore;
+use bulwark_controller::{
+    BackupRequest, KeepSnapshots, Quiesce, RestoreRequest, run_backup, run_restore,
+};
+use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 use bulwark_vault::{CreateOptions, Vault};
 use clap::{Args, Parser, Subcommand};
 
@@ -207,8 +214,11 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = assets::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
-    keys::export(&cli.keys);
+    keys::init(&cli.keys);
     ui::init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -233,9 +243,10 @@ async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Init(a) => {
             keys::check_init(&a.encrypt)?;
-            let vault = Vault::create(
+            let vault = Vault::create_with(
                 &a.vault.vault,
                 &create_options(a.block_size, a.compression_level)?,
+                &keys::vault_options()?,
             )
             .await?;
             println!(
@@ -281,36 +292,41 @@ async fn backup(a: BackupArgs) -> Result<()> {
     let disks = a
         .disks
         .iter()
-        .map(|d| DiskSpec::parse(d))
+        .map(|d| ImageDisk::parse(d))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut req = BackupRequest::new(a.vm, disks);
-    req.snapshot = SnapshotOptions {
-        provider: a.snapshot,
-        dir: a.snapshot_dir,
-        change_tracking: !a.no_change_tracking,
-    };
+    bulwark_vault::validate_name("vm", &a.vm)?;
+    let mut snapshotter = ImageSnapshotter::new(disks)?;
+    snapshotter.provider = a.snapshot;
+    snapshotter.dir = a.snapshot_dir.clone();
+    snapshotter.change_tracking = !a.no_change_tracking;
+    let mut req = BackupRequest::new(a.vm, Arc::new(snapshotter));
     req.upload_concurrency = a.upload_concurrency;
     req.lease = req.lease.waiting(a.lease_wait);
-    bulwark_controller::check_request(&req)?;
-    let (vault, created) = Vault::open_or_create(&a.vault.vault, &CreateOptions::default()).await?;
+    if a.quiesce.is_set() {
+        let (agent, options) = agent_cmd::target(&a.quiesce)?;
+        req.quiesce = Some(Quiesce { agent, options });
+    }
+    if let Some(days) = a.keep_snapshot_days {
+        let dir = a
+            .snapshot_dir
+            .context("--keep-snapshot-days needs --snapshot-dir")?;
+        req.keep_snapshots = Some(KeepSnapshots {
+            store: SnapshotStore::new(dir),
+            days,
+        });
+    }
+    let progress = ui::Bars::new(!a.json);
+    req.observer = progress.clone();
+    let (vault, created) = Vault::open_or_create_with(
+        &a.vault.vault,
+        &CreateOptions::default(),
+        &keys::vault_options()?,
+    )
+    .await?;
     if created {
         eprintln!("created a new vault at {}", vault.location());
     }
-    let progress = ui::Bars::new(!a.json);
-    let report = match a.keep_snapshot_days {
-        Some(days) => {
-            let quiesce = if a.quiesce.is_set() {
-                Some(agent_cmd::target(&a.quiesce)?)
-            } else {
-                None
-            };
-            daemon_cmd::backup_keeping(&vault, &req, days, quiesce, progress.clone()).await?
-        }
-        None if a.quiesce.is_set() => {
-            agent_cmd::backup(&vault, &req, &a.quiesce, progress.clone()).await?
-        }
-        None => bulwark_controller::backup(&vault, &req, progress.clone()).await?,
-    };
+    let report = run_backup(req, &vault).await?;
     progress.clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -343,7 +359,7 @@ async fn list(a: ListArgs) -> Result<()> {
     if let Some(dir) = &a.snapshot_dir {
         return daemon_cmd::list(&a.vault.vault, dir, a.vm.as_deref(), a.json).await;
     }
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let list = vault.list_points(a.vm.as_deref()).await?;
     if a.json {
         let broken: Vec<_> = list
@@ -382,22 +398,18 @@ async fn list(a: ListArgs) -> Result<()> {
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {
-    let vault = Vault::open(&a.vault.vault).await?;
-    let req = RestoreRequest {
-        vm: a.vm,
-        point: a.point,
-        disk: a.disk,
-        to: a.to,
-        force: a.force,
-        concurrency: a.concurrency,
-    };
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let progress = ui::Bars::new(!a.json);
-    if let Some(dir) = &a.snapshot_dir {
-        let r = daemon_cmd::restore(&vault, dir, &req, a.json, progress.clone()).await;
+    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
+    req.force = a.force;
+    req.concurrency = a.concurrency;
+    req.snapshots = a.snapshot_dir.clone().map(SnapshotStore::new);
+    req.observer = progress.clone();
+    let report = run_restore(req, &vault).await?;
+    if a.snapshot_dir.is_some() {
         progress.clear();
-        return r;
+        return daemon_cmd::show_restore(&report, a.json);
     }
-    let report = bulwark_controller::restore(&vault, &req, progress.clone()).await?;
     progress.clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -417,7 +429,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
 }
 
 async fn verify(a: VerifyArgs) -> Result<ExitCode> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let bars = ui::Bars::new(!a.json);
     let cb = bars.clone();
     let report = vault

@@ -147,7 +147,7 @@ fn json(value: &impl serde::Serialize) -> Result<()> {
 
 pub async fn prune(a: PruneArgs) -> Result<ExitCode> {
     let policy = read_policy(&a.policy)?;
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &crate::keys::vault_options()?).await?;
     let now = a.now.unwrap_or_else(Timestamp::now);
     let report = bulwark_controller::prune(&vault, &a.vm, &policy, now, a.dry_run).await?;
     if a.json {
@@ -183,7 +183,7 @@ pub async fn prune(a: PruneArgs) -> Result<ExitCode> {
 }
 
 pub async fn undelete(a: UndeleteArgs) -> Result<ExitCode> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &crate::keys::vault_options()?).await?;
     let point = bulwark_controller::undelete(&vault, &a.vm, &a.point).await?;
     if a.json {
         json(&point)?;
@@ -195,7 +195,7 @@ pub async fn undelete(a: UndeleteArgs) -> Result<ExitCode> {
 }
 
 pub async fn gc(a: GcArgs) -> Result<ExitCode> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &crate::keys::vault_options()?).await?;
     let options = GcOptions {
         grace: a.grace,
         dry_run: a.dry_run,
@@ -223,7 +223,7 @@ pub async fn gc(a: GcArgs) -> Result<ExitCode> {
 }
 
 pub async fn list_deleted(vault: &str, vm: Option<&str>, as_json: bool) -> Result<ExitCode> {
-    let vault = Vault::open(vault).await?;
+    let vault = Vault::open_with(vault, &crate::keys::vault_options()?).await?;
     let list = vault.list_deleted(vm).await?;
     if as_json {
         let broken: Vec<_> = list
@@ -258,7 +258,7 @@ pub async fn list_deleted_cmd(a: ListDeletedArgs) -> Result<ExitCode> {
 }
 
 pub async fn locks(a: LocksArgs) -> Result<ExitCode> {
-    let vault = Vault::open(&a.vault.vault).await?;
+    let vault = Vault::open_with(&a.vault.vault, &crate::keys::vault_options()?).await?;
     let leases = list_leases(&vault).await?;
     let now = Timestamp::now();
     if a.json {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use bulwark_controller::Progress;
+use bulwark_controller::Observer;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Logs to stderr; `BULWARK_LOG` (an env-filter) wins over `-v`.
@@ -83,7 +83,7 @@ impl Bars {
     }
 }
 
-impl Progress for Bars {
+impl Observer for Bars {
     fn start(&self, item: &str, total: u64) {
         self.bar(item, total, true).set_length(total);
     }

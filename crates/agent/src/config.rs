@@ -44,7 +44,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bulwark_consistency::scripts::{MAX_TIMEOUT, ScriptSpec};
+use bulwark_quiesce::scripts::{MAX_TIMEOUT, ScriptSpec};
 use serde::Deserialize;
 
 use crate::Error;
@@ -62,12 +62,16 @@ pub enum Listen {
 }
 
 impl Listen {
-    /// Parses `unix:/path` or `tcp:HOST:PORT`.
-    pub fn parse(s: &str) -> Result<Listen, String> {
+    /// Parses `unix:/path` or `tcp:HOST:PORT`; [`Error::Listen`] otherwise.
+    pub fn parse(s: &str) -> Result<Listen, Error> {
+        let bad = |reason: &'static str| Error::Listen {
+            given: s.to_owned(),
+            reason,
+        };
         if let Some(p) = s.strip_prefix("unix:") {
             let p = PathBuf::from(p);
             if !p.is_absolute() {
-                return Err(format!("{s:?}: the socket path must be absolute"));
+                return Err(bad("the socket path must be absolute"));
             }
             Ok(Listen::Unix(p))
         } else if let Some(a) = s.strip_prefix("tcp:") {
@@ -75,10 +79,10 @@ impl Listen {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                     Ok(Listen::Tcp(a.to_owned()))
                 }
-                _ => Err(format!("{s:?}: expected tcp:HOST:PORT")),
+                _ => Err(bad("expected tcp:HOST:PORT")),
             }
         } else {
-            Err(format!("{s:?}: expected unix:/PATH or tcp:HOST:PORT"))
+            Err(bad("expected unix:/PATH or tcp:HOST:PORT"))
         }
     }
 }

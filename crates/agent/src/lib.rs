@@ -1,5 +1,6 @@
 //! bulwark-agent: the guest agent. It serves the controller ↔ agent protocol
-//! (`bulwark-protocol`) and drives consistency inside the guest (`bulwark-consistency`).
+//! (`bulwark-protocol`) and drives consistency inside the guest (`bulwark-quiesce` carries out
+//! what the `bulwark-consistency` model decides).
 //!
 //! * [`Config`]: the TOML configuration (see [`config`] for the format).
 //! * [`AgentCore`] / [`AgentConnection`]: the protocol [`Handler`](bulwark_protocol::Handler):
@@ -7,18 +8,16 @@
 //!   permission checks), `Freeze{timeout}` (one at a time, watchdog + guardian + state file),
 //!   `Thaw` (idempotent; held continuously or why not; post-scripts), `Status`, `Ping`.
 //! * [`run`]: the whole agent: single-instance lock, thaw of a frozen state a killed agent left
-//!   ([`recover_frozen_state`](bulwark_consistency::recover_frozen_state)), the listener (Unix
+//!   ([`recover_frozen_state`](bulwark_quiesce::recover_frozen_state)), the listener (Unix
 //!   socket or TCP with mutual TLS), and SIGTERM/SIGINT handling that thaws before exit.
 //!
 //! The binary must call
-//! [`bulwark_consistency::guardian::dispatch_guardian`] first thing in `main`: freezes are
+//! [`bulwark_quiesce::guardian::dispatch_guardian`] first thing in `main`: freezes are
 //! guarded by the agent binary re-executed as the guardian process.
 //!
 //! Layers that thaw a frozen guest, from first to last: the controller's `Thaw`; the close of
 //! the connection that froze; the in-process watchdog at the deadline; the guardian process at
 //! the deadline or as soon as the agent dies (even by SIGKILL); the state file at the next start.
-
-#![warn(missing_docs)]
 
 mod agent;
 pub mod config;
@@ -27,14 +26,15 @@ use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
-use bulwark_consistency::guardian::GuardianCommand;
 use bulwark_protocol::{ServeOptions, TlsFiles, TlsListener, UnixSocketListener, server_config};
+use bulwark_quiesce::guardian::GuardianCommand;
 
 pub use agent::{AGENT_VERSION, AgentConnection, AgentCore};
 pub use config::{Config, FreezeConfig, Listen, ScriptsConfig, TlsConfig};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration file is not valid.
     #[error("{}: {message}", .path.display())]
@@ -43,6 +43,14 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         message: String,
+    },
+    /// A listen address is neither `unix:/PATH` nor `tcp:HOST:PORT`.
+    #[error("{given:?}: {reason}")]
+    Listen {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// A file operation failed.
     #[error("{action} {}: {source}", .path.display())]
@@ -66,7 +74,7 @@ pub enum Error {
     Protocol(#[from] bulwark_protocol::Error),
     /// Recovering the frozen state failed.
     #[error(transparent)]
-    Consistency(#[from] bulwark_consistency::Error),
+    Quiesce(#[from] bulwark_quiesce::Error),
 }
 
 fn io(path: &std::path::Path, action: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -100,7 +108,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(Error::AlreadyRunning { lock: lock_path });
     }
-    if let Some(report) = bulwark_consistency::recover_frozen_state(&config.state_file())? {
+    if let Some(report) = bulwark_quiesce::recover_frozen_state(&config.state_file())? {
         tracing::warn!(
             thawed = ?report.thawed,
             not_frozen = ?report.not_frozen,

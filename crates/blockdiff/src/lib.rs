@@ -13,7 +13,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use bulwark_blockdiff::{scan, BlockEvent, BlockMap, Disk, ScanOptions};
+//! use bulwark_blockdiff::{scan, BlockEvent, BlockMap, BlockSource, Disk, ScanOptions};
 //! use futures::StreamExt;
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,10 +21,10 @@
 //! let path = dir.path().join("disk.img");
 //! std::fs::write(&path, vec![42u8; 3 << 20])?;           // a 3 MiB "disk"
 //!
-//! let disk = Disk::open(&path)?;
+//! let disk: Arc<dyn BlockSource> = Arc::new(Disk::open(&path)?); // or any other source
 //! let options = ScanOptions::default();
 //! let mut entries = Vec::new();
-//! let mut events = std::pin::pin!(scan(&disk, None, &options));
+//! let mut events = std::pin::pin!(scan(disk.clone(), None, &options));
 //! while let Some(event) = events.next().await {
 //!     let event = event?;
 //!     if let BlockEvent::Changed { address, data, .. } = &event {
@@ -39,7 +39,7 @@
 //!
 //! // Nothing changed since: the next scan against `map` reports no changed block.
 //! let previous = Some(Arc::new(map));
-//! let mut again = std::pin::pin!(scan(&disk, previous, &options));
+//! let mut again = std::pin::pin!(scan(disk.clone(), previous, &options));
 //! while let Some(event) = again.next().await {
 //!     assert!(!matches!(event?, BlockEvent::Changed { .. }));
 //! }
@@ -61,10 +61,11 @@ pub use scan::{
     BlockEvent, Disk, ScanOptions, content_address, default_parallelism, is_zero, scan,
     scan_tracked,
 };
-pub use source::BlockSource;
+pub use source::{BlockSource, Tracking};
 
 /// Errors of the block-diff engine.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A block size that is not a power of two from 64 KiB to 16 MiB.
     #[error("invalid block size {bytes}: must be a power of two from 64 KiB to 16 MiB")]
@@ -136,10 +137,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Reading a block failed (for example, the file shrank while being read).
-    #[error("{path}: reading block {index} at offset {offset}: {source}")]
+    #[error("{source_name}: reading block {index} at offset {offset}: {source}")]
     Read {
-        /// The path.
-        path: PathBuf,
+        /// What was read ([`BlockSource::describe`]: a path, an NBD URI).
+        source_name: String,
         /// Block index.
         index: u64,
         /// Byte offset.

@@ -15,6 +15,7 @@ use xxhash_rust::xxh3::xxh3_128_with_seed;
 use crate::Error;
 use crate::blockmap::{Address, BlockMap, BlockSize, Entry};
 use crate::buffers::Pool;
+use crate::source::BlockSource;
 
 /// How to scan a disk.
 #[derive(Debug, Clone)]
@@ -29,11 +30,6 @@ pub struct ScanOptions {
     /// How many batches of blocks are read and hashed at once. Memory in flight is at most
     /// `parallelism × max(block size, 4 MiB)`.
     pub parallelism: usize,
-    /// Read with `O_DIRECT` where the file system allows it (else buffered, silently). A
-    /// snapshot (a fresh reflink clone) never shares page cache with its image, so buffered
-    /// reads of it are cold anyway; direct reads skip a copy, are 2–5× faster on the loop-mounted
-    /// XFS of the benchmarks, and do not evict the running VMs' page cache with backup data.
-    pub direct_io: bool,
 }
 
 impl Default for ScanOptions {
@@ -43,7 +39,6 @@ impl Default for ScanOptions {
             change_seed: 0,
             address_key: None,
             parallelism: default_parallelism(),
-            direct_io: true,
         }
     }
 }
@@ -113,13 +108,20 @@ impl BlockEvent {
     }
 }
 
-/// An open disk image (or block device) to scan.
+/// An open disk image (or block device) to scan: the first [`BlockSource`]. It finds holes
+/// with `SEEK_DATA` and reads with `O_DIRECT` where the file system allows it (else buffered,
+/// silently): a snapshot (a fresh reflink clone) never shares page cache with its image, so
+/// buffered reads of it are cold anyway; direct reads skip a copy, are 2–5× faster on the
+/// loop-mounted XFS of the benchmarks, and do not evict the running VMs' page cache.
 #[derive(Debug, Clone)]
 pub struct Disk {
     path: PathBuf,
     file: Arc<File>,
     /// The same file opened with `O_DIRECT`, when the file system supports it.
     direct: Option<Arc<File>>,
+    /// Set when a direct read failed with EINVAL (alignment the device does not accept): the
+    /// rest reads buffered.
+    direct_failed: Arc<AtomicBool>,
     size: u64,
 }
 
@@ -158,8 +160,18 @@ impl Disk {
             path: path.to_path_buf(),
             file: Arc::new(file),
             direct,
+            direct_failed: Arc::new(AtomicBool::new(false)),
             size,
         })
+    }
+
+    /// Reads with `O_DIRECT` where possible (`true`, the default) or always through the page
+    /// cache (`false`).
+    pub fn with_direct_io(mut self, direct: bool) -> Disk {
+        if !direct {
+            self.direct = None;
+        }
+        self
     }
 
     /// The size in bytes.
@@ -171,29 +183,94 @@ impl Disk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A buffered read into the spare capacity of a fresh vector.
+    fn read_buffered(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let at = offset + buf.len() as u64;
+            match rustix::io::pread(&*self.file, rustix::buffer::spare_capacity(&mut buf), at) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the disk ended {} bytes into the block", buf.len()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // `with_capacity` may round up; bytes past the block are not part of it.
+        buf.truncate(len);
+        Ok(buf)
+    }
 }
 
-/// Scans `disk` against the block map of its previous backup (if any, and if its block size
+impl BlockSource for Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Direct when possible (into an aligned buffer from `pool`, returned without copying),
+    /// else buffered. Neither path zero-fills its buffer first (a 1 MiB memset per block was a
+    /// few per cent of a full backup's CPU time).
+    fn read(&self, offset: u64, len: usize, pool: &Arc<Pool>) -> std::io::Result<Bytes> {
+        if let Some(direct) = &self.direct
+            && !self.direct_failed.load(Ordering::Relaxed)
+        {
+            match read_direct(direct, offset, len, pool) {
+                Ok(Some(b)) => return Ok(b),
+                // Short (the file changed size?): the buffered read below reports it exactly.
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    tracing::debug!(path = %self.path.display(), "O_DIRECT read refused: reading buffered");
+                    self.direct_failed.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.read_buffered(offset, len).map(Bytes::from)
+    }
+
+    /// `SEEK_DATA`. File systems without it (or any error) report `offset` itself, so the
+    /// block is read: correctness never depends on hole detection.
+    fn next_data(&self, offset: u64) -> std::io::Result<u64> {
+        Ok(
+            match rustix::fs::seek(&*self.file, rustix::fs::SeekFrom::Data(offset)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => self.size,
+                Err(_) => offset,
+            },
+        )
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Scans `source` against the block map of its previous backup (if any, and if its block size
 /// matches) and yields one [`BlockEvent`] per block, in block order.
 ///
 /// Reading and hashing run on tokio's blocking pool, `options.parallelism` batches at a time;
 /// the stream is ordered and bounded, so memory stays flat however large the disk.
 pub fn scan(
-    disk: &Disk,
+    source: Arc<dyn BlockSource>,
     previous: Option<Arc<BlockMap>>,
     options: &ScanOptions,
 ) -> impl Stream<Item = Result<BlockEvent, Error>> + Send + 'static {
-    scan_tracked(disk, previous, Vec::new(), options)
+    scan_tracked(source, previous, Vec::new(), options)
 }
 
 /// [`scan`] with change tracking: `unchanged` lists byte ranges that are known to hold the same
 /// data as when `previous` was made (for instance from the extent maps of two reflink
-/// snapshots, `bulwark_snapshot::identical_ranges`). A block that lies wholly inside them, and
-/// has the same length in `previous`, reuses its previous entry without being read.
+/// snapshots, or a hypervisor's dirty bitmap). A block that lies wholly inside them, and has
+/// the same length in `previous`, reuses its previous entry without being read.
 ///
 /// The caller vouches for `unchanged`: a wrong range makes the new map describe old data.
 pub fn scan_tracked(
-    disk: &Disk,
+    source: Arc<dyn BlockSource>,
     previous: Option<Arc<BlockMap>>,
     unchanged: Vec<Range<u64>>,
     options: &ScanOptions,
@@ -207,15 +284,13 @@ pub fn scan_tracked(
     };
     unchanged.retain(|r| r.start < r.end);
     unchanged.sort_by_key(|r| r.start);
-    let count = bs.block_count(disk.size);
+    let size = source.size();
+    let count = bs.block_count(size);
     // Small blocks are grouped so that each blocking task handles about 4 MiB.
     let per_batch = (4 * 1024 * 1024 / bs.bytes()).max(1);
     let ctx = Arc::new(Ctx {
-        file: disk.file.clone(),
-        direct: disk.direct.clone().filter(|_| options.direct_io),
-        direct_failed: AtomicBool::new(false),
-        path: disk.path.clone(),
-        size: disk.size,
+        source,
+        size,
         previous,
         unchanged,
         // Enough for every block in flight: the scan's batches and the consumer's queue.
@@ -245,12 +320,7 @@ pub fn scan_tracked(
 }
 
 struct Ctx {
-    file: Arc<File>,
-    direct: Option<Arc<File>>,
-    /// Set when a direct read failed with EINVAL (alignment the device does not accept): the
-    /// rest of the scan reads buffered.
-    direct_failed: AtomicBool,
-    path: PathBuf,
+    source: Arc<dyn BlockSource>,
     size: u64,
     previous: Option<Arc<BlockMap>>,
     /// Sorted ranges known unchanged since `previous`.
@@ -264,8 +334,8 @@ impl Ctx {
     fn scan_range(&self, first: u64, last: u64) -> Result<Vec<BlockEvent>, Error> {
         let bs = self.options.block_size;
         let mut out = Vec::with_capacity((last - first) as usize);
-        // The next offset known to hold data (from SEEK_DATA), so that a run of hole blocks
-        // costs one system call, not one per block.
+        // The next offset known to hold data, so that a run of hole blocks costs one call (one
+        // SEEK_DATA), not one per block.
         let mut next_data: Option<u64> = None;
         for index in first..last {
             let offset = index * bs.bytes();
@@ -278,7 +348,11 @@ impl Ctx {
             let data_at = match next_data {
                 Some(d) if d >= offset => d,
                 _ => {
-                    let d = self.seek_data(offset);
+                    // An error or a nonsense answer means "read it": never trusted as a hole.
+                    let d = match self.source.next_data(offset) {
+                        Ok(d) if d >= offset => d,
+                        _ => offset,
+                    };
                     next_data = Some(d);
                     d
                 }
@@ -287,14 +361,25 @@ impl Ctx {
                 out.push(BlockEvent::Zero { index, hole: true });
                 continue;
             }
+            let read_error = |source| Error::Read {
+                source_name: self.source.describe(),
+                index,
+                offset,
+                source,
+            };
             let buf = self
-                .read_block(offset, len as usize)
-                .map_err(|source| Error::Read {
-                    path: self.path.clone(),
-                    index,
-                    offset,
-                    source,
-                })?;
+                .source
+                .read(offset, len as usize, &self.pool)
+                .map_err(read_error)?;
+            if buf.len() as u64 != len {
+                return Err(read_error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the source returned {} bytes for a {len}-byte block",
+                        buf.len()
+                    ),
+                )));
+            }
             out.push(self.classify(index, buf));
         }
         Ok(out)
@@ -316,60 +401,6 @@ impl Ctx {
                 entry: *entry,
                 read: false,
             }),
-        }
-    }
-
-    /// Reads the `len` bytes of a block at `offset`: direct when possible, else buffered.
-    /// Neither path zero-fills its buffer first (a 1 MiB memset per block was a few per cent
-    /// of a full backup's CPU time).
-    fn read_block(&self, offset: u64, len: usize) -> std::io::Result<Bytes> {
-        if let Some(direct) = &self.direct
-            && !self.direct_failed.load(Ordering::Relaxed)
-        {
-            match read_direct(direct, offset, len, &self.pool) {
-                Ok(Some(b)) => return Ok(b),
-                // Short (the file changed size?): the buffered read below reports it exactly.
-                Ok(None) => {}
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    tracing::debug!(path = %self.path.display(), "O_DIRECT read refused: reading buffered");
-                    self.direct_failed.store(true, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        self.read_buffered(offset, len).map(Bytes::from)
-    }
-
-    /// A buffered read into the spare capacity of a fresh vector.
-    fn read_buffered(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let mut buf = Vec::with_capacity(len);
-        while buf.len() < len {
-            let at = offset + buf.len() as u64;
-            match rustix::io::pread(&*self.file, rustix::buffer::spare_capacity(&mut buf), at) {
-                Ok(0) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the disk ended {} bytes into the block", buf.len()),
-                    ));
-                }
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // `with_capacity` may round up; bytes past the block are not part of it.
-        buf.truncate(len);
-        Ok(buf)
-    }
-
-    /// The first offset at or after `offset` that holds data; the end of the disk when there is
-    /// none. File systems without SEEK_DATA support (or any error) report `offset` itself, so
-    /// the block is read: correctness never depends on hole detection.
-    fn seek_data(&self, offset: u64) -> u64 {
-        match rustix::fs::seek(&*self.file, rustix::fs::SeekFrom::Data(offset)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => self.size,
-            Err(_) => offset,
         }
     }
 
@@ -480,12 +511,15 @@ mod tests {
             change_seed: 42,
             address_key: None,
             parallelism: 3,
-            direct_io: true,
         }
     }
 
+    fn src(disk: &Disk) -> Arc<dyn BlockSource> {
+        Arc::new(disk.clone())
+    }
+
     async fn collect(disk: &Disk, prev: Option<Arc<BlockMap>>) -> Vec<BlockEvent> {
-        let mut s = std::pin::pin!(scan(disk, prev, &opts()));
+        let mut s = std::pin::pin!(scan(src(disk), prev, &opts()));
         let mut v = Vec::new();
         while let Some(e) = s.next().await {
             v.push(e.unwrap());
@@ -517,7 +551,12 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let disk = Disk::open(&path).unwrap();
         let ranges = vec![6 * bs..size, 0..3 * bs, 3 * bs..3 * bs + 10];
-        let mut s = std::pin::pin!(scan_tracked(&disk, Some(prev.clone()), ranges, &opts()));
+        let mut s = std::pin::pin!(scan_tracked(
+            src(&disk),
+            Some(prev.clone()),
+            ranges,
+            &opts()
+        ));
         let mut ev = Vec::new();
         while let Some(e) = s.next().await {
             ev.push(e.unwrap());
@@ -551,7 +590,7 @@ mod tests {
 
         // Without a previous map, ranges mean nothing: everything is read.
         let mut s = std::pin::pin!(scan_tracked(
-            &disk,
+            src(&disk),
             None,
             std::iter::once(0..size).collect(),
             &opts()
@@ -643,11 +682,8 @@ mod tests {
         std::fs::write(&path, &image).unwrap();
         let disk = Disk::open(&path).unwrap();
         for direct_io in [true, false] {
-            let options = ScanOptions {
-                direct_io,
-                ..opts()
-            };
-            let mut s = std::pin::pin!(scan(&disk, None, &options));
+            let source: Arc<dyn BlockSource> = Arc::new(disk.clone().with_direct_io(direct_io));
+            let mut s = std::pin::pin!(scan(source, None, &opts()));
             let mut indexes = Vec::new();
             while let Some(e) = s.next().await {
                 match e.unwrap() {
@@ -662,6 +698,72 @@ mod tests {
             }
             assert_eq!(indexes, vec![0, 1, 2, 3]);
         }
+    }
+
+    /// A source that is not a file: bytes in memory, no hole information, and optionally one
+    /// block that comes back short.
+    #[derive(Debug)]
+    struct Memory {
+        data: Vec<u8>,
+        short_at: Option<u64>,
+    }
+
+    impl BlockSource for Memory {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read(&self, offset: u64, len: usize, _: &Arc<Pool>) -> std::io::Result<Bytes> {
+            let at = offset as usize;
+            let len = if self.short_at == Some(offset) {
+                len - 1
+            } else {
+                len
+            };
+            Ok(Bytes::copy_from_slice(&self.data[at..at + len]))
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn any_source_scans_like_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let bs = u64::from(MIN_BLOCK_SIZE) as usize;
+        let mut image: Vec<u8> = (0..5 * bs + 99).map(|i| (i * 7 % 253) as u8).collect();
+        image[bs..2 * bs].fill(0);
+        std::fs::write(&path, &image).unwrap();
+        let disk = Disk::open(&path).unwrap();
+        let from_file = map_of(&collect(&disk, None).await, image.len() as u64);
+        let memory: Arc<dyn BlockSource> = Arc::new(Memory {
+            data: image.clone(),
+            short_at: None,
+        });
+        let mut s = std::pin::pin!(scan(memory, None, &opts()));
+        let mut ev = Vec::new();
+        while let Some(e) = s.next().await {
+            ev.push(e.unwrap());
+        }
+        // Without hole information the zero block is read (not a hole), same entry.
+        assert!(matches!(ev[1], BlockEvent::Zero { hole: false, .. }));
+        assert_eq!(map_of(&ev, image.len() as u64), from_file);
+
+        // A source that returns fewer bytes than asked is an error naming it, never a block.
+        let short: Arc<dyn BlockSource> = Arc::new(Memory {
+            data: image,
+            short_at: Some(2 * bs as u64),
+        });
+        let mut s = std::pin::pin!(scan(short, None, &opts()));
+        let mut err = None;
+        while let Some(e) = s.next().await {
+            if let Err(e) = e {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = err.expect("a short read must fail the scan").to_string();
+        assert!(err.contains("memory") && err.contains("block 2"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! What the scanner reads: any point-in-time disk that can be read at offsets.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::buffers::Pool;
 
@@ -28,4 +30,19 @@ pub trait BlockSource: Send + Sync + std::fmt::Debug {
 
     /// Where it reads from, for error messages (a path, an NBD URI).
     fn describe(&self) -> String;
+}
+
+/// A source's change-tracking record, stored with the disk in the recovery point and handed
+/// back on the next backup (for example kind `qemu-dirty-bitmap` with the bitmap's name, the
+/// point it started at, the disk size, and the identity of the QEMU process holding it).
+///
+/// It lives here, below both the vault (which stores it) and the snapshot crate (whose sources
+/// write it); `bulwark_snapshot::Tracking` is the same type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// Which tracker wrote it.
+    pub kind: String,
+    /// The tracker's own fields.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
 }

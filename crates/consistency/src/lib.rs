@@ -1,18 +1,15 @@
-//! bulwark-consistency: everything about consistency levels that the guest agent and the
-//! controller need.
+//! bulwark-consistency: the consistency model the controller, the vault, the policy, the
+//! protocol and the guest agent share. Pure data and decisions: no system calls, no I/O.
 //!
 //! * [`Level`]: `crash < file_system < application`.
-//! * [`fallback`]: the pure planning and fallback logic — [`plan`] (which steps to run) and
+//! * [`fallback`]: the planning and fallback logic — [`plan`] (which steps to run) and
 //!   [`resolve`] (which level was reached, with human-readable reasons, or an error below the
 //!   policy's minimum).
-//! * [`freeze`]: FIFREEZE/FITHAW and [`FrozenSet`], a guard that freezes nested mounts first and
-//!   always thaws.
-//! * [`mounts`]: `/proc/self/mountinfo` parsing and discovery of freezable mounts.
-//! * [`scripts`]: permission checks and a runner for pre/post scripts (timeouts that kill the
-//!   process group, retries, bounded output).
-//! * [`watchdog`]: [`WatchedFreeze`] (thaw at the deadline, "held continuously" report), the
-//!   frozen-state file and [`recover_frozen_state`].
-//! * [`guardian`]: a separate process that thaws at the deadline even if the agent is SIGKILLed.
+//! * [`scripts`]: what a pre/post script did ([`ScriptReport`](scripts::ScriptReport)), as the
+//!   agent reports it and the controller records it.
+//!
+//! The guest-side code that carries a plan out (fsfreeze, watchdog, guardian process, mount
+//! discovery, the script runner) is the `bulwark-quiesce` crate, used only by the agent.
 //!
 //! ```
 //! use bulwark_consistency::{
@@ -43,22 +40,15 @@
 //! let ok = resolve(Level::FileSystem, Level::Crash, &observed).unwrap();
 //! assert_eq!(ok.level, Level::Crash);
 //! ```
-#![warn(missing_docs)]
 
 mod error;
 pub mod fallback;
-pub mod freeze;
-pub mod guardian;
 mod level;
-pub mod mounts;
 pub mod scripts;
-pub mod watchdog;
 
 pub use error::{Error, Result};
 pub use fallback::{
     AgentStatus, Capabilities, FreezeObserved, Observed, Outcome, Plan, PreScripts,
     ScriptsAvailability, Step, after_pre_scripts, plan, resolve,
 };
-pub use freeze::{FrozenSet, ThawReport};
 pub use level::{Level, UnknownLevel};
-pub use watchdog::{FreezeOptions, FreezeReport, WatchedFreeze, recover_frozen_state};

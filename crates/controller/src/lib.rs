@@ -1,19 +1,16 @@
-//! bulwark-controller: backup jobs, restore and verification, composed from the lower crates.
+//! bulwark-controller: backup jobs and restores, composed from the lower crates.
 //!
-//! A backup job has two phases:
-//!
-//! 1. **snapshot** ([`take_snapshots`]): a point-in-time copy of every disk of the VM, as fast
-//!    as the provider allows (a reflink clone takes milliseconds). This is the only phase
-//!    during which a guest needs to stay quiesced.
-//! 2. **transfer** ([`transfer`]): every disk in parallel, each through the block-diff engine
-//!    against its previous block map; only changed blocks are uploaded, then the manifests,
-//!    then the recovery point.
-//!
-//! [`backup`] runs both for a crash-consistent point.
+//! One entry point each: [`run_backup`] runs a [`BackupRequest`] (quiesce through the guest
+//! agent when asked → snapshot every disk at one instant through a
+//! [`bulwark_snapshot::Snapshotter`] → thaw → transfer every disk in parallel, only the changed
+//! blocks → commit the recovery point → release the snapshots, kept for instant restore when
+//! asked); [`run_restore`] runs a [`RestoreRequest`] (from the vault, or from a kept snapshot
+//! verified against the vault). The CLI, the daemon and every other front end call only these.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use bulwark_controller::{backup, restore, BackupRequest, DiskSpec, NoProgress, RestoreRequest};
+//! use bulwark_controller::{run_backup, run_restore, BackupRequest, RestoreRequest};
+//! use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
 //! use bulwark_vault::{CreateOptions, Vault};
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
@@ -21,43 +18,33 @@
 //! std::fs::write(&image, vec![9u8; 5 << 20])?;
 //!
 //! let vault = Vault::create(dir.path().join("vault").to_str().ok_or("path")?, &CreateOptions::default()).await?;
-//! let request = BackupRequest::new("web01", vec![DiskSpec::parse(image.to_str().ok_or("path")?)?]);
-//! let report = backup(&vault, &request, Arc::new(NoProgress)).await?;
+//! let disks = ImageSnapshotter::new(vec![ImageDisk::parse(image.to_str().ok_or("path")?)?])?;
+//! let report = run_backup(BackupRequest::new("web01", Arc::new(disks)), &vault).await?;
 //! assert_eq!(report.disks[0].stats.changed_blocks, 5);
 //!
 //! let to = dir.path().join("restored.img");
-//! restore(&vault, &RestoreRequest {
-//!     vm: "web01".into(), point: "latest".into(), disk: "disk".into(),
-//!     to: to.clone(), force: false, concurrency: 8,
-//! }, Arc::new(NoProgress)).await?;
+//! run_restore(RestoreRequest::new("web01", "latest", "disk", &to), &vault).await?;
 //! assert_eq!(std::fs::read(&to)?, std::fs::read(&image)?);
 //! # Ok(()) }
 //! ```
 
-mod backup;
-pub mod config;
-pub mod daemon;
-pub mod history;
-pub mod quiesce;
+mod job;
+mod quiesce;
 mod restore;
 mod retention;
-mod tracking;
+pub mod tiers;
+mod transfer;
 
 use std::path::PathBuf;
 
-pub use backup::{
-    BackupReport, BackupRequest, DiskReport, DiskSpec, SnapshotOptions, TakenSnapshots, backup,
-    check_request, take_snapshots, transfer,
-};
-pub use quiesce::{
-    AgentAddress, AgentTarget, QuiesceOptions, Quiesced, backup_with_agent, snapshot_with_agent,
-};
-pub use restore::{RestoreReport, RestoreRequest, restore};
-pub mod tiers;
+pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
+pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
+pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A vault operation failed.
     #[error(transparent)]
@@ -71,28 +58,14 @@ pub enum Error {
         #[source]
         source: bulwark_blockdiff::Error,
     },
-    /// Taking a snapshot failed.
-    #[error("disk {disk}: snapshot failed: {source}")]
+    /// Taking the VM's snapshot failed.
+    #[error("VM {vm}: snapshot failed: {source}")]
     Snapshot {
-        /// The disk.
-        disk: String,
-        /// The provider's error.
-        #[source]
-        source: bulwark_snapshot::Error,
-    },
-    /// A disk argument that cannot be used.
-    #[error("disk {spec}: {why}")]
-    InvalidDisk {
-        /// The argument.
-        spec: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A backup without disks.
-    #[error("VM {vm}: no disks to back up")]
-    NoDisks {
         /// The VM.
         vm: String,
+        /// The snapshotter's error.
+        #[source]
+        source: bulwark_snapshot::Error,
     },
     /// The restore target cannot be used.
     #[error("restore target {path}: {why}")]
@@ -114,6 +87,14 @@ pub enum Error {
     /// A worker task failed.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// An agent address that is neither `unix:PATH` nor `tcp:HOST:PORT`.
+    #[error("{address:?}: {why}")]
+    InvalidAgentAddress {
+        /// The address given.
+        address: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The guest agent refused or failed a step the job cannot do without.
     #[error("agent {agent}: {message}")]
     Agent {
@@ -126,36 +107,33 @@ pub enum Error {
     /// levels asked for are contradictory.
     #[error(transparent)]
     Consistency(#[from] bulwark_consistency::Error),
-    /// The daemon's configuration file is not usable.
-    #[error("{at}: {message}")]
-    Config {
-        /// `file:line` (or the file).
-        at: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The job history database failed.
-    #[error("job history {path}: {source}")]
-    History {
-        /// The database file.
-        path: PathBuf,
-        /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// Another daemon holds the state directory.
-    #[error("{path}: another bulwark-controller daemon (pid {pid}) uses this state directory")]
-    StateDirLocked {
-        /// The lock file.
-        path: PathBuf,
-        /// The pid written in it, as text.
-        pid: String,
-    },
 }
 
-/// Receives progress of long work (one bar per disk in the CLI). All methods default to
-/// doing nothing.
-pub trait Progress: Send + Sync {
+/// A phase of a backup job, as [`Observer::phase`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Quiesce, snapshot every disk, thaw.
+    Snapshot,
+    /// Transfer into the vault and commit.
+    Transfer,
+}
+
+/// What happened to a [`Phase`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PhaseEvent {
+    /// It started.
+    Started,
+    /// It ended well.
+    Completed,
+    /// It failed (the job fails).
+    Failed,
+}
+
+/// Watches a job: progress of long work (one bar per disk in the CLI) and the phases of a
+/// backup (the daemon's job history). All methods default to doing nothing.
+pub trait Observer: Send + Sync + std::fmt::Debug {
     /// Work on `item` (a disk) starts; `total` bytes to go.
     fn start(&self, item: &str, total: u64) {
         let _ = (item, total);
@@ -168,10 +146,14 @@ pub trait Progress: Send + Sync {
     fn finish(&self, item: &str) {
         let _ = item;
     }
+    /// A backup phase started or ended.
+    fn phase(&self, phase: Phase, event: PhaseEvent) {
+        let _ = (phase, event);
+    }
 }
 
-/// A [`Progress`] that shows nothing.
+/// An [`Observer`] that shows nothing.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct NoProgress;
+pub struct NoObserver;
 
-impl Progress for NoProgress {}
+impl Observer for NoObserver {}

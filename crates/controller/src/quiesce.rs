@@ -1,7 +1,7 @@
 //! The quiesced backup job: the guest agent prepares and freezes the guest around the snapshot
 //! phase, and the recovery point records the consistency level reached and why.
 //!
-//! [`backup_with_agent`] runs, in order:
+//! A backup with [`crate::BackupRequest::quiesce`] set runs, in order:
 //!
 //! 1. **Plan**: connect to the agent (Unix socket, or TCP with mutual TLS) and `Hello`. An
 //!    absent or unauthenticated agent plans `crash` with the reason, if the minimum allows
@@ -10,12 +10,12 @@
 //!    `continue_on_failure` fails the job; with it, or when the agent refuses its scripts, the
 //!    level drops to `file_system`.
 //! 3. **Freeze{timeout}**: the agent freezes its mounts and arms its watchdog and guardian.
-//! 4. **Snapshot phase** ([`take_snapshots`]).
+//! 4. **Snapshot**: the snapshotter's `take` (its `prepare` ran before the pre-scripts).
 //! 5. **Thaw**: the agent thaws and runs its post-scripts. The freeze window is measured from
 //!    the `Frozen` reply to the `Thawed` reply (minus the post-scripts' run time, which comes
 //!    after the thaw). If the freeze was not held continuously (the watchdog fired first), the
 //!    point is downgraded to `crash` with that reason.
-//! 6. **Transfer** ([`transfer`]) with the [`ConsistencyRecord`] from
+//! 6. **Transfer** with the [`ConsistencyRecord`] from
 //!    [`bulwark_consistency::resolve`] and the agent's identity on the point. A level below
 //!    the minimum fails the job: no point is committed.
 //!
@@ -24,7 +24,6 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_consistency::scripts::{Phase, ScriptFailure, ScriptReport};
@@ -38,12 +37,9 @@ use bulwark_protocol::{
 };
 use bulwark_vault::{ConsistencyRecord, Vault};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::Instrument;
 
-use crate::{
-    BackupReport, BackupRequest, Error, Progress, TakenSnapshots, check_request, take_snapshots,
-    transfer,
-};
+use crate::Error;
+use crate::job::{BackupRequest, Quiesce, Snapped};
 
 /// Default freeze timeout asked of the agent (it may cap it lower).
 pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,28 +64,32 @@ pub enum AgentAddress {
 }
 
 impl FromStr for AgentAddress {
-    type Err = String;
+    type Err = Error;
 
     /// Parses `unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6).
-    fn from_str(s: &str) -> Result<AgentAddress, String> {
+    fn from_str(s: &str) -> Result<AgentAddress, Error> {
+        let bad = |why: &str| Error::InvalidAgentAddress {
+            address: s.to_string(),
+            why: why.to_string(),
+        };
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err(format!("{s:?}: no socket path"));
+                return Err(bad("no socket path"));
             }
             return Ok(AgentAddress::Unix(PathBuf::from(p)));
         }
         let Some(rest) = s.strip_prefix("tcp:") else {
-            return Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"));
+            return Err(bad("expected unix:PATH or tcp:HOST:PORT"));
         };
         let (host, port) = rest
             .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?}: expected tcp:HOST:PORT"))?;
+            .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
         let port: u16 = port
             .parse()
-            .map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+            .map_err(|_| bad(&format!("bad port {port:?}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("{s:?}: no host"));
+            return Err(bad("no host"));
         }
         Ok(AgentAddress::Tcp {
             host: host.to_owned(),
@@ -287,100 +287,124 @@ fn agent_error(target: &AgentTarget, message: String) -> Error {
     }
 }
 
-/// Runs a backup quiesced by the guest agent at `target`; see the module documentation.
-///
-/// Errors: the request is invalid; the level reachable is below `opts.minimum`
-/// ([`Error::Consistency`], nothing committed); a pre-script failed without
-/// `continue_on_failure` ([`Error::Agent`]); the snapshot or the transfer failed.
-pub async fn backup_with_agent(
-    vault: &Vault,
+/// The snapshot phase quiesced by the guest agent; see the module documentation. Fails when
+/// the level would fall below the minimum.
+pub(crate) async fn snapshot(
     req: &BackupRequest,
-    target: &AgentTarget,
-    opts: &QuiesceOptions,
-    progress: Arc<dyn Progress>,
-) -> Result<BackupReport, Error> {
-    let started = Instant::now();
-    check_request(req)?;
-    let span = tracing::info_span!("backup", vm = %req.vm, agent = %target.address);
-    run(vault, req, target, opts, progress, started)
-        .instrument(span)
+    vault: &Vault,
+    q: &Quiesce,
+    point: &str,
+) -> Result<Snapped, Error> {
+    let start = Instant::now();
+    let mut session = Session::plan(&q.agent, &q.options).await?;
+    // The slow part of the snapshot before anything is frozen.
+    let pending = req
+        .snapshotter
+        .prepare(&req.vm, point)
         .await
-}
-
-async fn run(
-    vault: &Vault,
-    req: &BackupRequest,
-    target: &AgentTarget,
-    opts: &QuiesceOptions,
-    progress: Arc<dyn Progress>,
-    started: Instant,
-) -> Result<BackupReport, Error> {
-    let q = snapshot_with_agent(vault, req, target, opts).await?;
-    transfer(
-        vault,
-        req,
-        q.taken,
-        q.consistency,
-        q.agent,
-        progress,
-        started,
-    )
-    .await
-}
-
-/// What the quiesced snapshot phase produced: the snapshots, the consistency they reached
-/// and why, and the agent's record for the point.
-#[derive(Debug)]
-pub struct Quiesced {
-    /// The snapshots of every disk.
-    pub taken: TakenSnapshots,
-    /// The level reached, the level wanted, every reason, the freeze window.
-    pub consistency: ConsistencyRecord,
-    /// The agent's identity for the point's `agent` field (None when it did not answer).
-    pub agent: Option<serde_json::Value>,
-}
-
-/// The snapshot phase with the guest quiesced by its agent: plan, prepare, freeze, snapshot
-/// every disk, thaw, and resolve the consistency reached. The transfer phase is the caller's
-/// ([`transfer`], or the daemon's tiered transfer). Fails when the level would fall below
-/// `opts.minimum`.
-pub async fn snapshot_with_agent(
-    vault: &Vault,
-    req: &BackupRequest,
-    target: &AgentTarget,
-    opts: &QuiesceOptions,
-) -> Result<Quiesced, Error> {
-    check_request(req)?;
-    // 1. Plan.
-    let (mut link, hello, status) = match connect(target).await {
-        Ok((link, hello)) => {
-            tracing::info!(agent = %hello.agent.hostname, version = %hello.agent.agent_version, levels = ?hello.levels, capabilities = ?hello.capabilities, "agent greeted");
-            let caps = capabilities(&hello);
-            (Some(link), Some(hello), AgentStatus::Reachable(caps))
-        }
-        Err(reason) => {
-            let reason = format!("{}: {reason}", target.address);
-            tracing::warn!(%reason, "agent unreachable");
-            (None, None, AgentStatus::Unreachable { reason })
+        .map_err(|source| Error::Snapshot {
+            vm: req.vm.clone(),
+            source,
+        })?;
+    session.pre_scripts().await?;
+    session.freeze().await;
+    // The only step while frozen.
+    if let Some(d) = q.options.snapshot_delay {
+        tokio::time::sleep(d).await;
+    }
+    let taken = pending.take().await.map_err(|source| Error::Snapshot {
+        vm: req.vm.clone(),
+        source,
+    });
+    // Thaw also after a failed snapshot, and after a Prepare without freeze (post-scripts).
+    let freeze_window_ms = session.thaw().await;
+    let sources = taken?;
+    let consistency = match session.resolve(freeze_window_ms) {
+        Ok(c) => c,
+        Err(e) => {
+            for s in sources {
+                let _ = s
+                    .release(bulwark_snapshot::Outcome::Failed { keep: false })
+                    .await;
+            }
+            return Err(e);
         }
     };
-    let wanted = opts.wanted.unwrap_or_else(|| {
-        let best = match &hello {
-            Some(h) => h.levels.iter().copied().max().unwrap_or(Level::Crash),
-            None => Level::FileSystem,
+    let agent = match &session.hello {
+        Some(h) => Some(agent_record(vault, &req.vm, &q.agent, h).await),
+        None => None,
+    };
+    Ok(Snapped {
+        sources,
+        consistency,
+        agent,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+    })
+}
+
+/// One quiesce session with the agent: plan, pre-scripts, freeze, thaw, resolve.
+struct Session<'a> {
+    target: &'a AgentTarget,
+    link: Option<AgentLink>,
+    hello: Option<HelloOk>,
+    wanted: Level,
+    minimum: Level,
+    freeze_timeout: Duration,
+    plan: bulwark_consistency::Plan,
+    observed: Observed,
+    prepared_ran: bool,
+    frozen_at: Option<Instant>,
+}
+
+impl<'a> Session<'a> {
+    /// Connects and greets the agent, and plans the level. An absent agent plans `crash` with
+    /// the reason if the minimum allows; otherwise this fails before anything is touched.
+    async fn plan(target: &'a AgentTarget, opts: &QuiesceOptions) -> Result<Session<'a>, Error> {
+        let (link, hello, status) = match connect(target).await {
+            Ok((link, hello)) => {
+                tracing::info!(agent = %hello.agent.hostname, version = %hello.agent.agent_version, levels = ?hello.levels, capabilities = ?hello.capabilities, "agent greeted");
+                let caps = capabilities(&hello);
+                (Some(link), Some(hello), AgentStatus::Reachable(caps))
+            }
+            Err(reason) => {
+                let reason = format!("{}: {reason}", target.address);
+                tracing::warn!(%reason, "agent unreachable");
+                (None, None, AgentStatus::Unreachable { reason })
+            }
         };
-        best.max(opts.minimum)
-    });
-    let the_plan = plan(wanted, opts.minimum, &status)?;
-    tracing::info!(target = %the_plan.target, steps = ?the_plan.steps, reasons = ?the_plan.reasons, "plan");
-    let mut observed = Observed::default();
-    if let AgentStatus::Unreachable { reason } = &status {
-        observed.agent_unreachable = Some(reason.clone());
+        let wanted = opts.wanted.unwrap_or_else(|| {
+            let best = match &hello {
+                Some(h) => h.levels.iter().copied().max().unwrap_or(Level::Crash),
+                None => Level::FileSystem,
+            };
+            best.max(opts.minimum)
+        });
+        let the_plan = plan(wanted, opts.minimum, &status)?;
+        tracing::info!(target = %the_plan.target, steps = ?the_plan.steps, reasons = ?the_plan.reasons, "plan");
+        let mut observed = Observed::default();
+        if let AgentStatus::Unreachable { reason } = &status {
+            observed.agent_unreachable = Some(reason.clone());
+        }
+        Ok(Session {
+            target,
+            link,
+            hello,
+            wanted,
+            minimum: opts.minimum,
+            freeze_timeout: opts.freeze_timeout,
+            plan: the_plan,
+            observed,
+            prepared_ran: false,
+            frozen_at: None,
+        })
     }
 
-    // 2. Prepare.
-    let mut prepared_ran = false;
-    if let (true, Some(link)) = (the_plan.has(Step::PreScripts), link.as_mut()) {
+    /// The agent's pre-scripts, when application consistency is planned. A failure without
+    /// `continue_on_failure` fails the job; with it, the level drops.
+    async fn pre_scripts(&mut self) -> Result<(), Error> {
+        let (true, Some(link)) = (self.plan.has(Step::PreScripts), self.link.as_mut()) else {
+            return Ok(());
+        };
         let reply = with_client!(link, c => {
             c.set_reply_timeout(Some(SCRIPT_REPLY_TIMEOUT));
             let r = c.prepare().await;
@@ -389,11 +413,11 @@ pub async fn snapshot_with_agent(
         });
         match reply {
             Ok(p) => {
-                prepared_ran = true;
+                self.prepared_ran = true;
                 tracing::info!(level = %p.level, reasons = ?p.reasons, "prepared");
-                observed.pre_scripts = pre_scripts_observed(&p);
+                self.observed.pre_scripts = pre_scripts_observed(&p);
                 // The agent went on after a failure: continue_on_failure is set there.
-                observed.continue_on_failure = p.level < Level::Application;
+                self.observed.continue_on_failure = p.level < Level::Application;
             }
             Err(bulwark_protocol::Error::Remote {
                 code: ErrorCode::PrepareFailed,
@@ -401,52 +425,48 @@ pub async fn snapshot_with_agent(
                 ..
             }) => {
                 return Err(agent_error(
-                    target,
+                    self.target,
                     format!("the pre-scripts failed: {message}"),
                 ));
             }
             Err(e) => {
-                observed.agent_unreachable = Some(format!("prepare failed: {e}"));
+                self.observed.agent_unreachable = Some(format!("prepare failed: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes the guest's mounts (the agent arms its watchdog and guardian).
+    async fn freeze(&mut self) {
+        if self.observed.agent_unreachable.is_some() || !self.plan.has(Step::Freeze) {
+            return;
+        }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let timeout = self.freeze_timeout;
+        match with_client!(link, c => c.freeze(timeout).await) {
+            Ok(f) => {
+                tracing::info!(mounts = ?f.mounts, timeout_ms = f.timeout_ms, "frozen");
+                self.frozen_at = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "freeze failed");
+                self.observed.freeze = FreezeObserved::Failed {
+                    reason: e.to_string(),
+                };
             }
         }
     }
 
-    // 3. Freeze.
-    let mut frozen_at = None;
-    if observed.agent_unreachable.is_none() && the_plan.has(Step::Freeze) {
-        if let Some(link) = link.as_mut() {
-            match with_client!(link, c => c.freeze(opts.freeze_timeout).await) {
-                Ok(f) => {
-                    tracing::info!(mounts = ?f.mounts, timeout_ms = f.timeout_ms, "frozen");
-                    frozen_at = Some(Instant::now());
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "freeze failed");
-                    observed.freeze = FreezeObserved::Failed {
-                        reason: e.to_string(),
-                    };
-                }
-            }
-        }
-    }
-
-    // 4. Snapshot.
-    let req2 = req.clone();
-    let delay = opts.snapshot_delay;
-    let taken = tokio::task::spawn_blocking(move || {
-        if let Some(d) = delay {
-            std::thread::sleep(d);
-        }
-        take_snapshots(&req2)
-    })
-    .await
-    .map_err(|e| Error::Worker(e.to_string()));
-
-    // 5. Thaw (also after a failed snapshot, and after a Prepare without freeze, for the
-    // post-scripts).
-    let mut freeze_window_ms = None;
-    if let Some(link) = link.as_mut() {
-        if frozen_at.is_some() || prepared_ran {
+    /// Thaws (and runs the post-scripts). Returns the freeze window: from the `Frozen` reply
+    /// to the `Thawed` reply, minus the post-scripts' run time (they run after the thaw).
+    async fn thaw(&mut self) -> Option<u64> {
+        let mut freeze_window_ms = None;
+        let frozen_at = self.frozen_at;
+        if let Some(link) = self.link.as_mut()
+            && (frozen_at.is_some() || self.prepared_ran)
+        {
             let reply = with_client!(link, c => {
                 c.set_reply_timeout(Some(SCRIPT_REPLY_TIMEOUT));
                 c.thaw().await
@@ -454,7 +474,7 @@ pub async fn snapshot_with_agent(
             let thawed_at = Instant::now();
             match reply {
                 Ok(t) => {
-                    observe_thaw(&mut observed, &t, frozen_at.is_some());
+                    observe_thaw(&mut self.observed, &t, frozen_at.is_some());
                     if let Some(at) = frozen_at {
                         let post: u64 = t.post_scripts.iter().map(|o| o.duration_ms).sum();
                         let window = thawed_at.saturating_duration_since(at).as_millis() as u64;
@@ -462,46 +482,40 @@ pub async fn snapshot_with_agent(
                     }
                 }
                 Err(e) if frozen_at.is_some() => {
-                    observed.freeze = FreezeObserved::NotHeldContinuously {
+                    self.observed.freeze = FreezeObserved::NotHeldContinuously {
                         reason: format!("the thaw failed: {e}"),
                     };
                 }
                 Err(e) => tracing::warn!(error = %e, "thaw (post-scripts) failed"),
             }
         }
-    }
-    if frozen_at.is_some() && matches!(observed.freeze, FreezeObserved::NotAttempted) {
-        observed.freeze = FreezeObserved::NotHeldContinuously {
-            reason: "no thaw reply".into(),
-        };
-    }
-    drop(link);
-    let taken = taken??;
-
-    // 6. Resolve and transfer.
-    let outcome = resolve(wanted, opts.minimum, &observed)?;
-    let mut reasons = the_plan.reasons.clone();
-    for r in outcome.reasons.iter().chain(&outcome.warnings) {
-        if !reasons.contains(r) {
-            reasons.push(r.clone());
+        if frozen_at.is_some() && matches!(self.observed.freeze, FreezeObserved::NotAttempted) {
+            self.observed.freeze = FreezeObserved::NotHeldContinuously {
+                reason: "no thaw reply".into(),
+            };
         }
+        self.link = None;
+        freeze_window_ms
     }
-    let record = ConsistencyRecord {
-        reached: outcome.level,
-        wanted,
-        reasons,
-        freeze_window_ms,
-    };
-    tracing::info!(reached = %record.reached, wanted = %record.wanted, reasons = ?record.reasons, freeze_window_ms, "consistency");
-    let agent = match &hello {
-        Some(h) => Some(agent_record(vault, req, target, h).await),
-        None => None,
-    };
-    Ok(Quiesced {
-        taken,
-        consistency: record,
-        agent,
-    })
+
+    /// The consistency reached ([`bulwark_consistency::resolve`]); an error below the minimum.
+    fn resolve(&self, freeze_window_ms: Option<u64>) -> Result<ConsistencyRecord, Error> {
+        let outcome = resolve(self.wanted, self.minimum, &self.observed)?;
+        let mut reasons = self.plan.reasons.clone();
+        for r in outcome.reasons.iter().chain(&outcome.warnings) {
+            if !reasons.contains(r) {
+                reasons.push(r.clone());
+            }
+        }
+        let record = ConsistencyRecord {
+            reached: outcome.level,
+            wanted: self.wanted,
+            reasons,
+            freeze_window_ms,
+        };
+        tracing::info!(reached = %record.reached, wanted = %record.wanted, reasons = ?record.reasons, freeze_window_ms, "consistency");
+        Ok(record)
+    }
 }
 
 fn observe_thaw(observed: &mut Observed, t: &Thawed, was_frozen: bool) {
@@ -529,11 +543,11 @@ fn observe_thaw(observed: &mut Observed, t: &Thawed, was_frozen: bool) {
 /// is the first backup of the VM with this agent (like a cloud service's extension install).
 async fn agent_record(
     vault: &Vault,
-    req: &BackupRequest,
+    vm: &str,
     target: &AgentTarget,
     h: &HelloOk,
 ) -> serde_json::Value {
-    let previous = vault.latest_point(&req.vm).await.ok().flatten();
+    let previous = vault.latest_point(vm).await.ok().flatten();
     let known = previous
         .as_ref()
         .and_then(|p| p.agent.as_ref())
@@ -541,7 +555,7 @@ async fn agent_record(
         .and_then(|v| v.as_str())
         .is_some_and(|host| host == h.agent.hostname);
     if !known {
-        tracing::info!(agent = %h.agent.hostname, version = %h.agent.agent_version, vm = %req.vm, "first backup of this VM with this agent");
+        tracing::info!(agent = %h.agent.hostname, version = %h.agent.agent_version, vm, "first backup of this VM with this agent");
     }
     serde_json::json!({
         "hostname": h.agent.hostname,

@@ -12,9 +12,25 @@ use bulwark_vault::{Error as VaultError, Vault};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::{Error, Progress};
+use crate::tiers::{SnapshotStore, Tier};
+use crate::{Error, NoObserver, Observer};
 
-/// A restore to run.
+/// Where a restore reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RestoreFrom {
+    /// A kept snapshot of the point when there is one (verified block by block against the
+    /// vault's manifest; a mismatch falls back to the vault), else the vault.
+    #[default]
+    Auto,
+    /// The vault only.
+    Vault,
+    /// A kept snapshot only (verified when the point is in the vault): an error when there is
+    /// none or it does not match.
+    KeptSnapshot,
+}
+
+/// A restore to run. Build it with [`RestoreRequest::new`] and set what differs.
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
     /// The VM.
@@ -29,10 +45,61 @@ pub struct RestoreRequest {
     pub force: bool,
     /// Blocks fetched at once.
     pub concurrency: usize,
+    /// Which tier to read.
+    pub from: RestoreFrom,
+    /// The kept snapshots (the daemon's `snapshot_dir`, or backup's `--snapshot-dir`); without
+    /// it only the vault is read.
+    pub snapshots: Option<SnapshotStore>,
+    /// Progress.
+    pub observer: std::sync::Arc<dyn Observer>,
+}
+
+impl RestoreRequest {
+    /// Restores `disk` of `vm`'s `point` (`latest` or an id) to `to`, from the vault, 16 blocks
+    /// at a time, refusing to replace `to`.
+    pub fn new(
+        vm: impl Into<String>,
+        point: impl Into<String>,
+        disk: impl Into<String>,
+        to: impl Into<PathBuf>,
+    ) -> RestoreRequest {
+        RestoreRequest {
+            vm: vm.into(),
+            point: point.into(),
+            disk: disk.into(),
+            to: to.into(),
+            force: false,
+            concurrency: 16,
+            from: RestoreFrom::Auto,
+            snapshots: None,
+            observer: std::sync::Arc::new(NoObserver),
+        }
+    }
+}
+
+/// Restores one disk of one recovery point to a sparse raw image: from a kept snapshot or
+/// from the vault, as [`RestoreRequest::from`] says. Every block is verified (against its
+/// content address) except when the point exists only as a kept snapshot (its transfer never
+/// finished): then the report says `verified: false`. The image is written to a hidden
+/// partial file beside the target, synced, and renamed into place only when complete.
+pub async fn run_restore(req: RestoreRequest, vault: &Vault) -> Result<RestoreReport, Error> {
+    let span = tracing::info_span!("restore", vm = %req.vm, point = %req.point, disk = %req.disk);
+    let _enter = span.enter();
+    match (&req.snapshots, req.from) {
+        (_, RestoreFrom::Vault) | (None, RestoreFrom::Auto) => from_vault(vault, &req).await,
+        (None, _) => Err(Error::RestoreTarget {
+            path: req.to.clone(),
+            why: "a restore from a kept snapshot needs the snapshot directory".into(),
+        }),
+        (Some(store), from) => {
+            crate::tiers::restore_tiered(vault, store, &req, from == RestoreFrom::Auto).await
+        }
+    }
 }
 
 /// What a restore did.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct RestoreReport {
     /// The point restored.
     pub point: String,
@@ -52,6 +119,13 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     /// Wall time, milliseconds.
     pub duration_ms: u64,
+    /// Where the data came from: [`Tier::Snapshot`] (a kept snapshot) or [`Tier::Vault`].
+    pub source: Tier,
+    /// Whether every block was verified (against its content address).
+    pub verified: bool,
+    /// Why a kept snapshot was not used, when one was there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_rejected: Option<String>,
 }
 
 /// Removes the partial file unless disarmed: a failed restore leaves nothing that looks done.
@@ -76,14 +150,14 @@ fn partial_path(to: &Path) -> PathBuf {
     to.with_file_name(format!(".{name}.bulwark-partial-{}", std::process::id()))
 }
 
-/// Restores one disk: every block is fetched, verified against its address and written at
-/// its offset; zero blocks stay holes. The image is written to a hidden partial file, synced,
-/// and renamed into place only when complete.
-pub async fn restore(
+/// Restores one disk from the vault: every block is fetched, verified against its address and
+/// written at its offset; zero blocks stay holes. The image is written to a hidden partial
+/// file, synced, and renamed into place only when complete.
+pub(crate) async fn from_vault(
     vault: &Vault,
     req: &RestoreRequest,
-    progress: Arc<dyn Progress>,
 ) -> Result<RestoreReport, Error> {
+    let progress = &req.observer;
     let start = Instant::now();
     let point = vault.resolve_point(&req.vm, &req.point).await?;
     let map = vault.disk_manifest(&point, &req.disk).await?;
@@ -132,6 +206,9 @@ pub async fn restore(
         zero_blocks: 0,
         bytes_written: 0,
         duration_ms: 0,
+        source: Tier::Vault,
+        verified: true,
+        snapshot_rejected: None,
     };
     let bs = map.block_size().bytes();
     let mut writes = futures::stream::iter(map.entries().iter().enumerate())

@@ -1,6 +1,6 @@
 //! Two tiers: host-side snapshots kept for instant restore, and the vault.
 //!
-//! A job that keeps its snapshots ([`backup_tiered`] with a [`Keep`]) takes them into a
+//! A job that keeps its snapshots ([`crate::BackupRequest::keep_snapshots`]) takes them into a
 //! [`SnapshotStore`] directory and records them there in a small index file per point,
 //! `<root>/<vm>/<point>.json`, next to the snapshot files `<root>/<vm>/<disk>-<point>.snap`.
 //! The index is written right after the snapshot phase (state `transfer_pending`: the point
@@ -8,7 +8,7 @@
 //! "snapshot and vault", or `transfer_failed`). Snapshots older than the policy's
 //! instant-restore days are removed by [`SnapshotStore::expire`] (the daemon calls it).
 //!
-//! [`restore_tiered`] restores from a kept snapshot when there is one (a reflink or sparse
+//! [`crate::run_restore`] restores from a kept snapshot when there is one (a reflink or sparse
 //! copy: fast), and **verifies the copy** block by block against the point's manifest in the
 //! vault (BLAKE3 content address of every data block, zeros for zero blocks) before it is
 //! renamed into place. A kept snapshot that differs in any block (corrupted or tampered) is
@@ -19,20 +19,17 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bulwark_blockdiff::{BlockMap, Entry, content_address, is_zero};
-use bulwark_vault::{ConsistencyRecord, Error as VaultError, Vault, validate_name};
+use bulwark_vault::{Error as VaultError, Vault, validate_name};
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
-use crate::history::{Phase, PhaseState};
-use crate::{
-    BackupReport, BackupRequest, Error, Progress, RestoreReport, RestoreRequest, TakenSnapshots,
-    check_request, restore, take_snapshots, transfer,
-};
+use bulwark_snapshot::DiskSource;
+
+use crate::{Error, KeepSnapshots, RestoreReport, RestoreRequest};
 
 /// Where a recovery point can be restored from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -269,150 +266,56 @@ impl SnapshotStore {
     }
 }
 
-/// Keep a job's snapshots in `store` for `days` days.
-#[derive(Debug, Clone, Copy)]
-pub struct Keep<'a> {
-    /// The store (the job's snapshots are taken into it).
-    pub store: &'a SnapshotStore,
-    /// Days to keep them (the policy's instant-restore days).
-    pub days: u32,
-}
-
-/// A backup job that reports its phases and, with `keep`, keeps its snapshots for instant
-/// restore. Without `keep` it is [`crate::backup`] with a given consistency record.
-pub async fn backup_tiered(
-    vault: &Vault,
-    req: &BackupRequest,
-    keep: Option<Keep<'_>>,
-    consistency: ConsistencyRecord,
-    progress: Arc<dyn Progress>,
-    observer: &(dyn Fn(Phase, PhaseState) + Send + Sync),
-) -> Result<BackupReport, Error> {
-    let started = Instant::now();
-    let mut req = req.clone();
-    if let Some(k) = keep {
-        req.snapshot.dir = Some(k.store.root().to_path_buf());
+/// Records the point-in-time copies of a job that keeps them (state `transfer_pending`: the
+/// point exists on the host only), before the transfer. `None` when a source has no file to
+/// keep or the index cannot be written: the snapshots are then removed after the transfer.
+pub(crate) fn record_kept(
+    keep: &KeepSnapshots,
+    vm: &str,
+    point: &str,
+    created: Timestamp,
+    sources: &[Box<dyn DiskSource>],
+) -> Option<KeptSnapshots> {
+    let expires = created
+        .checked_add(SignedDuration::from_hours(i64::from(keep.days) * 24))
+        .unwrap_or(Timestamp::MAX);
+    let mut disks = Vec::with_capacity(sources.len());
+    for s in sources {
+        let Some(path) = s.file() else {
+            tracing::warn!(disk = %s.name(), kind = %s.kind(), "this kind of snapshot cannot be kept on the host; none are kept");
+            return None;
+        };
+        disks.push(KeptDiskSnapshot {
+            name: s.name().to_string(),
+            size: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+            path,
+            provider: s.kind().to_string(),
+        });
     }
-    check_request(&req)?;
-    observer(Phase::Snapshot, PhaseState::Running);
-    let r2 = req.clone();
-    let taken = tokio::task::spawn_blocking(move || take_snapshots(&r2))
-        .await
-        .map_err(|e| Error::Worker(e.to_string()))
-        .and_then(|r| r);
-    let taken = match taken {
-        Ok(t) => t,
-        Err(e) => {
-            observer(Phase::Snapshot, PhaseState::Failed);
-            return Err(e);
-        }
+    let kept = KeptSnapshots {
+        vm: vm.to_string(),
+        point: point.to_string(),
+        created,
+        expires,
+        state: KeptState::TransferPending,
+        disks,
     };
-    observer(Phase::Snapshot, PhaseState::Completed);
-    transfer_tiered(
-        vault,
-        &req,
-        taken,
-        keep,
-        consistency,
-        None,
-        progress,
-        observer,
-        started,
-    )
-    .await
-}
-
-/// The transfer phase of a tiered backup, for snapshots already taken (by [`take_snapshots`]
-/// or, quiesced, by [`crate::quiesce::snapshot_with_agent`]): records the kept snapshots
-/// when `keep` says so, transfers, and updates their index.
-#[allow(clippy::too_many_arguments)]
-pub async fn transfer_tiered(
-    vault: &Vault,
-    req: &BackupRequest,
-    mut taken: TakenSnapshots,
-    keep: Option<Keep<'_>>,
-    consistency: ConsistencyRecord,
-    agent: Option<serde_json::Value>,
-    progress: Arc<dyn Progress>,
-    observer: &(dyn Fn(Phase, PhaseState) + Send + Sync),
-    started: Instant,
-) -> Result<BackupReport, Error> {
-    let mut kept = None;
-    if let Some(k) = keep {
-        let expires = taken
-            .created
-            .checked_add(SignedDuration::from_hours(i64::from(k.days) * 24))
-            .unwrap_or(Timestamp::MAX);
-        let kp = KeptSnapshots {
-            vm: req.vm.clone(),
-            point: taken.point.clone(),
-            created: taken.created,
-            expires,
-            state: KeptState::TransferPending,
-            disks: taken
-                .snapshots
-                .iter()
-                .map(|(spec, snap)| KeptDiskSnapshot {
-                    name: spec.name.clone(),
-                    path: snap.path().to_path_buf(),
-                    size: std::fs::metadata(snap.path()).map(|m| m.len()).unwrap_or(0),
-                    provider: snap.provider().to_string(),
-                })
-                .collect(),
-        };
-        match k.store.record(&kp) {
-            Ok(()) => {
-                for (_, s) in taken.snapshots.iter_mut() {
-                    s.set_keep(true);
-                }
-                kept = Some(kp);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot record the kept snapshots; they are removed after the transfer")
-            }
+    match keep.store.record(&kept) {
+        Ok(()) => Some(kept),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record the kept snapshots; they are removed after the transfer");
+            None
         }
     }
-    observer(Phase::Transfer, PhaseState::Running);
-    let result = transfer(vault, req, taken, consistency, agent, progress, started).await;
-    observer(
-        Phase::Transfer,
-        if result.is_ok() {
-            PhaseState::Completed
-        } else {
-            PhaseState::Failed
-        },
-    );
-    if let (Some(k), Some(mut kp)) = (keep, kept) {
-        kp.state = if result.is_ok() {
-            KeptState::InVault
-        } else {
-            KeptState::TransferFailed
-        };
-        if let Err(e) = k.store.record(&kp) {
-            tracing::warn!(error = %e, "cannot update the kept-snapshot index");
-        }
-    }
-    result
-}
-
-/// What [`restore_tiered`] did.
-#[derive(Debug, Clone, Serialize)]
-pub struct TieredRestoreReport {
-    /// The restore itself.
-    #[serde(flatten)]
-    pub report: RestoreReport,
-    /// Where the data came from: [`Tier::Snapshot`] (a kept snapshot) or [`Tier::Vault`].
-    pub source: Tier,
-    /// Whether every block was verified (against its content address).
-    pub verified: bool,
-    /// Why a kept snapshot was not used, when one was there.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshot_rejected: Option<String>,
 }
 
 /// Checks an image against a block map: same size, every data block hashes to its address,
 /// every zero block is zero. Returns the number of blocks checked, or what differs.
-pub fn verify_image(path: &Path, map: &BlockMap, key: Option<[u8; 32]>) -> Result<u64, String> {
+pub(crate) fn verify_image(
+    path: &Path,
+    map: &BlockMap,
+    key: Option<[u8; 32]>,
+) -> Result<u64, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let len = file
         .metadata()
@@ -505,21 +408,20 @@ fn same_device(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Copies a kept snapshot to `req.to` (reflink when on the same file system), verifying it
+/// Copies a kept snapshot to `to` (reflink when on the same file system), verifying it
 /// against `map` when given. The copy is made beside the target and renamed into place only
 /// when verified.
 fn restore_from_snapshot(
     snapshot: &Path,
-    req: &RestoreRequest,
+    to: &Path,
     map: Option<&BlockMap>,
     key: Option<[u8; 32]>,
 ) -> Result<Result<(u64, u64, u64), String>, Error> {
-    let name = req
-        .to
+    let name = to
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = req.to.with_file_name(format!(
+    let tmp = to.with_file_name(format!(
         ".{name}.bulwark-snapshot-partial-{}",
         std::process::id()
     ));
@@ -527,7 +429,7 @@ fn restore_from_snapshot(
     // A reflink when the target is on the snapshot's file system, else a sparse copy (quietly:
     // unlike a backup, no guest waits on it).
     use bulwark_snapshot::{Error as SnapError, Provider, take};
-    let reflinked = if same_device(snapshot, &req.to) {
+    let reflinked = if same_device(snapshot, to) {
         match take(snapshot, &tmp, Provider::Reflink) {
             Err(SnapError::ReflinkUnsupported { .. }) => None,
             r => Some(r),
@@ -574,33 +476,25 @@ fn restore_from_snapshot(
         source,
     })?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    std::fs::rename(&copy, &req.to).map_err(|source| Error::Io {
-        path: req.to.clone(),
+    std::fs::rename(&copy, to).map_err(|source| Error::Io {
+        path: to.to_path_buf(),
         source,
     })?;
     guard.armed = false;
     Ok(Ok((size, data, zero)))
 }
 
-/// Restores one disk, from a kept snapshot in `store` when there is one (verified against the
-/// vault's manifest; a mismatch falls back to the vault), else from the vault. A point that
-/// exists only as a kept snapshot is restored from it, unverified.
-pub async fn restore_tiered(
+/// Restores one disk from a kept snapshot in `store` when there is one (verified against the
+/// vault's manifest; a mismatch falls back to the vault when `fallback`, else fails), else
+/// from the vault (when `fallback`). A point that exists only as a kept snapshot is restored
+/// from it, unverified.
+pub(crate) async fn restore_tiered(
     vault: &Vault,
-    store: Option<&SnapshotStore>,
+    store: &SnapshotStore,
     req: &RestoreRequest,
-    progress: Arc<dyn Progress>,
-) -> Result<TieredRestoreReport, Error> {
+    fallback: bool,
+) -> Result<RestoreReport, Error> {
     let start = Instant::now();
-    let Some(store) = store else {
-        let report = restore(vault, req, progress).await?;
-        return Ok(TieredRestoreReport {
-            report,
-            source: Tier::Vault,
-            verified: true,
-            snapshot_rejected: None,
-        });
-    };
     if req.to.exists() && !req.force {
         return Err(Error::RestoreTarget {
             path: req.to.clone(),
@@ -620,7 +514,7 @@ pub async fn restore_tiered(
         .get(&req.vm, &point_id)?
         .filter(|k| k.present())
         .and_then(|k| k.disk(&req.disk).cloned());
-    let report = |size, data_blocks, zero_blocks| RestoreReport {
+    let report = |size, data_blocks, zero_blocks, verified| RestoreReport {
         point: point_id.clone(),
         vm: req.vm.clone(),
         disk: req.disk.clone(),
@@ -630,6 +524,9 @@ pub async fn restore_tiered(
         zero_blocks,
         bytes_written: size,
         duration_ms: start.elapsed().as_millis() as u64,
+        source: Tier::Snapshot,
+        verified,
+        snapshot_rejected: None,
     };
     let Some(point) = point else {
         // Snapshot tier only: nothing in the vault to verify against.
@@ -640,20 +537,15 @@ pub async fn restore_tiered(
             }
             .into());
         };
-        let r2 = req.clone();
+        let to = req.to.clone();
         let copied =
-            tokio::task::spawn_blocking(move || restore_from_snapshot(&k.path, &r2, None, None))
+            tokio::task::spawn_blocking(move || restore_from_snapshot(&k.path, &to, None, None))
                 .await
                 .map_err(|e| Error::Worker(e.to_string()))??;
         return match copied {
             Ok((size, _, _)) => {
                 tracing::warn!(point = %point_id, "restored from a kept snapshot whose transfer never finished: not verified");
-                Ok(TieredRestoreReport {
-                    report: report(size, 0, 0),
-                    source: Tier::Snapshot,
-                    verified: false,
-                    snapshot_rejected: None,
-                })
+                Ok(report(size, 0, 0, false))
             }
             Err(why) => Err(Error::RestoreTarget {
                 path: req.to.clone(),
@@ -663,50 +555,61 @@ pub async fn restore_tiered(
     };
     let mut rejected = None;
     if let Some(k) = kept {
-        let map = vault.disk_manifest(&point, &req.disk).await?;
-        let key = vault.scan_options().address_key;
-        let data_bytes: u64 = map
-            .entries()
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| matches!(e, Entry::Data { .. }))
-            .map(|(i, _)| map.block_len(i as u64))
-            .sum();
-        let r2 = req.clone();
-        progress.start(&req.disk, map.disk_size());
-        let copied = tokio::task::spawn_blocking(move || {
-            restore_from_snapshot(&k.path, &r2, Some(&map), key)
-        })
-        .await
-        .map_err(|e| Error::Worker(e.to_string()))??;
-        match copied {
-            Ok((size, data, zero)) => {
-                progress.advance(&req.disk, size);
-                progress.finish(&req.disk);
-                let mut r = report(size, data, zero);
+        match from_kept(vault, &point, &k.path, req).await? {
+            Ok((size, data, zero, data_bytes)) => {
+                let mut r = report(size, data, zero, true);
                 r.bytes_written = data_bytes;
-                return Ok(TieredRestoreReport {
-                    report: r,
-                    source: Tier::Snapshot,
-                    verified: true,
-                    snapshot_rejected: None,
-                });
+                return Ok(r);
             }
             Err(why) => {
-                tracing::warn!(point = %point.id, disk = %req.disk, %why, "kept snapshot rejected; restoring from the vault");
+                tracing::warn!(point = %point.id, disk = %req.disk, %why, "kept snapshot rejected");
                 rejected = Some(why);
             }
         }
     }
+    if !fallback {
+        let why = rejected.unwrap_or_else(|| "there is none of this point and disk".into());
+        return Err(Error::RestoreTarget {
+            path: req.to.clone(),
+            why: format!("cannot restore from a kept snapshot: {why}"),
+        });
+    }
     let mut vreq = req.clone();
     vreq.point = point.id.clone();
-    let report = restore(vault, &vreq, progress).await?;
-    Ok(TieredRestoreReport {
-        report,
-        source: Tier::Vault,
-        verified: true,
-        snapshot_rejected: rejected,
-    })
+    let mut report = crate::restore::from_vault(vault, &vreq).await?;
+    report.snapshot_rejected = rejected;
+    Ok(report)
+}
+
+/// Copies the kept snapshot `path` of `point` to the target, verified against the point's
+/// manifest: `(size, data blocks, zero blocks, data bytes)`, or why it was rejected.
+async fn from_kept(
+    vault: &Vault,
+    point: &bulwark_vault::RecoveryPoint,
+    path: &Path,
+    req: &RestoreRequest,
+) -> Result<Result<(u64, u64, u64, u64), String>, Error> {
+    let map = vault.disk_manifest(point, &req.disk).await?;
+    let key = vault.scan_options().address_key;
+    let data_bytes: u64 = map
+        .entries()
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Entry::Data { .. }))
+        .map(|(i, _)| map.block_len(i as u64))
+        .sum();
+    let progress = &req.observer;
+    progress.start(&req.disk, map.disk_size());
+    let (path, to) = (path.to_path_buf(), req.to.clone());
+    let copied =
+        tokio::task::spawn_blocking(move || restore_from_snapshot(&path, &to, Some(&map), key))
+            .await
+            .map_err(|e| Error::Worker(e.to_string()))??;
+    Ok(copied.map(|(size, data, zero)| {
+        progress.advance(&req.disk, size);
+        progress.finish(&req.disk);
+        (size, data, zero, data_bytes)
+    }))
 }
 
 #[cfg(test)]

@@ -57,6 +57,26 @@ impl std::fmt::Display for Address {
     }
 }
 
+impl std::str::FromStr for Address {
+    type Err = Error;
+
+    /// Parses `unix:PATH` or `tcp:HOST:PORT` (the form [`Address`] displays as).
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(path) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        if let Some(hostport) = s.strip_prefix("tcp:") {
+            let port_ok = hostport
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if port_ok {
+                return Ok(Address::Tcp(hostport.to_string()));
+            }
+        }
+        Err(Error::InvalidAddress(s.to_string()))
+    }
+}
+
 /// How the client connects: which export, which meta contexts, how many connections.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -91,6 +91,9 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// An address string is neither `unix:PATH` nor `tcp:HOST:PORT`.
+    #[error("nbd: invalid address {0:?}: expected unix:PATH or tcp:HOST:PORT")]
+    InvalidAddress(String),
     /// A server's options are inconsistent.
     #[error("nbd server: invalid options: {0}")]
     ServerOptions(String),

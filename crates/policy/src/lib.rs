@@ -118,8 +118,6 @@
 //! Instant-restore days and soft-delete days are carried for the controller (snapshot expiry,
 //! garbage collection); they do not change the keep-set.
 
-#![warn(missing_docs)]
-
 mod error;
 mod parse;
 mod retention;

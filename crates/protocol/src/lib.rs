@@ -80,8 +80,6 @@
 //! `Client::new(connect_tcp(addr, "web1.example.org", client_config(&files)?).await?)`, and the
 //! agent `TlsListener::bind(addr, server_config(&files)?).await?.run(options, |_peer| handler)`.
 
-#![warn(missing_docs)]
-
 mod client;
 mod codec;
 mod enroll;

@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use bulwark_protocol::{
     AgentState, Client, SOCKET_MODE, ServeOptions, UnixSocketListener, connect_unix,
 };
+use bulwark_tests::Needs;
 use common::ToyAgent;
 
 #[tokio::test]
@@ -92,10 +93,15 @@ async fn connecting_to_a_missing_socket_is_a_typed_error() {
 /// root nor the owner gets no answer. Needs root (to run a client as `nobody`) and python3.
 #[tokio::test]
 async fn peers_other_than_root_or_owner_are_dropped() {
+    const TEST: &str = "protocol unix::peers_other_than_root_or_owner_are_dropped";
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("probe"), b"").unwrap();
     if std::fs::metadata(dir.path().join("probe")).unwrap().uid() != 0 {
-        eprintln!("skipped: needs root");
+        bulwark_tests::skip(
+            TEST,
+            Needs::Root,
+            "needs root (files it makes must be owned by 0)",
+        );
         return;
     }
     if std::process::Command::new("python3")
@@ -104,7 +110,7 @@ async fn peers_other_than_root_or_owner_are_dropped() {
         .status()
         .is_err()
     {
-        eprintln!("skipped: needs python3");
+        bulwark_tests::skip(TEST, Needs::Root, "needs the `python3` command");
         return;
     }
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -93,7 +93,11 @@ fn meta_mode(meta: &std::fs::Metadata) -> rustix::fs::RawMode {
 
 #[async_trait::async_trait]
 impl Snapshotter for OfflineSnapshotter {
-    async fn prepare(&self, vm: &str) -> Result<Box<dyn PendingSnapshot>, bulwark_snapshot::Error> {
+    async fn prepare(
+        &self,
+        vm: &str,
+        _point: &str,
+    ) -> Result<Box<dyn PendingSnapshot>, bulwark_snapshot::Error> {
         let mut disks = Vec::new();
         for (name, path) in &self.options.disks {
             disks.push((name.clone(), path.clone(), detect_format(path)?));
@@ -327,6 +331,10 @@ struct OfflineDisk {
 
 #[async_trait::async_trait]
 impl DiskSource for OfflineDisk {
+    fn kind(&self) -> &str {
+        "qemu-offline"
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -70,7 +70,11 @@ fn to_snapshot(socket: &str, e: Error) -> bulwark_snapshot::Error {
 
 #[async_trait::async_trait]
 impl Snapshotter for QemuSnapshotter {
-    async fn prepare(&self, vm: &str) -> Result<Box<dyn PendingSnapshot>, bulwark_snapshot::Error> {
+    async fn prepare(
+        &self,
+        vm: &str,
+        _point: &str,
+    ) -> Result<Box<dyn PendingSnapshot>, bulwark_snapshot::Error> {
         let socket = &self.options.qmp;
         let qmp = Qmp::connect(socket, self.options.qmp_timeout)
             .await
@@ -118,7 +122,7 @@ impl PendingSnapshot for PendingQemu {
                         let _ = d.release(false).await;
                     }
                     for s in sources {
-                        let _ = s.release(Outcome::Failed).await;
+                        let _ = s.release(Outcome::Failed { keep: false }).await;
                     }
                     return Err(to_snapshot(&socket, e));
                 }
@@ -223,6 +227,10 @@ fn unchanged_from_bitmap(
 
 #[async_trait::async_trait]
 impl DiskSource for QemuDisk {
+    fn kind(&self) -> &str {
+        "qemu"
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -84,7 +84,7 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
         dir.path(),
     ));
     let sources = snapshotter
-        .prepare("vm1")
+        .prepare("vm1", "p1")
         .await
         .unwrap()
         .take()
@@ -141,6 +141,7 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
     for s in sources {
         s.release(Outcome::Committed {
             point: "p".into(),
+            manifest_digest: String::new(),
             keep: false,
         })
         .await
@@ -171,7 +172,7 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
         vm.path(),
     ));
     let err = held
-        .prepare("vm2")
+        .prepare("vm2", "p1")
         .await
         .unwrap()
         .take()
@@ -183,6 +184,6 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
         vec![("x".into(), dir.path().join("nope"))],
         dir.path(),
     ));
-    let err = missing.prepare("vm3").await.unwrap_err().to_string();
+    let err = missing.prepare("vm3", "p1").await.unwrap_err().to_string();
     assert!(err.contains("nope"), "{err}");
 }

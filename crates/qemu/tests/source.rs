@@ -112,7 +112,7 @@ async fn a_running_vm_backs_up_through_the_disk_source_traits() {
     )));
 
     // Point 1: full. `take` is all a frozen guest waits for.
-    let pending = snapshotter.prepare("vm1").await.unwrap();
+    let pending = snapshotter.prepare("vm1", "p1").await.unwrap();
     let started = std::time::Instant::now();
     let sources = pending.take().await.unwrap();
     let took = started.elapsed();
@@ -150,6 +150,7 @@ async fn a_running_vm_backs_up_through_the_disk_source_traits() {
     for s in sources {
         s.release(Outcome::Committed {
             point: "p1".into(),
+            manifest_digest: String::new(),
             keep: false,
         })
         .await
@@ -163,7 +164,7 @@ async fn a_running_vm_backs_up_through_the_disk_source_traits() {
     write(0, 0x43, 40 * MIB + 4096, 4096).await;
     write_pattern(&mut want[0], 0x43, 40 * MIB + 4096, 4096);
     let sources = snapshotter
-        .prepare("vm1")
+        .prepare("vm1", "p1")
         .await
         .unwrap()
         .take()
@@ -195,13 +196,13 @@ async fn a_running_vm_backs_up_through_the_disk_source_traits() {
         );
     }
     for s in sources {
-        s.release(Outcome::Failed).await.unwrap();
+        s.release(Outcome::Failed { keep: false }).await.unwrap();
     }
     write_pattern(&mut want[0], 0x44, 50 * MIB, 64 * 1024);
 
     // Point 3: still against point 1, and it covers the failed point's changes too.
     let sources = snapshotter
-        .prepare("vm1")
+        .prepare("vm1", "p1")
         .await
         .unwrap()
         .take()
@@ -231,6 +232,7 @@ async fn a_running_vm_backs_up_through_the_disk_source_traits() {
     for s in sources {
         s.release(Outcome::Committed {
             point: "p3".into(),
+            manifest_digest: String::new(),
             keep: false,
         })
         .await
@@ -272,7 +274,7 @@ async fn changes_on_a_terabyte_disk_cost_what_changed() {
     options.fleece.require_space = false;
     let snapshotter = QemuSnapshotter::new(options);
     let sources = snapshotter
-        .prepare("big")
+        .prepare("big", "p1")
         .await
         .unwrap()
         .take()
@@ -282,6 +284,7 @@ async fn changes_on_a_terabyte_disk_cost_what_changed() {
     for s in sources {
         s.release(Outcome::Committed {
             point: "p1".into(),
+            manifest_digest: String::new(),
             keep: false,
         })
         .await
@@ -289,7 +292,7 @@ async fn changes_on_a_terabyte_disk_cost_what_changed() {
     }
     guest_write(&writer, "big", 0x77, 700 << 30, 4096).await;
     let sources = snapshotter
-        .prepare("big")
+        .prepare("big", "p1")
         .await
         .unwrap()
         .take()
@@ -315,6 +318,7 @@ async fn changes_on_a_terabyte_disk_cost_what_changed() {
     for s in sources {
         s.release(Outcome::Committed {
             point: "p2".into(),
+            manifest_digest: String::new(),
             keep: false,
         })
         .await

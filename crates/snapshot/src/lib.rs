@@ -39,13 +39,29 @@ use rustix::io::Errno;
 mod extents;
 mod source;
 pub use extents::identical_ranges;
+mod image;
+mod tracking;
+pub use bulwark_blockdiff::Tracking;
+pub use image::{ImageDisk, ImageSnapshotter};
 pub use source::{
-    Changes, DiskSource, Outcome, PendingSnapshot, PreviousDisk, Released, Snapshotter, Tracking,
+    Changes, DiskSource, Outcome, PendingSnapshot, PreviousDisk, Released, Snapshotter,
 };
 
 /// Errors of the snapshot providers.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A disk argument that cannot be used (bad name, two disks of one name, no path).
+    #[error("disk {spec}: {why}")]
+    InvalidDisk {
+        /// The argument (or the disk's name).
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A worker thread failed (panicked or was cancelled).
+    #[error("snapshot worker failed: {0}")]
+    Worker(String),
     /// The source is not a regular file.
     #[error("{path}: not a regular file (snapshots need a disk image file)")]
     NotAFile {

@@ -6,14 +6,12 @@
 //! transfer never knows which kind it reads (a reflink clone, a sparse copy, an NBD export of a
 //! running QEMU's point in time, an offline qcow2 image).
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bulwark_blockdiff::BlockSource;
-use serde::{Deserialize, Serialize};
+use bulwark_blockdiff::{BlockSource, Tracking};
 
 use crate::Error;
 
@@ -28,18 +26,6 @@ pub struct PreviousDisk {
     pub size: u64,
     /// The tracking record the source gave at that point, if any.
     pub tracking: Option<Tracking>,
-}
-
-/// A source's change-tracking record, stored with the disk in the recovery point and handed
-/// back on the next backup (for example kind `qemu-dirty-bitmap` with the bitmap's name, the
-/// point it started at, the disk size, and the identity of the QEMU process holding it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tracking {
-    /// Which tracker wrote it.
-    pub kind: String,
-    /// The tracker's own fields.
-    #[serde(default)]
-    pub fields: BTreeMap<String, String>,
 }
 
 /// What a source knows of the changes since a previous point.
@@ -63,12 +49,19 @@ pub enum Outcome {
     Committed {
         /// The committed point's id.
         point: String,
+        /// The BLAKE3 digest (hex) of this disk's manifest in that point: what the next
+        /// backup's [`PreviousDisk::manifest_digest`] will say.
+        manifest_digest: String,
         /// Keep the point-in-time copy on the host (instant-restore tier), where the kind can.
         keep: bool,
     },
     /// The job failed or was cancelled: nothing was committed. The source rolls back so that
     /// the next backup still sees every change since the last committed point.
-    Failed,
+    Failed {
+        /// Keep the point-in-time copy anyway, where the kind can (it is then the only copy of
+        /// a point whose transfer failed: the instant-restore tier).
+        keep: bool,
+    },
 }
 
 /// What a release left behind.
@@ -84,6 +77,21 @@ pub trait DiskSource: Send + Sync + Debug {
     /// The disk's name (as in the vault).
     fn name(&self) -> &str;
 
+    /// What kind of point-in-time copy it is (`reflink`, `copy`, `qemu-fleece`, ...), for the
+    /// job's report.
+    fn kind(&self) -> &str;
+
+    /// What the disk is a copy of (the live image's path, a QEMU node), recorded in the point.
+    fn origin(&self) -> String {
+        self.reader().describe()
+    }
+
+    /// The file holding the point-in-time copy, when the kind has one that can be kept on the
+    /// host for instant restore (see [`Outcome`]'s `keep`). Default: none.
+    fn file(&self) -> Option<PathBuf> {
+        None
+    }
+
     /// The reader the transfer scans.
     fn reader(&self) -> Arc<dyn BlockSource>;
 
@@ -95,7 +103,7 @@ pub trait DiskSource: Send + Sync + Debug {
     fn tracking(&self) -> Option<Tracking>;
 
     /// Ends the source's life after the job: see [`Outcome`]. Called exactly once; a source
-    /// dropped without it cleans up as for [`Outcome::Failed`].
+    /// dropped without it cleans up as for [`Outcome::Failed`] without `keep`.
     async fn release(self: Box<Self>, outcome: Outcome) -> Result<Released, Error>;
 }
 
@@ -103,8 +111,9 @@ pub trait DiskSource: Send + Sync + Debug {
 #[async_trait::async_trait]
 pub trait Snapshotter: Send + Sync + Debug {
     /// The slow part, done before any guest is frozen: find the disks, check them, create
-    /// temporary images, connect.
-    async fn prepare(&self, vm: &str) -> Result<Box<dyn PendingSnapshot>, Error>;
+    /// temporary images, connect. `point` is the id the recovery point will get (sources may
+    /// name their files after it).
+    async fn prepare(&self, vm: &str, point: &str) -> Result<Box<dyn PendingSnapshot>, Error>;
 }
 
 /// A prepared snapshot: [`PendingSnapshot::take`] is the only call made while the guest is

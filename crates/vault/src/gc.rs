@@ -85,6 +85,21 @@ pub struct GcReport {
     pub duration_ms: u64,
 }
 
+/// What the mark phase found.
+struct Marked {
+    /// Keys of the manifests some point pins.
+    manifests: HashSet<String>,
+    /// Blocks those manifests reference.
+    blocks: HashSet<Address>,
+}
+
+/// Whether `meta` was modified at or after `cutoff` (unknown times count as young).
+fn young(meta: &ObjectMeta, cutoff: Timestamp) -> bool {
+    Timestamp::from_millisecond(meta.last_modified.timestamp_millis())
+        .map(|t| t >= cutoff)
+        .unwrap_or(true)
+}
+
 /// What to do with one object.
 enum Verdict {
     Keep,
@@ -120,6 +135,34 @@ impl Vault {
             grace_secs: options.grace.as_secs(),
             ..Default::default()
         };
+        let marked = self.gc_mark(&mut report).await?;
+        // Sweep.
+        // On the store's clock, like `last_modified`: a host whose clock runs ahead must not
+        // take a young block for an old one.
+        let cutoff = minus(lease.store_now(), options.grace);
+        let mut doomed = self
+            .gc_sweep_blocks(&marked.blocks, cutoff, &mut report)
+            .await?;
+        doomed.extend(
+            self.gc_sweep_manifests(&marked.manifests, cutoff, &mut report)
+                .await?,
+        );
+        if !options.dry_run {
+            self.gc_delete(lease, doomed, &mut report).await?;
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            blocks_freed = report.blocks_freed,
+            bytes_freed = report.bytes_freed,
+            manifests_freed = report.manifests_freed,
+            "gc done"
+        );
+        Ok(report)
+    }
+
+    /// Mark: every manifest key a live or soft-deleted point pins, and every block they
+    /// reference. Any unreadable point, tombstone or manifest aborts GC.
+    async fn gc_mark(&self, report: &mut GcReport) -> Result<Marked, Error> {
         // Mark. Live points first, then tombstones: a point being moved is always in one of
         // the two (and no prune moves points while GC holds its lease anyway).
         let live = self.list_points(None).await?;
@@ -196,15 +239,20 @@ impl Vault {
             blocks = marked.len(),
             "gc mark done"
         );
+        Ok(Marked {
+            manifests,
+            blocks: marked,
+        })
+    }
 
-        // Sweep.
-        let cutoff = minus(Timestamp::now(), options.grace);
-        let young = |meta: &ObjectMeta| {
-            Timestamp::from_millisecond(meta.last_modified.timestamp_millis())
-                .map(|t| t >= cutoff)
-                .unwrap_or(true)
-        };
-        // Blocks are streamed, not collected: memory grows with the blocks to free only.
+    /// The unreferenced blocks older than `cutoff`. Blocks are streamed, not collected:
+    /// memory grows with the blocks to free only.
+    async fn gc_sweep_blocks(
+        &self,
+        marked: &HashSet<Address>,
+        cutoff: Timestamp,
+        report: &mut GcReport,
+    ) -> Result<Vec<ObjPath>, Error> {
         let prefix = ObjPath::from("blocks");
         let mut blocks = self.store.list(Some(&prefix));
         let mut doomed = Vec::new();
@@ -221,7 +269,7 @@ impl Vault {
             report.blocks_seen += 1;
             let verdict = if marked.contains(&address) {
                 Verdict::Keep
-            } else if young(&meta) {
+            } else if young(&meta, cutoff) {
                 Verdict::Young
             } else {
                 Verdict::Free
@@ -236,6 +284,17 @@ impl Vault {
                 }
             }
         }
+        Ok(doomed)
+    }
+
+    /// The manifests of no point older than `cutoff`.
+    async fn gc_sweep_manifests(
+        &self,
+        pinned: &HashSet<String>,
+        cutoff: Timestamp,
+        report: &mut GcReport,
+    ) -> Result<Vec<ObjPath>, Error> {
+        let mut doomed = Vec::new();
         let prefix = ObjPath::from("manifests");
         let metas: Vec<ObjectMeta> = self
             .store
@@ -244,14 +303,14 @@ impl Vault {
             .await
             .map_err(|e| Error::store(&prefix, e))?;
         for meta in metas {
-            if manifests.contains(meta.location.as_ref()) {
+            if pinned.contains(meta.location.as_ref()) {
                 continue;
             }
             if !meta.location.as_ref().ends_with(".bmap") {
                 tracing::warn!(key = %meta.location, "not a manifest key; left alone");
                 continue;
             }
-            if young(&meta) {
+            if young(&meta, cutoff) {
                 report.manifests_young += 1;
             } else {
                 report.manifests_freed += 1;
@@ -259,33 +318,36 @@ impl Vault {
                 doomed.push(meta.location);
             }
         }
-        if !options.dry_run {
-            let mut deletes = futures::stream::iter(doomed)
-                .map(|key| async move {
-                    lease.ensure_held()?;
+        Ok(doomed)
+    }
+
+    /// Deletes `doomed` (each under the lease, with a deadline it cannot outlive), then the expired leases seen.
+    async fn gc_delete(
+        &self,
+        lease: &Lease,
+        doomed: Vec<ObjPath>,
+        report: &mut GcReport,
+    ) -> Result<(), Error> {
+        let mut deletes = futures::stream::iter(doomed)
+            .map(|key| async move {
+                let delete = async {
                     match self.store.delete(&key).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                         Err(e) => Err(Error::store(&key, e)),
                     }
-                })
-                .buffer_unordered(self.concurrency());
-            while let Some(r) = deletes.next().await {
-                r?;
-            }
-            for key in lease.expired_seen() {
-                let key = ObjPath::from(key.as_str());
-                if self.store.delete(&key).await.is_ok() {
-                    report.expired_leases_removed += 1;
-                }
+                };
+                lease.held("a delete", delete).await
+            })
+            .buffer_unordered(self.concurrency());
+        while let Some(r) = deletes.next().await {
+            r?;
+        }
+        for key in lease.expired_seen() {
+            let key = ObjPath::from(key.as_str());
+            if self.store.delete(&key).await.is_ok() {
+                report.expired_leases_removed += 1;
             }
         }
-        report.duration_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(
-            blocks_freed = report.blocks_freed,
-            bytes_freed = report.bytes_freed,
-            manifests_freed = report.manifests_freed,
-            "gc done"
-        );
-        Ok(report)
+        Ok(())
     }
 }

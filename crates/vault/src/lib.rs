@@ -51,10 +51,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bounded;
+pub mod conditional;
 pub mod crypto;
 pub mod envelope;
+mod error;
 pub mod fault;
 mod gc;
+pub mod health;
 pub mod lease;
 pub mod location;
 mod model;
@@ -74,6 +78,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 pub use crypto::MasterKey;
 use envelope::Kind;
+pub use error::Error;
 pub use gc::{GcOptions, GcReport};
 pub use lease::{Lease, LeaseKind, LeaseOptions, LeaseRecord};
 pub use location::{Location, StoreOptions};
@@ -88,246 +93,6 @@ pub use verify::{Problem, VerifyReport};
 
 /// The key of the vault configuration object.
 pub const CONFIG_KEY: &str = "bulwark-vault.json";
-
-/// Errors of the vault.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No vault at this location.
-    #[error("no Bulwark vault at {location}: {why}")]
-    NoVault {
-        /// The location.
-        location: String,
-        /// Why not.
-        why: String,
-    },
-    /// `create` found a vault already there.
-    #[error("a Bulwark vault already exists at {location}")]
-    VaultExists {
-        /// The location.
-        location: String,
-    },
-    /// A location this build cannot open.
-    #[error("cannot use vault location {location:?}: {why}")]
-    UnsupportedLocation {
-        /// The location.
-        location: String,
-        /// Why not.
-        why: String,
-    },
-    /// The vault was written by a newer (or unknown) format.
-    #[error("vault format version {found} is not supported (this build reads version {supported})")]
-    UnsupportedVaultVersion {
-        /// The version found.
-        found: u32,
-        /// The version supported.
-        supported: u32,
-    },
-    /// An object with an envelope version this build does not know.
-    #[error("{key}: object format version {found} is not supported")]
-    UnsupportedObjectVersion {
-        /// The object key.
-        key: String,
-        /// The version found.
-        found: u8,
-    },
-    /// An object is corrupt: it does not verify.
-    #[error("{key}: corrupt: {why}")]
-    Corrupt {
-        /// The object key.
-        key: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// An object that should exist does not.
-    #[error("{key}: missing from the vault")]
-    Missing {
-        /// The object key.
-        key: String,
-    },
-    /// A manifest whose block map does not decode.
-    #[error("{key}: invalid block map: {source}")]
-    Manifest {
-        /// The object key.
-        key: String,
-        /// The decoding error.
-        #[source]
-        source: bulwark_blockdiff::Error,
-    },
-    /// The storage backend failed.
-    #[error("{key}: storage error: {source}")]
-    Store {
-        /// The object key (or prefix).
-        key: String,
-        /// The backend's error.
-        #[source]
-        source: object_store::Error,
-    },
-    /// A VM, disk or point name that cannot be used.
-    #[error("invalid {what} name {name:?}: {why}")]
-    InvalidName {
-        /// What the name is for.
-        what: &'static str,
-        /// The name.
-        name: String,
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// A point with this id was already committed.
-    #[error("{key}: a recovery point with this id already exists")]
-    PointExists {
-        /// The object key.
-        key: String,
-    },
-    /// No such recovery point.
-    #[error("VM {vm:?} has no recovery point {point:?}")]
-    NoSuchPoint {
-        /// The VM.
-        vm: String,
-        /// The point asked for.
-        point: String,
-    },
-    /// A recovery point has no such disk.
-    #[error("recovery point {point} of VM {vm:?} has no disk {disk:?} (it has: {available})")]
-    NoSuchDisk {
-        /// The VM.
-        vm: String,
-        /// The point.
-        point: String,
-        /// The disk asked for.
-        disk: String,
-        /// The disks it has.
-        available: String,
-    },
-    /// A worker task failed.
-    #[error("vault worker failed: {0}")]
-    Worker(String),
-    /// A cloud location without the credentials it needs.
-    #[error("vault location {location}: missing credentials: {why}")]
-    MissingCredentials {
-        /// The location.
-        location: String,
-        /// What to set.
-        why: String,
-    },
-    /// A storage setting that cannot be used.
-    #[error("storage setting {what}: {why}")]
-    StoreConfig {
-        /// The setting (or file:line).
-        what: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A key file that cannot be used.
-    #[error("key file {path}: {why}")]
-    KeyFile {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A passphrase-protected key file was given without a passphrase.
-    #[error(
-        "key file {path} is protected by a passphrase: set it in the environment (BULWARK_PASSPHRASE)"
-    )]
-    PassphraseRequired {
-        /// The file.
-        path: String,
-    },
-    /// The passphrase does not open the key file.
-    #[error("key file {path}: wrong passphrase")]
-    WrongPassphrase {
-        /// The file.
-        path: String,
-    },
-    /// An encrypted vault opened without its key.
-    #[error(
-        "the vault at {location} is encrypted: give its key file (--key-file or BULWARK_KEY_FILE)"
-    )]
-    KeyRequired {
-        /// The location.
-        location: String,
-    },
-    /// The key given is not the vault's key.
-    #[error(
-        "wrong key for the vault at {location}: the vault's key has fingerprint {expected}, the key given has {given}; nothing was read or written"
-    )]
-    WrongKey {
-        /// The location.
-        location: String,
-        /// Fingerprint recorded in the vault.
-        expected: String,
-        /// Fingerprint of the key given.
-        given: String,
-    },
-    /// A key was given for a vault that is not encrypted.
-    #[error(
-        "the vault at {location} is not encrypted, but a key was given (remove --key-file / BULWARK_KEY_FILE)"
-    )]
-    NotEncrypted {
-        /// The location.
-        location: String,
-    },
-    /// A conflicting lease is live (see [`lease`]).
-    #[error("cannot take a {wanted} lease: {key} is live ({holder}); gave up after {waited_ms} ms")]
-    LeaseConflict {
-        /// The kind of lease wanted.
-        wanted: &'static str,
-        /// The key of the conflicting lease.
-        key: String,
-        /// Who holds it, until when.
-        holder: String,
-        /// How long we waited.
-        waited_ms: u64,
-    },
-    /// A lease object that cannot be read.
-    #[error("{key}: corrupt lease: {why}; if no Bulwark job is running, delete this object")]
-    CorruptLease {
-        /// The object key.
-        key: String,
-        /// What is wrong.
-        why: String,
-    },
-    /// A lease we held ran out: the job must stop.
-    #[error("{key}: lease lost: {why}")]
-    LeaseLost {
-        /// The lease key.
-        key: String,
-        /// Why.
-        why: String,
-    },
-    /// No such soft-deleted point.
-    #[error("VM {vm:?} has no soft-deleted point {point:?}{hint}")]
-    NoSuchDeletedPoint {
-        /// The VM.
-        vm: String,
-        /// The point asked for.
-        point: String,
-        /// More help (e.g. that the point is live).
-        hint: String,
-    },
-    /// Garbage collection stopped before freeing anything: it could not learn every reference.
-    #[error("garbage collection aborted, nothing was deleted: {why}")]
-    GcAborted {
-        /// The object that could not be read.
-        key: String,
-        /// Why (the read error, which names the key).
-        why: String,
-    },
-}
-
-impl Error {
-    fn store(key: &ObjPath, source: object_store::Error) -> Error {
-        match source {
-            object_store::Error::NotFound { .. } => Error::Missing {
-                key: key.to_string(),
-            },
-            source => Error::Store {
-                key: key.to_string(),
-                source,
-            },
-        }
-    }
-}
 
 /// Options for [`Vault::create`].
 #[derive(Debug, Clone)]
@@ -377,42 +142,52 @@ pub struct Vault {
     retry: RetryPolicy,
     /// Aligned buffers for blocks read back (`bulwark_blockdiff::buffers`).
     buffers: Arc<bulwark_blockdiff::buffers::Pool>,
+    /// The host name recorded in this process's leases.
+    host: Arc<str>,
 }
 
-/// How to open (or create) a vault: storage settings, the key of an encrypted vault, and the
-/// retry policy of the vault's own requests.
+/// How to open (or create) a vault: storage settings, the key of an encrypted vault, the
+/// retry policy of the vault's own requests and the host name its leases record.
+///
+/// The library never reads the environment: a binary builds these once, from its flags and
+/// its environment, and passes them to [`Vault::open_with`] and friends.
+///
+/// ```
+/// use bulwark_vault::{MasterKey, OpenOptions, StoreOptions};
+///
+/// let options = OpenOptions {
+///     store: StoreOptions::default().with_var("BULWARK_STORE_MAX_RETRIES", "1"),
+///     host: Some("backup01".into()),
+///     ..OpenOptions::default()
+/// }
+/// .with_key(MasterKey::generate());
+/// assert!(options.key.is_some());
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Credentials, endpoints, timeouts ([`StoreOptions::from_env`] for the environment's).
+    /// Credentials, endpoints, timeouts ([`StoreOptions::from_vars`] builds them from the
+    /// environment's variables).
     pub store: StoreOptions,
     /// The master key: required to open an encrypted vault; creating with a key makes the
-    /// new vault encrypted.
+    /// new vault encrypted. [`OpenOptions::with_key_file`] loads one.
     pub key: Option<MasterKey>,
     /// Retries of the vault's own requests after transient failures. On a cloud location
     /// the default becomes [`RetryPolicy::remote`]: the cloud client retries each request
     /// itself, so the vault adds one round, not four, and a dead endpoint fails the job soon.
     pub retry: RetryPolicy,
+    /// The host name written into the leases this process takes (who holds a lease); `None`:
+    /// the kernel's (`/proc/sys/kernel/hostname`), or "unknown".
+    pub host: Option<String>,
 }
 
 impl OpenOptions {
-    /// Storage settings from the environment, and the key named by `BULWARK_KEY_FILE` (with
-    /// the passphrase in `BULWARK_PASSPHRASE` when the file is protected by one), if set.
-    pub fn from_env() -> Result<OpenOptions, Error> {
-        let key = match std::env::var_os("BULWARK_KEY_FILE") {
-            Some(path) if !path.is_empty() => {
-                let pass = std::env::var("BULWARK_PASSPHRASE").ok();
-                Some(MasterKey::load(
-                    std::path::Path::new(&path),
-                    pass.as_deref(),
-                )?)
-            }
-            _ => None,
-        };
-        Ok(OpenOptions {
-            store: StoreOptions::from_env()?,
-            key,
-            ..Default::default()
-        })
+    /// With the key in `file`, unwrapped with `passphrase` when the file is protected by one.
+    pub fn with_key_file(
+        self,
+        file: &std::path::Path,
+        passphrase: Option<&str>,
+    ) -> Result<OpenOptions, Error> {
+        Ok(self.with_key(MasterKey::load(file, passphrase)?))
     }
 
     /// With this key.
@@ -454,8 +229,14 @@ async fn put_create(
             {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
-                    let theirs = store.get(key).await?.bytes().await?;
-                    Ok(theirs == bytes)
+                    // Ours only if it has our bytes: anything longer is not read.
+                    let limit = bytes.len() as u64;
+                    match bounded::get_capped(store.as_ref(), &RetryPolicy::none(), key, limit)
+                        .await?
+                    {
+                        bounded::Capped::Read(theirs) => Ok(theirs == bytes),
+                        bounded::Capped::TooLarge(_) => Ok(false),
+                    }
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
                 Err(e) => Err(e),
@@ -464,6 +245,15 @@ async fn put_create(
     })
     .await;
     r.map_err(|e| Error::store(key, e))
+}
+
+/// The largest stored manifest of the disk `record` describes: a block map of its size and
+/// block size (64 bytes of header and checksum, 49 per block) in an envelope, and never more
+/// than the format's hard cap.
+pub(crate) fn manifest_limit(record: &DiskRecord) -> u64 {
+    let blocks = record.size.div_ceil(u64::from(record.block_size.max(1)));
+    let plain = blocks.saturating_mul(49).saturating_add(64);
+    envelope::stored_len_for(plain).min(Kind::Manifest.max_stored_len())
 }
 
 fn block_key(address: &Address) -> ObjPath {
@@ -487,10 +277,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Vault {
     /// Opens the vault at `location`: a directory path, `file://PATH`, `memory:` (empty, for
-    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with storage
-    /// settings from the environment (see [`location`]).
+    /// tests), `az://CONTAINER[/PREFIX]`, `azure://…` or `s3://BUCKET[/PREFIX]`, with default
+    /// options: no key, no cloud credentials (see [`Vault::open_with`] and [`location`]).
     pub async fn open(location: &str) -> Result<Vault, Error> {
-        Self::open_with(location, &OpenOptions::from_env()?).await
+        Self::open_with(location, &OpenOptions::default()).await
     }
 
     /// Opens the vault at `location` with explicit options (storage settings, key).
@@ -514,12 +304,23 @@ impl Vault {
         let counting = Arc::new(stats::CountingStore::new(store));
         let store: Arc<dyn ObjectStore> = counting.clone();
         let key = ObjPath::from(CONFIG_KEY);
-        let got = retry::retry(&options.retry, CONFIG_KEY, |_| async {
-            store.get(&key).await?.bytes().await
-        })
+        let got = bounded::get_capped(
+            store.as_ref(),
+            &options.retry,
+            &key,
+            bounded::MAX_CONFIG_BYTES,
+        )
         .await;
         let bytes = match got {
-            Ok(b) => b,
+            Ok(bounded::Capped::Read(b)) => b,
+            Ok(bounded::Capped::TooLarge(size)) => {
+                return Err(bounded::too_large(
+                    CONFIG_KEY,
+                    "vault configuration",
+                    size,
+                    bounded::MAX_CONFIG_BYTES,
+                ));
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 // Tell a missing vault from a missing bucket or container.
                 let why = match store.list_with_delimiter(None).await {
@@ -571,6 +372,7 @@ impl Vault {
                 Some(Arc::new(key.cipher()))
             }
         };
+        conditional::warn_once(label, &config);
         Ok(Vault {
             store: counting.clone(),
             counting,
@@ -580,13 +382,18 @@ impl Vault {
             concurrency: 16,
             cipher,
             retry: options.retry,
+            host: options
+                .host
+                .clone()
+                .unwrap_or_else(lease::kernel_host_name)
+                .into(),
         })
     }
 
-    /// Creates a vault at `location` (creating the directory of a local path), with storage
-    /// settings from the environment.
+    /// Creates a vault at `location` (creating the directory of a local path), with default
+    /// open options: unencrypted, no cloud credentials (see [`Vault::create_with`]).
     pub async fn create(location: &str, options: &CreateOptions) -> Result<Vault, Error> {
-        Self::create_with(location, options, &OpenOptions::from_env()?).await
+        Self::create_with(location, options, &OpenOptions::default()).await
     }
 
     /// Creates a vault at `location`; encrypted when `open.key` is set.
@@ -628,6 +435,17 @@ impl Vault {
             });
         }
         let key = ObjPath::from(CONFIG_KEY);
+        let probed = match conditional::probe(&store, &open.retry).await {
+            Ok(honoured) => Ok(honoured),
+            Err(Error::Missing { .. }) => {
+                return Err(Error::NoVault {
+                    location: label.into(),
+                    why: "the bucket or container does not exist (create it first)".into(),
+                });
+            }
+            Err(e) => Err(e),
+        }?;
+        config.conditional_writes = Some(probed);
         let mut json =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::Worker(e.to_string()))?;
         json.push(b'\n');
@@ -655,7 +473,7 @@ impl Vault {
         location: &str,
         options: &CreateOptions,
     ) -> Result<(Vault, bool), Error> {
-        Self::open_or_create_with(location, options, &OpenOptions::from_env()?).await
+        Self::open_or_create_with(location, options, &OpenOptions::default()).await
     }
 
     /// [`Vault::open_or_create`] with explicit options; a created vault is encrypted when
@@ -831,7 +649,7 @@ impl Vault {
     /// start page-aligned (for `O_DIRECT` writes without a copy) in a pooled buffer.
     pub async fn get_block(&self, address: Address) -> Result<Bytes, Error> {
         let key = block_key(&address);
-        let raw = self.get_raw(&key).await?;
+        let raw = self.get_raw(&key, Kind::Block).await?;
         let cipher = self.cipher.clone();
         let pool = self.buffers.clone();
         blocking(move || {
@@ -849,12 +667,16 @@ impl Vault {
         .await?
     }
 
-    async fn get_raw(&self, key: &ObjPath) -> Result<Bytes, Error> {
-        retry::retry(&self.retry, key.as_ref(), |_| async {
-            self.store.get(key).await?.bytes().await
-        })
-        .await
-        .map_err(|e| Error::store(key, e))
+    /// Reads the object of `kind` at `key`, refusing it unread when it is larger than any
+    /// object of that kind can be (see [`bounded`]).
+    async fn get_raw(&self, key: &ObjPath, kind: Kind) -> Result<Bytes, Error> {
+        self.get_raw_within(key, kind.name(), kind.max_stored_len())
+            .await
+    }
+
+    /// Reads the object at `key`, refusing it unread when it is larger than `limit`.
+    async fn get_raw_within(&self, key: &ObjPath, what: &str, limit: u64) -> Result<Bytes, Error> {
+        bounded::read_bounded(self.store.as_ref(), &self.retry, key, what, limit).await
     }
 
     /// Stores the block map of one disk at one point. Returns its digest (hex), which the
@@ -886,9 +708,32 @@ impl Vault {
     }
 
     /// Reads a block map and checks it is exactly the one the point pinned (`digest`).
+    /// The read is bounded by the format's hard cap (see [`bounded`]); reading a manifest
+    /// through [`Vault::disk_manifest`] bounds it by the disk the point records.
     pub async fn get_manifest(&self, m: &ManifestRef<'_>, digest: &str) -> Result<BlockMap, Error> {
+        self.get_manifest_within(m, digest, Kind::Manifest.max_stored_len())
+            .await
+    }
+
+    /// [`Vault::get_manifest`], refusing unread a manifest larger than the one of the disk
+    /// `record` describes.
+    pub(crate) async fn get_manifest_of(
+        &self,
+        m: &ManifestRef<'_>,
+        record: &DiskRecord,
+    ) -> Result<BlockMap, Error> {
+        self.get_manifest_within(m, &record.manifest_digest, manifest_limit(record))
+            .await
+    }
+
+    async fn get_manifest_within(
+        &self,
+        m: &ManifestRef<'_>,
+        digest: &str,
+        limit: u64,
+    ) -> Result<BlockMap, Error> {
         let key = manifest_key(m);
-        let raw = self.get_raw(&key).await?;
+        let raw = self.get_raw_within(&key, "manifest", limit).await?;
         let expected = digest.to_string();
         let cipher = self.cipher.clone();
         blocking(move || {
@@ -929,7 +774,7 @@ impl Vault {
             disk,
             point: &point.id,
         };
-        let map = self.get_manifest(&m, &record.manifest_digest).await?;
+        let map = self.get_manifest_of(&m, record).await?;
         if map.disk_size() != record.size {
             return Err(Error::Corrupt {
                 key: m.to_string(),
@@ -962,12 +807,25 @@ impl Vault {
         }
     }
 
+    /// [`Vault::commit_point`] under `lease` (a backup lease): the lease is checked first, and
+    /// the commit, retries included, is abandoned with [`Error::LeaseLost`] before the lease
+    /// could look expired to a GC on another host (see [`Lease::held`]).
+    pub async fn commit_point_held(
+        &self,
+        lease: &Lease,
+        point: &RecoveryPoint,
+    ) -> Result<(), Error> {
+        lease
+            .held("committing the point", self.commit_point(point))
+            .await
+    }
+
     /// Reads one recovery point.
     pub async fn get_point(&self, vm: &str, id: &str) -> Result<RecoveryPoint, Error> {
         validate_name("vm", vm)?;
         validate_name("point", id)?;
         let key = point_key(vm, id);
-        match self.get_raw(&key).await {
+        match self.get_raw(&key, Kind::Point).await {
             Err(Error::Missing { .. }) => Err(Error::NoSuchPoint {
                 vm: vm.into(),
                 point: id.into(),
@@ -1092,5 +950,7 @@ impl Vault {
 
 #[cfg(test)]
 mod gc_tests;
+#[cfg(test)]
+mod lease_clock_tests;
 #[cfg(test)]
 mod tests;

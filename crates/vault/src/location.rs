@@ -2,8 +2,8 @@
 //! (also `azure://`) or `s3://bucket/prefix`, all turned into one `Arc<dyn ObjectStore>` so
 //! that every backend runs the same vault code.
 //!
-//! Cloud settings come from [`StoreOptions::vars`]: by default the process environment (the
-//! variables object_store documents: `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
+//! Cloud settings come from [`StoreOptions::vars`]: normally the process environment, which the
+//! binary hands over with [`StoreOptions::from_vars`] (the variables object_store documents: `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`,
 //! `AZURE_STORAGE_SAS_KEY`, `AZURE_STORAGE_USE_EMULATOR` + `AZURITE_BLOB_STORAGE_URL`,
 //! `AZURE_STORAGE_ENDPOINT`; `AWS_ENDPOINT`/`AWS_ENDPOINT_URL`, `AWS_REGION`,
 //! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`), overlaid
@@ -183,16 +183,32 @@ fn wanted_var(k: &str) -> bool {
 }
 
 impl StoreOptions {
-    /// Options from the process environment, and from the `KEY=VALUE` file named by
-    /// `BULWARK_STORE_CONFIG` (its values win).
-    pub fn from_env() -> Result<StoreOptions, Error> {
+    /// Options from `KEY=VALUE` pairs, normally the process's environment, which the binary
+    /// passes (`StoreOptions::from_vars(std::env::vars())`; the library never reads the
+    /// environment itself). Only the store's settings are kept (`AWS_*`, `AZURE_*`,
+    /// `AZURITE_BLOB_STORAGE_URL`, `BULWARK_STORE_*`); the `KEY=VALUE` file named by
+    /// `BULWARK_STORE_CONFIG` among them is read too (its values win).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bulwark_vault::StoreOptions;
+    ///
+    /// let vars = [("BULWARK_STORE_CONNECT_TIMEOUT", "2.5"), ("HOME", "/root")];
+    /// let o = StoreOptions::from_vars(vars.map(|(k, v)| (k.to_string(), v.to_string())))?;
+    /// assert_eq!(o.connect_timeout, Duration::from_millis(2500));
+    /// # Ok::<(), bulwark_vault::Error>(())
+    /// ```
+    pub fn from_vars<I>(vars: I) -> Result<StoreOptions, Error>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
         let mut o = StoreOptions::default();
-        for (k, v) in std::env::vars() {
+        for (k, v) in vars {
             if wanted_var(&k) {
                 o.vars.insert(k, v);
             }
         }
-        if let Ok(path) = std::env::var("BULWARK_STORE_CONFIG") {
+        if let Some(path) = o.vars.get("BULWARK_STORE_CONFIG").cloned() {
             o.load_file(Path::new(&path))?;
         }
         o.apply_tuning()?;

@@ -35,6 +35,10 @@ pub struct VaultConfig {
     /// Client-side encryption, when the vault was created with a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Whether the store refused a second create-only write of the same key when the vault
+    /// was created (see [`crate::conditional`]); absent in older vaults (taken as `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditional_writes: Option<bool>,
 }
 
 /// Encryption parameters of an encrypted vault (see [`crate::crypto`]).
@@ -94,6 +98,7 @@ impl VaultConfig {
                 },
             },
             encryption: None,
+            conditional_writes: None,
         }
     }
 
@@ -228,6 +233,10 @@ pub struct DiskRecord {
     /// Transfer statistics.
     #[serde(default)]
     pub stats: DiskStats,
+    /// The disk source's change-tracking record, handed back to it on the next backup
+    /// (absent in points written before it existed, and for sources that track nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<bulwark_blockdiff::Tracking>,
 }
 
 /// A committed recovery point of one VM.
@@ -297,7 +306,7 @@ pub fn new_point_id(at: Timestamp) -> String {
     )
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut s = String::with_capacity(bytes * 2);
     for _ in 0..bytes {
         let b: u8 = rand::random();
@@ -355,5 +364,24 @@ mod tests {
         let e = VaultConfig::parse("k", &serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(e.to_string().contains("version 99"), "{e}");
         assert!(VaultConfig::parse("k", b"{not json").is_err());
+    }
+
+    #[test]
+    fn disk_tracking_is_optional() {
+        // A disk entry written before tracking records existed still reads.
+        let old = r#"{"name":"os","size":10,"block_size":65536,"manifest_digest":"ab"}"#;
+        let d: DiskRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(d.tracking, None);
+        assert!(!serde_json::to_string(&d).unwrap().contains("tracking"));
+        let with = DiskRecord {
+            tracking: Some(bulwark_blockdiff::Tracking {
+                kind: "qemu-dirty-bitmap".into(),
+                fields: [("name".to_string(), "b1".to_string())].into(),
+            }),
+            ..d
+        };
+        let back: DiskRecord =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
     }
 }

@@ -57,6 +57,7 @@ pub(crate) async fn commit_map(v: &Vault, vm: &str, map: &BlockMap) -> RecoveryP
             manifest_digest: digest,
             source: String::new(),
             stats: DiskStats::default(),
+            tracking: None,
         }],
         policy: None,
         agent: None,
@@ -236,4 +237,53 @@ async fn bad_names_are_refused() {
         v.get_point("vm", "a/b").await,
         Err(Error::InvalidName { .. })
     ));
+}
+
+#[tokio::test]
+async fn leases_record_the_host_the_options_name() {
+    use crate::lease::{Lease, LeaseKind, LeaseOptions, list_leases};
+    let open = OpenOptions {
+        host: Some("backup-host-7".into()),
+        ..OpenOptions::default()
+    };
+    let v = Vault::create_store_with(
+        Arc::new(object_store::memory::InMemory::new()),
+        "memory:",
+        &CreateOptions::default(),
+        &open,
+    )
+    .await
+    .unwrap();
+    let lease = Lease::acquire(&v, LeaseKind::Backup, "job", &LeaseOptions::default())
+        .await
+        .unwrap();
+    let leases = list_leases(&v).await.unwrap();
+    let record = leases[0].1.as_ref().unwrap();
+    assert_eq!(record.host, "backup-host-7");
+    lease.release().await.unwrap();
+}
+
+#[test]
+fn store_options_come_from_the_variables_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store.env");
+    std::fs::write(&file, "BULWARK_STORE_MAX_RETRIES=7\nAWS_REGION=file-wins\n").unwrap();
+    let vars = [
+        ("AWS_REGION", "from-vars"),
+        ("HOME", "/root"),
+        ("BULWARK_STORE_CONFIG", file.to_str().unwrap()),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let o = StoreOptions::from_vars(vars).unwrap();
+    assert_eq!(o.max_retries, 7);
+    assert_eq!(
+        o.vars.get("AWS_REGION").map(String::as_str),
+        Some("file-wins")
+    );
+    assert!(!o.vars.contains_key("HOME"));
+    // Nothing given: defaults, whatever this process's environment holds.
+    assert_eq!(
+        StoreOptions::from_vars(Vec::new()).unwrap().max_retries,
+        StoreOptions::default().max_retries
+    );
 }

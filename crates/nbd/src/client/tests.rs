@@ -123,6 +123,24 @@ fn good_handshake(size: u64) -> Vec<u8> {
 }
 
 #[test]
+fn addresses_parse_and_display() {
+    for s in ["unix:/run/x.sock", "tcp:127.0.0.1:10809", "tcp:[::1]:10809"] {
+        let a: Address = s.parse().unwrap();
+        assert_eq!(a.to_string(), s);
+    }
+    for bad in [
+        "",
+        "unix:",
+        "tcp:host",
+        "tcp::1",
+        "tcp:h:99999",
+        "/run/x.sock",
+    ] {
+        assert!(bad.parse::<Address>().is_err(), "{bad}");
+    }
+}
+
+#[test]
 fn good_handshake_negotiates() {
     let c = Conn::handshake(
         FakeStream::new(good_handshake(12345)),

@@ -148,3 +148,158 @@ impl Drop for QemuNbd {
         let _ = self.child.wait();
     }
 }
+
+/// Blocks of this size that are all zero are served as holes by [`MemBackend`].
+pub const BLOCK: usize = 64 << 10;
+
+/// An in-memory disk served by the test servers: all-zero 64 KiB blocks are holes.
+#[derive(Debug)]
+pub struct MemBackend {
+    data: bytes::Bytes,
+    /// Per block: all zero.
+    zero: Vec<bool>,
+}
+
+impl MemBackend {
+    pub fn new(data: Vec<u8>) -> Self {
+        let zero = data
+            .chunks(BLOCK)
+            .map(|b| b.iter().all(|&x| x == 0))
+            .collect();
+        MemBackend {
+            data: data.into(),
+            zero,
+        }
+    }
+}
+
+#[bulwark_nbd::async_trait]
+impl bulwark_nbd::Backend for MemBackend {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<bulwark_nbd::Piece>> {
+        use bulwark_nbd::Piece;
+        let (mut at, end) = (offset as usize, offset as usize + len as usize);
+        let mut out = Vec::new();
+        while at < end {
+            let next = ((at / BLOCK + 1) * BLOCK).min(end);
+            let slice = self.data.slice(at..next);
+            if self.zero[at / BLOCK] {
+                out.push(Piece::Hole((next - at) as u32));
+            } else {
+                out.push(Piece::Data(slice));
+            }
+            at = next;
+        }
+        Ok(out)
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> std::io::Result<Vec<bulwark_nbd::Extent>> {
+        let (mut at, end) = (offset, offset + u64::from(len));
+        let mut out = Vec::new();
+        // A few extents per answer, as a real backend would: the client asks again.
+        while at < end && out.len() < 64 {
+            let next = ((at / BLOCK as u64 + 1) * BLOCK as u64).min(end);
+            let zero = self.zero[at as usize / BLOCK];
+            out.push(bulwark_nbd::Extent {
+                offset: at,
+                length: next - at,
+                flags: if zero {
+                    bulwark_nbd::STATE_HOLE | bulwark_nbd::STATE_ZERO
+                } else {
+                    0
+                },
+            });
+            at = next;
+        }
+        Ok(out)
+    }
+}
+
+/// A 32 MiB disk: data in some 64 KiB blocks (pseudo-random), holes elsewhere.
+pub fn sparse_disk() -> Vec<u8> {
+    let mut data = vec![0u8; 32 << 20];
+    for (i, block) in data.chunks_mut(BLOCK).enumerate() {
+        if i % 7 == 0 || (100..140).contains(&i) || i == 511 {
+            block.copy_from_slice(&pattern(BLOCK, i as u64 + 1));
+        }
+    }
+    data
+}
+
+/// Our server on a runtime of its own, shut down and awaited on drop.
+pub struct TestServer {
+    pub rt: tokio::runtime::Runtime,
+    pub address: bulwark_nbd::Address,
+    stop: bulwark_nbd::ShutdownHandle,
+    running: Option<tokio::task::JoinHandle<bulwark_nbd::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(
+        address: bulwark_nbd::Address,
+        data: Vec<u8>,
+        options: bulwark_nbd::ServerOptions,
+    ) -> TestServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = std::sync::Arc::new(MemBackend::new(data));
+        let server = rt
+            .block_on(bulwark_nbd::Server::bind(&address, backend, options))
+            .unwrap();
+        let address = server.address().clone();
+        let stop = server.shutdown_handle();
+        let running = Some(rt.spawn(server.run()));
+        TestServer {
+            rt,
+            address,
+            stop,
+            running,
+        }
+    }
+
+    /// `nbd+unix:///disk?socket=...` or `nbd://127.0.0.1:PORT/disk`.
+    pub fn uri(&self, export: &str) -> String {
+        match &self.address {
+            bulwark_nbd::Address::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            bulwark_nbd::Address::Tcp(a) => format!("nbd://{a}/{export}"),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Stops the server and waits for `run` to return.
+    pub fn stop(&mut self) {
+        self.stop.shutdown();
+        if let Some(r) = self.running.take() {
+            self.rt.block_on(r).unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.shutdown();
+        if let Some(r) = self.running.take() {
+            let _ = self.rt.block_on(r);
+        }
+    }
+}
+
+/// Resident memory of this process, in bytes.
+pub fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}

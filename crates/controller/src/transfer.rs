@@ -1,0 +1,342 @@
+//! The transfer and commit steps of a backup: every disk in parallel through the block-diff
+//! engine against its previous block map, then the manifests, then the recovery point. It
+//! reads every disk through [`DiskSource`] and never knows which kind it reads.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bulwark_blockdiff::{Address, BlockEvent, BlockMap, scan_tracked};
+use bulwark_snapshot::{Changes, DiskSource, PreviousDisk};
+use bulwark_vault::{
+    DiskRecord, DiskStats, Lease, LeaseKind, ManifestRef, PutBlock, RecoveryPoint, Vault,
+};
+use futures::StreamExt;
+use jiff::Timestamp;
+use tracing::Instrument;
+
+use crate::job::{BackupReport, BackupRequest, DiskReport, Snapped};
+use crate::{Error, Observer};
+
+/// The transfer phase: holds a shared backup lease throughout (`bulwark_vault::lease`), so
+/// that garbage collection cannot start meanwhile, and commits the point only while the lease
+/// is still held. Returns the report and the committed point.
+pub(crate) async fn transfer(
+    vault: &Vault,
+    req: &BackupRequest,
+    point: &str,
+    created: Timestamp,
+    snapped: &Snapped,
+    started: Instant,
+) -> Result<(BackupReport, RecoveryPoint), Error> {
+    let holder = format!("backup of VM {}", req.vm);
+    let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease).await?;
+    let r = transfer_leased(vault, req, point, created, snapped, started, &lease).await;
+    if let Err(e) = lease.release().await {
+        tracing::warn!(error = %e, "cannot release the backup lease; it will expire");
+    }
+    r
+}
+
+async fn transfer_leased(
+    vault: &Vault,
+    req: &BackupRequest,
+    point: &str,
+    created: Timestamp,
+    snapped: &Snapped,
+    started: Instant,
+    lease: &Lease,
+) -> Result<(BackupReport, RecoveryPoint), Error> {
+    let storage_before = vault.store_stats();
+    let transfer_started = Instant::now();
+    let previous = vault.latest_point(&req.vm).await?;
+    tracing::info!(
+        point,
+        previous = previous.as_ref().map(|p| p.id.as_str()),
+        "transfer"
+    );
+    let job = DiskJob {
+        vault,
+        vm: &req.vm,
+        point,
+        upload_concurrency: req.upload_concurrency,
+        observer: req.observer.as_ref(),
+    };
+    let transfers = snapped.sources.iter().map(|source| {
+        let prev = previous
+            .as_ref()
+            .and_then(|p| p.disk(source.name()).map(|d| (p, d)));
+        let span = tracing::info_span!("disk", disk = %source.name());
+        job.run(source.as_ref(), prev).instrument(span)
+    });
+    let results = futures::future::try_join_all(transfers).await?;
+    let (disks, reports): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+    let rp = RecoveryPoint {
+        id: point.to_string(),
+        vm: req.vm.clone(),
+        created,
+        committed: Timestamp::now(),
+        consistency: snapped.consistency.clone(),
+        disks,
+        policy: req.policy.clone(),
+        agent: snapped.agent.clone(),
+    };
+    // Blocks this job found in the vault are safe only while GC is kept out: the commit runs
+    // under the lease, with a deadline no retry can outlive.
+    vault.commit_point_held(&lease, &rp).await?;
+    tracing::info!(point, "recovery point committed");
+    let storage = vault.store_stats().since(&storage_before);
+    let c = &snapped.consistency;
+    let report = BackupReport {
+        point: point.to_string(),
+        vm: req.vm.clone(),
+        consistency: c.reached,
+        consistency_wanted: c.wanted,
+        consistency_reasons: c.reasons.clone(),
+        freeze_window_ms: c.freeze_window_ms,
+        snapshot_ms: snapped.elapsed_ms,
+        duration_ms: started.elapsed().as_millis() as u64,
+        disks: reports,
+        upload_mib_per_s: storage.bytes_up as f64
+            / (1 << 20) as f64
+            / transfer_started.elapsed().as_secs_f64().max(1e-6),
+        storage,
+    };
+    Ok((report, rp))
+}
+
+/// What every disk of one job shares.
+struct DiskJob<'a> {
+    vault: &'a Vault,
+    vm: &'a str,
+    point: &'a str,
+    upload_concurrency: usize,
+    observer: &'a dyn Observer,
+}
+
+/// What the previous point gives a disk's transfer.
+#[derive(Default)]
+struct Baseline {
+    /// The previous point's id, when its manifest was usable.
+    point: Option<String>,
+    map: Option<Arc<BlockMap>>,
+    unchanged: Vec<std::ops::Range<u64>>,
+    /// Why nothing is known unchanged, when the source said.
+    unknown: Option<String>,
+}
+
+impl DiskJob<'_> {
+    /// One disk: compare against the previous map, store what changed, write the manifest.
+    async fn run(
+        &self,
+        source: &dyn DiskSource,
+        prev: Option<(&RecoveryPoint, &DiskRecord)>,
+    ) -> Result<(DiskRecord, DiskReport), Error> {
+        let start = Instant::now();
+        let baseline = self.baseline(source, prev).await?;
+        let (map, mut stats) = self.scan_and_store(source, &baseline).await?;
+        let name = source.name();
+        let (digest, manifest_bytes) = self
+            .vault
+            .put_manifest(
+                &ManifestRef {
+                    vm: self.vm,
+                    disk: name,
+                    point: self.point,
+                },
+                &map,
+            )
+            .await?;
+        stats.bytes_uploaded += manifest_bytes;
+        stats.duration_ms = start.elapsed().as_millis() as u64;
+        self.observer.finish(name);
+        tracing::info!(
+            blocks = stats.blocks,
+            changed = stats.changed_blocks,
+            uploaded = stats.blocks_uploaded,
+            bytes_uploaded = stats.bytes_uploaded,
+            "disk transferred"
+        );
+        let record = DiskRecord {
+            name: name.to_string(),
+            size: map.disk_size(),
+            block_size: map.block_size().get(),
+            manifest_digest: digest,
+            source: source.origin(),
+            stats: stats.clone(),
+            tracking: source.tracking(),
+        };
+        let report = DiskReport {
+            name: name.to_string(),
+            size: map.disk_size(),
+            previous_point: baseline.point,
+            snapshot: source.kind().to_string(),
+            change_tracking: baseline.unknown,
+            stats,
+        };
+        Ok((record, report))
+    }
+
+    /// The previous block map of the same disk (unchanged blocks are compared against it), and
+    /// what the source knows unchanged since.
+    async fn baseline(
+        &self,
+        source: &dyn DiskSource,
+        prev: Option<(&RecoveryPoint, &DiskRecord)>,
+    ) -> Result<Baseline, Error> {
+        let bs = self.vault.scan_options().block_size;
+        let Some((p, d)) = prev.filter(|(_, d)| d.block_size == bs.get()) else {
+            return Ok(Baseline::default());
+        };
+        let m = ManifestRef {
+            vm: self.vm,
+            disk: source.name(),
+            point: &p.id,
+        };
+        let map = match self.vault.get_manifest(&m, &d.manifest_digest).await {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::warn!(error = %e, "previous manifest unreadable: this disk is backed up in full");
+                return Ok(Baseline::default());
+            }
+        };
+        let previous = PreviousDisk {
+            point: p.id.clone(),
+            manifest_digest: d.manifest_digest.clone(),
+            size: d.size,
+            tracking: d.tracking.clone(),
+        };
+        let (unchanged, unknown) = match source.changes_since(&previous).await {
+            Ok(Changes::Unchanged(r)) => (r, None),
+            Ok(Changes::Unknown { reason }) => (Vec::new(), Some(reason)),
+            // Tracking is an optimisation: its failure means a full read, never a failed job.
+            Err(e) => {
+                tracing::warn!(error = %e, "change tracking failed; reading the whole disk");
+                (Vec::new(), Some(format!("change tracking failed: {e}")))
+            }
+        };
+        Ok(Baseline {
+            point: Some(p.id.clone()),
+            map: Some(Arc::new(map)),
+            unchanged,
+            unknown,
+        })
+    }
+
+    /// Scans the source and stores every changed block the vault does not hold yet; returns
+    /// the new block map and the statistics.
+    async fn scan_and_store(
+        &self,
+        source: &dyn DiskSource,
+        baseline: &Baseline,
+    ) -> Result<(BlockMap, DiskStats), Error> {
+        let name = source.name();
+        let reader = source.reader();
+        let size = reader.size();
+        let options = self.vault.scan_options();
+        let bs = options.block_size;
+        let scan_err = |source| Error::Scan {
+            disk: name.to_string(),
+            source,
+        };
+        // Blocks known to be in the vault: those of the previous map, and those stored here.
+        let known: Arc<Mutex<HashSet<Address>>> = Arc::new(Mutex::new(
+            baseline
+                .map
+                .as_ref()
+                .map(|m| m.addresses().copied().collect())
+                .unwrap_or_default(),
+        ));
+        self.observer.start(name, size);
+        let mut stats = DiskStats {
+            blocks: bs.block_count(size),
+            ..Default::default()
+        };
+        let mut entries = Vec::with_capacity(stats.blocks as usize);
+        let events = scan_tracked(
+            reader,
+            baseline.map.clone(),
+            baseline.unchanged.clone(),
+            &options,
+        );
+        let mut stored = std::pin::pin!(
+            events
+                .map(|ev| {
+                    let known = known.clone();
+                    async move {
+                        let ev = ev.map_err(scan_err)?;
+                        let put = self.store(&ev, &known).await?;
+                        Ok::<_, Error>((ev, put))
+                    }
+                })
+                .buffered(self.upload_concurrency.max(1))
+        );
+        while let Some(r) = stored.next().await {
+            let (ev, put) = r?;
+            let len = bs.block_len(size, ev.index());
+            count(&mut stats, &ev, put, len);
+            self.observer.advance(name, len);
+            entries.push(ev.entry());
+        }
+        let map = BlockMap::new(bs, size, entries).map_err(scan_err)?;
+        Ok((map, stats))
+    }
+
+    /// Stores a changed block unless the vault holds it already.
+    async fn store(
+        &self,
+        ev: &BlockEvent,
+        known: &Mutex<HashSet<Address>>,
+    ) -> Result<Option<PutBlock>, Error> {
+        let BlockEvent::Changed { address, data, .. } = ev else {
+            return Ok(None);
+        };
+        if known.lock().map(|k| k.contains(address)).unwrap_or(false) {
+            return Ok(Some(PutBlock {
+                existed: true,
+                stored_bytes: 0,
+            }));
+        }
+        let r = self.vault.put_block(*address, data.clone()).await?;
+        if let Ok(mut k) = known.lock() {
+            k.insert(*address);
+        }
+        Ok(Some(r))
+    }
+}
+
+/// Adds one block's outcome to the disk's statistics.
+fn count(stats: &mut DiskStats, ev: &BlockEvent, put: Option<PutBlock>, len: u64) {
+    match ev {
+        BlockEvent::Zero { hole, .. } => {
+            stats.zero_blocks += 1;
+            if *hole {
+                stats.hole_blocks += 1;
+            } else {
+                stats.bytes_read += len;
+            }
+        }
+        BlockEvent::Unchanged { read, .. } => {
+            stats.unchanged_blocks += 1;
+            if *read {
+                stats.bytes_read += len;
+            } else {
+                stats.blocks_not_read += 1;
+            }
+        }
+        BlockEvent::Changed { .. } => {
+            stats.changed_blocks += 1;
+            stats.bytes_read += len;
+            stats.bytes_changed += len;
+            if let Some(o) = put {
+                if o.existed {
+                    stats.blocks_deduplicated += 1;
+                } else {
+                    stats.blocks_uploaded += 1;
+                    stats.bytes_new += len;
+                    stats.bytes_uploaded += o.stored_bytes;
+                }
+            }
+        }
+    }
+}

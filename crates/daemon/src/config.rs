@@ -1,0 +1,597 @@
+//! The daemon's configuration file (`bulwark-controller serve --config FILE`).
+//!
+//! ```toml
+//! vault = "/srv/bulwark/vault"          # directory or file://PATH
+//! state_dir = "/var/lib/bulwark"        # job history (jobs.db), kept snapshots, the daemon lock
+//! # snapshot_dir = "/var/lib/libvirt/images/.bulwark"  # default: <state_dir>/snapshots; put it on
+//! #                                     # the images' file system so snapshots are reflinks
+//! snapshot_provider = "auto"            # auto | reflink | copy
+//! concurrency = 2                       # VMs backed up at once (disks of one VM always in parallel)
+//! upload_concurrency = 16               # blocks uploaded at once per disk
+//! catch_up_hours = 24                   # a run missed while the daemon was down is made once at
+//!                                       # start if it is at most this old (0: never)
+//! shutdown_timeout_seconds = 60         # on SIGTERM, running jobs get this long, then are cancelled
+//! prune = true                          # apply each VM's policy retention after its jobs
+//! gc_interval_hours = 24                # garbage collection this often (0: never)
+//! tls_dir = "/etc/bulwark/ca/controller" # the controller's identity from `enroll` (for tcp agents)
+//!
+//! [[vm]]
+//! name = "web01"
+//! disks = [
+//!   { name = "os", path = "/var/lib/libvirt/images/web01.img" },
+//!   { name = "data", path = "/var/lib/libvirt/images/web01-data.img" },
+//! ]
+//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH); needs tls_dir for tcp
+//! policy = "policies/daily.toml"        # a policy file (relative to this file) ...
+//!
+//! [[vm]]
+//! name = "db01"
+//! disks = [{ name = "os", path = "/var/lib/libvirt/images/db01.img" }]
+//! # ... or an inline policy, the same fields as a policy file:
+//! policy = { time_zone = "UTC", schedule = { frequency = "hourly", every_hours = 4 }, retention = { daily = 7 } }
+//! # keep_snapshots = false            # do not keep snapshots for instant restore on this host
+//! # For tests and ad-hoc use only: run every N seconds (aligned to the Unix epoch) instead of
+//! # the policy's schedule. Retention and instant-restore days still come from the policy.
+//! # schedule_override_seconds = 30
+//! ```
+//!
+//! Unknown fields are errors, and so are: no `[[vm]]`, a VM without disks, two VMs or two
+//! disks of one VM with the same name, an invalid name, a disk image that is not a regular
+//! file, and any policy error (which names the policy file, line and field). Relative paths
+//! are resolved against the configuration file's directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_policy::Policy;
+use bulwark_snapshot::Provider;
+use bulwark_vault::validate_name;
+use serde::Deserialize;
+use toml::Spanned;
+
+use bulwark_snapshot::ImageDisk;
+
+use bulwark_controller::{AgentAddress, AgentTarget};
+
+use crate::Error;
+
+/// Default VMs backed up at once.
+pub const CONCURRENCY_DEFAULT: usize = 2;
+/// Default catch-up window, hours.
+pub const CATCH_UP_HOURS_DEFAULT: u32 = 24;
+/// Default time running jobs get at shutdown.
+pub const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+/// A validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub file: PathBuf,
+    /// The vault location.
+    pub vault: String,
+    /// Job history, kept snapshots and the daemon lock live here.
+    pub state_dir: PathBuf,
+    /// Where snapshots are taken and kept for instant restore.
+    pub snapshot_dir: PathBuf,
+    /// The snapshot provider.
+    pub snapshot_provider: Provider,
+    /// VMs backed up at once.
+    pub concurrency: usize,
+    /// Blocks uploaded at once per disk.
+    pub upload_concurrency: usize,
+    /// How old a missed run may be and still be made up at start (zero: never).
+    pub catch_up: Duration,
+    /// How long running jobs get at shutdown before they are cancelled.
+    pub shutdown_timeout: Duration,
+    /// Apply each VM's retention (prune) at housekeeping.
+    pub prune: bool,
+    /// Run garbage collection this often (`None`: never).
+    pub gc_interval: Option<Duration>,
+    /// The controller's TLS identity for agents over TCP (`ca.pem`, `controller.pem`,
+    /// `controller.key` from `enroll`).
+    pub tls_dir: Option<PathBuf>,
+    /// The VMs, in file order.
+    pub vms: Vec<VmConfig>,
+}
+
+/// One VM of the configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The VM's name.
+    pub name: String,
+    /// Its disks.
+    pub disks: Vec<ImageDisk>,
+    /// The guest agent, if configured: jobs quiesce the guest through it for the policy's
+    /// consistency, falling back as far as the policy's minimum allows.
+    pub agent: Option<AgentTarget>,
+    /// The policy (schedule, retention, instant-restore days, consistency).
+    pub policy: Arc<Policy>,
+    /// Test/ad-hoc override: run every this often instead of the policy's schedule.
+    pub schedule_override: Option<Duration>,
+    /// Keep each job's snapshots for the policy's instant-restore days (default true).
+    pub keep_snapshots: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    vault: String,
+    state_dir: PathBuf,
+    snapshot_dir: Option<PathBuf>,
+    snapshot_provider: Option<String>,
+    concurrency: Option<usize>,
+    upload_concurrency: Option<usize>,
+    catch_up_hours: Option<u32>,
+    shutdown_timeout_seconds: Option<u64>,
+    prune: Option<bool>,
+    gc_interval_hours: Option<u64>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    vm: Vec<Spanned<RawVm>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: Spanned<String>,
+    #[serde(default)]
+    disks: Vec<Spanned<RawDisk>>,
+    agent: Option<String>,
+    policy: Option<Spanned<toml::Value>>,
+    schedule_override_seconds: Option<u64>,
+    keep_snapshots: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    name: String,
+    path: PathBuf,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map(|t| t.bytes().filter(|b| *b == b'\n').count() + 1)
+        .unwrap_or(1)
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    /// Validates a configuration text; `path` names it in errors and anchors relative paths.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, Error> {
+        let file = path.display().to_string();
+        let err = |line: Option<usize>, message: String| Error::Config {
+            at: match line {
+                Some(l) => format!("{file}:{l}"),
+                None => file.clone(),
+            },
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            err(line, e.message().trim().to_string())
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        if raw.vault.trim().is_empty() {
+            return Err(err(None, "vault: must name a vault location".into()));
+        }
+        if raw.state_dir.as_os_str().is_empty() {
+            return Err(err(None, "state_dir: must name a directory".into()));
+        }
+        let state_dir = resolve(&raw.state_dir);
+        let tls_dir = raw.tls_dir.as_deref().map(resolve);
+        let snapshot_dir = raw
+            .snapshot_dir
+            .as_deref()
+            .map(resolve)
+            .unwrap_or_else(|| state_dir.join("snapshots"));
+        let snapshot_provider = match raw.snapshot_provider.as_deref() {
+            None => Provider::Auto,
+            Some(p) => p.parse().map_err(|e: bulwark_snapshot::Error| {
+                err(None, format!("snapshot_provider: {e}"))
+            })?,
+        };
+        let concurrency = raw.concurrency.unwrap_or(CONCURRENCY_DEFAULT);
+        if concurrency == 0 {
+            return Err(err(None, "concurrency: must be at least 1".into()));
+        }
+        let upload_concurrency = raw.upload_concurrency.unwrap_or(16);
+        if upload_concurrency == 0 {
+            return Err(err(None, "upload_concurrency: must be at least 1".into()));
+        }
+        // A vault location that is a plain relative path is relative to the config file too.
+        let vault = if raw.vault.contains("://") || raw.vault.starts_with("memory:") {
+            raw.vault.clone()
+        } else {
+            resolve(Path::new(&raw.vault)).display().to_string()
+        };
+        if raw.vm.is_empty() {
+            return Err(err(
+                None,
+                "no [[vm]] entries: the daemon has nothing to back up".into(),
+            ));
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut vms = Vec::with_capacity(raw.vm.len());
+        for vm in &raw.vm {
+            let vm_line = line_of(text, vm.span().start);
+            let vm = vm.get_ref();
+            let name = vm.name.get_ref().clone();
+            let name_line = line_of(text, vm.name.span().start);
+            validate_name("vm", &name)
+                .map_err(|e| err(Some(name_line), format!("vm.name: {e}")))?;
+            if let Some(first) = seen.insert(name.clone(), name_line) {
+                return Err(err(
+                    Some(name_line),
+                    format!("vm {name:?}: a VM of this name is already configured at line {first}"),
+                ));
+            }
+            if vm.disks.is_empty() {
+                return Err(err(
+                    Some(vm_line),
+                    format!(
+                        "vm {name}: no disks; add disks = [{{ name = \"os\", path = \"/path/to/image\" }}]"
+                    ),
+                ));
+            }
+            let mut disk_names: HashMap<String, usize> = HashMap::new();
+            let mut disks = Vec::with_capacity(vm.disks.len());
+            for d in &vm.disks {
+                let line = line_of(text, d.span().start);
+                let d = d.get_ref();
+                validate_name("disk", &d.name)
+                    .map_err(|e| err(Some(line), format!("vm {name}: disks: {e}")))?;
+                if let Some(first) = disk_names.insert(d.name.clone(), line) {
+                    return Err(err(
+                        Some(line),
+                        format!(
+                            "vm {name}: two disks are named {:?} (first at line {first})",
+                            d.name
+                        ),
+                    ));
+                }
+                if d.path.as_os_str().is_empty() {
+                    return Err(err(
+                        Some(line),
+                        format!("vm {name}: disk {}: path is empty", d.name),
+                    ));
+                }
+                let p = resolve(&d.path);
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => {
+                        return Err(err(
+                            Some(line),
+                            format!(
+                                "vm {name}: disk {}: {} is not a regular file (a disk image is needed)",
+                                d.name,
+                                p.display()
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(err(
+                            Some(line),
+                            format!("vm {name}: disk {}: {}: {e}", d.name, p.display()),
+                        ));
+                    }
+                }
+                disks.push(ImageDisk {
+                    name: d.name.clone(),
+                    path: p,
+                });
+            }
+            let Some(policy) = &vm.policy else {
+                return Err(err(
+                    Some(vm_line),
+                    format!(
+                        "vm {name}: no policy; set policy = \"FILE\" or an inline table policy = {{ ... }}"
+                    ),
+                ));
+            };
+            let policy_line = line_of(text, policy.span().start);
+            let policy = match policy.get_ref() {
+                toml::Value::String(p) => {
+                    let ppath = resolve(Path::new(p));
+                    let ptext = std::fs::read_to_string(&ppath).map_err(|e| {
+                        err(
+                            Some(policy_line),
+                            format!("vm {name}: policy file {}: {e}", ppath.display()),
+                        )
+                    })?;
+                    Policy::from_toml_str(&ptext, &ppath.display().to_string()).map_err(|e| {
+                        err(Some(policy_line), format!("vm {name}: policy file {e}"))
+                    })?
+                }
+                toml::Value::Table(t) => {
+                    let ptext = toml::to_string(t).map_err(|e| {
+                        err(Some(policy_line), format!("vm {name}: inline policy: {e}"))
+                    })?;
+                    const INLINE: &str = "<inline>";
+                    Policy::from_toml_str(&ptext, INLINE).map_err(|e| {
+                        // The line of the re-serialised table means nothing to the user: point
+                        // at the `policy` key and keep the field and the message.
+                        let shown = e.to_string();
+                        let prefix = format!("{INLINE}:{}: ", e.line());
+                        let rest = shown.strip_prefix(&prefix).unwrap_or(&shown);
+                        err(Some(policy_line), format!("vm {name}: policy.{rest}"))
+                    })?
+                }
+                other => {
+                    return Err(err(
+                        Some(policy_line),
+                        format!(
+                            "vm {name}: policy must be a file path or an inline table, got a {}",
+                            other.type_str()
+                        ),
+                    ));
+                }
+            };
+            let schedule_override = match vm.schedule_override_seconds {
+                None => None,
+                Some(0) => {
+                    return Err(err(
+                        Some(vm_line),
+                        format!("vm {name}: schedule_override_seconds must be at least 1"),
+                    ));
+                }
+                Some(s) => Some(Duration::from_secs(s)),
+            };
+            let agent = match vm.agent.as_deref().map(str::trim) {
+                None => None,
+                Some("") => {
+                    return Err(err(
+                        Some(vm_line),
+                        format!("vm {name}: agent is empty (leave it out when there is no agent)"),
+                    ));
+                }
+                Some(a) => {
+                    // A bare HOST:PORT means TCP.
+                    let spelled = if a.starts_with("unix:") || a.starts_with("tcp:") {
+                        a.to_string()
+                    } else {
+                        format!("tcp:{a}")
+                    };
+                    let address: AgentAddress =
+                        spelled.parse().map_err(|e: bulwark_controller::Error| {
+                            err(Some(vm_line), format!("vm {name}: agent: {e}"))
+                        })?;
+                    let tls = match (&address, &tls_dir) {
+                        (AgentAddress::Unix(_), _) => None,
+                        (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
+                        (AgentAddress::Tcp { .. }, None) => {
+                            return Err(err(
+                                Some(vm_line),
+                                format!(
+                                    "vm {name}: agent {address} is reached over TCP with mutual TLS: set tls_dir (the controller's files from `bulwark-controller enroll`)"
+                                ),
+                            ));
+                        }
+                    };
+                    Some(AgentTarget {
+                        address,
+                        tls,
+                        server_name: None,
+                    })
+                }
+            };
+            vms.push(VmConfig {
+                name,
+                disks,
+                agent,
+                policy: Arc::new(policy),
+                schedule_override,
+                keep_snapshots: vm.keep_snapshots.unwrap_or(true),
+            });
+        }
+        Ok(Config {
+            file: path.to_path_buf(),
+            vault,
+            state_dir,
+            snapshot_dir,
+            snapshot_provider,
+            concurrency,
+            upload_concurrency,
+            catch_up: Duration::from_secs(
+                u64::from(raw.catch_up_hours.unwrap_or(CATCH_UP_HOURS_DEFAULT)) * 3600,
+            ),
+            shutdown_timeout: raw
+                .shutdown_timeout_seconds
+                .map(Duration::from_secs)
+                .unwrap_or(SHUTDOWN_TIMEOUT_DEFAULT),
+            prune: raw.prune.unwrap_or(true),
+            tls_dir,
+            gc_interval: match raw.gc_interval_hours.unwrap_or(24) {
+                0 => None,
+                h => Some(Duration::from_secs(h.saturating_mul(3600))),
+            },
+            vms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"{ time_zone = "UTC", schedule = { frequency = "daily", times = ["02:00"] }, retention = { daily = 7 } }"#;
+
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.img"), vec![1u8; 4096]).unwrap();
+        std::fs::write(dir.path().join("b.img"), vec![2u8; 4096]).unwrap();
+        let cfg = dir.path().join("bulwark.toml");
+        (dir, cfg)
+    }
+
+    fn parse(cfg: &Path, text: &str) -> Result<Config, String> {
+        Config::from_toml_str(text, cfg).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn full_config() {
+        let (dir, cfg) = setup();
+        std::fs::write(
+            dir.path().join("hourly.toml"),
+            "time_zone = \"Europe/Berlin\"\n[schedule]\nfrequency = \"hourly\"\nevery_hours = 4\n[retention]\ndaily = 3\ninstant_restore_days = 3\n",
+        )
+        .unwrap();
+        let text = format!(
+            r#"vault = "vault"
+state_dir = "state"
+concurrency = 3
+catch_up_hours = 6
+tls_dir = "tls"
+
+[[vm]]
+name = "web01"
+agent = "127.0.0.1:7443"
+disks = [{{ name = "os", path = "a.img" }}, {{ name = "data", path = "b.img" }}]
+policy = "hourly.toml"
+
+[[vm]]
+name = "db01"
+disks = [{{ name = "os", path = "a.img" }}]
+policy = {POLICY}
+schedule_override_seconds = 5
+"#
+        );
+        let c = parse(&cfg, &text).unwrap();
+        assert_eq!(c.concurrency, 3);
+        assert_eq!(c.catch_up, Duration::from_secs(6 * 3600));
+        assert_eq!(c.state_dir, dir.path().join("state"));
+        assert_eq!(c.snapshot_dir, dir.path().join("state/snapshots"));
+        assert_eq!(c.vault, dir.path().join("vault").display().to_string());
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.vms[0].disks[1].path, dir.path().join("b.img"));
+        assert_eq!(c.vms[0].policy.retention().instant_restore_days, 3);
+        let agent = c.vms[0].agent.as_ref().unwrap();
+        assert_eq!(agent.address.to_string(), "tcp:127.0.0.1:7443");
+        assert_eq!(
+            agent.tls.as_ref().unwrap().cert,
+            dir.path().join("tls/controller.pem")
+        );
+        assert!(c.vms[1].agent.is_none());
+        assert_eq!(c.vms[1].schedule_override, Some(Duration::from_secs(5)));
+        assert!(c.prune && c.vms[0].keep_snapshots);
+        assert_eq!(c.gc_interval, Some(Duration::from_secs(24 * 3600)));
+    }
+
+    #[test]
+    fn agents_need_tls_over_tcp_but_not_over_unix() {
+        let (_dir, cfg) = setup();
+        let base = format!(
+            "vault = \"v\"\nstate_dir = \"s\"\n[[vm]]\nname = \"a\"\ndisks = [{{ name = \"os\", path = \"a.img\" }}]\npolicy = {POLICY}\n"
+        );
+        let e = parse(&cfg, &format!("{base}agent = \"tcp:10.0.0.1:7070\"\n")).unwrap_err();
+        assert!(e.contains("set tls_dir"), "{e}");
+        let e = parse(&cfg, &format!("{base}agent = \"tcp:nohostport\"\n")).unwrap_err();
+        assert!(e.contains("vm a: agent:"), "{e}");
+        let c = parse(&cfg, &format!("{base}agent = \"unix:/run/agent.sock\"\n")).unwrap();
+        let agent = c.vms[0].agent.as_ref().unwrap();
+        assert_eq!(agent.address.to_string(), "unix:/run/agent.sock");
+        assert!(agent.tls.is_none());
+    }
+
+    fn vm_block(extra: &str) -> String {
+        format!(
+            "vault = \"v\"\nstate_dir = \"s\"\n\n[[vm]]\nname = \"web01\"\ndisks = [{{ name = \"os\", path = \"a.img\" }}]\npolicy = {POLICY}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn bad_configs_have_clear_errors() {
+        let (_dir, cfg) = setup();
+        let cases: Vec<(String, &str)> = vec![
+            ("vault = \"v\"\nstate_dir = \n".into(), "bulwark.toml:2:"),
+            (
+                "vault = \"v\"\nstate_dir = \"s\"\nconcurency = 2\n".into(),
+                "bulwark.toml:3: unknown field `concurency`",
+            ),
+            ("vault = \"v\"\nstate_dir = \"s\"\n".into(), "no [[vm]] entries"),
+            (
+                "vault = \"v\"\nstate_dir = \"s\"\n[[vm]]\nname = \"x\"\npolicy = \"p.toml\"\n".into(),
+                "bulwark.toml:3: vm x: no disks",
+            ),
+            (
+                vm_block(&format!(
+                    "[[vm]]\nname = \"web01\"\ndisks = [{{ name = \"os\", path = \"b.img\" }}]\npolicy = {POLICY}\n"
+                )),
+                "bulwark.toml:9: vm \"web01\": a VM of this name is already configured at line 5",
+            ),
+            (
+                vm_block("").replace(
+                    "disks = [{ name = \"os\", path = \"a.img\" }]",
+                    "disks = [{ name = \"os\", path = \"a.img\" },\n { name = \"os\", path = \"b.img\" }]",
+                ),
+                "vm web01: two disks are named \"os\"",
+            ),
+            (
+                vm_block("").replace("a.img", "missing.img"),
+                "vm web01: disk os:",
+            ),
+            (
+                vm_block("").replace("\"02:00\"", "\"25:00\""),
+                "bulwark.toml:7: vm web01: policy.schedule.times",
+            ),
+            (
+                vm_block("").replace("\"UTC\"", "\"Mars/Olympus\""),
+                "unknown time zone \"Mars/Olympus\"",
+            ),
+            (
+                vm_block("").replace("policy = {", "policy = { bogus = 1,"),
+                "policy.bogus: unknown field",
+            ),
+            (
+                vm_block("schedule_override_seconds = 0\n"),
+                "schedule_override_seconds must be at least 1",
+            ),
+            (vm_block("").replace("web01", "../x"), "vm.name"),
+            (
+                vm_block("").replace(&format!("policy = {POLICY}"), "policy = \"nope.toml\""),
+                "vm web01: policy file",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(&cfg, &text).expect_err(&text);
+            assert!(
+                got.contains(want),
+                "for\n{text}\nwanted {want:?}, got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_file_errors_name_the_policy_file() {
+        let (dir, cfg) = setup();
+        std::fs::write(
+            dir.path().join("p.toml"),
+            "time_zone = \"UTC\"\n[schedule]\nfrequency = \"hourly\"\nevery_hours = 5\n[retention]\ndaily = 1\n",
+        )
+        .unwrap();
+        let text = vm_block("").replace(&format!("policy = {POLICY}"), "policy = \"p.toml\"");
+        let got = parse(&cfg, &text).unwrap_err();
+        assert!(got.contains("p.toml:4: schedule.every_hours"), "got {got}");
+    }
+}
