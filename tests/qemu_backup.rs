@@ -27,6 +27,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -346,7 +347,7 @@ impl Scenario {
         let before = last_log_time(&guest.writer_log());
         let begun = Instant::now();
         let mut phases = vec![("prepare", host_ns())];
-        let pending = self.rt.block_on(snapshotter.prepare("vm1")).unwrap();
+        let pending = self.rt.block_on(snapshotter.prepare("vm1", &name)).unwrap();
         phases.push(("take", host_ns()));
         let started = Instant::now();
         let sources = self.rt.block_on(pending.take()).unwrap();
@@ -397,6 +398,7 @@ impl Scenario {
             self.rt
                 .block_on(s.release(Outcome::Committed {
                     point: name.clone(),
+                    manifest_digest: String::new(),
                     keep: false,
                 }))
                 .unwrap();
@@ -482,6 +484,123 @@ fn boot(os: &Path, data: &Path) -> Guest {
             .disk("data", data, DiskFormat::Raw)
             .with_writer(Path::new(env!("CARGO_BIN_EXE_bulwark-guest-writer"))),
     )
+}
+
+// ---- the same through the real CLI and a vault --------------------------------------------
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn used_bytes(dir: &Path) -> u64 {
+    let s = rustix::fs::statvfs(dir).unwrap();
+    (s.f_blocks - s.f_bfree) * s.f_frsize
+}
+
+fn os_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `restore` of one disk of `point` to `to`; `format` raw or qcow2.
+fn cli_restore(vault: &Path, vm: &str, point: &str, disk: &str, to: &Path, format: &str) {
+    let out = bulwark_tests::controller([
+        "restore",
+        "--vault",
+        os_str(vault),
+        "--vm",
+        vm,
+        "--point",
+        point,
+        "--disk",
+        disk,
+        "--to",
+        os_str(to),
+        "--format",
+        format,
+    ]);
+    assert!(
+        out.status.success(),
+        "restore {point} {disk}: {}",
+        bulwark_tests::stderr_of(&out)
+    );
+}
+
+struct Cli {
+    vault: PathBuf,
+    run: tempfile::TempDir,
+    scratch: PathBuf,
+}
+
+impl Cli {
+    fn backup_args<'a>(&'a self, vault: &'a Path, qmp: &'a str) -> Vec<&'a str> {
+        vec![
+            "backup",
+            "--vault",
+            os_str(vault),
+            "--vm",
+            "vm1",
+            "--qmp",
+            qmp,
+            "--runtime-dir",
+            os_str(self.run.path()),
+            "--json",
+        ]
+    }
+
+    /// A backup through `backup --qmp`, each disk restored and checked as one instant.
+    fn backup(
+        &self,
+        guest: &mut Guest,
+        spec: &WriterSpec,
+    ) -> (serde_json::Value, HashMap<String, PathBuf>, u64) {
+        let qmp = format!("unix:{}", guest.qmp_socket().display());
+        let report = bulwark_tests::controller_json(self.backup_args(&self.vault, &qmp));
+        let point = report["point"].as_str().unwrap().to_string();
+        let mut images = HashMap::new();
+        for disk in ["os", "data"] {
+            let to = self.scratch.join(format!("cli-{point}-{disk}.raw"));
+            cli_restore(&self.vault, "vm1", &point, disk, &to, "raw");
+            images.insert(disk.to_string(), to);
+        }
+        let check = tempfile::tempdir_in(&self.scratch).unwrap();
+        let cut = verify_point(
+            spec,
+            &images
+                .iter()
+                .map(|(d, p)| (d.clone(), (p.clone(), DiskFormat::Raw)))
+                .collect(),
+            check.path(),
+        )
+        .unwrap_or_else(|e| panic!("CLI point {point} is not one instant: {e}"))
+        .cut;
+        eprintln!("CLI {point}: cut {cut}: {}", report["disks"]);
+        (report, images, cut)
+    }
+}
+
+fn disk_report<'a>(report: &'a serde_json::Value, disk: &str) -> &'a serde_json::Value {
+    report["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == disk)
+        .unwrap_or_else(|| panic!("no disk {disk} in {report}"))
 }
 
 #[test]
@@ -629,6 +748,165 @@ fn running_vm_full_and_incremental_points_through_qemu() {
     assert_trusted(&p5, "os");
     assert!(p5.cut > last);
 
+    // 7. The same through the real CLI and a vault (64 KiB blocks, as above): a full and an
+    // incremental point through `backup --qmp`, each disk restored with `restore`.
+    let cli = Cli {
+        vault: sc.scratch.path().join("vault"),
+        run: tempfile::tempdir().unwrap(),
+        scratch: sc.scratch.path().to_path_buf(),
+    };
+    let init = bulwark_tests::controller([
+        "init",
+        "--vault",
+        os_str(&cli.vault),
+        "--block-size",
+        "64KiB",
+    ]);
+    assert!(init.status.success(), "{}", bulwark_tests::stderr_of(&init));
+    let (r1, c1, cut1) = cli.backup(&mut guest, &spec);
+    std::thread::sleep(Duration::from_secs(2));
+    let (r2, c2, cut2) = cli.backup(&mut guest, &spec);
+    assert!(cut2 > cut1);
+    let os_slots = slot_file_extents(&c1["os"]);
+    let from_writer = writer_dirty_blocks(&spec, cut1, cut2, &os_slots);
+    for disk in ["os", "data"] {
+        let d = disk_report(&r2, disk);
+        assert!(
+            d.get("change_tracking").is_none_or(|v| v.is_null()),
+            "CLI incremental: {disk} was read in full: {d}"
+        );
+        let mut dirty = differing_blocks(&c1[disk], &c2[disk]);
+        dirty.extend(from_writer.get(disk).into_iter().flatten());
+        let dirty_bytes = dirty.len() as u64 * BLOCK;
+        let read = d["bytes_read"].as_u64().unwrap();
+        let full = disk_report(&r1, disk)["bytes_read"].as_u64().unwrap();
+        eprintln!(
+            "CLI incremental: {disk}: read {read}, guest dirtied {dirty_bytes}, full read {full}"
+        );
+        assert!(
+            read <= 2 * dirty_bytes,
+            "CLI incremental: {disk}: read {read} bytes, the guest dirtied {dirty_bytes}"
+        );
+    }
+
+    // 8. restore --format qcow2: passes `qemu-img check`, equals the raw restore.
+    let p2 = r2["point"].as_str().unwrap();
+    let q = sc.scratch.path().join("cli-os.qcow2");
+    cli_restore(&cli.vault, "vm1", p2, "os", &q, "qcow2");
+    bulwark_tests::run(
+        "qemu-img",
+        [OsStr::new("check"), OsStr::new("-q"), q.as_os_str()],
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
+        .args([&c2["os"], &q])
+        .status()
+        .unwrap();
+    assert!(
+        cmp.success(),
+        "the qcow2 restore differs from the raw restore"
+    );
+    std::fs::remove_file(&q).unwrap();
+
+    // 9. A controller SIGKILLed mid-transfer: the VM runs on, and the next backup removes the
+    // leftovers, succeeds, and still covers what the guest wrote before the killed one.
+    guest.sh_ok(
+        "dd if=/dev/urandom of=/dev/disk/by-serial/data bs=1M seek=40 count=16 2>/dev/null && sync",
+    );
+    let points = |v: &Path| {
+        bulwark_tests::controller_json(["list", "--vault", os_str(v), "--json"])["points"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let points_before = points(&cli.vault);
+    let files_before = files_under(&cli.vault).len();
+    let qmp = format!("unix:{}", guest.qmp_socket().display());
+    let mut args = cli.backup_args(&cli.vault, &qmp);
+    args.extend(["--upload-concurrency", "1"]);
+    let mut child = Command::new(bulwark_tests::controller_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let fleece = |dir: &Path| -> Vec<PathBuf> {
+        files_under(dir)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("bulwark-fleece-")
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Mid-transfer: the fleecing images exist and new blocks have reached the vault.
+    while fleece(fs.path()).is_empty() || files_under(&cli.vault).len() < files_before + 4 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before it could be killed"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the backup never started transferring"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    assert!(
+        !fleece(fs.path()).is_empty(),
+        "no leftovers: the kill did not land mid-transfer"
+    );
+    assert_eq!(
+        points(&cli.vault),
+        points_before,
+        "the killed backup committed its point: the kill did not land mid-transfer"
+    );
+    // The VM was never paused: the writer goes on.
+    let newest = |guest: &mut Guest| {
+        guest
+            .writer_log()
+            .iter()
+            .filter_map(|e| match e {
+                WriterEvent::Progress { generation, .. } => Some(*generation),
+                _ => None,
+            })
+            .max()
+            .unwrap()
+    };
+    let g0 = newest(&mut guest);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        newest(&mut guest) > g0,
+        "the writer stopped after the controller was killed"
+    );
+    let (r3, _, cut3) = cli.backup(&mut guest, &spec);
+    assert!(cut3 > cut2);
+    assert!(
+        fleece(fs.path()).is_empty(),
+        "leftovers after the next backup: {:?}",
+        fleece(fs.path())
+    );
+    for disk in ["os", "data"] {
+        let d = disk_report(&r3, disk);
+        assert!(
+            d.get("change_tracking").is_none_or(|v| v.is_null()),
+            "after the kill: {disk} was read in full: {d}"
+        );
+    }
+    let read = disk_report(&r3, "data")["bytes_read"].as_u64().unwrap();
+    assert!(
+        read >= 16 * MIB,
+        "the backup after the kill read {read} bytes of data: the 16 MiB written before the killed backup are lost"
+    );
+
     // 6. Nothing left behind.
     let left: Vec<String> = std::fs::read_dir(fs.path())
         .unwrap()
@@ -649,8 +927,82 @@ fn running_vm_full_and_incremental_points_through_qemu() {
         })
         .unwrap();
     assert!(leftovers.is_empty(), "QEMU still holds {leftovers:?}");
+
+    // 10. Offline: with the VM shut down, the qcow2 and the raw image on ext4 back up through
+    // `--disk NAME=PATH` (read in place, locked), with nothing of a disk's size written beside
+    // them (df of the image file system watched throughout), and restore to the guest's bytes.
     guest.writer_stop();
     guest.shutdown();
     drop(guest);
+    let files_before = files_under(fs.path());
+    let used_before = used_bytes(fs.path());
+    let os_arg = format!("os={}", os.display());
+    let data_arg = format!("data={}", data.display());
+    let mut child = Command::new(bulwark_tests::controller_bin())
+        .args([
+            "backup",
+            "--vault",
+            os_str(&cli.vault),
+            "--vm",
+            "vm1off",
+            "--disk",
+            &os_arg,
+            "--disk",
+            &data_arg,
+            "--runtime-dir",
+            os_str(cli.run.path()),
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peak = used_before;
+    while child.try_wait().unwrap().is_none() {
+        peak = peak.max(used_bytes(fs.path()));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "offline backup: {}",
+        bulwark_tests::stderr_of(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!(
+        "offline backup: image file system grew by at most {} KiB during it: {}",
+        (peak - used_before) / 1024,
+        report["disks"]
+    );
+    assert!(
+        peak - used_before < 4 * MIB,
+        "{} bytes were written beside the images during an offline backup",
+        peak - used_before
+    );
+    assert_eq!(
+        files_under(fs.path()),
+        files_before,
+        "files appeared beside the images"
+    );
+    let point = report["point"].as_str().unwrap();
+    for (disk, image, format) in [("os", &os, "qcow2"), ("data", &data, "raw")] {
+        for restore_format in ["raw", "qcow2"] {
+            let to = sc
+                .scratch
+                .path()
+                .join(format!("off-{disk}.{restore_format}"));
+            cli_restore(&cli.vault, "vm1off", point, disk, &to, restore_format);
+            let same = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", restore_format, "-F", format])
+                .args([&to, image])
+                .status()
+                .unwrap();
+            assert!(
+                same.success(),
+                "offline {disk}: the {restore_format} restore differs from the image"
+            );
+            std::fs::remove_file(&to).unwrap();
+        }
+    }
     drop(fs);
 }
