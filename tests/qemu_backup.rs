@@ -21,7 +21,20 @@
 //! 5. the VM shut down and booted again (a new QEMU process): point 5 reads `data` (raw, its
 //!    bitmap lived in the old QEMU's memory) in full with the reason; `os` (qcow2, persistent
 //!    bitmap stored in the image at shutdown) still uses its bitmap;
-//! 6. nothing named `bulwark-` is left in QEMU or next to the images.
+//! 6. through the real CLI and a vault (`init --block-size 64KiB`): a full and an incremental
+//!    point with `backup --qmp unix:PATH`, each disk restored with `restore` and checked as one
+//!    instant; the incremental trusts the bitmap on both disks and reads at most twice the
+//!    guest's dirty bytes;
+//! 7. `restore --format qcow2` passes `qemu-img check` and `qemu-img compare` with the raw restore;
+//! 8. 16 MiB written to `data`, then a controller SIGKILLed mid-transfer (the fleecing images
+//!    exist and new blocks reached the vault, and afterwards no point was committed): the writer
+//!    goes on; the next backup removes the leftovers, trusts the bitmaps (rolled back), and reads
+//!    the 16 MiB the killed backup never committed;
+//! 9. nothing named `bulwark-` is left in QEMU or next to the images;
+//! 10. the VM shut down: `backup --disk os=IMAGE.qcow2 --disk data=IMAGE.raw` reads both in place
+//!    (qemu-storage-daemon, locked) with the image file system's used space watched throughout
+//!    (no growth beyond 4 MiB, no new file beside the images), and both restore (raw and qcow2)
+//!    to exactly the guest's view of the images (`qemu-img compare`).
 //!
 //! Root only (loop mount), and QEMU 7.2 (tests/run.sh installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -748,7 +761,7 @@ fn running_vm_full_and_incremental_points_through_qemu() {
     assert_trusted(&p5, "os");
     assert!(p5.cut > last);
 
-    // 7. The same through the real CLI and a vault (64 KiB blocks, as above): a full and an
+    // 6. The same through the real CLI and a vault (64 KiB blocks, as above): a full and an
     // incremental point through `backup --qmp`, each disk restored with `restore`.
     let cli = Cli {
         vault: sc.scratch.path().join("vault"),
@@ -789,7 +802,7 @@ fn running_vm_full_and_incremental_points_through_qemu() {
         );
     }
 
-    // 8. restore --format qcow2: passes `qemu-img check`, equals the raw restore.
+    // 7. restore --format qcow2: passes `qemu-img check`, equals the raw restore.
     let p2 = r2["point"].as_str().unwrap();
     let q = sc.scratch.path().join("cli-os.qcow2");
     cli_restore(&cli.vault, "vm1", p2, "os", &q, "qcow2");
@@ -808,7 +821,7 @@ fn running_vm_full_and_incremental_points_through_qemu() {
     );
     std::fs::remove_file(&q).unwrap();
 
-    // 9. A controller SIGKILLed mid-transfer: the VM runs on, and the next backup removes the
+    // 8. A controller SIGKILLed mid-transfer: the VM runs on, and the next backup removes the
     // leftovers, succeeds, and still covers what the guest wrote before the killed one.
     guest.sh_ok(
         "dd if=/dev/urandom of=/dev/disk/by-serial/data bs=1M seek=40 count=16 2>/dev/null && sync",
@@ -907,7 +920,7 @@ fn running_vm_full_and_incremental_points_through_qemu() {
         "the backup after the kill read {read} bytes of data: the 16 MiB written before the killed backup are lost"
     );
 
-    // 6. Nothing left behind.
+    // 9. Nothing left behind.
     let left: Vec<String> = std::fs::read_dir(fs.path())
         .unwrap()
         .chain(std::fs::read_dir(sc.sockets.path()).unwrap())
