@@ -26,8 +26,9 @@ const RANKS: &[(&str, u32)] = &[
     // Storage and disk access.
     ("bulwark-vault", 2),
     ("bulwark-nbd", 2),
-    ("bulwark-qemu", 3),
     ("bulwark-snapshot", 4),
+    // A running QEMU's and offline images' disk sources (implements bulwark-snapshot's traits).
+    ("bulwark-qemu", 5),
     // Guest agent; instant recovery (vault + NBD + kept snapshots).
     ("bulwark-agent", 5),
     ("bulwark-recovery", 5),

@@ -14,13 +14,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use std::sync::Arc;
 
 use bulwark_controller::tiers::SnapshotStore;
 use bulwark_controller::{
     BackupRequest, KeepSnapshots, Quiesce, RestoreRequest, run_backup, run_restore,
 };
-use bulwark_snapshot::{ImageDisk, ImageSnapshotter};
+
 use bulwark_vault::{CreateOptions, Vault};
 use clap::{Args, Parser, Subcommand};
 
@@ -123,12 +122,25 @@ struct BackupArgs {
     /// The VM's name (letters, digits, '.', '_', '-').
     #[arg(long)]
     vm: String,
-    /// A disk as [NAME=]PATH; repeat for each disk. Without NAME, the file name is used.
-    #[arg(long = "disk", required = true, value_name = "[NAME=]PATH")]
+    /// A disk: of a running VM (with --qmp) its block device name as `query-block` reports it
+    /// (e.g. `os` for `-drive id=os,...`); of a stopped VM its image as [NAME=]PATH (qcow2 or
+    /// raw). Repeat for each disk. With --qmp and no --disk: every writable disk of the VM.
+    #[arg(long = "disk", value_name = "NAME | [NAME=]PATH")]
     disks: Vec<String>,
-    /// How to snapshot: reflink (FICLONE, instant), copy (sparse copy), or auto.
+    /// The running VM's QMP socket (`unix:PATH`): its disks are taken at one instant by QEMU
+    /// (copy-before-write fleecing), read over NBD, and an incremental reads only what QEMU's
+    /// dirty bitmap marks changed.
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
+    /// For image files: auto (qcow2 through qemu-storage-daemon; raw: a reflink on XFS or
+    /// btrfs, else read in place), reflink, copy (a sparse copy of each raw image), or in-place
+    /// (read through qemu-storage-daemon, locked the way QEMU locks images).
     #[arg(long, default_value = "auto")]
-    snapshot: bulwark_snapshot::Provider,
+    snapshot: bulwark_controller::sources::SnapshotMode,
+    /// Private directory for the NBD sockets of QEMU's exports. A later backup finds here what
+    /// a killed one left behind.
+    #[arg(long, value_name = "DIR", default_value = "/run/bulwark")]
+    runtime_dir: PathBuf,
     /// Where snapshot files go (default: .bulwark-snapshots beside each image; a reflink needs
     /// the same file system).
     #[arg(long, value_name = "DIR")]
@@ -187,9 +199,12 @@ struct RestoreArgs {
     /// The disk's name in the point.
     #[arg(long)]
     disk: String,
-    /// The raw image to write (written beside it first, renamed into place when complete).
+    /// The image to write (written beside it first, renamed into place when complete).
     #[arg(long, value_name = "PATH")]
     to: PathBuf,
+    /// The image format: raw (sparse) or qcow2 (through `qemu-img convert`).
+    #[arg(long, default_value = "raw")]
+    format: bulwark_controller::sources::ImageFormat,
     /// Replace the target if it exists.
     #[arg(long)]
     force: bool,
@@ -294,17 +309,19 @@ fn create_options(block_size: u64, level: i32) -> Result<CreateOptions> {
 }
 
 async fn backup(a: BackupArgs) -> Result<()> {
-    let disks = a
-        .disks
-        .iter()
-        .map(|d| ImageDisk::parse(d))
-        .collect::<Result<Vec<_>, _>>()?;
     bulwark_vault::validate_name("vm", &a.vm)?;
-    let mut snapshotter = ImageSnapshotter::new(disks)?;
-    snapshotter.provider = a.snapshot;
-    snapshotter.dir = a.snapshot_dir.clone();
-    snapshotter.change_tracking = !a.no_change_tracking;
-    let mut req = BackupRequest::new(a.vm, Arc::new(snapshotter));
+    std::fs::create_dir_all(&a.runtime_dir)
+        .with_context(|| format!("create the runtime directory {}", a.runtime_dir.display()))?;
+    let spec = bulwark_controller::sources::SourceSpec {
+        qmp: a.qmp.clone(),
+        disks: a.disks.clone(),
+        mode: a.snapshot,
+        snapshot_dir: a.snapshot_dir.clone(),
+        change_tracking: !a.no_change_tracking,
+        socket_dir: a.runtime_dir.clone(),
+    };
+    let snapshotter = bulwark_controller::sources::snapshotter(&spec)?;
+    let mut req = BackupRequest::new(a.vm, snapshotter);
     req.upload_concurrency = a.upload_concurrency;
     req.lease = req.lease.waiting(a.lease_wait);
     if a.quiesce.is_set() {
@@ -405,12 +422,56 @@ async fn list(a: ListArgs) -> Result<()> {
 async fn restore(a: RestoreArgs) -> Result<()> {
     let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
     let progress = ui::Bars::new(!a.json);
-    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
+    let qcow2 = a.format == bulwark_controller::sources::ImageFormat::Qcow2;
+    if qcow2 && a.to.exists() && !a.force {
+        anyhow::bail!("{} exists (--force replaces it)", a.to.display());
+    }
+    // qcow2: the verified raw restore goes to a hidden file beside the target first.
+    let raw_to = if qcow2 {
+        let name = a.to.file_name().context("--to needs a file name")?;
+        a.to.with_file_name(format!(".{}.bulwark-raw", name.to_string_lossy()))
+    } else {
+        a.to.clone()
+    };
+    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, raw_to.clone());
+    req.force = a.force || qcow2;
     req.force = a.force;
     req.concurrency = a.concurrency;
     req.snapshots = a.snapshot_dir.clone().map(SnapshotStore::new);
     req.observer = progress.clone();
-    let report = run_restore(req, &vault).await?;
+    let report = run_restore(req, &vault).await;
+    if qcow2 {
+        let report = report.inspect_err(|_| {
+            let _ = std::fs::remove_file(&raw_to);
+        })?;
+        let converted = bulwark_controller::sources::raw_to_qcow2(
+            std::path::Path::new("qemu-img"),
+            &raw_to,
+            &a.to,
+        );
+        if converted.is_err() {
+            let _ = std::fs::remove_file(&raw_to);
+        }
+        converted?;
+        progress.clear();
+        if a.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["to"] = serde_json::json!(a.to);
+            v["format"] = serde_json::json!("qcow2");
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            eprintln!(
+                "restored {}/{} disk {} to {} (qcow2): {}",
+                report.vm,
+                report.point,
+                report.disk,
+                a.to.display(),
+                ui::human(report.size)
+            );
+        }
+        return Ok(());
+    }
+    let report = report?;
     if a.snapshot_dir.is_some() {
         progress.clear();
         return daemon_cmd::show_restore(&report, a.json);

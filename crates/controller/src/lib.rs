@@ -32,6 +32,7 @@ mod job;
 mod quiesce;
 mod restore;
 mod retention;
+pub mod sources;
 pub mod tiers;
 mod transfer;
 
@@ -83,6 +84,12 @@ pub enum Error {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// What to back up was given wrongly (disks, QMP socket, snapshot mode, image format).
+    #[error("{why}")]
+    Source {
+        /// What is wrong, naming the disk or option.
+        why: String,
     },
     /// A worker task failed.
     #[error("worker failed: {0}")]
