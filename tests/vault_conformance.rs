@@ -34,7 +34,7 @@ async fn restore_to(vault: &Vault, point: &str, to: &Path) -> Vec<u8> {
             snapshots: None,
             observer: Arc::new(NoObserver),
         },
-        &vault,
+        vault,
     )
     .await
     .unwrap_or_else(|e| panic!("restore of {point}: {e}"));

@@ -58,7 +58,7 @@ async fn restored(vault: &Vault, point: &str, dir: &Path) -> Vec<u8> {
             snapshots: None,
             observer: Arc::new(NoObserver),
         },
-        &vault,
+        vault,
     )
     .await
     .unwrap_or_else(|e| panic!("restore {point}: {e}"));
