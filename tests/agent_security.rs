@@ -165,17 +165,33 @@ fn mutual_tls_agent_refuses_unauthenticated_and_malformed_clients_and_keeps_serv
         cert: impostor.join("controller.pem"),
         key: impostor.join("controller.key"),
     };
-    let rt = rt();
-    rt.block_on(async {
-        // Wrong certificate, straight at the protocol: the first request fails.
-        let conn = connect_tcp(addr.as_str(), "127.0.0.1", client_config(&bad).unwrap()).await;
-        if let Ok(conn) = conn {
+    // The agent's state as seen by the enrolled controller: what the refused clients below
+    // must not have changed.
+    let state = || {
+        rt().block_on(async {
+            let conn = connect_tcp(addr.as_str(), "127.0.0.1", client_config(&good).unwrap())
+                .await
+                .unwrap();
             let mut c = Client::new(conn);
             c.set_reply_timeout(Some(Duration::from_secs(10)));
-            assert!(c.hello("impostor", "0", &[]).await.is_err());
-            assert!(c.freeze(Duration::from_secs(30)).await.is_err());
-        }
+            c.hello("test", "0", &[]).await.unwrap();
+            c.status().await.unwrap().state
+        })
+    };
+    let rt = rt();
+    rt.block_on(async {
+        // Wrong certificate, straight at the protocol. With TLS 1.3 the client finishes its
+        // side of the handshake before the agent checks the certificate, so the connection
+        // opens and the first request is what fails.
+        let conn = connect_tcp(addr.as_str(), "127.0.0.1", client_config(&bad).unwrap())
+            .await
+            .expect("the TCP connection and the client's side of TLS 1.3 complete");
+        let mut c = Client::new(conn);
+        c.set_reply_timeout(Some(Duration::from_secs(10)));
+        assert!(c.hello("impostor", "0", &[]).await.is_err());
+        assert!(c.freeze(Duration::from_secs(30)).await.is_err());
     });
+    assert_eq!(state(), AgentState::Idle, "the impostor froze the guest");
 
     // No client certificate at all: a Hello and a Freeze written blind get no reply.
     let hello = RequestEnvelope {
@@ -194,10 +210,19 @@ fn mutual_tls_agent_refuses_unauthenticated_and_malformed_clients_and_keeps_serv
         body: Request::Freeze { timeout_ms: 30_000 },
     };
     let blind = [frame(&hello), frame(&freeze)].concat();
+    // The agent answers with a TLS alert (certificate required) or closes: never a protocol
+    // reply. A failure to connect at all would prove nothing, so it fails the test.
     match no_cert_exchange(&addr, &ca.join("ca.pem"), &blind) {
         Ok(reply) => assert!(reply.is_empty(), "an anonymous client got a reply"),
-        Err(e) => eprintln!("anonymous client refused: {e}"),
+        Err(e) => {
+            let text = e.to_string().to_lowercase();
+            assert!(
+                text.contains("alert") || text.contains("certificate") || text.contains("reset"),
+                "the anonymous client failed for another reason than the agent's refusal: {e}"
+            );
+        }
     }
+    assert_eq!(state(), AgentState::Idle, "the blind Freeze was executed");
 
     // Plain TCP garbage.
     {

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -38,7 +40,14 @@ fn sigkill_during_backup_never_breaks_committed_points() {
 
     // Kill moments spread over the whole duration of a backup, deterministically.
     let mut x: u64 = 0x1234_5678;
+    // Rounds whose kill landed mid-backup: the process died of the SIGKILL after it had
+    // begun storing blocks and before it committed a point. Without some, this test would
+    // check nothing.
+    let mut mid_backup = 0;
     for round in 0..8u64 {
+        let stored_before = count_files(&Path::new(vault).join("blocks"))
+            + count_files(&Path::new(vault).join("staging"));
+        let points_before = count_files(&Path::new(vault).join("points"));
         // New data in a third of the blocks, so each backup has real work to do.
         for b in (round % 3..blocks).step_by(3) {
             f.write_all_at(
@@ -60,6 +69,13 @@ fn sigkill_during_backup_never_breaks_committed_points() {
         std::thread::sleep(delay);
         let _ = child.kill(); // SIGKILL; the backup may already have finished
         let out = child.wait_with_output().unwrap();
+        let killed = out.status.signal() == Some(9);
+        let stored_after = count_files(&Path::new(vault).join("blocks"))
+            + count_files(&Path::new(vault).join("staging"));
+        let points_after = count_files(&Path::new(vault).join("points"));
+        if killed && stored_after > stored_before && points_after == points_before {
+            mid_backup += 1;
+        }
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             committed.push((v["point"].as_str().unwrap().to_string(), file_digest(&img)));
@@ -82,6 +98,13 @@ fn sigkill_during_backup_never_breaks_committed_points() {
             }
         }
     }
+
+    assert!(
+        mid_backup >= 2,
+        "only {mid_backup} of 8 kills landed mid-backup (after blocks were stored, before the \
+         commit): the test did not exercise a crash"
+    );
+    eprintln!("{mid_backup} of 8 kills landed mid-backup");
 
     // Every point we know the content of restores bit-exact.
     for (i, (point, digest)) in committed.iter().enumerate() {
@@ -120,4 +143,17 @@ fn sigkill_during_backup_never_breaks_committed_points() {
     ]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(file_digest(&to), file_digest(&img));
+}
+
+/// Files under `dir`, recursively (0 when it does not exist).
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() { count_files(&p) } else { 1 }
+        })
+        .sum()
 }

@@ -344,8 +344,37 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
         assert!(!snapshots.join("web01").join(format!("{id}.json")).exists());
     }
     // Overlap: with a 2 s schedule and a slow big disk, some runs found db01 still busy.
-    for j in all.iter().filter(|j| j["state"] == "Skipped") {
-        assert!(j["error"].as_str().unwrap().contains("still running"));
+    // Not vacuous: a db01 job that completed after running for two periods or more had a
+    // run fall due meanwhile, which must have been recorded as skipped.
+    let ran_secs = |j: &serde_json::Value| -> Option<f64> {
+        let started: jiff::Timestamp = j["started"].as_str()?.parse().ok()?;
+        let ended: jiff::Timestamp = j["ended"].as_str()?.parse().ok()?;
+        Some(ended.duration_since(started).as_secs_f64())
+    };
+    let longest_db = all
+        .iter()
+        .filter(|j| {
+            j["vm"] == "db01"
+                && j["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("Completed"))
+        })
+        .filter_map(ran_secs)
+        .fold(0.0, f64::max);
+    let skipped: Vec<_> = all.iter().filter(|j| j["state"] == "Skipped").collect();
+    if longest_db >= 4.0 {
+        assert!(
+            skipped.iter().any(|j| j["vm"] == "db01"),
+            "a db01 job ran {longest_db:.1} s on a 2 s schedule, yet no db01 run was skipped"
+        );
+    } else {
+        eprintln!("no db01 job outlasted two periods ({longest_db:.1} s): no skip was due");
+    }
+    for j in &skipped {
+        assert!(
+            j["error"].as_str().unwrap().contains("still running"),
+            "{j}"
+        );
     }
 }
 

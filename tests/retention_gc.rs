@@ -490,6 +490,7 @@ fn lease(kind: LeaseKind, id: &str, expires_in: i64) -> LeaseRecord {
         host: "testhost".into(),
         created: now,
         expires,
+        ttl_ms: None,
     }
 }
 

@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 
 # tool:package pairs the tests call.
 need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
-      fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
-      qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin)
+      sgdisk:gdisk sfdisk:fdisk fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
+      qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
+      /usr/bin/time:time
+      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}
@@ -59,6 +61,9 @@ if qemu_ok; then
     [ -n "$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || { [ "$(id -u)" = 0 ] && apt-get update -qq; } || true
     bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
 fi
+
+# tests/packaging.rs builds the Debian packages with the pinned cargo-deb.
+bash packaging/build-debs.sh --install-tool
 
 if [ -f tests/servers.sh ]; then
     bash tests/servers.sh start

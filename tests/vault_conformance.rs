@@ -54,6 +54,12 @@ async fn conformance(place: &Place, key: Option<MasterKey>) {
         .await
         .unwrap_or_else(|e| panic!("{what}: create: {e}"));
     assert_eq!(vault.is_encrypted(), key.is_some());
+    // init's probe: a second create-only write of the same key is refused here.
+    assert_eq!(
+        vault.config().conditional_writes,
+        Some(true),
+        "{what}: the store honours conditional writes"
+    );
     assert!(matches!(
         Vault::create_with(&place.location, &create, &opts).await,
         Err(Error::VaultExists { .. })

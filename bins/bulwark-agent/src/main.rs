@@ -1,5 +1,7 @@
 //! `bulwark-agent`: the guest agent. A thin CLI over the `bulwark-agent` library.
 
+mod assets;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,6 +28,9 @@ struct Cli {
 fn main() -> ExitCode {
     // The freeze guardian re-executes this binary: dispatch before anything else.
     if let Some(code) = bulwark_quiesce::guardian::dispatch_guardian(std::env::args_os().skip(1)) {
+        return code;
+    }
+    if let Some(code) = assets::dispatch() {
         return code;
     }
     let cli = Cli::parse();

@@ -2,7 +2,9 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod assets;
 mod daemon_cmd;
+mod files_cmd;
 mod keys;
 mod retention_cmd;
 mod ui;
@@ -84,6 +86,9 @@ enum Command {
     /// Check a policy file, or show when it runs next.
     #[command(subcommand)]
     Policy(retention_cmd::PolicyCommand),
+    /// Files from a point without a full restore: ls, get, cat (read in user space).
+    #[command(subcommand)]
+    Files(files_cmd::FilesCommand),
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +215,9 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = assets::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     keys::init(&cli.keys);
     ui::init_logging(cli.verbose);
@@ -268,6 +276,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::ListDeleted(a) => retention_cmd::list_deleted(a).await?,
         Command::Locks(a) => retention_cmd::locks(a).await?,
         Command::Policy(a) => retention_cmd::policy(a)?,
+        Command::Files(a) => return files_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -85,23 +85,43 @@ fn outcome(report: &ScriptReport) -> ScriptOutcome {
             (ScriptStatus::Refused, None, Some(reason.clone()))
         }
     };
-    let tail = if report.stderr_tail.trim().is_empty() {
-        report.stdout_tail.trim()
-    } else {
-        report.stderr_tail.trim()
-    };
-    let tail: String = {
-        let n = tail.chars().count();
-        tail.chars().skip(n.saturating_sub(400)).collect()
-    };
     ScriptOutcome {
         path: report.path.display().to_string(),
         status,
         exit_code,
         attempts: report.attempts,
         duration_ms: report.duration_ms,
-        message: message.or((!tail.is_empty()).then_some(tail)),
+        message,
     }
+}
+
+/// The last `max` characters of `text`, trimmed.
+fn last_chars(text: &str, max: usize) -> String {
+    let t = text.trim();
+    let n = t.chars().count();
+    t.chars().skip(n.saturating_sub(max)).collect()
+}
+
+/// Runs a script and keeps its output on this host: the tails (already bounded by the
+/// runner) go to the agent's own log, at most 400 characters of each, and are removed from
+/// the report, so that nothing the script printed (passwords, paths, data) reaches the
+/// controller, its reasons or the recovery point in the vault.
+async fn run_local(phase: Phase, spec: &ScriptSpec, opts: &RunOptions) -> ScriptReport {
+    let mut report = run_script(phase, spec, opts).await;
+    let stdout = last_chars(&report.stdout_tail, 400);
+    let stderr = last_chars(&report.stderr_tail, 400);
+    if !stdout.is_empty() || !stderr.is_empty() {
+        tracing::info!(
+            script = %report.path.display(),
+            phase = phase.as_str(),
+            %stdout,
+            %stderr,
+            "script output (kept on this host)"
+        );
+    }
+    report.stdout_tail.clear();
+    report.stderr_tail.clear();
+    report
 }
 
 fn skipped(spec: &ScriptSpec, why: &str) -> ScriptOutcome {
@@ -294,7 +314,7 @@ impl AgentCore {
                     outcomes.push(skipped(s, "an earlier pre-script failed"));
                     continue;
                 }
-                let report = run_script(Phase::Pre, s, &opts).await;
+                let report = run_local(Phase::Pre, s, &opts).await;
                 outcomes.push(outcome(&report));
                 if !report.succeeded() {
                     failed = Some(report);
@@ -344,7 +364,7 @@ impl AgentCore {
         let opts = self.run_options();
         let mut out = Vec::new();
         for s in post {
-            out.push(outcome(&run_script(Phase::Post, s, &opts).await));
+            out.push(outcome(&run_local(Phase::Post, s, &opts).await));
         }
         out
     }
@@ -537,7 +557,10 @@ impl Handler for AgentConnection {
             Request::Status => self.core.status().await,
             Request::Prepare => self.core.prepare(self.id).await,
             Request::Freeze { timeout_ms } => self.core.freeze(timeout_ms, self.id).await,
-            Request::Thaw => self.core.thaw(None, None).await,
+            // Only the connection that prepared or froze may thaw: another controller (or a
+            // second connection of the same one) gets `invalid_state`. A connection that goes
+            // away thaws its own freeze (Drop below); SIGTERM thaws whatever is frozen.
+            Request::Thaw => self.core.thaw(Some(self.id), None).await,
             Request::Hello(_) => Response::error(ErrorCode::BadRequest, "hello again"),
         }
     }

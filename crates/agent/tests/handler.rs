@@ -164,7 +164,14 @@ async fn pre_scripts_outcomes_and_fallbacks() {
     assert_eq!(p.level, Level::FileSystem);
     assert_eq!(p.scripts[0].status, ScriptStatus::Failed);
     assert_eq!(p.scripts[0].exit_code, Some(4));
-    assert_eq!(p.scripts[0].message.as_deref(), Some("nope"));
+    // What the script printed stays on the agent's host: not in the outcome, not in the
+    // reasons (both end up in the recovery point).
+    assert_eq!(p.scripts[0].message, None);
+    let reply = format!("{p:?}");
+    assert!(
+        !reply.contains("nope"),
+        "script output left the agent: {reply}"
+    );
     assert_eq!(p.scripts[1].status, ScriptStatus::Skipped);
     assert!(
         p.reasons[0].contains("exited with status 4"),
@@ -204,4 +211,34 @@ async fn pre_scripts_outcomes_and_fallbacks() {
         "{:?}",
         p.reasons
     );
+}
+
+#[tokio::test]
+async fn only_the_connection_that_prepared_may_thaw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let text = format!(
+        "listen = \"unix:{0}/s\"\nstate_dir = \"{0}/state\"\n[freeze]\nenabled = false\n",
+        dir.display()
+    );
+    let core = AgentCore::new(config(dir, &text, 0o600), None);
+    let mut owner = client(&core).await;
+    owner.hello("owner", "0", &[]).await.unwrap();
+    owner.prepare().await.unwrap();
+    let mut other = client(&core).await;
+    other.hello("other", "0", &[]).await.unwrap();
+    let err = other.thaw().await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            bulwark_protocol::Error::Remote {
+                code: ErrorCode::InvalidState,
+                ..
+            }
+        ),
+        "another connection thawed: {err}"
+    );
+    assert_eq!(other.status().await.unwrap().state, AgentState::Prepared);
+    owner.thaw().await.unwrap();
+    assert_eq!(other.status().await.unwrap().state, AgentState::Idle);
 }

@@ -81,9 +81,9 @@ async fn transfer_leased(
         policy: req.policy.clone(),
         agent: snapped.agent.clone(),
     };
-    // Blocks this job found in the vault are safe only while GC is kept out.
-    lease.ensure_held()?;
-    vault.commit_point(&rp).await?;
+    // Blocks this job found in the vault are safe only while GC is kept out: the commit runs
+    // under the lease, with a deadline no retry can outlive.
+    vault.commit_point_held(lease, &rp).await?;
     tracing::info!(point, "recovery point committed");
     let storage = vault.store_stats().since(&storage_before);
     let c = &snapped.consistency;

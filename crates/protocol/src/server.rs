@@ -40,17 +40,25 @@ pub struct ServeOptions {
     /// Close a connection that sends no complete frame for this long (a frozen agent must not
     /// wait forever on a vanished controller; the watchdog is the real guard). `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// Limit of a TLS handshake in the listeners' `run` loops.
+    /// Limit of a TLS handshake in the listeners' `run` loops, and of the time from the start
+    /// of [`serve`] to a successful `Hello`: a connection that has not agreed a version by
+    /// then is closed.
     pub handshake_timeout: Duration,
+    /// How many accepted connections may be in their TLS handshake at once (not yet
+    /// authenticated) in [`TlsListener::run`](crate::TlsListener::run); more are closed at
+    /// once, without a task each.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for ServeOptions {
-    /// All supported versions, 5 minutes idle timeout, 10 seconds handshake timeout.
+    /// All supported versions, 5 minutes idle timeout, 10 seconds handshake timeout, 32
+    /// unauthenticated connections.
     fn default() -> ServeOptions {
         ServeOptions {
             versions: VersionRange::SUPPORTED,
             idle_timeout: Some(Duration::from_secs(300)),
             handshake_timeout: Duration::from_secs(10),
+            max_unauthenticated: 32,
         }
     }
 }
@@ -86,15 +94,24 @@ where
 {
     let mut last_id: Option<u64> = None;
     let mut agreed: Option<u16> = None;
+    let hello_by = tokio::time::Instant::now() + options.handshake_timeout;
     loop {
-        let received = match options.idle_timeout {
+        // Before `Hello` the connection has until `hello_by`; after, `idle_timeout` per request.
+        let limit = match agreed {
+            None => Some((
+                hello_by.saturating_duration_since(tokio::time::Instant::now()),
+                "waiting for hello",
+            )),
+            Some(_) => options.idle_timeout.map(|t| (t, "waiting for a request")),
+        };
+        let received = match limit {
             None => conn.recv_request().await,
-            Some(after) => tokio::time::timeout(after, conn.recv_request())
+            Some((after, action)) => tokio::time::timeout(after, conn.recv_request())
                 .await
                 .unwrap_or_else(|_| {
                     Err(Error::Timeout {
                         peer: conn.peer().to_owned(),
-                        action: "waiting for a request",
+                        action,
                         after,
                     })
                 }),

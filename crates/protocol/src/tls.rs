@@ -274,6 +274,9 @@ impl TlsListener {
         F: FnMut(&str) -> H,
         H: Handler + 'static,
     {
+        let unauthenticated = Arc::new(tokio::sync::Semaphore::new(
+            options.max_unauthenticated.max(1),
+        ));
         loop {
             let pending = match self.accept().await {
                 Ok(p) => p,
@@ -284,9 +287,22 @@ impl TlsListener {
                     continue;
                 }
             };
+            // At most `max_unauthenticated` handshakes at once: past that, the connection is
+            // closed here, before it costs a task.
+            let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    peer = %pending.peer_addr(),
+                    limit = options.max_unauthenticated,
+                    "too many connections not yet authenticated: closed"
+                );
+                drop(pending);
+                continue;
+            };
             let handler = make_handler(&pending.peer_addr().to_string());
             tokio::spawn(async move {
-                let conn = match pending.handshake(options.handshake_timeout).await {
+                let handshake = pending.handshake(options.handshake_timeout).await;
+                drop(permit);
+                let conn = match handshake {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(error = ?e, "TLS handshake refused");

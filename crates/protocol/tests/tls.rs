@@ -396,3 +396,81 @@ async fn replayed_and_out_of_order_request_ids_are_rejected() {
         Response::HelloOk(_)
     ));
 }
+
+async fn start_agent_with(agent: &TlsFiles, options: ServeOptions) -> SocketAddr {
+    let listener = TlsListener::bind(LOCALHOST.parse().unwrap(), server_config(agent).unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let toy = ToyAgent::new();
+    tokio::spawn(async move { listener.run(options, move |_peer| toy.clone()).await });
+    addr
+}
+
+/// Whether the agent closes `tcp` within `within` (end of stream or reset).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn connections_not_yet_authenticated_are_capped() {
+    let pki = pki();
+    let options = ServeOptions {
+        max_unauthenticated: 2,
+        handshake_timeout: Duration::from_secs(20),
+        ..ServeOptions::default()
+    };
+    let addr = start_agent_with(&pki.agent, options).await;
+    // Two connections that never start TLS hold both handshake slots.
+    let mut idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third is closed at once instead of waiting for its handshake.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(3)).await,
+        "a connection over the cap was kept open"
+    );
+    // The slots are not taken by anyone else: once one idle connection goes, a real
+    // controller gets through.
+    assert!(!closed_within(&mut idle1, Duration::from_millis(100)).await);
+    drop(idle1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = hello_client(&pki, addr).await;
+    client.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_closed_at_the_handshake_deadline() {
+    let pki = pki();
+    let options = ServeOptions {
+        handshake_timeout: Duration::from_millis(500),
+        idle_timeout: Some(Duration::from_secs(300)),
+        ..ServeOptions::default()
+    };
+    let addr = start_agent_with(&pki.agent, options).await;
+    let mut conn = connect(&pki, addr).await;
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), conn.recv_response())
+        .await
+        .expect("the agent kept a connection without hello open");
+    // A timeout reply, then the close (or the close straight away).
+    if let Ok(reply) = r {
+        assert_eq!(
+            error_code(&reply.body),
+            Some(ErrorCode::Timeout),
+            "{reply:?}"
+        );
+        assert!(conn.recv_response().await.unwrap_err().is_closed());
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // After hello, the idle timeout (minutes) applies instead.
+    let mut client = hello_client(&pki, addr).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    client.ping().await.unwrap();
+}

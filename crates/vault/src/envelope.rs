@@ -58,13 +58,29 @@ impl Kind {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The largest stored object of this kind a Bulwark writer produces: the header, the
+    /// encryption overhead and at most `max_plain_len` of payload (a compressed payload is
+    /// kept only when it is smaller than the plain content). Reads refuse anything larger
+    /// before downloading it (see [`crate::bounded`]).
+    pub(crate) fn max_stored_len(self) -> u64 {
+        stored_len_for(self.max_plain_len())
+    }
+
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Block => "block",
             Kind::Manifest => "manifest",
             Kind::Point => "point",
         }
     }
+}
+
+/// Nonce and tag of an encrypted payload.
+const ENCRYPTION_OVERHEAD: u64 = 24 + 16;
+
+/// The largest stored object whose plain content is at most `plain` bytes.
+pub(crate) fn stored_len_for(plain: u64) -> u64 {
+    plain.saturating_add(HEADER_LEN as u64 + ENCRYPTION_OVERHEAD)
 }
 
 /// The result of sealing: the stored bytes and the digest of the plain content.

@@ -137,7 +137,9 @@ impl Vault {
         };
         let marked = self.gc_mark(&mut report).await?;
         // Sweep.
-        let cutoff = minus(Timestamp::now(), options.grace);
+        // On the store's clock, like `last_modified`: a host whose clock runs ahead must not
+        // take a young block for an old one.
+        let cutoff = minus(lease.store_now(), options.grace);
         let mut doomed = self
             .gc_sweep_blocks(&marked.blocks, cutoff, &mut report)
             .await?;
@@ -319,7 +321,7 @@ impl Vault {
         Ok(doomed)
     }
 
-    /// Deletes `doomed` (checking the lease before each delete), then the expired leases seen.
+    /// Deletes `doomed` (each under the lease, with a deadline it cannot outlive), then the expired leases seen.
     async fn gc_delete(
         &self,
         lease: &Lease,
@@ -328,11 +330,13 @@ impl Vault {
     ) -> Result<(), Error> {
         let mut deletes = futures::stream::iter(doomed)
             .map(|key| async move {
-                lease.ensure_held()?;
-                match self.store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(Error::store(&key, e)),
-                }
+                let delete = async {
+                    match self.store.delete(&key).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(Error::store(&key, e)),
+                    }
+                };
+                lease.held("a delete", delete).await
             })
             .buffer_unordered(self.concurrency());
         while let Some(r) = deletes.next().await {

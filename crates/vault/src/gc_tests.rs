@@ -47,7 +47,10 @@ async fn prune_lease(v: &Vault) -> Lease {
 async fn soft_delete_undelete_round_trip_is_byte_exact() {
     let v = mem().await;
     let p = point_with(&v, "vm", &[b"a", b"b"]).await;
-    let before = v.get_raw(&point_key("vm", &p.id)).await.unwrap();
+    let before = v
+        .get_raw(&point_key("vm", &p.id), crate::envelope::Kind::Point)
+        .await
+        .unwrap();
     let lease = prune_lease(&v).await;
     let now = Timestamp::now();
     assert!(
@@ -73,7 +76,12 @@ async fn soft_delete_undelete_round_trip_is_byte_exact() {
 
     let back = v.undelete(&lease, "vm", &p.id).await.unwrap();
     assert_eq!(back, p);
-    assert_eq!(v.get_raw(&point_key("vm", &p.id)).await.unwrap(), before);
+    assert_eq!(
+        v.get_raw(&point_key("vm", &p.id), crate::envelope::Kind::Point)
+            .await
+            .unwrap(),
+        before
+    );
     assert!(v.list_deleted(None).await.unwrap().points.is_empty());
     let e = v.undelete(&lease, "vm", &p.id).await.unwrap_err();
     assert!(e.to_string().contains("it is live"), "{e}");
@@ -326,6 +334,7 @@ async fn expired_leases_do_not_block_and_gc_removes_them() {
         host: "h".into(),
         created: past,
         expires: past,
+        ttl_ms: None,
     };
     write_lease_record(&v, &rec).await.unwrap();
     let r = v.gc(&gc0()).await.unwrap();
@@ -375,6 +384,7 @@ async fn a_corrupt_lease_is_a_clear_error() {
         host: "h".into(),
         created: Timestamp::now(),
         expires: Timestamp::now(),
+        ttl_ms: None,
     };
     v.store
         .put(

@@ -39,7 +39,22 @@
 //! A holder whose lease ran out (the process was suspended, renewal failed) must not go on:
 //! [`Lease::ensure_held`] fails from `ttl / 4` before the expiry on, and jobs call it before
 //! every step that relies on exclusion (GC before each delete, a backup before committing
-//! its point). Others consider a lease live until its `expires` time.
+//! its point). [`Lease::held`] runs such a step under a deadline: the step, with all its
+//! retries, is abandoned before the lease could look expired to anyone.
+//!
+//! # Whose clock
+//!
+//! Expiry is judged on the object store's clock, never on a host's: a lease is live while
+//! the store's time is before the `last_modified` of the lease object (stamped by the store
+//! at the last write, acquisition or renewal) plus the lease's `ttl_ms`. The acquirer's
+//! notion of the store's time is the `last_modified` of its own lease object, written just
+//! before it lists: a lower bound of the store's time at the listing, so a lease is never
+//! judged expired early. The holder, for its part, counts on its monotonic clock from the
+//! moment before each successful write: the store stamped that write later, so the lease
+//! lasts at least `ttl` from then on the store's clock (less one second for stores that
+//! truncate `last_modified` to seconds). Wall clocks, which may be minutes apart between
+//! hosts, only fill the informational `created` and `expires` fields ([`LeaseOptions::
+//! clock_offset`] injects skew into them in tests).
 //!
 //! A lease object that does not parse is never ignored by an acquirer it could conflict
 //! with: the acquirer backs off with [`Error::CorruptLease`] naming the key, so that an
@@ -51,9 +66,9 @@
 //! its lease; GC does not wait by default: it refuses with [`Error::LeaseConflict`] while any
 //! backup or prune is running, and the next scheduled run does the work.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use jiff::Timestamp;
@@ -128,14 +143,38 @@ pub struct LeaseRecord {
     pub host: String,
     /// When it was acquired.
     pub created: Timestamp,
-    /// When it expires unless renewed.
+    /// When it expires unless renewed, on the writer's clock (informational: expiry is
+    /// judged on the store's clock, see the module documentation).
     pub expires: Timestamp,
+    /// How long after its last write (the object's `last_modified`, on the store's clock) the
+    /// lease lasts. Records without it (older writers) last `expires - created`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
 }
 
 impl LeaseRecord {
-    /// Whether the lease is still live at `now`.
+    /// Whether the lease is still live at `now` by its writer's own `expires` (informational;
+    /// acquirers use [`LeaseRecord::is_live_on_store`]).
     pub fn is_live(&self, now: Timestamp) -> bool {
         now < self.expires
+    }
+
+    /// How long the lease lasts after each write of its object.
+    pub fn ttl(&self) -> Duration {
+        match self.ttl_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => self
+                .expires
+                .duration_since(self.created)
+                .try_into()
+                .unwrap_or(Duration::ZERO),
+        }
+    }
+
+    /// Whether the lease is live at `store_now`, given `written`, the `last_modified` the
+    /// store gave its object; both on the store's clock.
+    pub fn is_live_on_store(&self, written: Timestamp, store_now: Timestamp) -> bool {
+        store_now < plus(written, self.ttl())
     }
 
     /// "gc lease of bulwark gc (pid 12, host h) until 2026-…".
@@ -156,6 +195,14 @@ pub struct LeaseOptions {
     pub wait: Duration,
     /// The pause between attempts (a random part is added).
     pub retry: Duration,
+    /// Added to this host's wall clock where a lease reads it (the informational `created`
+    /// and `expires` fields): clock skew between hosts, injected in tests. Expiry never
+    /// depends on it.
+    pub clock_offset: jiff::SignedDuration,
+    /// The operator's word that no other Bulwark process writes to the vault meanwhile:
+    /// required for prune and GC leases on a store that ignores conditional writes (see
+    /// [`crate::conditional`]).
+    pub single_writer: bool,
 }
 
 impl Default for LeaseOptions {
@@ -164,6 +211,8 @@ impl Default for LeaseOptions {
             ttl: Duration::from_secs(60),
             wait: Duration::ZERO,
             retry: Duration::from_millis(500),
+            clock_offset: jiff::SignedDuration::ZERO,
+            single_writer: false,
         }
     }
 }
@@ -174,6 +223,23 @@ impl LeaseOptions {
         self.wait = wait;
         self
     }
+
+    /// This host's wall clock, shifted by [`LeaseOptions::clock_offset`].
+    fn wall_now(&self) -> Timestamp {
+        Timestamp::now()
+            .checked_add(self.clock_offset)
+            .unwrap_or(Timestamp::now())
+    }
+}
+
+/// Stores that keep `last_modified` to the second only (S3's `Last-Modified`) make a lease
+/// look up to this much older than it is: the holder gives it up this much earlier. Such a
+/// store needs a ttl of several seconds (the default is a minute).
+const STORE_TIME_RESOLUTION: Duration = Duration::from_secs(1);
+
+/// The store's `last_modified` as a timestamp.
+fn store_time(meta: &object_store::ObjectMeta) -> Timestamp {
+    Timestamp::from_millisecond(meta.last_modified.timestamp_millis()).unwrap_or(Timestamp::MIN)
 }
 
 pub(crate) fn plus(t: Timestamp, d: Duration) -> Timestamp {
@@ -265,12 +331,18 @@ async fn read_lease(
     store: &Arc<dyn ObjectStore>,
     key: &ObjPath,
 ) -> Result<Option<LeaseRecord>, Error> {
-    let bytes = match store.get(key).await {
-        Ok(r) => match r.bytes().await {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::store(key, e)),
-        },
+    let limit = crate::bounded::MAX_LEASE_BYTES;
+    let none = crate::retry::RetryPolicy::none();
+    let bytes = match crate::bounded::get_capped(store.as_ref(), &none, key, limit).await {
+        Ok(crate::bounded::Capped::Read(b)) => b,
+        Ok(crate::bounded::Capped::TooLarge(size)) => {
+            return Err(Error::CorruptLease {
+                key: key.to_string(),
+                why: format!(
+                    "the object is {size} bytes, more than the {limit}-byte limit of a lease;                      not read"
+                ),
+            });
+        }
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(Error::store(key, e)),
     };
@@ -283,8 +355,7 @@ async fn find_conflict(
     vault: &Vault,
     own: &ObjPath,
     kind: LeaseKind,
-    now: Timestamp,
-) -> Result<(Option<Found>, Vec<String>), Error> {
+) -> Result<(Option<Found>, Vec<String>, Timestamp), Error> {
     let store = vault.store();
     let prefix = ObjPath::from(LOCKS_PREFIX);
     let metas: Vec<_> = crate::retry::retry(&vault.retry, prefix.as_ref(), |_| {
@@ -292,6 +363,16 @@ async fn find_conflict(
     })
     .await
     .map_err(|e| Error::store(&prefix, e))?;
+    // The store's time: the stamp of our own lease, written before this listing.
+    let now = match metas.iter().find(|m| &m.location == own) {
+        Some(m) => store_time(m),
+        None => {
+            let head = crate::retry::retry(&vault.retry, own.as_ref(), |_| store.head(own))
+                .await
+                .map_err(|e| Error::store(own, e))?;
+            store_time(&head)
+        }
+    };
     let mut expired = Vec::new();
     for meta in metas {
         if &meta.location == own {
@@ -312,23 +393,42 @@ async fn find_conflict(
         }
         match read_lease(store, &meta.location).await? {
             None => {}
-            Some(record) if record.is_live(now) => {
-                return Ok((Some(Found { key, record }), expired));
+            Some(record) if record.is_live_on_store(store_time(&meta), now) => {
+                return Ok((Some(Found { key, record }), expired, now));
             }
             Some(_) => expired.push(key),
         }
     }
-    Ok((None, expired))
+    Ok((None, expired, now))
 }
 
 #[derive(Debug)]
 struct State {
-    expires_ms: AtomicI64,
+    /// Until when (monotonic) the lease certainly lasts on the store's clock.
+    valid_until: Mutex<Instant>,
+    /// How much older the store may make a write look (its `last_modified` resolution).
+    resolution_ms: AtomicU64,
     lost: AtomicBool,
     why_lost: Mutex<Option<String>>,
 }
 
 impl State {
+    fn valid_until(&self) -> Instant {
+        match self.valid_until.lock() {
+            Ok(t) => *t,
+            // A poisoned lock: take the lease as already ended.
+            Err(_) => Instant::now(),
+        }
+    }
+
+    /// A write of the lease object that started at `sent` succeeded.
+    fn written(&self, sent: Instant, ttl: Duration) {
+        if let Ok(mut t) = self.valid_until.lock() {
+            let resolution = Duration::from_millis(self.resolution_ms.load(Ordering::SeqCst));
+            *t = sent + ttl.saturating_sub(resolution);
+        }
+    }
+
     fn lose(&self, why: String) {
         if let Ok(mut w) = self.why_lost.lock()
             && w.is_none()
@@ -347,11 +447,17 @@ pub struct Lease {
     key: ObjPath,
     record: LeaseRecord,
     ttl: Duration,
+    clock_offset: jiff::SignedDuration,
     state: Arc<State>,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
     /// Expired leases of conflicting kinds seen while acquiring.
     expired_seen: Vec<String>,
+    /// The store's time when acquired (the stamp of our lease) and the local instant the
+    /// acquisition's listing returned.
+    store_clock: (Timestamp, Instant),
+    /// When the acquiring write was sent.
+    sent: Instant,
     released: bool,
 }
 
@@ -365,21 +471,40 @@ impl Lease {
         holder: &str,
         options: &LeaseOptions,
     ) -> Result<Lease, Error> {
+        if kind != LeaseKind::Backup {
+            crate::conditional::check_single_writer(
+                vault.location(),
+                vault.config(),
+                options.single_writer,
+                if kind == LeaseKind::Gc {
+                    "garbage collection"
+                } else {
+                    "prune"
+                },
+            )?;
+        }
         let started = std::time::Instant::now();
         let ttl = options.ttl.max(Duration::from_millis(100));
         loop {
-            let mut lease = Self::write(vault, kind, holder, ttl).await?;
-            let (found, expired) =
-                match find_conflict(vault, &lease.key, kind, Timestamp::now()).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = lease.delete_now().await;
-                        return Err(e);
-                    }
-                };
+            let mut lease = Self::write(vault, kind, holder, ttl, options).await?;
+            let (found, expired, store_now) = match find_conflict(vault, &lease.key, kind).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = lease.delete_now().await;
+                    return Err(e);
+                }
+            };
             match found {
                 None => {
                     lease.expired_seen = expired;
+                    lease.store_clock = (store_now, Instant::now());
+                    // A stamp with milliseconds comes from a store that keeps them: no
+                    // second-granularity allowance is needed (one that truncates to seconds
+                    // always stamps .000; a true .000 only costs a second of margin).
+                    if store_now.subsec_millisecond() != 0 {
+                        lease.state.resolution_ms.store(0, Ordering::SeqCst);
+                        lease.state.written(lease.sent, ttl);
+                    }
                     lease.start_renewal();
                     tracing::debug!(key = %lease.key, "lease acquired");
                     return Ok(lease);
@@ -409,8 +534,9 @@ impl Lease {
         kind: LeaseKind,
         holder: &str,
         ttl: Duration,
+        options: &LeaseOptions,
     ) -> Result<Lease, Error> {
-        let now = Timestamp::now();
+        let now = options.wall_now();
         let record = LeaseRecord {
             kind,
             id: lease_id(),
@@ -419,6 +545,7 @@ impl Lease {
             host: vault.host.to_string(),
             created: now,
             expires: plus(now, ttl),
+            ttl_ms: Some(ttl.as_millis() as u64),
         };
         let key = lease_key(kind, &record.id);
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Worker(e.to_string()))?;
@@ -429,6 +556,7 @@ impl Lease {
         // Transient failures are retried on the same key. The key is this attempt's own
         // (a fresh random id), so "already exists" on a retry means the earlier write landed.
         let payload = bytes::Bytes::from(json);
+        let sent = Instant::now();
         crate::retry::retry(&vault.retry, key.as_ref(), |_| {
             let payload = payload.clone();
             let opts = opts.clone();
@@ -446,19 +574,25 @@ impl Lease {
         })
         .await
         .map_err(|e| Error::store(&key, e))?;
+        let state = State {
+            valid_until: Mutex::new(sent),
+            resolution_ms: AtomicU64::new(STORE_TIME_RESOLUTION.as_millis() as u64),
+            lost: AtomicBool::new(false),
+            why_lost: Mutex::new(None),
+        };
+        state.written(sent, ttl);
         Ok(Lease {
             store: vault.store().clone(),
             key,
             ttl,
-            state: Arc::new(State {
-                expires_ms: AtomicI64::new(record.expires.as_millisecond()),
-                lost: AtomicBool::new(false),
-                why_lost: Mutex::new(None),
-            }),
+            clock_offset: options.clock_offset,
+            state: Arc::new(state),
             record,
             stop: None,
             task: None,
             expired_seen: Vec::new(),
+            store_clock: (Timestamp::MIN, Instant::now()),
+            sent,
             released: false,
         })
     }
@@ -471,7 +605,11 @@ impl Lease {
         let state = self.state.clone();
         let ttl = self.ttl;
         let period = ttl / 3;
-        let margin_ms = (ttl / 4).as_millis() as i64;
+        let margin = ttl / 4;
+        let wall = LeaseOptions {
+            clock_offset: self.clock_offset,
+            ..LeaseOptions::default()
+        };
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -482,17 +620,16 @@ impl Lease {
                     }
                     _ = tokio::time::sleep(period) => {}
                 }
-                let now = Timestamp::now();
-                let expires = state.expires_ms.load(Ordering::SeqCst);
                 // Same threshold as `ensure_held`: a lease that may already look expired to
                 // others is never revived.
-                if now.as_millisecond() + margin_ms >= expires {
-                    state.lose(format!(
-                        "it expired before it could be renewed (the process was stalled?) at {}",
-                        Timestamp::from_millisecond(expires).unwrap_or(Timestamp::MIN)
-                    ));
+                let sent = Instant::now();
+                if sent + margin >= state.valid_until() {
+                    state.lose(
+                        "it expired before it could be renewed (the process was stalled?)".into(),
+                    );
                     break;
                 }
+                let now = wall.wall_now();
                 record.expires = plus(now, ttl);
                 let Ok(json) = serde_json::to_vec_pretty(&record) else {
                     break;
@@ -500,9 +637,7 @@ impl Lease {
                 // Not inside the select: a renewal in flight always completes before release
                 // deletes the object, so a release is never undone by a late renewal.
                 match store.put(&key, PutPayload::from(json)).await {
-                    Ok(_) => state
-                        .expires_ms
-                        .store(record.expires.as_millisecond(), Ordering::SeqCst),
+                    Ok(_) => state.written(sent, ttl),
                     Err(e) => tracing::warn!(key = %key, error = %e, "cannot renew lease"),
                 }
             }
@@ -547,16 +682,48 @@ impl Lease {
                 .unwrap_or_else(|| "renewal failed".into());
             return Err(self.lost(why));
         }
-        let expires = self.state.expires_ms.load(Ordering::SeqCst);
-        let margin = (self.ttl / 4).as_millis() as i64;
-        let now = Timestamp::now().as_millisecond();
-        if now + margin >= expires {
-            return Err(self.lost(format!(
-                "it was not renewed in time (expires at {})",
-                Timestamp::from_millisecond(expires).unwrap_or(Timestamp::MIN)
-            )));
+        if self.safe_for() == Duration::ZERO {
+            return Err(self.lost(
+                "it was not renewed in time (it is within a quarter of its ttl of expiring)".into(),
+            ));
         }
         Ok(())
+    }
+
+    /// How long from now the lease certainly stays held, keeping `ttl / 4` in hand: zero
+    /// when [`Lease::ensure_held`] would fail on time.
+    fn safe_for(&self) -> Duration {
+        let end = self.state.valid_until();
+        end.saturating_duration_since(Instant::now() + self.ttl / 4)
+    }
+
+    /// Runs `step` (a commit or a delete, retries included) only while the lease is certainly
+    /// held: checks it first, and abandons the step with [`Error::LeaseLost`] if it has not
+    /// finished a quarter of the ttl before the lease could look expired to others. Renewals
+    /// during the step extend the deadline they were made before, not this one: the step
+    /// never outlives the validity known when it started.
+    pub async fn held<T, F>(&self, what: &str, step: F) -> Result<T, Error>
+    where
+        F: std::future::Future<Output = Result<T, Error>>,
+    {
+        self.ensure_held()?;
+        let budget = self.safe_for();
+        match tokio::time::timeout(budget, step).await {
+            Ok(r) => r,
+            Err(_) => Err(self.lost(format!(
+                "{what} did not finish within the {} ms the lease was certainly held for; \
+                 abandoned",
+                budget.as_millis()
+            ))),
+        }
+    }
+
+    /// The object store's current time, as known from this lease: the `last_modified` of
+    /// its object at acquisition (a lower bound of the store's time then) plus the time
+    /// elapsed since. Never ahead of the store's clock.
+    pub fn store_now(&self) -> Timestamp {
+        let (t, at) = self.store_clock;
+        plus(t, at.elapsed())
     }
 
     /// Checks that this is a lease of `kind` that is still held.

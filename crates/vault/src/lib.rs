@@ -51,11 +51,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bounded;
+pub mod conditional;
 pub mod crypto;
 pub mod envelope;
 mod error;
 pub mod fault;
 mod gc;
+pub mod health;
 pub mod lease;
 pub mod location;
 mod model;
@@ -228,8 +231,14 @@ async fn put_create(
             {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) if attempt > 0 => {
-                    let theirs = store.get(key).await?.bytes().await?;
-                    Ok(theirs == bytes)
+                    // Ours only if it has our bytes: anything longer is not read.
+                    let limit = bytes.len() as u64;
+                    match bounded::get_capped(store.as_ref(), &RetryPolicy::none(), key, limit)
+                        .await?
+                    {
+                        bounded::Capped::Read(theirs) => Ok(theirs == bytes),
+                        bounded::Capped::TooLarge(_) => Ok(false),
+                    }
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
                 Err(e) => Err(e),
@@ -238,6 +247,15 @@ async fn put_create(
     })
     .await;
     r.map_err(|e| Error::store(key, e))
+}
+
+/// The largest stored manifest of the disk `record` describes: a block map of its size and
+/// block size (64 bytes of header and checksum, 49 per block) in an envelope, and never more
+/// than the format's hard cap.
+pub(crate) fn manifest_limit(record: &DiskRecord) -> u64 {
+    let blocks = record.size.div_ceil(u64::from(record.block_size.max(1)));
+    let plain = blocks.saturating_mul(49).saturating_add(64);
+    envelope::stored_len_for(plain).min(Kind::Manifest.max_stored_len())
 }
 
 fn block_key(address: &Address) -> ObjPath {
@@ -288,12 +306,23 @@ impl Vault {
         let counting = Arc::new(stats::CountingStore::new(store));
         let store: Arc<dyn ObjectStore> = counting.clone();
         let key = ObjPath::from(CONFIG_KEY);
-        let got = retry::retry(&options.retry, CONFIG_KEY, |_| async {
-            store.get(&key).await?.bytes().await
-        })
+        let got = bounded::get_capped(
+            store.as_ref(),
+            &options.retry,
+            &key,
+            bounded::MAX_CONFIG_BYTES,
+        )
         .await;
         let bytes = match got {
-            Ok(b) => b,
+            Ok(bounded::Capped::Read(b)) => b,
+            Ok(bounded::Capped::TooLarge(size)) => {
+                return Err(bounded::too_large(
+                    CONFIG_KEY,
+                    "vault configuration",
+                    size,
+                    bounded::MAX_CONFIG_BYTES,
+                ));
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 // Tell a missing vault from a missing bucket or container.
                 let why = match store.list_with_delimiter(None).await {
@@ -345,6 +374,7 @@ impl Vault {
                 Some(Arc::new(key.cipher()))
             }
         };
+        conditional::warn_once(label, &config);
         Ok(Vault {
             store: counting.clone(),
             counting,
@@ -407,6 +437,17 @@ impl Vault {
             });
         }
         let key = ObjPath::from(CONFIG_KEY);
+        let probed = match conditional::probe(&store, &open.retry).await {
+            Ok(honoured) => Ok(honoured),
+            Err(Error::Missing { .. }) => {
+                return Err(Error::NoVault {
+                    location: label.into(),
+                    why: "the bucket or container does not exist (create it first)".into(),
+                });
+            }
+            Err(e) => Err(e),
+        }?;
+        config.conditional_writes = Some(probed);
         let mut json =
             serde_json::to_vec_pretty(&config).map_err(|e| Error::Worker(e.to_string()))?;
         json.push(b'\n');
@@ -610,7 +651,7 @@ impl Vault {
     /// start page-aligned (for `O_DIRECT` writes without a copy) in a pooled buffer.
     pub async fn get_block(&self, address: Address) -> Result<Bytes, Error> {
         let key = block_key(&address);
-        let raw = self.get_raw(&key).await?;
+        let raw = self.get_raw(&key, Kind::Block).await?;
         let cipher = self.cipher.clone();
         let pool = self.buffers.clone();
         blocking(move || {
@@ -628,12 +669,16 @@ impl Vault {
         .await?
     }
 
-    async fn get_raw(&self, key: &ObjPath) -> Result<Bytes, Error> {
-        retry::retry(&self.retry, key.as_ref(), |_| async {
-            self.store.get(key).await?.bytes().await
-        })
-        .await
-        .map_err(|e| Error::store(key, e))
+    /// Reads the object of `kind` at `key`, refusing it unread when it is larger than any
+    /// object of that kind can be (see [`bounded`]).
+    async fn get_raw(&self, key: &ObjPath, kind: Kind) -> Result<Bytes, Error> {
+        self.get_raw_within(key, kind.name(), kind.max_stored_len())
+            .await
+    }
+
+    /// Reads the object at `key`, refusing it unread when it is larger than `limit`.
+    async fn get_raw_within(&self, key: &ObjPath, what: &str, limit: u64) -> Result<Bytes, Error> {
+        bounded::read_bounded(self.store.as_ref(), &self.retry, key, what, limit).await
     }
 
     /// Stores the block map of one disk at one point. Returns its digest (hex), which the
@@ -665,9 +710,32 @@ impl Vault {
     }
 
     /// Reads a block map and checks it is exactly the one the point pinned (`digest`).
+    /// The read is bounded by the format's hard cap (see [`bounded`]); reading a manifest
+    /// through [`Vault::disk_manifest`] bounds it by the disk the point records.
     pub async fn get_manifest(&self, m: &ManifestRef<'_>, digest: &str) -> Result<BlockMap, Error> {
+        self.get_manifest_within(m, digest, Kind::Manifest.max_stored_len())
+            .await
+    }
+
+    /// [`Vault::get_manifest`], refusing unread a manifest larger than the one of the disk
+    /// `record` describes.
+    pub(crate) async fn get_manifest_of(
+        &self,
+        m: &ManifestRef<'_>,
+        record: &DiskRecord,
+    ) -> Result<BlockMap, Error> {
+        self.get_manifest_within(m, &record.manifest_digest, manifest_limit(record))
+            .await
+    }
+
+    async fn get_manifest_within(
+        &self,
+        m: &ManifestRef<'_>,
+        digest: &str,
+        limit: u64,
+    ) -> Result<BlockMap, Error> {
         let key = manifest_key(m);
-        let raw = self.get_raw(&key).await?;
+        let raw = self.get_raw_within(&key, "manifest", limit).await?;
         let expected = digest.to_string();
         let cipher = self.cipher.clone();
         blocking(move || {
@@ -708,7 +776,7 @@ impl Vault {
             disk,
             point: &point.id,
         };
-        let map = self.get_manifest(&m, &record.manifest_digest).await?;
+        let map = self.get_manifest_of(&m, record).await?;
         if map.disk_size() != record.size {
             return Err(Error::Corrupt {
                 key: m.to_string(),
@@ -741,12 +809,25 @@ impl Vault {
         }
     }
 
+    /// [`Vault::commit_point`] under `lease` (a backup lease): the lease is checked first, and
+    /// the commit, retries included, is abandoned with [`Error::LeaseLost`] before the lease
+    /// could look expired to a GC on another host (see [`Lease::held`]).
+    pub async fn commit_point_held(
+        &self,
+        lease: &Lease,
+        point: &RecoveryPoint,
+    ) -> Result<(), Error> {
+        lease
+            .held("committing the point", self.commit_point(point))
+            .await
+    }
+
     /// Reads one recovery point.
     pub async fn get_point(&self, vm: &str, id: &str) -> Result<RecoveryPoint, Error> {
         validate_name("vm", vm)?;
         validate_name("point", id)?;
         let key = point_key(vm, id);
-        match self.get_raw(&key).await {
+        match self.get_raw(&key, Kind::Point).await {
             Err(Error::Missing { .. }) => Err(Error::NoSuchPoint {
                 vm: vm.into(),
                 point: id.into(),
@@ -871,5 +952,7 @@ impl Vault {
 
 #[cfg(test)]
 mod gc_tests;
+#[cfg(test)]
+mod lease_clock_tests;
 #[cfg(test)]
 mod tests;

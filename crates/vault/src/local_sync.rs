@@ -15,6 +15,14 @@
 //!
 //! Until a block is published, reads of it (`head`, `get`) in this process are served from its
 //! staged file: the store reads its own writes.
+//!
+//! # Modes
+//!
+//! A vault holds disk contents (in clear unless encrypted): its directories are made 0700 and
+//! its files 0600, whatever the process's umask. The root is made 0700 when the store is
+//! opened, so no other user can reach a file in the moment between its creation (with the
+//! umask's mode) and its `chmod`; every write then sets its file to 0600 and any directory it
+//! created to 0700.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -76,9 +84,38 @@ fn generic(e: std::io::Error) -> object_store::Error {
     }
 }
 
+/// Sets `path`'s permission bits to `mode` unless they are already.
+fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o7777 == mode {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Makes the object at `key` 0600 and the directories between it and `root` 0700.
+fn secure(root: &std::path::Path, key: &str) -> Result<()> {
+    let path = root.join(key);
+    set_mode(&path, 0o600).map_err(generic)?;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        set_mode(d, 0o700).map_err(generic)?;
+        dir = d.parent();
+    }
+    Ok(())
+}
+
 impl LocalStore {
-    /// A store rooted at `root` (an existing directory).
+    /// A store rooted at `root` (an existing directory), which is made 0700.
     pub(crate) fn new(root: &std::path::Path) -> Result<LocalStore> {
+        if let Err(e) = set_mode(root, 0o700) {
+            // Not ours to change (e.g. read by another user): reads still work.
+            tracing::warn!(root = %root.display(), error = %e, "cannot make the vault directory 0700");
+        }
         Ok(LocalStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -137,6 +174,8 @@ impl Inner {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
                 Err(e) => return Err(generic(e)),
             }
+            // The staged file was 0600 already; `blocks/<xx>/` may be new.
+            secure(&self.root, key.as_ref())?;
         }
         rustix::fs::syncfs(&root).map_err(|e| generic(e.into()))?;
         if let Ok(mut p) = self.pending.lock() {
@@ -187,7 +226,9 @@ impl ObjectStore for LocalStore {
     ) -> Result<PutResult> {
         if !is_block(location) {
             self.flush().await?;
-            return self.inner.durable.put_opts(location, payload, opts).await;
+            let r = self.inner.durable.put_opts(location, payload, opts).await?;
+            secure(&self.inner.root, location.as_ref())?;
+            return Ok(r);
         }
         if matches!(opts.mode, PutMode::Create) {
             let exists = self.staged_of(location).is_some()
@@ -207,6 +248,7 @@ impl ObjectStore for LocalStore {
             ..PutOptions::default()
         };
         let r = self.inner.fast.put_opts(&staged, payload, put).await?;
+        secure(&self.inner.root, staged.as_ref())?;
         // Start the writeback now, so that it overlaps with the blocks still being read and
         // compressed and the publication's syncfs finds little left to write.
         let file = self.inner.root.join(staged.as_ref());
@@ -302,12 +344,14 @@ impl ObjectStore for LocalStore {
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.flush().await?;
-        self.inner.durable.copy_opts(from, to, options).await
+        self.inner.durable.copy_opts(from, to, options).await?;
+        secure(&self.inner.root, to.as_ref())
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
         self.flush().await?;
-        self.inner.durable.rename_opts(from, to, options).await
+        self.inner.durable.rename_opts(from, to, options).await?;
+        secure(&self.inner.root, to.as_ref())
     }
 }
 

@@ -35,6 +35,10 @@ pub struct VaultConfig {
     /// Client-side encryption, when the vault was created with a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Whether the store refused a second create-only write of the same key when the vault
+    /// was created (see [`crate::conditional`]); absent in older vaults (taken as `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditional_writes: Option<bool>,
 }
 
 /// Encryption parameters of an encrypted vault (see [`crate::crypto`]).
@@ -94,6 +98,7 @@ impl VaultConfig {
                 },
             },
             encryption: None,
+            conditional_writes: None,
         }
     }
 
@@ -301,7 +306,7 @@ pub fn new_point_id(at: Timestamp) -> String {
     )
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut s = String::with_capacity(bytes * 2);
     for _ in 0..bytes {
         let b: u8 = rand::random();

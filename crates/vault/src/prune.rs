@@ -21,11 +21,17 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::envelope::Kind;
 use crate::lease::{Lease, LeaseKind};
 use crate::{Error, ManifestRef, RecoveryPoint, Vault, manifest_key, point_key, validate_name};
 
 const TOMBSTONE_FORMAT: &str = "bulwark-deleted-point";
 const TOMBSTONE_VERSION: u32 = 1;
+/// The largest tombstone read: the point object hex-encoded (twice its size) and a little
+/// JSON around it.
+fn tombstone_limit() -> u64 {
+    2 * Kind::Point.max_stored_len() + (64 << 10)
+}
 
 /// The key of the tombstone of a soft-deleted point.
 pub fn deleted_key(vm: &str, id: &str) -> ObjPath {
@@ -96,7 +102,7 @@ impl Vault {
         validate_name("vm", vm)?;
         validate_name("point", id)?;
         let key = point_key(vm, id);
-        let raw = match self.get_raw(&key).await {
+        let raw = match self.get_raw(&key, Kind::Point).await {
             Ok(raw) => raw,
             Err(Error::Missing { .. }) => return Ok(false),
             Err(e) => return Err(e),
@@ -129,8 +135,9 @@ impl Vault {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(Error::store(&dkey, e)),
         }
-        lease.ensure_held()?;
-        self.delete_key(&key).await?;
+        lease
+            .held("deleting the live point", self.delete_key(&key))
+            .await?;
         tracing::info!(vm, point = id, reason, "point soft-deleted");
         Ok(true)
     }
@@ -180,7 +187,10 @@ impl Vault {
         validate_name("vm", vm)?;
         validate_name("point", id)?;
         let key = deleted_key(vm, id);
-        match self.get_raw(&key).await {
+        match self
+            .get_raw_within(&key, "tombstone", tombstone_limit())
+            .await
+        {
             Ok(raw) => self.parse_tombstone(key.as_ref(), vm, id, &raw),
             Err(Error::Missing { .. }) => {
                 let hint = if self.exists(&point_key(vm, id)).await? {
@@ -221,8 +231,10 @@ impl Vault {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(Error::store(&key, e)),
         }
-        lease.ensure_held()?;
-        self.delete_key(&deleted_key(vm, id)).await?;
+        let tomb = deleted_key(vm, id);
+        lease
+            .held("deleting the tombstone", self.delete_key(&tomb))
+            .await?;
         tracing::info!(vm, point = id, "point undeleted");
         Ok(deleted.point)
     }
@@ -320,13 +332,14 @@ impl Vault {
         self.delete_key(&deleted_key(vm, id)).await?;
         let mut n = 0;
         for d in &deleted.point.disks {
-            lease.ensure_held()?;
             let key = manifest_key(&ManifestRef {
                 vm,
                 disk: &d.name,
                 point: id,
             });
-            self.delete_key(&key).await?;
+            lease
+                .held("deleting a purged manifest", self.delete_key(&key))
+                .await?;
             n += 1;
         }
         tracing::info!(vm, point = id, manifests = n, "soft-deleted point purged");

@@ -85,7 +85,7 @@ impl Vault {
                     disk: &d.name,
                     point: &p.id,
                 };
-                match self.get_manifest(&m, &d.manifest_digest).await {
+                match self.get_manifest_of(&m, d).await {
                     Ok(map) => {
                         if map.disk_size() != d.size {
                             report.problems.push(Problem {

@@ -1,0 +1,289 @@
+//! Hostile guest file systems: a small real ext4 image (`mkfs.ext4 -d`), with and without
+//! metadata checksums, is damaged in memory — superblock, group descriptors, inode table,
+//! directory blocks — stored as a recovery point, and read through `bulwark_recovery::files`
+//! (list every directory, cat every file, get everything). Each case must end, within a time
+//! bound, in an answer or a clear error: never a panic, never a hang.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::fs;
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::Duration;
+
+use bulwark_blockdiff::{BlockMap, BlockSize, Entry, MIN_BLOCK_SIZE};
+use bulwark_recovery::files::{self, GetOptions, Kind, Source};
+use bulwark_recovery::{DiskOptions, Error};
+use bulwark_tests::{pseudo_random, root_or_skip, run};
+use bulwark_vault::{
+    ConsistencyRecord, CreateOptions, DiskRecord, DiskStats, ManifestRef, RecoveryPoint, Vault,
+    new_point_id,
+};
+use proptest::prelude::*;
+
+const IMAGE: u64 = 8 << 20;
+const CASE_TIME: Duration = Duration::from_secs(60);
+
+/// A pristine image and the byte ranges of its metadata.
+struct Pristine {
+    image: Vec<u8>,
+    /// Superblock and group descriptors.
+    super_gd: (usize, usize),
+    /// The first inodes of the inode table.
+    inodes: (usize, usize),
+    /// Directory blocks (root and a large directory).
+    dirs: Vec<(usize, usize)>,
+}
+
+fn make(csum: bool) -> Pristine {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("a/b/c")).unwrap();
+    fs::create_dir_all(src.join("big")).unwrap();
+    for i in 0..300u64 {
+        fs::write(
+            src.join(format!("big/entry-with-a-long-name-{i:04}")),
+            pseudo_random(i as usize % 300, i),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("a/b/c/deep"), pseudo_random(70_000, 9)).unwrap();
+    fs::write(src.join("a/file"), b"hello").unwrap();
+    std::os::unix::fs::symlink("../a/file", src.join("a/b/link")).unwrap();
+    let img = tmp.path().join("fs.img");
+    fs::File::create(&img).unwrap().set_len(IMAGE).unwrap();
+    let features = if csum {
+        "metadata_csum"
+    } else {
+        "^metadata_csum"
+    };
+    run(
+        "mkfs.ext4",
+        [
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-O",
+            features,
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let blocks_of = |path: &str| -> Vec<(usize, usize)> {
+        let out = run(
+            "debugfs",
+            ["-R", &format!("blocks {path}"), img.to_str().unwrap()],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|b| b.parse::<usize>().ok())
+            .map(|b| (b * 4096, 4096))
+            .collect()
+    };
+    let mut dirs = blocks_of("/");
+    dirs.extend(blocks_of("/big"));
+    dirs.extend(blocks_of("/a/b"));
+    let image = fs::read(&img).unwrap();
+    // The inode table of group 0, from its descriptor (block 1 with 4 KiB blocks).
+    let table = u32::from_le_bytes(image[4096 + 8..4096 + 12].try_into().unwrap()) as usize;
+    Pristine {
+        image,
+        super_gd: (1024, 4096 + 64),
+        inodes: (table * 4096, 64 * 256),
+        dirs,
+    }
+}
+
+fn pristine(csum: bool) -> &'static Pristine {
+    static WITH: OnceLock<Pristine> = OnceLock::new();
+    static WITHOUT: OnceLock<Pristine> = OnceLock::new();
+    if csum {
+        WITH.get_or_init(|| make(true))
+    } else {
+        WITHOUT.get_or_init(|| make(false))
+    }
+}
+
+/// Stores `image` as the single disk `os` of a point of VM `vm` in a new in-memory vault.
+async fn point(image: &[u8]) -> Vault {
+    let vault = Vault::create_store(
+        Arc::new(object_store::memory::InMemory::new()),
+        "memory:",
+        &CreateOptions::default(),
+    )
+    .await
+    .unwrap();
+    let bs = BlockSize::new(MIN_BLOCK_SIZE).unwrap();
+    let mut entries = Vec::new();
+    for block in image.chunks(bs.bytes() as usize) {
+        if block.iter().all(|b| *b == 0) {
+            entries.push(Entry::Zero);
+            continue;
+        }
+        let address = vault.address_of(block);
+        vault
+            .put_block(address, bytes::Bytes::copy_from_slice(block))
+            .await
+            .unwrap();
+        entries.push(Entry::Data { change: 0, address });
+    }
+    let map = BlockMap::new(bs, image.len() as u64, entries).unwrap();
+    let id = new_point_id(jiff::Timestamp::now());
+    let (digest, _) = vault
+        .put_manifest(
+            &ManifestRef {
+                vm: "vm",
+                disk: "os",
+                point: &id,
+            },
+            &map,
+        )
+        .await
+        .unwrap();
+    let p = RecoveryPoint {
+        id,
+        vm: "vm".into(),
+        created: jiff::Timestamp::now(),
+        committed: jiff::Timestamp::now(),
+        consistency: ConsistencyRecord::crash(),
+        disks: vec![DiskRecord {
+            name: "os".into(),
+            size: map.disk_size(),
+            block_size: bs.get(),
+            manifest_digest: digest,
+            source: String::new(),
+            stats: DiskStats::default(),
+            tracking: None,
+        }],
+        policy: None,
+        agent: None,
+    };
+    vault.commit_point(&p).await.unwrap();
+    vault
+}
+
+/// Lists every directory (bounded), cats every file, gets everything. Returns how many
+/// operations failed with a clear error. A panic in a worker (the parser runs on the blocking
+/// pool, where a panic would come back as an error) fails the test.
+async fn exercise(vault: &Vault) -> usize {
+    let src = Source {
+        vm: "vm".into(),
+        point: "latest".into(),
+        disk: "os".into(),
+        partition: None,
+        options: DiskOptions {
+            cache_bytes: 4 << 20,
+            ..DiskOptions::default()
+        },
+    };
+    let mut errors = 0;
+    let mut queue = vec!["/".to_string()];
+    let mut seen = 0;
+    while let Some(dir) = queue.pop() {
+        seen += 1;
+        if seen > 64 {
+            break;
+        }
+        match files::list(vault, &src, &dir).await {
+            Ok((entries, _)) => {
+                for e in entries.into_iter().take(20) {
+                    match e.kind {
+                        Kind::Dir => queue.push(e.path),
+                        Kind::File => {
+                            if let Err(e) = files::cat(vault, &src, &e.path, std::io::sink()).await
+                            {
+                                no_panic(&e);
+                                errors += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                no_panic(&e);
+                errors += 1;
+            }
+        }
+    }
+    let to = tempfile::tempdir().unwrap();
+    if let Err(e) = files::get(vault, &src, &["/".into()], to.path(), GetOptions::default()).await {
+        no_panic(&e);
+        errors += 1;
+    }
+    errors
+}
+
+fn no_panic(e: &Error) {
+    assert!(!matches!(e, Error::Worker(_)), "a worker panicked: {e}");
+}
+
+/// Runs one damaged image on its own thread and runtime; fails on a panic or a hang.
+fn check(image: Vec<u8>) -> usize {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let errors = rt.block_on(async {
+            let vault = point(&image).await;
+            exercise(&vault).await
+        });
+        let _ = tx.send(errors);
+    });
+    match rx.recv_timeout(CASE_TIME) {
+        Ok(errors) => errors,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("a damaged image took longer than {CASE_TIME:?}")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("reading a damaged image panicked"),
+    }
+}
+
+fn damage(csum: bool, region: usize, flips: &[(usize, u8)]) -> Vec<u8> {
+    let p = pristine(csum);
+    let mut image = p.image.clone();
+    let ranges: Vec<(usize, usize)> = match region {
+        0 => vec![p.super_gd],
+        1 => vec![p.inodes],
+        _ => p.dirs.clone(),
+    };
+    for (i, (at, v)) in flips.iter().enumerate() {
+        let (start, len) = ranges[i % ranges.len()];
+        image[start + at % len] = *v;
+    }
+    image
+}
+
+fn tools() -> bool {
+    root_or_skip("recovery_hostile", &["mkfs.ext4", "debugfs"])
+}
+
+#[test]
+fn the_pristine_images_read_without_errors() {
+    if !tools() {
+        return;
+    }
+    for csum in [true, false] {
+        assert_eq!(check(pristine(csum).image.clone()), 0, "csum={csum}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn damaged_ext4_metadata_gives_errors_not_panics_or_hangs(
+        csum in any::<bool>(),
+        region in 0usize..3,
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..24),
+    ) {
+        if !tools() {
+            return Ok(());
+        }
+        check(damage(csum, region, &flips));
+    }
+}
