@@ -4,75 +4,16 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bulwark_tests::*;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    vault: String,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let vault = root.join("vault").to_str().unwrap().to_string();
-        Env {
-            _dir: dir,
-            root,
-            vault,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
-    fn backup(&self, vm: &str, disks: &[String]) -> Value {
-        let mut args = vec![
-            "backup".to_string(),
-            "--vault".into(),
-            self.vault.clone(),
-            "--vm".into(),
-            vm.into(),
-            "--json".into(),
-        ];
-        for d in disks {
-            args.push("--disk".into());
-            args.push(d.clone());
-        }
-        controller_json(&args)
-    }
-
-    fn restore(&self, vm: &str, point: &str, disk: &str, to: &Path) -> std::process::Output {
-        controller([
-            "restore",
-            "--vault",
-            &self.vault,
-            "--vm",
-            vm,
-            "--point",
-            point,
-            "--disk",
-            disk,
-            "--to",
-            to.to_str().unwrap(),
-        ])
-    }
-
-    fn restore_ok(&self, vm: &str, point: &str, disk: &str, to: &Path) {
-        let out = self.restore(vm, point, disk, to);
-        assert!(out.status.success(), "restore failed: {}", stderr_of(&out));
-    }
-
-    fn verify(&self) -> std::process::Output {
-        controller(["verify", "--vault", &self.vault])
-    }
+fn restore_ok(env: &TestEnv, vm: &str, point: &str, disk: &str, to: &Path) {
+    let out = env.restore(vm, point, disk, to, &[]);
+    assert!(out.status.success(), "restore failed: {}", stderr_of(&out));
 }
 
 fn disk_stats<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -104,7 +45,7 @@ fn write_at(path: &Path, offset: u64, data: &[u8]) {
 
 #[test]
 fn full_then_incremental_restores_each_point_bit_exact() {
-    let env = Env::new();
+    let env = TestEnv::new();
     let os = env.path("os.img");
     let data = env.path("data.img");
     make_image(&os, 24 * MIB, &(0..24).collect::<Vec<_>>(), 1);
@@ -115,7 +56,7 @@ fn full_then_incremental_restores_each_point_bit_exact() {
         format!("data={}", data.display()),
     ];
 
-    let full = env.backup("vm1", &disks);
+    let full = env.backup("vm1", &disks, &[]);
     assert_eq!(full["vm"], "vm1");
     assert_eq!(full["consistency"], "crash");
     let os1 = file_digest(&os);
@@ -134,7 +75,7 @@ fn full_then_incremental_restores_each_point_bit_exact() {
         );
     }
     write_at(&data, 7 * MIB + 12345, b"changed");
-    let inc = env.backup("vm1", &disks);
+    let inc = env.backup("vm1", &disks, &[]);
     let os2 = file_digest(&os);
     let data2 = file_digest(&data);
     let s = disk_stats(&inc, "os");
@@ -155,15 +96,15 @@ fn full_then_incremental_restores_each_point_bit_exact() {
         (&inc["point"], "data", &data2),
     ] {
         let to = env.path(&format!("r-{disk}-{}.img", point.as_str().unwrap()));
-        env.restore_ok("vm1", point.as_str().unwrap(), disk, &to);
+        restore_ok(&env, "vm1", point.as_str().unwrap(), disk, &to);
         assert_eq!(&file_digest(&to), expected, "{disk} at {point}");
     }
     // `latest` is the incremental.
     let to = env.path("latest.img");
-    env.restore_ok("vm1", "latest", "os", &to);
+    restore_ok(&env, "vm1", "latest", "os", &to);
     assert_eq!(file_digest(&to), os2);
 
-    let out = env.verify();
+    let out = controller(["verify", "--vault", &env.vault]);
     assert!(out.status.success(), "{}", stdout_of(&out));
     assert!(
         stdout_of(&out).contains("OK: 2 points"),
@@ -183,12 +124,12 @@ fn full_then_incremental_restores_each_point_bit_exact() {
 
 #[test]
 fn holes_are_not_read_zeros_not_uploaded_and_restored_as_holes() {
-    let env = Env::new();
+    let env = TestEnv::new();
     let img = env.path("sparse.img");
     // 64 MiB: block 0 data, block 10 written zeros (allocated), the rest holes.
     make_image(&img, 64 * MIB, &[0], 3);
     write_at(&img, 10 * MIB, &vec![0u8; MIB as usize]);
-    let r = env.backup("vm", &[img.display().to_string()]);
+    let r = env.backup("vm", &[img.display().to_string()], &[]);
     let s = disk_stats(&r, "sparse");
     assert_eq!(s["blocks"], 64);
     assert_eq!(s["zero_blocks"], 63, "{s}");
@@ -197,7 +138,7 @@ fn holes_are_not_read_zeros_not_uploaded_and_restored_as_holes() {
     assert_eq!(s["blocks_uploaded"], 1, "{s}");
 
     let to = env.path("restored.img");
-    env.restore_ok("vm", "latest", "sparse", &to);
+    restore_ok(&env, "vm", "latest", "sparse", &to);
     assert_eq!(file_digest(&to), file_digest(&img));
     let allocated = allocated_bytes(&to);
     assert!(
@@ -208,10 +149,10 @@ fn holes_are_not_read_zeros_not_uploaded_and_restored_as_holes() {
 
 #[test]
 fn a_disk_that_grows_and_shrinks() {
-    let env = Env::new();
+    let env = TestEnv::new();
     let img = env.path("d.img");
     make_image(&img, 8 * MIB, &[0, 1, 2, 3, 4, 5, 6, 7], 4);
-    let p1 = env.backup("vm", &[format!("d={}", img.display())]);
+    let p1 = env.backup("vm", &[format!("d={}", img.display())], &[]);
     let d1 = file_digest(&img);
     // Grow by 3.5 MiB with new data at the end.
     let f = OpenOptions::new().write(true).open(&img).unwrap();
@@ -219,7 +160,7 @@ fn a_disk_that_grows_and_shrinks() {
     f.write_all_at(&pseudo_random(MIB as usize, 9), 10 * MIB)
         .unwrap();
     drop(f);
-    let p2 = env.backup("vm", &[format!("d={}", img.display())]);
+    let p2 = env.backup("vm", &[format!("d={}", img.display())], &[]);
     let d2 = file_digest(&img);
     let s = disk_stats(&p2, "d");
     assert_eq!(s["blocks"], 12);
@@ -231,7 +172,7 @@ fn a_disk_that_grows_and_shrinks() {
         .unwrap()
         .set_len(5 * MIB + MIB / 4)
         .unwrap();
-    let p3 = env.backup("vm", &[format!("d={}", img.display())]);
+    let p3 = env.backup("vm", &[format!("d={}", img.display())], &[]);
     let d3 = file_digest(&img);
     let s = disk_stats(&p3, "d");
     assert_eq!(s["blocks"], 6);
@@ -240,7 +181,7 @@ fn a_disk_that_grows_and_shrinks() {
 
     for (p, d) in [(&p1, &d1), (&p2, &d2), (&p3, &d3)] {
         let to = env.path(&format!("r-{}.img", p["point"].as_str().unwrap()));
-        env.restore_ok("vm", p["point"].as_str().unwrap(), "d", &to);
+        restore_ok(&env, "vm", p["point"].as_str().unwrap(), "d", &to);
         assert_eq!(&file_digest(&to), d);
         assert_eq!(
             std::fs::metadata(&to).unwrap().len(),
@@ -251,13 +192,13 @@ fn a_disk_that_grows_and_shrinks() {
 
 #[test]
 fn the_same_data_on_two_vms_is_stored_once() {
-    let env = Env::new();
+    let env = TestEnv::new();
     let a = env.path("a.img");
     make_image(&a, 4 * MIB, &[0, 1, 2, 3], 5);
     let b = env.path("b.img");
     std::fs::copy(&a, &b).unwrap();
-    env.backup("vm-a", &[a.display().to_string()]);
-    let r = env.backup("vm-b", &[b.display().to_string()]);
+    env.backup("vm-a", &[a.display().to_string()], &[]);
+    let r = env.backup("vm-b", &[b.display().to_string()], &[]);
     let s = disk_stats(&r, "b");
     assert_eq!(s["blocks_deduplicated"], 4, "{s}");
     assert_eq!(s["blocks_uploaded"], 0, "{s}");

@@ -12,9 +12,7 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    vault: String,
+    env: TestEnv,
     /// Point of VM "a" (disk "d") and its image digest.
     a_point: String,
     a_digest: String,
@@ -32,42 +30,29 @@ fn image(path: &Path, blocks: u64, seed: u64) {
     }
 }
 
-fn backup(vault: &str, vm: &str, disk: &Path) -> Value {
-    controller_json([
-        "backup",
-        "--vault",
-        vault,
-        "--vm",
-        vm,
-        "--disk",
-        &format!("d={}", disk.display()),
-        "--json",
-    ])
+impl std::ops::Deref for Fixture {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let vault = root.join("vault").to_str().unwrap().to_string();
-        let a = root.join("a.img");
-        let b = root.join("b.img");
+        let env = TestEnv::new();
+        let a = env.path("a.img");
+        let b = env.path("b.img");
         image(&a, 3, 1);
         image(&b, 2, 2);
-        let a_point = backup(&vault, "a", &a)["point"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let b_point = backup(&vault, "b", &b)["point"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let point = |vm: &str, disk: &Path| {
+            let r = env.backup(vm, &[format!("d={}", disk.display())], &[]);
+            r["point"].as_str().unwrap().to_string()
+        };
+        let (a_point, b_point) = (point("a", &a), point("b", &b));
         Fixture {
             a_digest: file_digest(&a),
             b_digest: file_digest(&b),
-            _dir: dir,
-            root,
-            vault,
+            env,
             a_point,
             b_point,
         }

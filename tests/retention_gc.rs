@@ -28,28 +28,19 @@ use serde_json::Value;
 
 const BLOCK: usize = 64 * 1024;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    vault: String,
+/// The shared test environment, with a 64 KiB-block vault, and this file's helpers.
+struct Env(TestEnv);
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_path_buf();
-        let vault = root.join("vault").to_str().unwrap().to_string();
-        let out = controller(["init", "--vault", &vault, "--block-size", "64KiB"]);
-        assert!(out.status.success(), "{}", stderr_of(&out));
-        Env {
-            _dir: dir,
-            root,
-            vault,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        Env(TestEnv::init(&["--block-size", "64KiB"]))
     }
 
     fn write_policy(&self, name: &str, retention: &str) -> PathBuf {
@@ -80,8 +71,7 @@ impl Env {
     }
 
     fn backup(&self, vm: &str, image: &Path) -> String {
-        let disk = format!("d0={}", image.display());
-        let r = self.run(&["backup", "--vm", vm, "--disk", &disk]);
+        let r = self.0.backup(vm, &[format!("d0={}", image.display())], &[]);
         r["point"].as_str().unwrap().to_string()
     }
 

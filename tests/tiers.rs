@@ -9,50 +9,43 @@
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use bulwark_tests::{controller, controller_json, file_digest, stderr_of, write_random};
+use bulwark_tests::{TestEnv, controller, controller_json, file_digest, stderr_of, write_random};
 use serde_json::Value;
 
 struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    vault: String,
+    env: TestEnv,
     snaps: PathBuf,
     image: PathBuf,
 }
 
+impl std::ops::Deref for Setup {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
+}
+
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let image = root.join("os.img");
+    let env = TestEnv::new();
+    let image = env.path("os.img");
     // Data, a hole in the middle, more data: zero blocks are verified too.
     write_random(&image, 0, 3 << 20, 7);
     write_random(&image, 8 << 20, (2 << 20) + 4321, 8);
     Setup {
-        vault: root.join("vault").display().to_string(),
-        snaps: root.join("snaps"),
+        snaps: env.path("snaps"),
         image,
-        root,
-        _dir: dir,
+        env,
     }
 }
 
 fn backup(s: &Setup, keep: bool) -> Value {
-    let mut args = vec![
-        "backup".to_string(),
-        "--vault".into(),
-        s.vault.clone(),
-        "--vm".into(),
-        "web01".into(),
-        "--disk".into(),
-        format!("os={}", s.image.display()),
-        "--snapshot-dir".into(),
-        s.snaps.display().to_string(),
-        "--json".into(),
-    ];
+    let snaps = s.snaps.display().to_string();
+    let mut extra = vec!["--snapshot-dir", &snaps];
     if keep {
-        args.extend(["--keep-snapshot-days".into(), "2".into()]);
+        extra.extend(["--keep-snapshot-days", "2"]);
     }
-    controller_json(args)
+    s.env
+        .backup("web01", &[format!("os={}", s.image.display())], &extra)
 }
 
 fn tiers(s: &Setup) -> Vec<(String, String)> {

@@ -419,3 +419,79 @@ pub fn stderr_of(out: &Output) -> String {
 pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The environment of a CLI test: a temporary directory (removed on drop) and the location of a
+/// vault in it, `<root>/vault`. Every test that drives `bulwark-controller` builds one.
+#[derive(Debug)]
+pub struct TestEnv {
+    _dir: tempfile::TempDir,
+    /// The temporary directory.
+    pub root: PathBuf,
+    /// The vault's location (`<root>/vault`; created by the first backup, or by [`TestEnv::init`]).
+    pub vault: String,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        TestEnv::new()
+    }
+}
+
+impl TestEnv {
+    /// A new temporary directory with no vault yet.
+    pub fn new() -> TestEnv {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let root = dir.path().to_path_buf();
+        let vault = root.join("vault").display().to_string();
+        TestEnv {
+            _dir: dir,
+            root,
+            vault,
+        }
+    }
+
+    /// A new environment whose vault is created with `init` and the extra `args`
+    /// (`--block-size 64KiB`, ...).
+    pub fn init(args: &[&str]) -> TestEnv {
+        let env = TestEnv::new();
+        let mut all = vec!["init", "--vault", &env.vault];
+        all.extend(args);
+        let out = controller(&all);
+        assert!(out.status.success(), "init: {}", stderr_of(&out));
+        env
+    }
+
+    /// A path in the temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Commits a test point: `backup --vault <vault> --vm VM --disk D... EXTRA... --json`,
+    /// asserting success. Returns the backup report (`point`, `disks`, ...).
+    pub fn backup(&self, vm: &str, disks: &[String], extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["backup", "--vault", &self.vault, "--vm", vm, "--json"];
+        for d in disks {
+            args.extend(["--disk", d.as_str()]);
+        }
+        args.extend(extra);
+        controller_json(&args)
+    }
+
+    /// `restore --vault <vault> --vm VM --point POINT --disk DISK --to TO EXTRA...`, whatever
+    /// its exit status.
+    pub fn restore(&self, vm: &str, point: &str, disk: &str, to: &Path, extra: &[&str]) -> Output {
+        let to = to.display().to_string();
+        let mut args = vec![
+            "restore",
+            "--vault",
+            &self.vault,
+            "--vm",
+            vm,
+            "--point",
+            point,
+        ];
+        args.extend(["--disk", disk, "--to", &to]);
+        args.extend(extra);
+        controller(&args)
+    }
+}

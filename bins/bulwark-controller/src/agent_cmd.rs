@@ -1,12 +1,11 @@
 //! `backup --agent ...` (the quiesced backup) and `enroll`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bulwark_consistency::Level;
-use bulwark_controller::{AgentAddress, AgentTarget, QuiesceOptions};
+use bulwark_controller::{AgentTarget, Quiesce, QuiesceOptions};
 use clap::Args;
 
 /// The guest-agent options of `backup`.
@@ -39,37 +38,26 @@ pub struct QuiesceArgs {
 }
 
 impl QuiesceArgs {
-    /// Whether the backup involves the agent (or asks for more than crash consistency).
-    pub fn is_set(&self) -> bool {
-        self.agent.is_some()
-            || self.consistency.is_some_and(|l| l > Level::Crash)
-            || self.min_consistency > Level::Crash
+    /// The quiescing these options ask for: none unless `--agent` is given (or more than
+    /// crash consistency is asked for, which needs it).
+    pub fn quiesce(&self) -> Result<Option<Quiesce>> {
+        let wants_more = self.consistency.is_some_and(|l| l > Level::Crash);
+        let Some(agent) = &self.agent else {
+            if wants_more || self.min_consistency > Level::Crash {
+                bail!("--consistency/--min-consistency above crash need --agent");
+            }
+            return Ok(None);
+        };
+        let name = self.agent_name.clone();
+        let agent = AgentTarget::from_options(agent, self.tls_dir.as_deref(), name)?;
+        let options = QuiesceOptions {
+            wanted: self.consistency,
+            minimum: self.min_consistency,
+            freeze_timeout: Duration::from_millis(self.freeze_timeout_ms.max(1)),
+            snapshot_delay: self.test_snapshot_delay_ms.map(Duration::from_millis),
+        };
+        Ok(Some(Quiesce { agent, options }))
     }
-}
-
-/// The agent and the quiesce options that `--agent`, `--tls-dir`, `--consistency`… name.
-pub fn target(a: &QuiesceArgs) -> Result<(AgentTarget, QuiesceOptions)> {
-    let Some(agent) = &a.agent else {
-        bail!("--consistency/--min-consistency above crash need --agent");
-    };
-    let address: AgentAddress = agent
-        .parse()
-        .map_err(|e: bulwark_controller::Error| anyhow::anyhow!("--agent {e}"))?;
-    if matches!(address, AgentAddress::Tcp { .. }) && a.tls_dir.is_none() {
-        bail!("--agent tcp:... needs --tls-dir (the controller's files from `enroll`)");
-    }
-    let target = AgentTarget {
-        address,
-        tls: a.tls_dir.as_deref().map(AgentTarget::tls_dir),
-        server_name: a.agent_name.clone(),
-    };
-    let opts = QuiesceOptions {
-        wanted: a.consistency,
-        minimum: a.min_consistency,
-        freeze_timeout: Duration::from_millis(a.freeze_timeout_ms.max(1)),
-        snapshot_delay: a.test_snapshot_delay_ms.map(Duration::from_millis),
-    };
-    Ok((target, opts))
 }
 
 /// `bulwark-controller enroll`.
@@ -93,28 +81,11 @@ pub struct EnrollArgs {
 }
 
 /// Issues the agent's certificate; creates the CA and the controller's identity if missing.
-pub fn enroll(a: EnrollArgs) -> Result<ExitCode> {
-    let ca = bulwark_protocol::ensure_ca(&a.ca_dir, "Bulwark controller CA")
-        .with_context(|| format!("CA in {}", a.ca_dir.display()))?;
-    if ca.created {
-        eprintln!("created the controller CA in {}", a.ca_dir.display());
-    }
-    let controller_dir = a.ca_dir.join("controller");
-    if !controller_dir.join("controller.pem").exists() {
-        let files = bulwark_protocol::enroll_controller(&a.ca_dir, &controller_dir, "controller")?;
-        eprintln!(
-            "created the controller's client certificate {} (use --tls-dir {})",
-            files.cert.display(),
-            controller_dir.display()
-        );
-    }
+pub fn enroll(a: EnrollArgs) -> Result<()> {
     let sans: Vec<&str> = a.sans.iter().map(String::as_str).collect();
-    let files = bulwark_protocol::enroll_agent(&a.ca_dir, &a.out, &a.agent, &sans)?;
     println!(
-        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
-        files.ca_cert.display().to_string(),
-        files.cert.display().to_string(),
-        files.key.display().to_string()
+        "{}",
+        bulwark_protocol::enroll(&a.ca_dir, &a.out, &a.agent, &sans)?
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

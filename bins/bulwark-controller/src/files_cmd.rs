@@ -170,12 +170,12 @@ fn summary(r: &Report, wrote: bool) {
         r.files,
         r.dirs,
         r.symlinks,
-        ui::human(r.bytes_written),
+        bulwark_vault::HumanBytes(r.bytes_written),
         r.vm,
         r.point,
         r.disk,
         r.fetch.blocks_fetched,
-        ui::human(r.vault_bytes_down),
+        bulwark_vault::HumanBytes(r.vault_bytes_down),
     );
     for s in &r.skipped {
         eprintln!("skipped {s}");

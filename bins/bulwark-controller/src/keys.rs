@@ -4,7 +4,6 @@
 //! users could see them in the process list): `BULWARK_PASSPHRASE` by default.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
@@ -60,12 +59,12 @@ pub struct ChangeArgs {
     no_passphrase: bool,
 }
 
-fn passphrase_from(var: &str, required: bool) -> Result<Option<String>> {
+/// The passphrase in the environment variable `var` (required, not empty).
+fn passphrase_from(var: &str) -> Result<String> {
     match std::env::var(var) {
-        Ok(p) if !p.is_empty() => Ok(Some(p)),
+        Ok(p) if !p.is_empty() => Ok(p),
         Ok(_) => bail!("environment variable {var} is empty"),
-        Err(_) if required => bail!("set the passphrase in the environment variable {var}"),
-        Err(_) => Ok(None),
+        Err(_) => bail!("set the passphrase in the environment variable {var}"),
     }
 }
 
@@ -118,60 +117,50 @@ pub fn check_init(a: &EncryptArgs) -> Result<()> {
 }
 
 /// Runs a `key` command.
-pub fn run(cmd: KeyCommand) -> Result<ExitCode> {
-    let Some(file) = key_file().cloned() else {
+pub fn run(cmd: KeyCommand) -> Result<()> {
+    let Some(file) = key_file() else {
         bail!("give the key file with --key-file FILE (or BULWARK_KEY_FILE)");
+    };
+    let protected = |p: bool| {
+        if p {
+            "protected by a passphrase"
+        } else {
+            "no passphrase"
+        }
     };
     match cmd {
         KeyCommand::Create(a) => {
-            let pass = match &a.passphrase_env {
-                Some(var) => passphrase_from(var, true)?,
-                None => None,
-            };
-            let key = MasterKey::generate();
-            key.write_file(&file, pass.as_deref())?;
+            let pass = a.passphrase_env.map(|v| passphrase_from(&v)).transpose()?;
+            let key = MasterKey::create_file(file, pass.as_deref())?;
             println!("{}", key.fingerprint());
             eprintln!(
-                "created key {} ({}); keep a copy somewhere safe: without it the vault cannot be read",
+                "created key {} ({}); keep a copy somewhere safe: without it the vault cannot be \
+                 read",
                 file.display(),
-                if pass.is_some() {
-                    "protected by a passphrase"
-                } else {
-                    "not protected by a passphrase: protect the file"
-                }
+                protected(pass.is_some())
             );
         }
         KeyCommand::Fingerprint => {
-            let (wrapped, fp) = bulwark_vault::crypto::key_file_info(&file)?;
+            let (wrapped, fp) = bulwark_vault::crypto::key_file_info(file)?;
             println!("{fp}");
-            if wrapped {
-                eprintln!("(protected by a passphrase)");
-            }
+            eprintln!("({})", protected(wrapped));
         }
         KeyCommand::ChangePassphrase(a) => {
-            let (wrapped, _) = bulwark_vault::crypto::key_file_info(&file)?;
-            let old = if wrapped {
-                passphrase_from(&a.passphrase_env, true)?
-            } else {
-                None
-            };
-            let new = if a.no_passphrase {
-                None
-            } else {
-                passphrase_from(&a.new_passphrase_env, true)?
-            };
-            let key = MasterKey::change_passphrase(&file, old.as_deref(), new.as_deref())
+            let (wrapped, _) = bulwark_vault::crypto::key_file_info(file)?;
+            let old = wrapped
+                .then(|| passphrase_from(&a.passphrase_env))
+                .transpose()?;
+            let new = (!a.no_passphrase)
+                .then(|| passphrase_from(&a.new_passphrase_env))
+                .transpose()?;
+            let key = MasterKey::change_passphrase(file, old.as_deref(), new.as_deref())
                 .with_context(|| format!("changing the passphrase of {}", file.display()))?;
             eprintln!(
-                "key {} re-protected {}",
+                "key {} re-protected ({})",
                 key.fingerprint(),
-                if new.is_some() {
-                    "with the new passphrase"
-                } else {
-                    "without a passphrase"
-                }
+                protected(new.is_some())
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

@@ -4,7 +4,6 @@
 mod agent_cmd;
 mod assets;
 mod daemon_cmd;
-mod demo;
 mod files_cmd;
 mod keys;
 mod retention_cmd;
@@ -15,11 +14,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 
-use bulwark_controller::tiers::SnapshotStore;
-use bulwark_controller::{
-    BackupRequest, KeepSnapshots, Quiesce, RestoreRequest, run_backup, run_restore,
-};
-
+use bulwark_controller::tiers::{SnapshotStore, TieredList};
+use bulwark_controller::{BackupRequest, KeepSnapshots, RestoreRequest, run_backup};
 use bulwark_vault::{CreateOptions, Vault};
 use clap::{Args, Parser, Subcommand};
 
@@ -64,7 +60,7 @@ enum Command {
     /// Check that every committed point restores: reads and verifies every object it needs.
     Verify(VerifyArgs),
     /// Make a sample disk image, back it up twice, restore and verify it (nothing to prepare).
-    Demo(demo::DemoArgs),
+    Demo(ui::DemoArgs),
     /// Run the scheduled daemon: back up each configured VM at its policy's times.
     Serve(daemon_cmd::ServeArgs),
     /// Show the daemon's job history.
@@ -158,7 +154,7 @@ struct BackupArgs {
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
     /// How long to wait while a garbage collection holds the vault (e.g. 0, 90s, 10m).
-    #[arg(long, default_value = "10m", value_parser = retention_cmd::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = ui::parse_duration)]
     lease_wait: std::time::Duration,
     #[command(flatten)]
     quiesce: agent_cmd::QuiesceArgs,
@@ -239,56 +235,61 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     keys::init(&cli.keys);
     ui::init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        .build();
+    let result = match runtime {
+        Ok(r) => r.block_on(run(cli.command)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Opens the vault of a command with this run's options (key file, store settings).
+async fn open(vault: &VaultArg) -> Result<Vault> {
+    Ok(Vault::open_with(&vault.vault, &keys::vault_options()?).await?)
 }
 
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Init(a) => {
             keys::check_init(&a.encrypt)?;
-            let vault = Vault::create_with(
-                &a.vault.vault,
-                &create_options(a.block_size, a.compression_level)?,
-                &keys::vault_options()?,
-            )
-            .await?;
-            println!(
-                "created vault {} at {}",
-                vault.config().id,
-                vault.location()
-            );
+            let options = create_options(a.block_size, a.compression_level)?;
+            let v = Vault::create_with(&a.vault.vault, &options, &keys::vault_options()?).await?;
+            println!("created vault {} at {}", v.config().id, v.location());
         }
         Command::Backup(a) => backup(a).await?,
+        Command::List(a) if a.deleted => list_deleted(&a.vault, a.vm.as_deref(), a.json).await?,
         Command::List(a) => list(a).await?,
         Command::Restore(a) => restore(a).await?,
-        Command::Verify(a) => return verify(a).await,
-        Command::Demo(a) => return demo::run(a).await,
-        Command::Serve(a) => return daemon_cmd::serve(a).await,
-        Command::Jobs(a) => return daemon_cmd::jobs(a),
-        Command::Key(a) => return keys::run(a),
-        Command::Enroll(a) => return agent_cmd::enroll(a),
-        Command::Prune(a) => return retention_cmd::prune(a).await,
-        Command::Undelete(a) => return retention_cmd::undelete(a).await,
-        Command::Gc(a) => return retention_cmd::gc(a).await,
-        Command::ListDeleted(a) => return retention_cmd::list_deleted_cmd(a).await,
-        Command::Locks(a) => return retention_cmd::locks(a).await,
-        Command::Policy(a) => return retention_cmd::policy(a),
+        Command::Verify(a) => {
+            let vault = open(&a.vault).await?;
+            let bars = ui::Bars::new(!a.json);
+            let cb = bars.clone();
+            let progress = move |done, total| cb.set("verify", done, total);
+            let report = vault.verify(a.vm.as_deref(), &progress).await?;
+            bars.clear();
+            ui::show(a.json, &report.to_json(), &report, false, "")?;
+            return Ok(ui::exit(report.is_ok()));
+        }
+        Command::Demo(a) => {
+            let report = bulwark_controller::run_demo(a.request()?).await?;
+            println!("{report}");
+            return Ok(ui::exit(report.is_ok()));
+        }
+        Command::Serve(a) => daemon_cmd::serve(a).await?,
+        Command::Jobs(a) => daemon_cmd::jobs(a)?,
+        Command::Key(a) => keys::run(a)?,
+        Command::Enroll(a) => agent_cmd::enroll(a)?,
+        Command::Prune(a) => retention_cmd::prune(a).await?,
+        Command::Undelete(a) => retention_cmd::undelete(a).await?,
+        Command::Gc(a) => retention_cmd::gc(a).await?,
+        Command::ListDeleted(a) => retention_cmd::list_deleted(a).await?,
+        Command::Locks(a) => retention_cmd::locks(a).await?,
+        Command::Policy(a) => retention_cmd::policy(a)?,
         Command::Files(a) => return files_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
@@ -302,9 +303,10 @@ fn create_options(block_size: u64, level: i32) -> Result<CreateOptions> {
     if !(0..=22).contains(&level) {
         bail!("--compression-level must be 0 (off) to 22");
     }
+    let zstd_level = (level > 0).then_some(level);
     Ok(CreateOptions {
         block_size,
-        zstd_level: (level > 0).then_some(level),
+        zstd_level,
     })
 }
 
@@ -324,18 +326,10 @@ async fn backup(a: BackupArgs) -> Result<()> {
     let mut req = BackupRequest::new(a.vm, snapshotter);
     req.upload_concurrency = a.upload_concurrency;
     req.lease = req.lease.waiting(a.lease_wait);
-    if a.quiesce.is_set() {
-        let (agent, options) = agent_cmd::target(&a.quiesce)?;
-        req.quiesce = Some(Quiesce { agent, options });
-    }
-    if let Some(days) = a.keep_snapshot_days {
-        let dir = a
-            .snapshot_dir
-            .context("--keep-snapshot-days needs --snapshot-dir")?;
-        req.keep_snapshots = Some(KeepSnapshots {
-            store: SnapshotStore::new(dir),
-            days,
-        });
+    req.quiesce = a.quiesce.quiesce()?;
+    if let (Some(days), Some(dir)) = (a.keep_snapshot_days, a.snapshot_dir) {
+        let store = SnapshotStore::new(dir);
+        req.keep_snapshots = Some(KeepSnapshots { store, days });
     }
     let progress = ui::Bars::new(!a.json);
     req.observer = progress.clone();
@@ -354,193 +348,57 @@ async fn backup(a: BackupArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("{}", report.point);
-        for d in &report.disks {
-            eprintln!(
-                "  {}: {} in {} blocks, {} changed, {} read, {} uploaded{}",
-                d.name,
-                ui::human(d.size),
-                d.stats.blocks,
-                d.stats.changed_blocks,
-                ui::human(d.stats.bytes_read),
-                ui::human(d.stats.bytes_uploaded),
-                d.previous_point
-                    .as_ref()
-                    .map(|p| format!(" (compared with {p})"))
-                    .unwrap_or_default()
-            );
-        }
+        eprint!("{report}");
     }
     Ok(())
 }
 
 async fn list(a: ListArgs) -> Result<()> {
-    if a.deleted {
-        retention_cmd::list_deleted(&a.vault.vault, a.vm.as_deref(), a.json).await?;
-        return Ok(());
-    }
+    let vault = open(&a.vault).await?;
+    let vm = a.vm.as_deref();
     if let Some(dir) = &a.snapshot_dir {
-        return daemon_cmd::list(&a.vault.vault, dir, a.vm.as_deref(), a.json).await;
-    }
-    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
-    let list = vault.list_points(a.vm.as_deref()).await?;
-    if a.json {
-        let broken: Vec<_> = list
-            .broken
-            .iter()
-            .map(|(k, e)| serde_json::json!({"key": k, "error": e.to_string()}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"points": list.points, "broken": broken})
-            )?
-        );
-        return Ok(());
-    }
-    if list.points.is_empty() && list.broken.is_empty() {
-        eprintln!("no recovery points");
-    }
-    for p in &list.points {
-        let size: u64 = p.disks.iter().map(|d| d.size).sum();
-        let disks: Vec<_> = p.disks.iter().map(|d| d.name.as_str()).collect();
-        println!(
-            "{:<20} {:<32} {:<20} {:<12} {:>10}  {}",
-            p.vm,
-            p.id,
-            p.created.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            p.consistency.reached,
-            ui::human(size),
-            disks.join(",")
+        let list = TieredList::load(&vault, &SnapshotStore::new(dir), vm).await?;
+        return ui::show(
+            a.json,
+            &list.to_json(),
+            &list,
+            list.is_empty(),
+            "no recovery points",
         );
     }
-    for (k, e) in &list.broken {
-        println!("BROKEN {k}: {e}");
-    }
-    Ok(())
+    let list = vault.list_points(vm).await?;
+    let empty = list.points.is_empty() && list.broken.is_empty();
+    ui::show(a.json, &list.to_json(), &list, empty, "no recovery points")
+}
+
+async fn list_deleted(vault: &VaultArg, vm: Option<&str>, json: bool) -> Result<()> {
+    let list = open(vault).await?.list_deleted(vm).await?;
+    let empty = list.points.is_empty() && list.broken.is_empty();
+    ui::show(
+        json,
+        &list.to_json(),
+        &list,
+        empty,
+        "no soft-deleted recovery points",
+    )
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {
-    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
+    let vault = open(&a.vault).await?;
     let progress = ui::Bars::new(!a.json);
-    let qcow2 = a.format == bulwark_controller::sources::ImageFormat::Qcow2;
-    if qcow2 && a.to.exists() && !a.force {
-        anyhow::bail!("{} exists (--force replaces it)", a.to.display());
-    }
-    // qcow2: the verified raw restore goes to a hidden file beside the target first.
-    let raw_to = if qcow2 {
-        let name = a.to.file_name().context("--to needs a file name")?;
-        a.to.with_file_name(format!(".{}.bulwark-raw", name.to_string_lossy()))
-    } else {
-        a.to.clone()
-    };
-    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, raw_to.clone());
-    req.force = a.force || qcow2;
+    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
     req.force = a.force;
     req.concurrency = a.concurrency;
-    req.snapshots = a.snapshot_dir.clone().map(SnapshotStore::new);
+    req.snapshots = a.snapshot_dir.map(SnapshotStore::new);
     req.observer = progress.clone();
-    let report = run_restore(req, &vault).await;
-    if qcow2 {
-        let report = report.inspect_err(|_| {
-            let _ = std::fs::remove_file(&raw_to);
-        })?;
-        let converted = bulwark_controller::sources::raw_to_qcow2(
-            std::path::Path::new("qemu-img"),
-            &raw_to,
-            &a.to,
-        );
-        if converted.is_err() {
-            let _ = std::fs::remove_file(&raw_to);
-        }
-        converted?;
-        progress.clear();
-        if a.json {
-            let mut v = serde_json::to_value(&report)?;
-            v["to"] = serde_json::json!(a.to);
-            v["format"] = serde_json::json!("qcow2");
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
-            eprintln!(
-                "restored {}/{} disk {} to {} (qcow2): {}",
-                report.vm,
-                report.point,
-                report.disk,
-                a.to.display(),
-                ui::human(report.size)
-            );
-        }
-        return Ok(());
-    }
-    let report = report?;
-    if a.snapshot_dir.is_some() {
-        progress.clear();
-        return daemon_cmd::show_restore(&report, a.json);
-    }
+    let report = bulwark_controller::sources::run_restore_as(req, a.format, &vault).await?;
     progress.clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        eprintln!(
-            "restored {}/{} disk {} to {}: {} ({} written, {} blocks left as holes)",
-            report.vm,
-            report.point,
-            report.disk,
-            report.to.display(),
-            ui::human(report.size),
-            ui::human(report.bytes_written),
-            report.zero_blocks
-        );
+        eprintln!("{report}");
     }
     Ok(())
-}
-
-async fn verify(a: VerifyArgs) -> Result<ExitCode> {
-    let vault = Vault::open_with(&a.vault.vault, &keys::vault_options()?).await?;
-    let bars = ui::Bars::new(!a.json);
-    let cb = bars.clone();
-    let report = vault
-        .verify(a.vm.as_deref(), &move |done, total| {
-            cb.set("verify", done, total)
-        })
-        .await?;
-    bars.clear();
-    if a.json {
-        let problems: Vec<_> = report
-            .problems
-            .iter()
-            .map(|p| serde_json::json!({"key": p.key, "error": p.message, "points": p.points}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "ok": report.is_ok(), "points": report.points, "manifests": report.manifests,
-                "blocks": report.blocks, "bytes": report.bytes, "problems": problems,
-            }))?
-        );
-    } else {
-        for p in &report.problems {
-            println!(
-                "BAD {}: {} (breaks {})",
-                p.key,
-                p.message,
-                p.points.join(", ")
-            );
-        }
-        let verdict = if report.is_ok() { "OK" } else { "FAILED" };
-        println!(
-            "{verdict}: {} points, {} manifests, {} blocks ({}) verified; {} problems",
-            report.points,
-            report.manifests,
-            report.blocks,
-            ui::human(report.bytes),
-            report.problems.len()
-        );
-    }
-    Ok(if report.is_ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 #[cfg(test)]

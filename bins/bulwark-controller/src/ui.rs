@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 
-use bulwark_controller::Observer;
+use std::time::Duration;
+
+use bulwark_controller::{DemoRequest, Observer};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Logs to stderr; `BULWARK_LOG` (an env-filter) wins over `-v`.
@@ -85,7 +87,9 @@ impl Bars {
 
 impl Observer for Bars {
     fn start(&self, item: &str, total: u64) {
-        self.bar(item, total, true).set_length(total);
+        let bar = self.bar(item, total, true);
+        bar.reset();
+        bar.set_length(total);
     }
     fn advance(&self, item: &str, bytes: u64) {
         self.bar(item, 0, true).inc(bytes);
@@ -115,19 +119,83 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// A size for people: 1.5 GiB.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
+/// Prints `value` as JSON, or `text` (with `none` on stderr first when `empty`).
+pub fn show(
+    json: bool,
+    value: &serde_json::Value,
+    text: &impl std::fmt::Display,
+    empty: bool,
+    none: &str,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        return Ok(());
     }
-    if u == 0 {
-        format!("{bytes} B")
+    if empty {
+        eprintln!("{none}");
+    }
+    let text = text.to_string();
+    if !text.is_empty() {
+        println!("{}", text.trim_end());
+    }
+    Ok(())
+}
+
+/// Success or failure.
+pub fn exit(ok: bool) -> std::process::ExitCode {
+    if ok {
+        std::process::ExitCode::SUCCESS
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Parses `90s`, `30m`, `1h`, `2d`, `0` (seconds without a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 2d"))?;
+    let secs = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use s, m, h or d)"
+            ));
+        }
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Working directory for the sample image, vault and restores (default: a new directory
+    /// under the system's temporary directory). It is kept, so you can look around.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
+    /// Size of the sample disk image.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    size: u64,
+}
+
+impl DemoArgs {
+    /// The demo job these options ask for.
+    pub fn request(self) -> anyhow::Result<DemoRequest> {
+        let name = format!("bulwark-demo-{}", std::process::id());
+        Ok(DemoRequest {
+            dir: self.dir.unwrap_or_else(|| std::env::temp_dir().join(name)),
+            size: self.size,
+            vault: crate::keys::vault_options()?,
+            observer: Bars::new(true),
+        })
     }
 }
 
@@ -136,12 +204,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
+    fn sizes_and_durations() {
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("1 parsec").is_err());
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(10), "10 B");
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("5y").unwrap_err().contains("unit"));
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 }

@@ -28,8 +28,10 @@
 //! # Ok(()) }
 //! ```
 
+mod demo;
 mod job;
 mod quiesce;
+mod report;
 mod restore;
 mod retention;
 pub mod sources;
@@ -38,6 +40,7 @@ mod transfer;
 
 use std::path::PathBuf;
 
+pub use demo::{DemoReport, DemoRequest, run_demo};
 pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};

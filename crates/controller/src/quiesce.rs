@@ -123,6 +123,27 @@ pub struct AgentTarget {
 }
 
 impl AgentTarget {
+    /// The target named by the CLI's `--agent ADDRESS [--tls-dir DIR] [--agent-name NAME]`:
+    /// a TCP address needs the controller's TLS directory from `enroll`.
+    pub fn from_options(
+        address: &str,
+        tls_dir: Option<&std::path::Path>,
+        server_name: Option<String>,
+    ) -> Result<AgentTarget, Error> {
+        let address: AgentAddress = address.parse()?;
+        if matches!(address, AgentAddress::Tcp { .. }) && tls_dir.is_none() {
+            return Err(Error::InvalidAgentAddress {
+                address: address.to_string(),
+                why: "a tcp: agent needs --tls-dir (the controller's files from `enroll`)".into(),
+            });
+        }
+        Ok(AgentTarget {
+            address,
+            tls: tls_dir.map(AgentTarget::tls_dir),
+            server_name,
+        })
+    }
+
     /// The controller's TLS files in `dir`: `ca.pem`, `controller.pem`, `controller.key`.
     pub fn tls_dir(dir: &std::path::Path) -> TlsFiles {
         TlsFiles {

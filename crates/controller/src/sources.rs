@@ -316,6 +316,48 @@ pub fn raw_to_qcow2(qemu_img: &Path, raw: &Path, to: &Path) -> Result<(), Error>
     std::fs::remove_file(raw).map_err(io(raw))
 }
 
+/// [`crate::run_restore`] in the asked `format`. For qcow2, the verified raw restore goes to a
+/// hidden file beside the target first, is converted with `qemu-img`, and is removed again
+/// whatever happens; the target is replaced only with `force`.
+pub async fn run_restore_as(
+    mut req: crate::RestoreRequest,
+    format: ImageFormat,
+    vault: &bulwark_vault::Vault,
+) -> Result<crate::RestoreReport, Error> {
+    if format == ImageFormat::Raw {
+        return crate::run_restore(req, vault).await;
+    }
+    let to = req.to.clone();
+    if std::fs::symlink_metadata(&to).is_ok() && !req.force {
+        return Err(Error::RestoreTarget {
+            path: to,
+            why: "exists (--force replaces it)".into(),
+        });
+    }
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::RestoreTarget {
+            path: to.clone(),
+            why: "needs a file name".into(),
+        })?;
+    let raw = to.with_file_name(format!(".{name}.bulwark-raw"));
+    req.to = raw.clone();
+    // The hidden raw file is ours: a crashed earlier run may have left it.
+    req.force = true;
+    let result = match crate::run_restore(req, vault).await {
+        Ok(mut report) => raw_to_qcow2(Path::new("qemu-img"), &raw, &to).map(|()| {
+            report.to = to;
+            report
+        }),
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&raw);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use bulwark_snapshot::DiskSource;
 
+pub use crate::report::TieredList;
 use crate::{Error, KeepSnapshots, RestoreReport, RestoreRequest};
 
 /// Where a recovery point can be restored from.

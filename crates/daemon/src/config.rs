@@ -169,264 +169,280 @@ impl Config {
 
     /// Validates a configuration text; `path` names it in errors and anchors relative paths.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Config, Error> {
-        let file = path.display().to_string();
-        let err = |line: Option<usize>, message: String| Error::Config {
-            at: match line {
-                Some(l) => format!("{file}:{l}"),
-                None => file.clone(),
-            },
-            message,
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let cx = Parse {
+            text,
+            file: path.display().to_string(),
+            base: base.unwrap_or(Path::new(".")).to_path_buf(),
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            err(line, e.message().trim().to_string())
+            cx.err(line, e.message().trim().to_string())
         })?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
+        let settings = cx.settings(&raw)?;
+        if raw.vm.is_empty() {
+            let why = "no [[vm]] entries: the daemon has nothing to back up";
+            return Err(cx.err(None, why.into()));
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut vms = Vec::with_capacity(raw.vm.len());
+        for vm in &raw.vm {
+            let name = vm.get_ref().name.get_ref();
+            let name_line = cx.line(vm.get_ref().name.span().start);
+            if let Some(first) = seen.insert(name.clone(), name_line) {
+                let why =
+                    format!("vm {name:?}: a VM of this name is already configured at line {first}");
+                return Err(cx.err(Some(name_line), why));
             }
+            vms.push(cx.vm(vm, settings.tls_dir.as_deref())?);
+        }
+        Ok(Config {
+            file: path.to_path_buf(),
+            vms,
+            ..settings
+        })
+    }
+}
+
+/// The state of one parse: the text (for line numbers), the file's name (for errors) and the
+/// directory relative paths are resolved against.
+struct Parse<'a> {
+    text: &'a str,
+    file: String,
+    base: PathBuf,
+}
+
+impl Parse<'_> {
+    fn err(&self, line: Option<usize>, message: String) -> Error {
+        let at = match line {
+            Some(l) => format!("{}:{l}", self.file),
+            None => self.file.clone(),
         };
+        Error::Config { at, message }
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        line_of(self.text, offset)
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// Everything but the VMs (left empty).
+    fn settings(&self, raw: &RawConfig) -> Result<Config, Error> {
         if raw.vault.trim().is_empty() {
-            return Err(err(None, "vault: must name a vault location".into()));
+            return Err(self.err(None, "vault: must name a vault location".into()));
         }
         if raw.state_dir.as_os_str().is_empty() {
-            return Err(err(None, "state_dir: must name a directory".into()));
+            return Err(self.err(None, "state_dir: must name a directory".into()));
         }
-        let state_dir = resolve(&raw.state_dir);
-        let tls_dir = raw.tls_dir.as_deref().map(resolve);
-        let snapshot_dir = raw
-            .snapshot_dir
-            .as_deref()
-            .map(resolve)
-            .unwrap_or_else(|| state_dir.join("snapshots"));
+        let state_dir = self.resolve(&raw.state_dir);
+        let snapshot_dir = match raw.snapshot_dir.as_deref() {
+            Some(d) => self.resolve(d),
+            None => state_dir.join("snapshots"),
+        };
         let snapshot_provider = match raw.snapshot_provider.as_deref() {
             None => Provider::Auto,
             Some(p) => p.parse().map_err(|e: bulwark_snapshot::Error| {
-                err(None, format!("snapshot_provider: {e}"))
+                self.err(None, format!("snapshot_provider: {e}"))
             })?,
         };
         let concurrency = raw.concurrency.unwrap_or(CONCURRENCY_DEFAULT);
         if concurrency == 0 {
-            return Err(err(None, "concurrency: must be at least 1".into()));
+            return Err(self.err(None, "concurrency: must be at least 1".into()));
         }
         let upload_concurrency = raw.upload_concurrency.unwrap_or(16);
         if upload_concurrency == 0 {
-            return Err(err(None, "upload_concurrency: must be at least 1".into()));
+            return Err(self.err(None, "upload_concurrency: must be at least 1".into()));
         }
         // A vault location that is a plain relative path is relative to the config file too.
         let vault = if raw.vault.contains("://") || raw.vault.starts_with("memory:") {
             raw.vault.clone()
         } else {
-            resolve(Path::new(&raw.vault)).display().to_string()
+            self.resolve(Path::new(&raw.vault)).display().to_string()
         };
-        if raw.vm.is_empty() {
-            return Err(err(
-                None,
-                "no [[vm]] entries: the daemon has nothing to back up".into(),
-            ));
-        }
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        let mut vms = Vec::with_capacity(raw.vm.len());
-        for vm in &raw.vm {
-            let vm_line = line_of(text, vm.span().start);
-            let vm = vm.get_ref();
-            let name = vm.name.get_ref().clone();
-            let name_line = line_of(text, vm.name.span().start);
-            validate_name("vm", &name)
-                .map_err(|e| err(Some(name_line), format!("vm.name: {e}")))?;
-            if let Some(first) = seen.insert(name.clone(), name_line) {
-                return Err(err(
-                    Some(name_line),
-                    format!("vm {name:?}: a VM of this name is already configured at line {first}"),
-                ));
-            }
-            if vm.disks.is_empty() {
-                return Err(err(
-                    Some(vm_line),
-                    format!(
-                        "vm {name}: no disks; add disks = [{{ name = \"os\", path = \"/path/to/image\" }}]"
-                    ),
-                ));
-            }
-            let mut disk_names: HashMap<String, usize> = HashMap::new();
-            let mut disks = Vec::with_capacity(vm.disks.len());
-            for d in &vm.disks {
-                let line = line_of(text, d.span().start);
-                let d = d.get_ref();
-                validate_name("disk", &d.name)
-                    .map_err(|e| err(Some(line), format!("vm {name}: disks: {e}")))?;
-                if let Some(first) = disk_names.insert(d.name.clone(), line) {
-                    return Err(err(
-                        Some(line),
-                        format!(
-                            "vm {name}: two disks are named {:?} (first at line {first})",
-                            d.name
-                        ),
-                    ));
-                }
-                if d.path.as_os_str().is_empty() {
-                    return Err(err(
-                        Some(line),
-                        format!("vm {name}: disk {}: path is empty", d.name),
-                    ));
-                }
-                let p = resolve(&d.path);
-                match std::fs::metadata(&p) {
-                    Ok(m) if m.is_file() => {}
-                    Ok(_) => {
-                        return Err(err(
-                            Some(line),
-                            format!(
-                                "vm {name}: disk {}: {} is not a regular file (a disk image is needed)",
-                                d.name,
-                                p.display()
-                            ),
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(err(
-                            Some(line),
-                            format!("vm {name}: disk {}: {}: {e}", d.name, p.display()),
-                        ));
-                    }
-                }
-                disks.push(ImageDisk {
-                    name: d.name.clone(),
-                    path: p,
-                });
-            }
-            let Some(policy) = &vm.policy else {
-                return Err(err(
-                    Some(vm_line),
-                    format!(
-                        "vm {name}: no policy; set policy = \"FILE\" or an inline table policy = {{ ... }}"
-                    ),
-                ));
-            };
-            let policy_line = line_of(text, policy.span().start);
-            let policy = match policy.get_ref() {
-                toml::Value::String(p) => {
-                    let ppath = resolve(Path::new(p));
-                    let ptext = std::fs::read_to_string(&ppath).map_err(|e| {
-                        err(
-                            Some(policy_line),
-                            format!("vm {name}: policy file {}: {e}", ppath.display()),
-                        )
-                    })?;
-                    Policy::from_toml_str(&ptext, &ppath.display().to_string()).map_err(|e| {
-                        err(Some(policy_line), format!("vm {name}: policy file {e}"))
-                    })?
-                }
-                toml::Value::Table(t) => {
-                    let ptext = toml::to_string(t).map_err(|e| {
-                        err(Some(policy_line), format!("vm {name}: inline policy: {e}"))
-                    })?;
-                    const INLINE: &str = "<inline>";
-                    Policy::from_toml_str(&ptext, INLINE).map_err(|e| {
-                        // The line of the re-serialised table means nothing to the user: point
-                        // at the `policy` key and keep the field and the message.
-                        let shown = e.to_string();
-                        let prefix = format!("{INLINE}:{}: ", e.line());
-                        let rest = shown.strip_prefix(&prefix).unwrap_or(&shown);
-                        err(Some(policy_line), format!("vm {name}: policy.{rest}"))
-                    })?
-                }
-                other => {
-                    return Err(err(
-                        Some(policy_line),
-                        format!(
-                            "vm {name}: policy must be a file path or an inline table, got a {}",
-                            other.type_str()
-                        ),
-                    ));
-                }
-            };
-            let schedule_override = match vm.schedule_override_seconds {
-                None => None,
-                Some(0) => {
-                    return Err(err(
-                        Some(vm_line),
-                        format!("vm {name}: schedule_override_seconds must be at least 1"),
-                    ));
-                }
-                Some(s) => Some(Duration::from_secs(s)),
-            };
-            let agent = match vm.agent.as_deref().map(str::trim) {
-                None => None,
-                Some("") => {
-                    return Err(err(
-                        Some(vm_line),
-                        format!("vm {name}: agent is empty (leave it out when there is no agent)"),
-                    ));
-                }
-                Some(a) => {
-                    // A bare HOST:PORT means TCP.
-                    let spelled = if a.starts_with("unix:") || a.starts_with("tcp:") {
-                        a.to_string()
-                    } else {
-                        format!("tcp:{a}")
-                    };
-                    let address: AgentAddress =
-                        spelled.parse().map_err(|e: bulwark_controller::Error| {
-                            err(Some(vm_line), format!("vm {name}: agent: {e}"))
-                        })?;
-                    let tls = match (&address, &tls_dir) {
-                        (AgentAddress::Unix(_), _) => None,
-                        (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
-                        (AgentAddress::Tcp { .. }, None) => {
-                            return Err(err(
-                                Some(vm_line),
-                                format!(
-                                    "vm {name}: agent {address} is reached over TCP with mutual TLS: set tls_dir (the controller's files from `bulwark-controller enroll`)"
-                                ),
-                            ));
-                        }
-                    };
-                    Some(AgentTarget {
-                        address,
-                        tls,
-                        server_name: None,
-                    })
-                }
-            };
-            vms.push(VmConfig {
-                name,
-                disks,
-                agent,
-                policy: Arc::new(policy),
-                schedule_override,
-                keep_snapshots: vm.keep_snapshots.unwrap_or(true),
-            });
-        }
+        let catch_up_hours = u64::from(raw.catch_up_hours.unwrap_or(CATCH_UP_HOURS_DEFAULT));
         Ok(Config {
-            file: path.to_path_buf(),
+            file: PathBuf::new(),
             vault,
             state_dir,
             snapshot_dir,
             snapshot_provider,
             concurrency,
             upload_concurrency,
-            catch_up: Duration::from_secs(
-                u64::from(raw.catch_up_hours.unwrap_or(CATCH_UP_HOURS_DEFAULT)) * 3600,
-            ),
+            catch_up: Duration::from_secs(catch_up_hours * 3600),
             shutdown_timeout: raw
                 .shutdown_timeout_seconds
                 .map(Duration::from_secs)
                 .unwrap_or(SHUTDOWN_TIMEOUT_DEFAULT),
             prune: raw.prune.unwrap_or(true),
-            tls_dir,
+            tls_dir: raw.tls_dir.as_deref().map(|d| self.resolve(d)),
             gc_interval: match raw.gc_interval_hours.unwrap_or(24) {
                 0 => None,
                 h => Some(Duration::from_secs(h.saturating_mul(3600))),
             },
-            vms,
+            vms: Vec::new(),
+        })
+    }
+
+    /// One `[[vm]]` entry: its name, disks, policy, schedule override and agent.
+    fn vm(&self, vm: &Spanned<RawVm>, tls_dir: Option<&Path>) -> Result<VmConfig, Error> {
+        let vm_line = self.line(vm.span().start);
+        let vm = vm.get_ref();
+        let name = vm.name.get_ref().clone();
+        let name_line = self.line(vm.name.span().start);
+        validate_name("vm", &name)
+            .map_err(|e| self.err(Some(name_line), format!("vm.name: {e}")))?;
+        if vm.disks.is_empty() {
+            let why = format!(
+                "vm {name}: no disks; add disks = [{{ name = \"os\", path = \"/path/to/image\" }}]"
+            );
+            return Err(self.err(Some(vm_line), why));
+        }
+        let mut disk_names: HashMap<String, usize> = HashMap::new();
+        let mut disks = Vec::with_capacity(vm.disks.len());
+        for d in &vm.disks {
+            let line = self.line(d.span().start);
+            if let Some(first) = disk_names.insert(d.get_ref().name.clone(), line) {
+                let why = format!(
+                    "vm {name}: two disks are named {:?} (first at line {first})",
+                    d.get_ref().name
+                );
+                return Err(self.err(Some(line), why));
+            }
+            disks.push(self.disk(&name, d.get_ref(), line)?);
+        }
+        let Some(policy) = &vm.policy else {
+            let why = format!(
+                "vm {name}: no policy; set policy = \"FILE\" or an inline table policy = {{ ... }}"
+            );
+            return Err(self.err(Some(vm_line), why));
+        };
+        let policy = self.policy(&name, policy)?;
+        let schedule_override = match vm.schedule_override_seconds {
+            None => None,
+            Some(0) => {
+                let why = format!("vm {name}: schedule_override_seconds must be at least 1");
+                return Err(self.err(Some(vm_line), why));
+            }
+            Some(s) => Some(Duration::from_secs(s)),
+        };
+        let agent = match vm.agent.as_deref().map(str::trim) {
+            None => None,
+            Some(a) => Some(self.agent(&name, vm_line, a, tls_dir)?),
+        };
+        Ok(VmConfig {
+            name,
+            disks,
+            agent,
+            policy: Arc::new(policy),
+            schedule_override,
+            keep_snapshots: vm.keep_snapshots.unwrap_or(true),
+        })
+    }
+
+    /// One disk of VM `vm`: a valid name and an existing regular file.
+    fn disk(&self, vm: &str, d: &RawDisk, line: usize) -> Result<ImageDisk, Error> {
+        let name = &d.name;
+        validate_name("disk", name)
+            .map_err(|e| self.err(Some(line), format!("vm {vm}: disks: {e}")))?;
+        if d.path.as_os_str().is_empty() {
+            let why = format!("vm {vm}: disk {name}: path is empty");
+            return Err(self.err(Some(line), why));
+        }
+        let p = self.resolve(&d.path);
+        let shown = p.display().to_string();
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => Ok(ImageDisk {
+                name: name.clone(),
+                path: p,
+            }),
+            Ok(_) => {
+                let why = "is not a regular file (a disk image is needed)";
+                Err(self.err(Some(line), format!("vm {vm}: disk {name}: {shown} {why}")))
+            }
+            Err(e) => Err(self.err(Some(line), format!("vm {vm}: disk {name}: {shown}: {e}"))),
+        }
+    }
+
+    /// The policy of VM `vm`: a file path or an inline table.
+    fn policy(&self, vm: &str, policy: &Spanned<toml::Value>) -> Result<Policy, Error> {
+        let line = Some(self.line(policy.span().start));
+        match policy.get_ref() {
+            toml::Value::String(p) => {
+                let ppath = self.resolve(Path::new(p));
+                let ptext = std::fs::read_to_string(&ppath).map_err(|e| {
+                    self.err(
+                        line,
+                        format!("vm {vm}: policy file {}: {e}", ppath.display()),
+                    )
+                })?;
+                Policy::from_toml_str(&ptext, &ppath.display().to_string())
+                    .map_err(|e| self.err(line, format!("vm {vm}: policy file {e}")))
+            }
+            toml::Value::Table(t) => {
+                let ptext = toml::to_string(t)
+                    .map_err(|e| self.err(line, format!("vm {vm}: inline policy: {e}")))?;
+                const INLINE: &str = "<inline>";
+                Policy::from_toml_str(&ptext, INLINE).map_err(|e| {
+                    // The line of the re-serialised table means nothing to the user: point at
+                    // the `policy` key and keep the field and the message.
+                    let shown = e.to_string();
+                    let prefix = format!("{INLINE}:{}: ", e.line());
+                    let rest = shown.strip_prefix(&prefix).unwrap_or(&shown);
+                    self.err(line, format!("vm {vm}: policy.{rest}"))
+                })
+            }
+            other => {
+                let why = format!(
+                    "vm {vm}: policy must be a file path or an inline table, got a {}",
+                    other.type_str()
+                );
+                Err(self.err(line, why))
+            }
+        }
+    }
+
+    /// The agent of VM `vm`: `unix:PATH`, `tcp:HOST:PORT` or a bare `HOST:PORT` (TCP, which
+    /// needs the configuration's `tls_dir`).
+    fn agent(
+        &self,
+        vm: &str,
+        line: usize,
+        agent: &str,
+        tls_dir: Option<&Path>,
+    ) -> Result<AgentTarget, Error> {
+        if agent.is_empty() {
+            let why = format!("vm {vm}: agent is empty (leave it out when there is no agent)");
+            return Err(self.err(Some(line), why));
+        }
+        let spelled = if agent.starts_with("unix:") || agent.starts_with("tcp:") {
+            agent.to_string()
+        } else {
+            format!("tcp:{agent}")
+        };
+        let address: AgentAddress = spelled.parse().map_err(|e: bulwark_controller::Error| {
+            self.err(Some(line), format!("vm {vm}: agent: {e}"))
+        })?;
+        let tls = match (&address, tls_dir) {
+            (AgentAddress::Unix(_), _) => None,
+            (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
+            (AgentAddress::Tcp { .. }, None) => {
+                let why = format!(
+                    "vm {vm}: agent {address} is reached over TCP with mutual TLS: set tls_dir (the controller's files from `bulwark-controller enroll`)"
+                );
+                return Err(self.err(Some(line), why));
+            }
+        };
+        Ok(AgentTarget {
+            address,
+            tls,
+            server_name: None,
         })
     }
 }

@@ -24,6 +24,9 @@
 pub mod config;
 pub mod daemon;
 pub mod history;
+mod serve;
+
+pub use serve::{Plan, ServeOptions, Server};
 
 use std::path::PathBuf;
 

@@ -316,6 +316,67 @@ pub fn enroll_controller(ca_dir: &Path, out_dir: &Path, name: &str) -> Result<Tl
     ca.issue_controller(name)?.write(out_dir)
 }
 
+/// What [`enroll`] did: its `Display` is the notes for the operator followed by the `[tls]`
+/// table of the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// The CA directory, and whether the CA was created now.
+    pub ca: (PathBuf, bool),
+    /// The controller's client identity, when it was created now (in `<ca_dir>/controller`).
+    pub controller: Option<TlsFiles>,
+    /// The agent's files.
+    pub agent: TlsFiles,
+}
+
+/// Enrolls an agent: creates the CA in `ca_dir` and the controller's client identity in
+/// `<ca_dir>/controller` (`ca.pem`, `controller.pem`, `controller.key`) when missing, then
+/// issues the agent's certificate for `agent_name` and `extra_names` into `out_dir`.
+pub fn enroll(
+    ca_dir: &Path,
+    out_dir: &Path,
+    agent_name: &str,
+    extra_names: &[&str],
+) -> Result<Enrollment, Error> {
+    let ca = ensure_ca(ca_dir, "Bulwark controller CA")?;
+    let controller_dir = ca_dir.join("controller");
+    let controller = if exists(&controller_dir.join("controller.pem"))? {
+        None
+    } else {
+        Some(enroll_controller(ca_dir, &controller_dir, "controller")?)
+    };
+    let agent = enroll_agent(ca_dir, out_dir, agent_name, extra_names)?;
+    Ok(Enrollment {
+        ca: (ca_dir.to_path_buf(), ca.created),
+        controller,
+        agent,
+    })
+}
+
+impl std::fmt::Display for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ca.1 {
+            writeln!(f, "# created the controller CA in {}", self.ca.0.display())?;
+        }
+        if let Some(c) = &self.controller {
+            let dir = c.cert.parent().unwrap_or(Path::new("."));
+            let (cert, dir) = (c.cert.display(), dir.display());
+            writeln!(
+                f,
+                "# created the controller's client certificate {cert} (use --tls-dir {dir})"
+            )?;
+        }
+        let path = |p: &Path| format!("{:?}", p.display().to_string());
+        let a = &self.agent;
+        write!(
+            f,
+            "[tls]\nca = {}\ncert = {}\nkey = {}",
+            path(&a.ca_cert),
+            path(&a.cert),
+            path(&a.key)
+        )
+    }
+}
+
 fn invalid(what: &'static str, value: &str, message: &str) -> Error {
     Error::InvalidArgument {
         what,

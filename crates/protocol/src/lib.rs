@@ -95,8 +95,8 @@ pub use codec::{
     encode_response, read_frame, write_frame,
 };
 pub use enroll::{
-    CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY, CLOCK_SKEW, CaFiles, CertificateAuthority, IssuedCert,
-    LEAF_VALIDITY, enroll_agent, enroll_controller, ensure_ca,
+    CA_CERT_FILE, CA_KEY_FILE, CA_VALIDITY, CLOCK_SKEW, CaFiles, CertificateAuthority, Enrollment,
+    IssuedCert, LEAF_VALIDITY, enroll, enroll_agent, enroll_controller, ensure_ca,
 };
 pub use error::Error;
 pub use message::{

@@ -141,6 +141,13 @@ impl MasterKey {
         }
     }
 
+    /// A new random key, written to a new file at `path` (see [`MasterKey::write_file`]).
+    pub fn create_file(path: &Path, passphrase: Option<&str>) -> Result<MasterKey, Error> {
+        let key = MasterKey::generate();
+        key.write_file(path, passphrase)?;
+        Ok(key)
+    }
+
     /// Writes the key to a new file at `path` (mode 0600; never overwrites), protected by
     /// `passphrase` when given.
     pub fn write_file(&self, path: &Path, passphrase: Option<&str>) -> Result<(), Error> {

@@ -63,6 +63,7 @@ pub mod lease;
 pub mod location;
 mod model;
 mod prune;
+mod report;
 pub mod retry;
 pub mod stats;
 mod verify;
@@ -87,6 +88,7 @@ pub use model::{
     RecoveryPoint, VAULT_FORMAT_VERSION, VaultConfig, new_point_id, validate_name,
 };
 pub use prune::{DeletedList, DeletedPoint, deleted_key};
+pub use report::{HumanBytes, LeaseListing};
 pub use retry::RetryPolicy;
 pub use stats::StoreStats;
 pub use verify::{Problem, VerifyReport};
