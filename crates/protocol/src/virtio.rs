@@ -58,6 +58,8 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 pub const SYNC_DISCARD_LIMIT: usize = 1 << 20;
 /// How often the agent looks again at a port whose host side is not connected.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Pause after a readiness event that found nothing to read or no room to write.
+const SPURIOUS_PAUSE: Duration = Duration::from_millis(5);
 /// Directory where udev (or the test guest's `rc`) names the ports.
 pub const VIRTIO_PORTS_DIR: &str = "/dev/virtio-ports";
 
@@ -124,6 +126,19 @@ impl VirtioPortListener {
                 action: "opening the virtio-serial port",
                 source,
             })?;
+        // Non-blocking for sure: a blocking read here would stall the whole session task.
+        let flags = rustix::fs::fcntl_getfl(&file).map_err(|e| Error::File {
+            path: path.to_owned(),
+            action: "reading the port's flags",
+            source: e.into(),
+        })?;
+        rustix::fs::fcntl_setfl(&file, flags | rustix::fs::OFlags::NONBLOCK).map_err(|e| {
+            Error::File {
+                path: path.to_owned(),
+                action: "making the port non-blocking",
+                source: e.into(),
+            }
+        })?;
         // SAFETY: `file` is an open file descriptor owned by the `AsyncFd` from here on; a
         // `std::fs::File` always returns the same descriptor and closes it only when dropped.
         let port = unsafe { AsyncFd::register(file) }.map_err(|e| Error::File {
@@ -155,7 +170,13 @@ impl VirtioPortListener {
                 let mut guard = guard?;
                 match guard.try_io(|f| f.get_ref().read(buf)) {
                     Ok(r) => return r,
-                    Err(_would_block) => continue,
+                    // Tokio never clears a "read closed" readiness (the port reports POLLHUP
+                    // while no host is connected), so readable() may keep completing at once:
+                    // pause, so that this loop cannot spin without yielding.
+                    Err(_would_block) => {
+                        tokio::time::sleep(SPURIOUS_PAUSE).await;
+                        continue;
+                    }
                 }
             }
             // No readiness event for a while: look directly (a host connecting does not
@@ -170,19 +191,23 @@ impl VirtioPortListener {
     /// Writes all of `data`; waits while the host side is not connected.
     async fn write_port(&self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
-            let written =
-                if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.port.writable()).await {
-                    let mut guard = guard?;
-                    match guard.try_io(|f| f.get_ref().write(data)) {
-                        Ok(r) => r?,
-                        Err(_would_block) => continue,
+            let written = if let Ok(guard) =
+                tokio::time::timeout(POLL_INTERVAL, self.port.writable()).await
+            {
+                let mut guard = guard?;
+                match guard.try_io(|f| f.get_ref().write(data)) {
+                    Ok(r) => r?,
+                    Err(_would_block) => {
+                        tokio::time::sleep(SPURIOUS_PAUSE).await;
+                        continue;
                     }
-                } else {
-                    match self.port.get_ref().write(data) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        r => r?,
-                    }
-                };
+                }
+            } else {
+                match self.port.get_ref().write(data) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => r?,
+                }
+            };
             data = &data[written..];
         }
         Ok(())
@@ -248,7 +273,11 @@ impl VirtioPortListener {
 
     /// Waits for a controller's sync, then serves it until it disconnects, breaks the framing
     /// or a new sync arrives.
-    async fn session<F, H>(&mut self, options: ServeOptions, make_handler: &mut F) -> Result<(), Error>
+    async fn session<F, H>(
+        &mut self,
+        options: ServeOptions,
+        make_handler: &mut F,
+    ) -> Result<(), Error>
     where
         F: FnMut(&str) -> H,
         H: Handler + 'static,
@@ -265,7 +294,11 @@ impl VirtioPortListener {
 
         let (mut ours, theirs) = tokio::io::duplex(2 * MAX_FRAME_LEN);
         let handler = make_handler(&peer);
-        let serving = tokio::spawn(serve(Connection::new(theirs, peer.clone()), handler, options));
+        let serving = tokio::spawn(serve(
+            Connection::new(theirs, peer.clone()),
+            handler,
+            options,
+        ));
         let mut from_port = vec![0u8; 8192];
         let mut from_serve = vec![0u8; 8192];
         let result = loop {
@@ -279,6 +312,7 @@ impl VirtioPortListener {
                         Ok(n) => n,
                         Err(e) => break Err(io_error(&peer, "reading the port", e)),
                     };
+                    tracing::trace!(%peer, bytes = n, "from the host");
                     self.carry.extend_from_slice(&from_port[..n]);
                     let (deliver, resync) = match find(&self.carry, &SYNC_MAGIC) {
                         Some(p) => (p, true),
@@ -299,6 +333,7 @@ impl VirtioPortListener {
                     match n {
                         Ok(0) | Err(_) => break Ok(()),
                         Ok(n) => {
+                            tracing::trace!(%peer, bytes = n, "to the host");
                             if let Err(e) = self.write_port(&from_serve[..n]).await {
                                 break Err(io_error(&peer, "writing the port", e));
                             }

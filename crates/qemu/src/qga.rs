@@ -97,7 +97,13 @@ impl Qga {
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Qga, Error> {
         let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
             .await
-            .map_err(|_| qga_error(socket, "connect", format!("no connection within {timeout:?}")))?
+            .map_err(|_| {
+                qga_error(
+                    socket,
+                    "connect",
+                    format!("no connection within {timeout:?}"),
+                )
+            })?
             .map_err(|source| Error::Connect {
                 socket: socket.to_owned(),
                 source,
@@ -129,7 +135,13 @@ impl Qga {
         let socket = self.socket.clone();
         tokio::time::timeout(timeout, self.sync_inner(id))
             .await
-            .map_err(|_| qga_error(&socket, "guest-sync-delimited", format!("no answer within {timeout:?} (is qemu-ga running in the guest?)")))?
+            .map_err(|_| {
+                qga_error(
+                    &socket,
+                    "guest-sync-delimited",
+                    format!("no answer within {timeout:?} (is qemu-ga running in the guest?)"),
+                )
+            })?
     }
 
     async fn sync_inner(&mut self, id: u64) -> Result<(), Error> {
@@ -146,7 +158,11 @@ impl Qga {
             // Skip to the delimiter.
             loop {
                 let b = self.stream.read_u8().await.map_err(|e| {
-                    qga_error(&self.socket, "guest-sync-delimited", format!("reading: {e}"))
+                    qga_error(
+                        &self.socket,
+                        "guest-sync-delimited",
+                        format!("reading: {e}"),
+                    )
                 })?;
                 if b == 0xFF {
                     break;
@@ -221,9 +237,8 @@ impl Qga {
         let run = async {
             self.write(&req, command).await?;
             let line = self.read_line(command).await?;
-            let v: Value = serde_json::from_slice(&line).map_err(|e| {
-                qga_error(&self.socket, command, format!("unreadable reply: {e}"))
-            })?;
+            let v: Value = serde_json::from_slice(&line)
+                .map_err(|e| qga_error(&self.socket, command, format!("unreadable reply: {e}")))?;
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
@@ -238,9 +253,9 @@ impl Qga {
                 .unwrap_or("(no description)");
             Err(qga_error(&self.socket, command, format!("{class}: {desc}")))
         };
-        tokio::time::timeout(timeout, run).await.map_err(|_| {
-            qga_error(&socket, command, format!("no answer within {timeout:?}"))
-        })?
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| qga_error(&socket, command, format!("no answer within {timeout:?}")))?
     }
 
     /// `guest-info`: version, and whether fsfreeze is available.
@@ -268,7 +283,10 @@ impl Qga {
     /// (the guest syncs its file systems first).
     pub async fn freeze(&mut self, mountpoints: Option<&[String]>) -> Result<u64, Error> {
         let (cmd, args) = match mountpoints {
-            Some(m) => ("guest-fsfreeze-freeze-list", Some(json!({"mountpoints": m}))),
+            Some(m) => (
+                "guest-fsfreeze-freeze-list",
+                Some(json!({"mountpoints": m})),
+            ),
             None => ("guest-fsfreeze-freeze", None),
         };
         let v = self.execute(cmd, args, self.timeout).await?;
@@ -452,9 +470,15 @@ fn watchdog_thaw(stream: &std::os::unix::net::UnixStream) -> Result<u64, String>
         )
         .as_bytes(),
     );
-    let mut w = stream;
+    let mut w = Patient {
+        stream,
+        give_up: Instant::now() + Duration::from_secs(10),
+    };
     w.write_all(&req).map_err(|e| format!("writing: {e}"))?;
-    let mut r = std::io::BufReader::new(stream.take(MAX_DISCARD as u64));
+    // The descriptor is shared with the controller, whose async runtime made it non-blocking
+    // (a flag of the shared open file description): retry "would block" until the limit.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let mut r = std::io::BufReader::new(Patient { stream, give_up }.take(MAX_DISCARD as u64));
     let mut synced = false;
     loop {
         let mut line = Vec::new();
@@ -476,5 +500,49 @@ fn watchdog_thaw(stream: &std::os::unix::net::UnixStream) -> Result<u64, String>
             return Ok(n);
         }
         return Err(format!("qemu-ga refused the thaw: {v}"));
+    }
+}
+
+/// Blocking reads and writes on a possibly non-blocking socket: "would block" is retried every
+/// 5 ms until `give_up`.
+struct Patient<'a> {
+    stream: &'a std::os::unix::net::UnixStream,
+    give_up: Instant,
+}
+
+impl Patient<'_> {
+    fn retry<T>(
+        &mut self,
+        mut op: impl FnMut(&std::os::unix::net::UnixStream) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        loop {
+            match op(self.stream) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= self.give_up {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer in time",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.retry(|mut s| s.read(buf))
+    }
+}
+
+impl Write for Patient<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.retry(|mut s| s.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
