@@ -433,7 +433,11 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
     assert_eq!(lines.next().unwrap().unwrap(), "frozen 1");
     rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
     std::thread::sleep(Duration::from_millis(deadline_ms + 1500));
-    let watchdog_window = new_stall(&mut guest, before).expect("no stall: was the fs frozen?");
+    let watchdog_window = new_stall(&mut guest, before).unwrap_or_else(|| {
+        panic!(
+            "the guest is still frozen {deadline_ms} ms + 1.5 s after the freeze (or never froze)"
+        )
+    });
     rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     eprintln!(
         "qemu-ga freezer SIGSTOPped while frozen (deadline {deadline_ms} ms): the guest was \

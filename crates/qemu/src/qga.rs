@@ -410,7 +410,7 @@ impl QgaWatchdog {
 /// `guest-fsfreeze-thaw` and waits (10 s at most) for the thaw's answer.
 pub fn dispatch_watchdog() -> Option<ExitCode> {
     let mut args = std::env::args_os().skip(1);
-    if !args.next().is_some_and(|a| a == OsStr::new(WATCHDOG_ARG)) {
+    if args.next().is_none_or(|a| a != OsStr::new(WATCHDOG_ARG)) {
         return None;
     }
     let ms: Option<u64> = args.next().and_then(|a| a.to_str()?.parse().ok());
