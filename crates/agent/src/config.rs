@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! # Where the controller reaches the agent: "unix:/run/bulwark/agent.sock" (root-only socket,
-//! # mode 0600) or "tcp:0.0.0.0:7070" (mutual TLS; needs [tls]).
+//! # mode 0600), "tcp:0.0.0.0:7070" (mutual TLS; needs [tls]) or
+//! # "virtio-serial:org.bulwark.agent.0" (a virtio-serial port: only the host can reach it).
 //! listen = "tcp:0.0.0.0:7070"
 //! # Where the frozen-state file and the single-instance lock live (not on a frozen mount!).
 //! state_dir = "/var/lib/bulwark-agent"
@@ -59,15 +60,26 @@ pub enum Listen {
     Unix(PathBuf),
     /// TCP with mutual TLS, `HOST:PORT` (port 0 picks a free port; the agent prints it).
     Tcp(String),
+    /// The virtio-serial port of this name (`virtio-serial:org.bulwark.agent.0`), reached by
+    /// the controller through QEMU's chardev socket on the host (see
+    /// [`VirtioPortListener`](bulwark_protocol::VirtioPortListener) for what it authenticates).
+    VirtioSerial(String),
 }
 
 impl Listen {
-    /// Parses `unix:/path` or `tcp:HOST:PORT`; [`Error::Listen`] otherwise.
+    /// Parses `unix:/path`, `tcp:HOST:PORT` or `virtio-serial:PORT_NAME`; [`Error::Listen`]
+    /// otherwise.
     pub fn parse(s: &str) -> Result<Listen, Error> {
         let bad = |reason: &'static str| Error::Listen {
             given: s.to_owned(),
             reason,
         };
+        if let Some(name) = s.strip_prefix("virtio-serial:") {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(bad("expected virtio-serial:PORT_NAME (no '/')"));
+            }
+            return Ok(Listen::VirtioSerial(name.to_owned()));
+        }
         if let Some(p) = s.strip_prefix("unix:") {
             let p = PathBuf::from(p);
             if !p.is_absolute() {
@@ -82,7 +94,9 @@ impl Listen {
                 _ => Err(bad("expected tcp:HOST:PORT")),
             }
         } else {
-            Err(bad("expected unix:/PATH or tcp:HOST:PORT"))
+            Err(bad(
+                "expected unix:/PATH, tcp:HOST:PORT or virtio-serial:PORT_NAME",
+            ))
         }
     }
 }
@@ -339,6 +353,10 @@ path = "/etc/post.sh"
         assert!(Config::parse("listen = \"unix:rel.sock\"", p).is_err());
         assert!(Config::parse("listen = \"unix:/s\"\nbogus = 1", p).is_err());
         assert!(Config::parse("listen = \"unix:/s\"\n[freeze]\nmounts = [\"rel\"]", p).is_err());
+        assert!(Config::parse("listen = \"virtio-serial:\"", p).is_err());
+        assert!(Config::parse("listen = \"virtio-serial:../x\"", p).is_err());
+        let v = Config::parse("listen = \"virtio-serial:org.bulwark.agent.0\"", p).unwrap();
+        assert_eq!(v.listen, Listen::VirtioSerial("org.bulwark.agent.0".into()));
         let c = Config::parse("listen = \"unix:/s\"", p).unwrap();
         assert!(c.freeze.enabled && c.freeze.mounts.is_empty());
         assert!(!c.scripts.any());

@@ -44,7 +44,7 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// A listen address is neither `unix:/PATH` nor `tcp:HOST:PORT`.
+    /// A listen address is not `unix:/PATH`, `tcp:HOST:PORT` or `virtio-serial:PORT_NAME`.
     #[error("{given:?}: {reason}")]
     Listen {
         /// What was given.
@@ -90,7 +90,8 @@ fn io(path: &std::path::Path, action: &'static str) -> impl FnOnce(std::io::Erro
 /// thaws what a killed predecessor left frozen, listens, and on a signal thaws (and runs the
 /// post-scripts) before returning.
 ///
-/// Prints one line `listening on unix:PATH` or `listening on tcp:ADDR` on standard output
+/// Prints one line `listening on unix:PATH`, `listening on tcp:ADDR` or
+/// `listening on virtio-serial:NAME (DEVICE)` on standard output
 /// once it accepts connections (with the real port when the configuration says port 0).
 pub async fn run(config: Config) -> Result<(), Error> {
     std::fs::DirBuilder::new()
@@ -165,6 +166,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 let listener = TlsListener::bind(sock, server).await?;
                 announce(&format!("tcp:{}", listener.local_addr()?));
                 listener.run(options, make).await;
+            }
+            Listen::VirtioSerial(name) => {
+                let device = bulwark_protocol::find_port(name)?;
+                let mut listener = bulwark_protocol::VirtioPortListener::open(&device)?;
+                announce(&format!("virtio-serial:{name} ({})", device.display()));
+                return Err(listener.run(options, make).await.into());
             }
         }
         Ok::<(), Error>(())

@@ -14,7 +14,9 @@
 //!   reply (and the connection closed when the framing is broken).
 //! - **Transports**: TCP with mutual TLS ([`server_config`], [`client_config`],
 //!   [`connect_tcp`], [`TlsListener`]), Unix socket with mode 0600 ([`UnixSocketListener`],
-//!   [`connect_unix`]), or any `AsyncRead + AsyncWrite` stream via [`Connection::new`].
+//!   [`connect_unix`]), a virtio-serial port in the guest reached through QEMU's chardev socket
+//!   on the host ([`VirtioPortListener`], [`connect_virtio_serial`]; see the `virtio` module
+//!   docs for its session sync and what it authenticates), or any `AsyncRead + AsyncWrite` stream via [`Connection::new`].
 //! - **Enrollment**: the controller's CA and the certificates it issues ([`ensure_ca`],
 //!   [`enroll_agent`], [`enroll_controller`], [`CertificateAuthority`]).
 //!
@@ -88,6 +90,7 @@ pub mod message;
 mod server;
 mod tls;
 mod unix;
+mod virtio;
 
 pub use client::Client;
 pub use codec::{
@@ -111,6 +114,10 @@ pub use tls::{
     client_config, connect_tcp, server_config,
 };
 pub use unix::{SOCKET_MODE, UnixSocketListener, connect_unix};
+pub use virtio::{
+    NONCE_LEN, SYNC_ACK, SYNC_DISCARD_LIMIT, SYNC_MAGIC, SYNC_TIMEOUT, VIRTIO_PORTS_DIR,
+    VirtioPortListener, connect_virtio_serial, find_port,
+};
 
 /// Re-exported so that users can name TLS types without depending on rustls themselves.
 pub use rustls;

@@ -93,6 +93,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The qemu-guest-agent channel failed or qemu-ga refused a command.
+    #[error("QGA {socket}: {what}: {message}")]
+    Qga {
+        /// The chardev socket path.
+        socket: PathBuf,
+        /// The command or step (e.g. `guest-fsfreeze-freeze`).
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A block job ended in an error or another state than expected.
     #[error("QMP {socket}: job {job}: {reason}")]
     Job {

@@ -8,6 +8,8 @@
 //! * [`judge`], [`BitmapRecord`]: bitmap chain safety, when an incremental may trust a bitmap.
 //! * [`QemuSnapshotter`]: all of it behind `bulwark-snapshot`'s `Snapshotter` / `DiskSource`
 //!   traits, each disk read over NBD ([`NbdReader`]) with change tracking from the bitmap.
+//! * [`qga`]: a qemu-guest-agent client (fsfreeze, `guest-info`) and the out-of-process
+//!   watchdog that enforces the freeze deadline qemu-ga does not have.
 //! * [`OfflineSnapshotter`]: images with no VM running, read through `qemu-storage-daemon`
 //!   (read-only, with QEMU's image locks).
 //!
@@ -31,6 +33,7 @@ mod disks;
 mod error;
 mod fleece;
 mod offline;
+pub mod qga;
 mod qmp;
 mod source;
 mod tracking;
