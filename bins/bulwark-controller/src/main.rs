@@ -5,6 +5,7 @@ mod agent_cmd;
 mod assets;
 mod daemon_cmd;
 mod demo;
+mod export_cmd;
 mod files_cmd;
 mod keys;
 mod retention_cmd;
@@ -92,6 +93,8 @@ enum Command {
     /// Files from a point without a full restore: ls, get, cat (read in user space).
     #[command(subcommand)]
     Files(files_cmd::FilesCommand),
+    /// Serve a point's disk read-only over NBD until SIGTERM/SIGINT.
+    Export(export_cmd::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +278,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Locks(a) => return retention_cmd::locks(a).await,
         Command::Policy(a) => return retention_cmd::policy(a),
         Command::Files(a) => return files_cmd::run(a).await,
+        Command::Export(a) => return export_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }
