@@ -103,7 +103,7 @@ pub async fn export(
         .await
         .map_err(|source| Error::Nbd {
             disk: label,
-            source,
+            source: Box::new(source),
         })?;
     Ok((server, backend))
 }

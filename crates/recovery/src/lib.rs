@@ -128,8 +128,8 @@ pub enum Error {
     Nbd {
         /// The disk (`vm/point/disk`).
         disk: String,
-        /// The server's error.
-        source: bulwark_nbd::Error,
+        /// The server's error (boxed: it is large).
+        source: Box<bulwark_nbd::Error>,
     },
     /// A worker task failed.
     #[error("worker task failed: {0}")]
