@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use bulwark_recovery::DiskOptions;
 use bulwark_recovery::files::{self, GetOptions, Kind, Report, Source};
-use bulwark_vault::Vault;
 use clap::{Args, Subcommand};
 
 use crate::{VaultArg, ui};
@@ -105,7 +104,7 @@ pub struct CatArgs {
 pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
     match cmd {
         FilesCommand::Ls(a) => {
-            let vault = Vault::open(&a.common.vault.vault).await?;
+            let vault = crate::open(&a.common.vault).await?;
             let (entries, report) = files::list(&vault, &a.common.source(), &a.path).await?;
             if a.common.json {
                 let out = serde_json::json!({ "entries": entries, "report": report });
@@ -138,7 +137,7 @@ pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
             }
         }
         FilesCommand::Get(a) => {
-            let vault = Vault::open(&a.common.vault.vault).await?;
+            let vault = crate::open(&a.common.vault).await?;
             let options = GetOptions {
                 owner: rustix::process::geteuid().is_root(),
             };
@@ -152,7 +151,7 @@ pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
             }
         }
         FilesCommand::Cat(a) => {
-            let vault = Vault::open(&a.common.vault.vault).await?;
+            let vault = crate::open(&a.common.vault).await?;
             let (_, report) =
                 files::cat(&vault, &a.common.source(), &a.path, std::io::stdout()).await?;
             if a.common.json {

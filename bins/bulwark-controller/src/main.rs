@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod assets;
 mod daemon_cmd;
+mod export_cmd;
 mod files_cmd;
 mod keys;
 mod retention_cmd;
@@ -87,6 +88,8 @@ enum Command {
     /// Files from a point without a full restore: ls, get, cat (read in user space).
     #[command(subcommand)]
     Files(files_cmd::FilesCommand),
+    /// Serve a point's disk read-only over NBD until SIGTERM/SIGINT.
+    Export(export_cmd::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +294,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Locks(a) => retention_cmd::locks(a).await?,
         Command::Policy(a) => retention_cmd::policy(a)?,
         Command::Files(a) => return files_cmd::run(a).await,
+        Command::Export(a) => return export_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,8 +3,9 @@
 //! * [`PointDisk`]: random-access reads of one disk of one point, straight from the vault.
 //!   Every block is fetched on demand and verified against its content address; zero
 //!   blocks cost nothing; a bounded LRU cache, read-ahead for sequential readers, parallel
-//!   fetches for large reads, and counts of what was fetched ([`FetchStats`]). This is the
-//!   reader an NBD export of a point serves from ([`PointDisk::extents`] gives block status).
+//!   fetches for large reads, and counts of what was fetched ([`FetchStats`]).
+//! * [`export`]: serves a point's disk read-only over NBD ([`NbdBackend`]: reads from a
+//!   [`PointDisk`], zero blocks sent as holes and reported as holes in block status).
 //! * [`partition`]: MBR and GPT tables, parsed as hostile input (every partition must lie
 //!   inside the disk).
 //! * [`files`]: `ls`, `cat` and `get` of files in an ext4 (or ext2/3) file system on a point's
@@ -41,12 +42,14 @@
 //! ```
 
 mod disk;
+mod export;
 pub mod files;
 mod inode;
 mod lru;
 pub mod partition;
 
 pub use disk::{BlockingReader, DiskOptions, Extent, FetchStats, PointDisk};
+pub use export::{ExportOptions, NbdBackend, export};
 pub use inode::Times;
 
 /// Errors of recovery reads.
@@ -119,6 +122,14 @@ pub enum Error {
         what: String,
         /// The limit.
         limit: u64,
+    },
+    /// The NBD server could not start (address in use, bad options).
+    #[error("nbd export of {disk}: {source}")]
+    Nbd {
+        /// The disk (`vm/point/disk`).
+        disk: String,
+        /// The server's error (boxed: it is large).
+        source: Box<bulwark_nbd::Error>,
     },
     /// A worker task failed.
     #[error("worker task failed: {0}")]
