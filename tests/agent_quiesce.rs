@@ -390,7 +390,9 @@ fn pre_script_failure_with_continue_on_failure_falls_back_to_file_system() {
     assert_eq!(r["consistency"], "file_system", "{r:#}");
     let why = reasons(&r);
     assert!(why.contains("exited with status 3"), "{why}");
-    assert!(why.contains("cannot flush the tables"), "{why}");
+    // The script's output stays on the agent (logged, bounded): it never reaches the point,
+    // which an unencrypted vault stores in plaintext.
+    assert!(!why.contains("cannot flush the tables"), "{why}");
     assert!(
         why.contains("continue_on_failure is set: falling back to file_system"),
         "{why}"
