@@ -66,7 +66,22 @@ fn sigkill_during_backup_never_breaks_committed_points() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(delay);
+        if round % 2 == 0 {
+            // Even rounds: kill the moment the backup has stored its first new block, so that
+            // some kills surely land between storing and committing (a random moment alone
+            // mostly misses that window: most of a small backup is start-up and scanning).
+            let deadline = Instant::now() + full * 20 + std::time::Duration::from_secs(30);
+            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+                let stored = count_files(&Path::new(vault).join("blocks"))
+                    + count_files(&Path::new(vault).join("staging"));
+                if stored > stored_before {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(delay);
+        }
         let _ = child.kill(); // SIGKILL; the backup may already have finished
         let out = child.wait_with_output().unwrap();
         let killed = out.status.signal() == Some(9);
