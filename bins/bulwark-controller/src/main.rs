@@ -325,6 +325,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
         snapshot_dir: a.snapshot_dir.clone(),
         change_tracking: !a.no_change_tracking,
         socket_dir: a.runtime_dir.clone(),
+        keep_snapshots: a.keep_snapshot_days.is_some(),
     };
     let snapshotter = bulwark_controller::sources::snapshotter(&spec)?;
     let mut req = BackupRequest::new(a.vm, snapshotter);

@@ -27,7 +27,8 @@ use crate::Error;
 /// How image files are snapshotted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotMode {
-    /// qcow2 through QEMU's tools; raw: reflink on XFS/btrfs, else in place (locked).
+    /// qcow2 through QEMU's tools; raw: reflink on XFS/btrfs, else in place (locked), or a
+    /// sparse copy when snapshots are to be kept.
     #[default]
     Auto,
     /// Reflink clone (raw images only); fails where the file system cannot.
@@ -79,6 +80,9 @@ pub struct SourceSpec {
     pub change_tracking: bool,
     /// Directory for the NBD sockets of QEMU's exports (a private runtime directory).
     pub socket_dir: PathBuf,
+    /// Snapshots are to be kept on the host (instant-restore tier): `auto` then copies a raw
+    /// image where it cannot reflink it, since an image read in place leaves no file to keep.
+    pub keep_snapshots: bool,
 }
 
 impl SourceSpec {
@@ -91,6 +95,7 @@ impl SourceSpec {
             snapshot_dir: None,
             change_tracking: true,
             socket_dir: socket_dir.into(),
+            keep_snapshots: false,
         }
     }
 
@@ -180,7 +185,9 @@ pub fn snapshotter(spec: &SourceSpec) -> Result<Arc<dyn Snapshotter>, Error> {
             }
             SnapshotMode::Reflink | SnapshotMode::Copy => image.push(d),
             SnapshotMode::InPlace => in_place.push(d),
-            SnapshotMode::Auto if !qcow2 && reflink_fs(&d.path) => image.push(d),
+            SnapshotMode::Auto if !qcow2 && (spec.keep_snapshots || reflink_fs(&d.path)) => {
+                image.push(d)
+            }
             SnapshotMode::Auto => in_place.push(d),
         }
     }
