@@ -299,7 +299,7 @@ impl PendingSnapshot for PendingOffline {
         tokio::task::spawn_blocking(move || {
             let daemon = start_daemon(&options, &disks)?;
             let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
-            for (name, path, _) in &disks {
+            for (name, path, format) in &disks {
                 let client = Client::connect(
                     Address::Unix(daemon.socket.clone()),
                     ClientOptions::new(name.clone())
@@ -308,9 +308,16 @@ impl PendingSnapshot for PendingOffline {
                 )
                 .map_err(|e| err(path, e.to_string()))?;
                 let uri = client.describe();
+                let mut reader = NbdReader::new(client, uri);
+                if *format == "raw" {
+                    let len = std::fs::metadata(path)
+                        .map_err(|e| err(path, e.to_string()))?
+                        .len();
+                    reader = reader.with_size(len);
+                }
                 sources.push(Box::new(OfflineDisk {
                     name: name.clone(),
-                    reader: Arc::new(NbdReader::new(client, uri)),
+                    reader: Arc::new(reader),
                     daemon: daemon.clone(),
                 }));
             }

@@ -157,7 +157,7 @@ impl QemuDisk {
         };
         Ok(QemuDisk {
             name: export,
-            reader: Arc::new(NbdReader { client, uri }),
+            reader: Arc::new(NbdReader::new(client, uri)),
             taken: Some(disk),
         })
     }
@@ -307,18 +307,28 @@ impl DiskSource for QemuDisk {
 pub struct NbdReader {
     client: Client,
     uri: String,
+    size: u64,
 }
 
 impl NbdReader {
     /// A reader over `client`, described as `uri` in errors.
     pub fn new(client: Client, uri: String) -> Self {
-        NbdReader { client, uri }
+        let size = client.size();
+        NbdReader { client, uri, size }
+    }
+
+    /// The disk ends at `size` when that is before the export's end: QEMU's raw driver
+    /// rounds an image's size up to whole 512-byte sectors, and the guest-visible disk of a
+    /// raw image file is exactly the file.
+    pub fn with_size(mut self, size: u64) -> Self {
+        self.size = self.size.min(size);
+        self
     }
 }
 
 impl BlockSource for NbdReader {
     fn size(&self) -> u64 {
-        self.client.size()
+        self.size
     }
 
     fn read(&self, offset: u64, len: usize, _pool: &Arc<Pool>) -> io::Result<Bytes> {
@@ -330,7 +340,7 @@ impl BlockSource for NbdReader {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<u64> {
-        let size = self.client.size();
+        let size = self.size;
         let mut at = offset;
         while at < size {
             let status = self
