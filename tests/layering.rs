@@ -19,6 +19,8 @@ const RANKS: &[(&str, u32)] = &[
     // Pure models and the block format: no Bulwark dependencies.
     ("bulwark-consistency", 0),
     ("bulwark-blockdiff", 0),
+    // Man pages and completions of the binaries (clap only).
+    ("bulwark-cli-assets", 0),
     // On the consistency model only.
     ("bulwark-policy", 1),
     ("bulwark-protocol", 1),

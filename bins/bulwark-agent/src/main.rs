@@ -1,7 +1,5 @@
 //! `bulwark-agent`: the guest agent. A thin CLI over the `bulwark-agent` library.
 
-mod assets;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,7 +28,12 @@ fn main() -> ExitCode {
     if let Some(code) = bulwark_quiesce::guardian::dispatch_guardian(std::env::args_os().skip(1)) {
         return code;
     }
-    if let Some(code) = assets::dispatch() {
+    // `generate-assets --out DIR` (hidden): man pages and completions for the package.
+    if let Some(code) = bulwark_cli_assets::dispatch(
+        std::env::args_os(),
+        <Cli as clap::CommandFactory>::command,
+        bulwark_cli_assets::ManPages::Single { section: "8" },
+    ) {
         return code;
     }
     let cli = Cli::parse();

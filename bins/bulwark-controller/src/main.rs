@@ -2,7 +2,6 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
-mod assets;
 mod daemon_cmd;
 mod export_cmd;
 mod files_cmd;
@@ -232,7 +231,12 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = assets::dispatch() {
+    // `generate-assets --out DIR` (hidden): man pages and completions for the package.
+    if let Some(code) = bulwark_cli_assets::dispatch(
+        std::env::args_os(),
+        <Cli as clap::CommandFactory>::command,
+        bulwark_cli_assets::ManPages::PerCommand,
+    ) {
         return code;
     }
     let cli = Cli::parse();

@@ -225,7 +225,7 @@ fn trusted_fs(file: &File) -> Option<&'static str> {
 }
 
 /// The byte ranges where the open files `base` and `snap` provably hold the same data, from
-/// their extent maps alone (see the [module docs](self)). Only the first
+/// their extent maps alone (see the module docs). Only the first
 /// `min(len(base), len(snap))` bytes are compared. Empty (nothing known, read everything) when
 /// they are on different file systems, on a file system other than XFS or btrfs, or the extent
 /// maps are incomplete; and when the base's map changed while the snapshot's was read (a

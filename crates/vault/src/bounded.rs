@@ -11,7 +11,7 @@
 //! | tombstone (`deleted/`) | twice a point, hex-encoded, + 64 KiB |
 //! | configuration, lease | 64 KiB ([`MAX_CONFIG_BYTES`], [`MAX_LEASE_BYTES`]) |
 //!
-//! [`get_capped`] reads the size the store reports for the object (`Content-Length` of the
+//! `get_capped` reads the size the store reports for the object (`Content-Length` of the
 //! GET, or the file's length) and refuses an object over the limit before reading any of its
 //! content; the read itself is capped too, so a store that reports one length and sends more
 //! is cut off at the limit. A refused object is an error naming the key, its size and the

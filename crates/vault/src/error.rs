@@ -181,7 +181,7 @@ pub enum Error {
         /// The location.
         location: String,
     },
-    /// A conflicting lease is live (see [`lease`]).
+    /// A conflicting lease is live (see [`crate::lease`]).
     #[error("cannot take a {wanted} lease: {key} is live ({holder}); gave up after {waited_ms} ms")]
     LeaseConflict {
         /// The kind of lease wanted.

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! [`Vault::record_bad_blocks`] writes a record for each block problem of a
-//! [`VerifyReport`](crate::VerifyReport): the key, what was wrong, when, and the points that
+//! [`VerifyReport`]: the key, what was wrong, when, and the points that
 //! need it (at most [`MAX_POINTS_PER_RECORD`] named). [`Vault::known_bad_blocks`] reads them
 //! back (each read bounded; a record that cannot be read still marks its address as bad).
 //! [`Vault::repair_block`] stores a block's content again over whatever is under its key

@@ -14,7 +14,7 @@
 //! Retention: prune soft-deletes points (`deleted/`), purges them after the policy's days, and
 //! [`Vault::gc`] frees what no live or soft-deleted point references.
 //!
-//! Every object but the configuration is stored in an [envelope](envelope) that records its
+//! Every object but the configuration is stored in an [envelope] that records its
 //! kind, length and BLAKE3 digest; every read verifies it, so corruption is an error naming the
 //! key, never wrong bytes. A point pins the digest of each disk's manifest, and a manifest the
 //! address of each block: a chain of hashes from the point to every byte.
