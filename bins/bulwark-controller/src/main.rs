@@ -232,6 +232,10 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    // First thing: this process may be the watchdog of a qemu-guest-agent freeze.
+    if let Some(code) = bulwark_qemu::qga::dispatch_watchdog() {
+        return code;
+    }
     if let Some(code) = assets::dispatch() {
         return code;
     }
