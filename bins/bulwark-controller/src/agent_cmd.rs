@@ -11,9 +11,18 @@ use clap::Args;
 /// The guest-agent options of `backup`.
 #[derive(Debug, Args)]
 pub struct QuiesceArgs {
-    /// The VM's guest agent: unix:PATH or tcp:HOST:PORT (mutual TLS, see --tls-dir). With it
-    /// the guest is quiesced (pre-scripts, fsfreeze) around the snapshot.
-    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
+    /// The VM's guest agent. With it the guest is quiesced (pre-scripts, fsfreeze) around the
+    /// snapshot, and the point records the level reached (crash, with the reason, when the
+    /// agent cannot be reached). bulwark-agent: unix:PATH, tcp:HOST:PORT (mutual TLS, see
+    /// --tls-dir), or virtio-serial:unix:PATH (the agent in the guest on a virtio-serial port,
+    /// PATH = the host socket of QEMU's chardev for it). qga:unix:PATH: a guest that runs only
+    /// qemu-guest-agent (guest-fsfreeze-freeze/thaw; a watchdog process of this program thaws
+    /// at --freeze-timeout-ms even if the controller stalls; if both are killed the guest stays
+    /// frozen until thawed by hand).
+    #[arg(
+        long,
+        value_name = "unix:PATH|tcp:HOST:PORT|virtio-serial:unix:PATH|qga:unix:PATH"
+    )]
     agent: Option<String>,
     /// The controller's TLS files from `enroll`: ca.pem, controller.pem, controller.key.
     #[arg(long, value_name = "DIR", requires = "agent")]
@@ -29,7 +38,7 @@ pub struct QuiesceArgs {
     #[arg(long, value_name = "LEVEL", default_value = "crash")]
     min_consistency: Level,
     /// How long the agent may keep the guest frozen before its watchdog thaws on its own
-    /// (the agent may cap it).
+    /// (the agent may cap it; for qga: the controller's watchdog process).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     freeze_timeout_ms: u64,
     /// Test hook: sleep this long in the snapshot phase while the guest is frozen.
@@ -55,9 +64,16 @@ impl QuiesceArgs {
             minimum: self.min_consistency,
             freeze_timeout: Duration::from_millis(self.freeze_timeout_ms.max(1)),
             snapshot_delay: self.test_snapshot_delay_ms.map(Duration::from_millis),
+            qga_watchdog: watchdog_program(),
         };
         Ok(Some(Quiesce { agent, options }))
     }
+}
+
+/// This program, which runs the QGA watchdog when started as one (`main` calls
+/// `bulwark_qemu::qga::dispatch_watchdog` first thing).
+pub fn watchdog_program() -> Option<PathBuf> {
+    std::env::current_exe().ok()
 }
 
 /// `bulwark-controller enroll`.

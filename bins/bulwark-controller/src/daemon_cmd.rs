@@ -11,7 +11,9 @@ use clap::Args;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The daemon's configuration file (TOML: vault, state_dir, concurrency, [[vm]] entries
-    /// with disks and a policy).
+    /// with disks and a policy; a running QEMU VM: qmp = "unix:PATH" and block device names
+    /// as disks; agent = "unix:PATH", "tcp:HOST:PORT", "virtio-serial:unix:PATH" or
+    /// "qga:unix:PATH").
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
     /// Also run every VM once right away (trigger "manual").
@@ -59,6 +61,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     let options = ServeOptions {
         vault,
         run_now: a.run_now,
+        qga_watchdog: crate::agent_cmd::watchdog_program(),
     };
     let server = Server::open(&config, options).await?;
     eprint!("{server}");

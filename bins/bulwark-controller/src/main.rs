@@ -231,6 +231,10 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    // First thing: this process may be the watchdog of a qemu-guest-agent freeze.
+    if let Some(code) = bulwark_qemu::qga::dispatch_watchdog() {
+        return code;
+    }
     // `generate-assets --out DIR` (hidden): man pages and completions for the package.
     if let Some(code) = bulwark_cli_assets::dispatch(
         std::env::args_os(),

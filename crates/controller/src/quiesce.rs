@@ -3,13 +3,20 @@
 //!
 //! A backup with [`crate::BackupRequest::quiesce`] set runs, in order:
 //!
-//! 1. **Plan**: connect to the agent (Unix socket, or TCP with mutual TLS) and `Hello`. An
+//! 1. **Plan**: connect to the agent (Unix socket, TCP with mutual TLS, or the Unix socket of
+//!    the QEMU chardev behind the guest's virtio-serial port) and `Hello`; or, for a guest that
+//!    runs only qemu-guest-agent (`qga:unix:PATH`), resynchronise and ask `guest-info`. An
 //!    absent or unauthenticated agent plans `crash` with the reason, if the minimum allows
 //!    ([`bulwark_consistency::plan`]); otherwise the job fails before anything is touched.
 //! 2. **Prepare** (application wanted): the agent's pre-scripts. A failure without
 //!    `continue_on_failure` fails the job; with it, or when the agent refuses its scripts, the
 //!    level drops to `file_system`.
 //! 3. **Freeze{timeout}**: the agent freezes its mounts and arms its watchdog and guardian.
+//!    With qemu-ga (which has no deadline of its own) the controller first starts its
+//!    [`QgaWatchdog`] process (the program in [`QuiesceOptions::qga_watchdog`], whose `main`
+//!    calls [`bulwark_qemu::qga::dispatch_watchdog`]), which thaws through QGA at the deadline
+//!    whatever the controller is doing, then sends `guest-fsfreeze-freeze` (every file system
+//!    qemu-ga can freeze). qemu-ga has no pre/post scripts here: at most `file_system`.
 //! 4. **Snapshot**: the snapshotter's `take` (its `prepare` ran before the pre-scripts).
 //! 5. **Thaw**: the agent thaws and runs its post-scripts. The freeze window is measured from
 //!    the `Frozen` reply to the `Thawed` reply (minus the post-scripts' run time, which comes
@@ -20,7 +27,9 @@
 //!    the minimum fails the job: no point is committed.
 //!
 //! The snapshots are always taken between a successful freeze and the thaw; the thaw is sent
-//! even when the snapshot fails.
+//! even when the snapshot fails. With qemu-ga, a controller that dies while the guest is frozen
+//! leaves the thaw to its watchdog process (at the freeze deadline); if both are killed, the
+//! guest stays frozen until someone thaws it (`virsh domfsthaw`, or `guest-fsfreeze-thaw`).
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -34,7 +43,9 @@ use bulwark_consistency::{
 use bulwark_protocol::{
     CAP_FSFREEZE, CAP_SCRIPTS, Client, Connection, ErrorCode, HelloOk, Prepared, ScriptOutcome,
     ScriptStatus, Thawed, TlsFiles, client_config, connect_tcp, connect_unix,
+    connect_virtio_serial,
 };
+use bulwark_qemu::qga::{FreezeStatus, Qga, QgaInfo, QgaWatchdog};
 use bulwark_vault::{ConsistencyRecord, Vault};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -49,6 +60,9 @@ const SCRIPT_REPLY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// How long any other reply may take.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long connecting to a guest agent and its first answer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddress {
@@ -61,17 +75,41 @@ pub enum AgentAddress {
         /// Port.
         port: u16,
     },
+    /// `virtio-serial:unix:PATH`: Bulwark's agent in the guest on a virtio-serial port, reached
+    /// through the Unix socket of the QEMU chardev behind it (see `bulwark_protocol`'s
+    /// virtio-serial transport: only the host can write to the port; nothing cryptographic).
+    VirtioSerial(PathBuf),
+    /// `qga:unix:PATH`: a guest that runs only qemu-guest-agent, reached through the Unix
+    /// socket of the QEMU chardev behind its `org.qemu.guest_agent.0` port.
+    Qga(PathBuf),
 }
 
 impl FromStr for AgentAddress {
     type Err = Error;
 
-    /// Parses `unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6).
+    /// Parses `unix:/PATH`, `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6),
+    /// `virtio-serial:unix:PATH` or `qga:unix:PATH`.
     fn from_str(s: &str) -> Result<AgentAddress, Error> {
         let bad = |why: &str| Error::InvalidAgentAddress {
             address: s.to_string(),
             why: why.to_string(),
         };
+        for (prefix, make) in [
+            (
+                "virtio-serial:",
+                AgentAddress::VirtioSerial as fn(PathBuf) -> AgentAddress,
+            ),
+            ("qga:", AgentAddress::Qga),
+        ] {
+            if let Some(rest) = s.strip_prefix(prefix) {
+                return match rest.strip_prefix("unix:") {
+                    Some(p) if !p.is_empty() => Ok(make(PathBuf::from(p))),
+                    _ => Err(bad(&format!(
+                        "expected {prefix}unix:PATH (the Unix socket of the QEMU chardev behind the guest's port)"
+                    ))),
+                };
+            }
+        }
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
                 return Err(bad("no socket path"));
@@ -79,7 +117,9 @@ impl FromStr for AgentAddress {
             return Ok(AgentAddress::Unix(PathBuf::from(p)));
         }
         let Some(rest) = s.strip_prefix("tcp:") else {
-            return Err(bad("expected unix:PATH or tcp:HOST:PORT"));
+            return Err(bad(
+                "expected unix:PATH, tcp:HOST:PORT, virtio-serial:unix:PATH or qga:unix:PATH",
+            ));
         };
         let (host, port) = rest
             .rsplit_once(':')
@@ -106,6 +146,8 @@ impl std::fmt::Display for AgentAddress {
                 write!(f, "tcp:[{host}]:{port}")
             }
             AgentAddress::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            AgentAddress::VirtioSerial(p) => write!(f, "virtio-serial:unix:{}", p.display()),
+            AgentAddress::Qga(p) => write!(f, "qga:unix:{}", p.display()),
         }
     }
 }
@@ -167,6 +209,10 @@ pub struct QuiesceOptions {
     /// Test hook: sleep this long in the snapshot phase, while frozen (to let the watchdog fire
     /// in tests). Never set it in production.
     pub snapshot_delay: Option<Duration>,
+    /// The program that runs the watchdog of a `qga:` agent: one whose `main` calls
+    /// [`bulwark_qemu::qga::dispatch_watchdog`] first thing (the binary passes itself). Without
+    /// it a `qga:` agent is never asked to freeze (the guest would have no deadline).
+    pub qga_watchdog: Option<PathBuf>,
 }
 
 impl Default for QuiesceOptions {
@@ -176,6 +222,7 @@ impl Default for QuiesceOptions {
             minimum: Level::Crash,
             freeze_timeout: DEFAULT_FREEZE_TIMEOUT,
             snapshot_delay: None,
+            qga_watchdog: None,
         }
     }
 }
@@ -206,6 +253,31 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((client, hello))
 }
 
+/// A qemu-guest-agent session: the connection, what `guest-info` said, the host name, and the
+/// watchdog while the guest is frozen.
+struct QgaLink {
+    qga: Qga,
+    info: QgaInfo,
+    hostname: Option<String>,
+    watchdog: Option<QgaWatchdog>,
+}
+
+async fn connect_qga(path: &std::path::Path) -> Result<QgaLink, String> {
+    let mut qga = Qga::connect(path, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = qga.info().await.map_err(|e| e.to_string())?;
+    let hostname = qga.host_name().await.ok();
+    // The freeze syncs the guest's file systems first: give it as long as any agent reply.
+    qga.set_timeout(REPLY_TIMEOUT);
+    Ok(QgaLink {
+        qga,
+        info,
+        hostname,
+        watchdog: None,
+    })
+}
+
 async fn connect(target: &AgentTarget) -> Result<(AgentLink, HelloOk), String> {
     match &target.address {
         AgentAddress::Unix(path) => {
@@ -213,6 +285,14 @@ async fn connect(target: &AgentTarget) -> Result<(AgentLink, HelloOk), String> {
             let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
             Ok((AgentLink::Unix(c), h))
         }
+        AgentAddress::VirtioSerial(path) => {
+            let conn = connect_virtio_serial(path)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
+            Ok((AgentLink::Unix(c), h))
+        }
+        AgentAddress::Qga(_) => Err("qemu-guest-agent does not speak the Bulwark protocol".into()),
         AgentAddress::Tcp { host, port } => {
             let files = target.tls.as_ref().ok_or_else(|| {
                 "no controller TLS files (--tls-dir): the agent only speaks mutual TLS over TCP"
@@ -351,9 +431,10 @@ pub(crate) async fn snapshot(
             return Err(e);
         }
     };
-    let agent = match &session.hello {
-        Some(h) => Some(agent_record(vault, &req.vm, &q.agent, h).await),
-        None => None,
+    let agent = match (&session.hello, &session.qga) {
+        (Some(h), _) => Some(agent_record(vault, &req.vm, &q.agent, h).await),
+        (None, Some(g)) => Some(qga_record(vault, &req.vm, &q.agent, g).await),
+        (None, None) => None,
     };
     Ok(Snapped {
         sources,
@@ -368,6 +449,9 @@ struct Session<'a> {
     target: &'a AgentTarget,
     link: Option<AgentLink>,
     hello: Option<HelloOk>,
+    /// A `qga:` agent's session (then `link` and `hello` are `None`).
+    qga: Option<QgaLink>,
+    qga_watchdog: Option<PathBuf>,
     wanted: Level,
     minimum: Level,
     freeze_timeout: Duration,
@@ -381,22 +465,42 @@ impl<'a> Session<'a> {
     /// Connects and greets the agent, and plans the level. An absent agent plans `crash` with
     /// the reason if the minimum allows; otherwise this fails before anything is touched.
     async fn plan(target: &'a AgentTarget, opts: &QuiesceOptions) -> Result<Session<'a>, Error> {
-        let (link, hello, status) = match connect(target).await {
-            Ok((link, hello)) => {
-                tracing::info!(agent = %hello.agent.hostname, version = %hello.agent.agent_version, levels = ?hello.levels, capabilities = ?hello.capabilities, "agent greeted");
-                let caps = capabilities(&hello);
-                (Some(link), Some(hello), AgentStatus::Reachable(caps))
+        let (link, hello, qga, status) = if let AgentAddress::Qga(path) = &target.address {
+            match connect_qga(path).await {
+                Ok(g) => {
+                    tracing::info!(version = %g.info.version, fsfreeze = g.info.fsfreeze, hostname = ?g.hostname, "qemu-guest-agent answered");
+                    let caps = Capabilities {
+                        freeze: g.info.fsfreeze,
+                        pre_scripts: ScriptsAvailability::NotConfigured,
+                        post_scripts: false,
+                    };
+                    (None, None, Some(g), AgentStatus::Reachable(caps))
+                }
+                Err(reason) => {
+                    let reason = format!("{}: {reason}", target.address);
+                    tracing::warn!(%reason, "qemu-guest-agent unreachable");
+                    (None, None, None, AgentStatus::Unreachable { reason })
+                }
             }
-            Err(reason) => {
-                let reason = format!("{}: {reason}", target.address);
-                tracing::warn!(%reason, "agent unreachable");
-                (None, None, AgentStatus::Unreachable { reason })
+        } else {
+            match connect(target).await {
+                Ok((link, hello)) => {
+                    tracing::info!(agent = %hello.agent.hostname, version = %hello.agent.agent_version, levels = ?hello.levels, capabilities = ?hello.capabilities, "agent greeted");
+                    let caps = capabilities(&hello);
+                    (Some(link), Some(hello), None, AgentStatus::Reachable(caps))
+                }
+                Err(reason) => {
+                    let reason = format!("{}: {reason}", target.address);
+                    tracing::warn!(%reason, "agent unreachable");
+                    (None, None, None, AgentStatus::Unreachable { reason })
+                }
             }
         };
         let wanted = opts.wanted.unwrap_or_else(|| {
-            let best = match &hello {
-                Some(h) => h.levels.iter().copied().max().unwrap_or(Level::Crash),
-                None => Level::FileSystem,
+            let best = match (&hello, &qga) {
+                (Some(h), _) => h.levels.iter().copied().max().unwrap_or(Level::Crash),
+                (None, Some(g)) if !g.info.fsfreeze => Level::Crash,
+                _ => Level::FileSystem,
             };
             best.max(opts.minimum)
         });
@@ -410,6 +514,8 @@ impl<'a> Session<'a> {
             target,
             link,
             hello,
+            qga,
+            qga_watchdog: opts.qga_watchdog.clone(),
             wanted,
             minimum: opts.minimum,
             freeze_timeout: opts.freeze_timeout,
@@ -462,6 +568,9 @@ impl<'a> Session<'a> {
         if self.observed.agent_unreachable.is_some() || !self.plan.has(Step::Freeze) {
             return;
         }
+        if self.qga.is_some() {
+            return self.freeze_qga().await;
+        }
         let Some(link) = self.link.as_mut() else {
             return;
         };
@@ -480,9 +589,103 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// qemu-ga: arm the watchdog process, then `guest-fsfreeze-freeze`. A failed freeze is
+    /// thawed at once (it may have frozen some file systems).
+    async fn freeze_qga(&mut self) {
+        let timeout = self.freeze_timeout;
+        let Some(g) = self.qga.as_mut() else {
+            return;
+        };
+        let Some(program) = self.qga_watchdog.as_deref() else {
+            self.observed.freeze = FreezeObserved::Failed {
+                reason: "no watchdog program is configured for qemu-guest-agent (the guest \
+                         would have no freeze deadline): not frozen"
+                    .into(),
+            };
+            return;
+        };
+        let watchdog = match QgaWatchdog::spawn(program, &g.qga, timeout) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "the QGA watchdog did not start: not freezing");
+                self.observed.freeze = FreezeObserved::Failed {
+                    reason: format!("the QGA watchdog did not start: {e}"),
+                };
+                return;
+            }
+        };
+        match g.qga.freeze(None).await {
+            Ok(n) => {
+                tracing::info!(file_systems = n, deadline_ms = timeout.as_millis() as u64, watchdog = ?watchdog.pid(), "frozen through qemu-guest-agent");
+                g.watchdog = Some(watchdog);
+                self.frozen_at = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "guest-fsfreeze-freeze failed; thawing");
+                watchdog.disarm();
+                if let Err(t) = g.qga.thaw().await {
+                    tracing::warn!(error = %t, "thaw after the failed freeze failed");
+                }
+                self.observed.freeze = FreezeObserved::Failed {
+                    reason: e.to_string(),
+                };
+            }
+        }
+    }
+
+    /// qemu-ga: disarm the watchdog, `guest-fsfreeze-thaw` (again on a new connection if the
+    /// first fails), `guest-fsfreeze-status`. Returns the freeze window.
+    async fn thaw_qga(&mut self) -> Option<u64> {
+        let frozen_at = self.frozen_at?;
+        let g = self.qga.as_mut()?;
+        let timeout_ms = self.freeze_timeout.as_millis() as u64;
+        let fired = g.watchdog.take().is_some_and(QgaWatchdog::disarm);
+        let mut thawed = g.qga.thaw().await;
+        if let Err(e) = &thawed {
+            tracing::warn!(error = %e, "guest-fsfreeze-thaw failed; once more on a new connection");
+            let socket = g.qga.socket().to_path_buf();
+            thawed = match Qga::connect(&socket, CONNECT_TIMEOUT).await {
+                Ok(mut again) => again.thaw().await,
+                Err(e) => Err(e),
+            };
+        }
+        let window = frozen_at.elapsed().as_millis() as u64;
+        self.observed.freeze = match thawed {
+            Err(e) => FreezeObserved::NotHeldContinuously {
+                reason: format!("the thaw failed (the guest may still be frozen): {e}"),
+            },
+            Ok(_) if fired => FreezeObserved::NotHeldContinuously {
+                reason: format!(
+                    "the QGA watchdog thawed the guest at the {timeout_ms} ms freeze deadline, before the snapshot was taken"
+                ),
+            },
+            Ok(n) => {
+                tracing::info!(
+                    file_systems = n,
+                    window_ms = window,
+                    "thawed through qemu-guest-agent"
+                );
+                FreezeObserved::Held
+            }
+        };
+        match g.qga.status().await {
+            Ok(FreezeStatus::Thawed) => {}
+            Ok(FreezeStatus::Frozen) => {
+                tracing::error!("qemu-guest-agent still reports the guest frozen after the thaw")
+            }
+            Err(e) => tracing::warn!(error = %e, "guest-fsfreeze-status failed"),
+        }
+        Some(window)
+    }
+
     /// Thaws (and runs the post-scripts). Returns the freeze window: from the `Frozen` reply
     /// to the `Thawed` reply, minus the post-scripts' run time (they run after the thaw).
     async fn thaw(&mut self) -> Option<u64> {
+        if self.qga.is_some() {
+            let window = self.thaw_qga().await;
+            self.qga = None;
+            return window;
+        }
         let mut freeze_window_ms = None;
         let frozen_at = self.frozen_at;
         if let Some(link) = self.link.as_mut()
@@ -579,11 +782,42 @@ async fn agent_record(
         tracing::info!(agent = %h.agent.hostname, version = %h.agent.agent_version, vm, "first backup of this VM with this agent");
     }
     serde_json::json!({
+        "kind": "bulwark-agent",
         "hostname": h.agent.hostname,
         "agent_version": h.agent.agent_version,
         "protocol_version": h.version,
         "capabilities": h.capabilities,
         "levels": h.levels,
+        "address": target.address.to_string(),
+        "first_contact": !known,
+    })
+}
+
+/// The `agent` field of the point for a qemu-guest-agent: its kind, version and address.
+async fn qga_record(
+    vault: &Vault,
+    vm: &str,
+    target: &AgentTarget,
+    g: &QgaLink,
+) -> serde_json::Value {
+    let previous = vault.latest_point(vm).await.ok().flatten();
+    let known = previous
+        .as_ref()
+        .and_then(|p| p.agent.as_ref())
+        .and_then(|a| a.get("kind"))
+        .and_then(|v| v.as_str())
+        == Some("qemu-ga");
+    let levels = if g.info.fsfreeze {
+        vec![Level::Crash, Level::FileSystem]
+    } else {
+        vec![Level::Crash]
+    };
+    serde_json::json!({
+        "kind": "qemu-ga",
+        "hostname": g.hostname,
+        "agent_version": g.info.version,
+        "capabilities": if g.info.fsfreeze { vec!["fsfreeze"] } else { Vec::new() },
+        "levels": levels,
         "address": target.address.to_string(),
         "first_contact": !known,
     })
@@ -610,7 +844,33 @@ mod tests {
             }
         );
         assert_eq!(v6.to_string(), "tcp:[::1]:7");
-        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:x", "http://h"] {
+        for (text, want) in [
+            (
+                "virtio-serial:unix:/run/vm1-agent.sock",
+                AgentAddress::VirtioSerial("/run/vm1-agent.sock".into()),
+            ),
+            (
+                "qga:unix:/run/vm1-qga.sock",
+                AgentAddress::Qga("/run/vm1-qga.sock".into()),
+            ),
+        ] {
+            let got: AgentAddress = text.parse().unwrap();
+            assert_eq!(got, want);
+            assert_eq!(got.to_string(), text);
+        }
+        for bad in [
+            "",
+            "unix:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:x",
+            "http://h",
+            "qga:",
+            "qga:unix:",
+            "qga:/run/x.sock",
+            "virtio-serial:org.bulwark.agent.0",
+            "virtio-serial:unix:",
+        ] {
             assert!(bad.parse::<AgentAddress>().is_err(), "{bad}");
         }
     }

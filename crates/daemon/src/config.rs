@@ -14,6 +14,7 @@
 //! prune = true                          # apply each VM's policy retention after its jobs
 //! gc_interval_hours = 24                # garbage collection this often (0: never)
 //! tls_dir = "/etc/bulwark/ca/controller" # the controller's identity from `enroll` (for tcp agents)
+//! runtime_dir = "/run/bulwark"          # private directory for the NBD sockets of QEMU's exports
 //!
 //! [[vm]]
 //! name = "web01"
@@ -33,12 +34,23 @@
 //! # For tests and ad-hoc use only: run every N seconds (aligned to the Unix epoch) instead of
 //! # the policy's schedule. Retention and instant-restore days still come from the policy.
 //! # schedule_override_seconds = 30
+//!
+//! [[vm]]
+//! name = "app01"                        # a running QEMU VM, through its QMP socket:
+//! qmp = "unix:/run/qemu/app01.qmp"      # every writable disk at one instant (fleecing), or
+//! disks = [{ name = "os" }]             # only these block devices (as query-block names them)
+//! agent = "qga:unix:/run/qemu/app01-qga.sock"  # qemu-guest-agent; or the Bulwark agent on a
+//! #       "virtio-serial:unix:/run/qemu/app01-agent.sock"   virtio-serial port
+//! policy = "policies/daily.toml"
 //! ```
 //!
-//! Unknown fields are errors, and so are: no `[[vm]]`, a VM without disks, two VMs or two
-//! disks of one VM with the same name, an invalid name, a disk image that is not a regular
-//! file, and any policy error (which names the policy file, line and field). Relative paths
-//! are resolved against the configuration file's directory.
+//! Unknown fields are errors, and so are: no `[[vm]]`, a VM without disks (or `qmp`), two VMs
+//! or two disks of one VM with the same name, an invalid name, a disk image that is not a
+//! regular file, a disk `path` on a `qmp` VM (its disks are block device names), a `qmp` that
+//! is not `unix:PATH`, `keep_snapshots = true` on a `qmp` VM (QEMU's point in time is not a
+//! file to keep), an agent address that does not parse, and any policy error (which names the
+//! policy file, line and field). Relative paths are resolved against the configuration file's
+//! directory.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -61,6 +73,8 @@ use crate::Error;
 pub const CONCURRENCY_DEFAULT: usize = 2;
 /// Default catch-up window, hours.
 pub const CATCH_UP_HOURS_DEFAULT: u32 = 24;
+/// Default directory for the NBD sockets of QEMU's exports.
+pub const RUNTIME_DIR_DEFAULT: &str = "/run/bulwark";
 /// Default time running jobs get at shutdown.
 pub const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 
@@ -92,6 +106,9 @@ pub struct Config {
     /// The controller's TLS identity for agents over TCP (`ca.pem`, `controller.pem`,
     /// `controller.key` from `enroll`).
     pub tls_dir: Option<PathBuf>,
+    /// Private directory for the NBD sockets of QEMU's exports (`qmp` VMs); a later job finds
+    /// there what a killed one left behind.
+    pub runtime_dir: PathBuf,
     /// The VMs, in file order.
     pub vms: Vec<VmConfig>,
 }
@@ -101,8 +118,10 @@ pub struct Config {
 pub struct VmConfig {
     /// The VM's name.
     pub name: String,
-    /// Its disks.
+    /// Its disk images (empty for a `qmp` VM).
     pub disks: Vec<ImageDisk>,
+    /// A running QEMU VM backed up through its QMP socket (instead of image files).
+    pub qmp: Option<QmpSource>,
     /// The guest agent, if configured: jobs quiesce the guest through it for the policy's
     /// consistency, falling back as far as the policy's minimum allows.
     pub agent: Option<AgentTarget>,
@@ -112,6 +131,15 @@ pub struct VmConfig {
     pub schedule_override: Option<Duration>,
     /// Keep each job's snapshots for the policy's instant-restore days (default true).
     pub keep_snapshots: bool,
+}
+
+/// A running VM's QMP socket and the disks to back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpSource {
+    /// `unix:PATH`.
+    pub socket: String,
+    /// Block device names as `query-block` reports them (empty: every writable disk).
+    pub disks: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +156,7 @@ struct RawConfig {
     prune: Option<bool>,
     gc_interval_hours: Option<u64>,
     tls_dir: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
     #[serde(default)]
     vm: Vec<Spanned<RawVm>>,
 }
@@ -138,7 +167,8 @@ struct RawVm {
     name: Spanned<String>,
     #[serde(default)]
     disks: Vec<Spanned<RawDisk>>,
-    agent: Option<String>,
+    qmp: Option<Spanned<String>>,
+    agent: Option<Spanned<String>>,
     policy: Option<Spanned<toml::Value>>,
     schedule_override_seconds: Option<u64>,
     keep_snapshots: Option<bool>,
@@ -148,7 +178,7 @@ struct RawVm {
 #[serde(deny_unknown_fields)]
 struct RawDisk {
     name: String,
-    path: PathBuf,
+    path: Option<PathBuf>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -282,6 +312,13 @@ impl Parse<'_> {
                 .unwrap_or(SHUTDOWN_TIMEOUT_DEFAULT),
             prune: raw.prune.unwrap_or(true),
             tls_dir: raw.tls_dir.as_deref().map(|d| self.resolve(d)),
+            runtime_dir: match raw.runtime_dir.as_deref() {
+                Some(d) if d.as_os_str().is_empty() => {
+                    return Err(self.err(None, "runtime_dir: must name a directory".into()));
+                }
+                Some(d) => self.resolve(d),
+                None => PathBuf::from(RUNTIME_DIR_DEFAULT),
+            },
             gc_interval: match raw.gc_interval_hours.unwrap_or(24) {
                 0 => None,
                 h => Some(Duration::from_secs(h.saturating_mul(3600))),
@@ -298,14 +335,19 @@ impl Parse<'_> {
         let name_line = self.line(vm.name.span().start);
         validate_name("vm", &name)
             .map_err(|e| self.err(Some(name_line), format!("vm.name: {e}")))?;
-        if vm.disks.is_empty() {
+        let qmp = match &vm.qmp {
+            None => None,
+            Some(q) => Some(self.qmp(&name, q)?),
+        };
+        if vm.disks.is_empty() && qmp.is_none() {
             let why = format!(
-                "vm {name}: no disks; add disks = [{{ name = \"os\", path = \"/path/to/image\" }}]"
+                "vm {name}: no disks; add disks = [{{ name = \"os\", path = \"/path/to/image\" }}] (or qmp = \"unix:PATH\" for a running VM)"
             );
             return Err(self.err(Some(vm_line), why));
         }
         let mut disk_names: HashMap<String, usize> = HashMap::new();
         let mut disks = Vec::with_capacity(vm.disks.len());
+        let mut block_devices = Vec::new();
         for d in &vm.disks {
             let line = self.line(d.span().start);
             if let Some(first) = disk_names.insert(d.get_ref().name.clone(), line) {
@@ -315,8 +357,16 @@ impl Parse<'_> {
                 );
                 return Err(self.err(Some(line), why));
             }
-            disks.push(self.disk(&name, d.get_ref(), line)?);
+            if qmp.is_some() {
+                block_devices.push(self.block_device(&name, d.get_ref(), line)?);
+            } else {
+                disks.push(self.disk(&name, d.get_ref(), line)?);
+            }
         }
+        let qmp = qmp.map(|socket| QmpSource {
+            socket,
+            disks: block_devices,
+        });
         let Some(policy) = &vm.policy else {
             let why = format!(
                 "vm {name}: no policy; set policy = \"FILE\" or an inline table policy = {{ ... }}"
@@ -332,18 +382,67 @@ impl Parse<'_> {
             }
             Some(s) => Some(Duration::from_secs(s)),
         };
-        let agent = match vm.agent.as_deref().map(str::trim) {
+        let agent = match &vm.agent {
             None => None,
-            Some(a) => Some(self.agent(&name, vm_line, a, tls_dir)?),
+            Some(a) => {
+                let line = self.line(a.span().start);
+                Some(self.agent(&name, line, a.get_ref().trim(), tls_dir)?)
+            }
+        };
+        let keep_snapshots = match (vm.keep_snapshots, &qmp) {
+            (Some(true), Some(q)) => {
+                let why = format!(
+                    "vm {name}: keep_snapshots = true: a VM backed up through QMP ({}) has no snapshot file to keep (QEMU's point in time ends with the backup)",
+                    q.socket
+                );
+                return Err(self.err(Some(vm_line), why));
+            }
+            (keep, None) => keep.unwrap_or(true),
+            (_, Some(_)) => false,
         };
         Ok(VmConfig {
             name,
             disks,
+            qmp,
             agent,
             policy: Arc::new(policy),
             schedule_override,
-            keep_snapshots: vm.keep_snapshots.unwrap_or(true),
+            keep_snapshots,
         })
+    }
+
+    /// The QMP socket of VM `vm`: `unix:PATH` (an absolute path, or relative to the file).
+    fn qmp(&self, vm: &str, q: &Spanned<String>) -> Result<String, Error> {
+        let line = self.line(q.span().start);
+        match q.get_ref().trim().strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => {
+                Ok(format!("unix:{}", self.resolve(Path::new(p)).display()))
+            }
+            _ => {
+                let why = format!(
+                    "vm {vm}: qmp = {:?}: expected unix:PATH (the VM's QMP socket, e.g. -qmp unix:/run/qemu/{vm}.qmp,server=on,wait=off)",
+                    q.get_ref()
+                );
+                Err(self.err(Some(line), why))
+            }
+        }
+    }
+
+    /// A disk of `qmp` VM `vm`: a block device name, no path.
+    fn block_device(&self, vm: &str, d: &RawDisk, line: usize) -> Result<String, Error> {
+        let name = &d.name;
+        if let Some(p) = &d.path {
+            let why = format!(
+                "vm {vm}: disk {name}: path = {:?} with qmp: the disks of a running VM are its block device names as query-block reports them (leave path out)",
+                p.display().to_string()
+            );
+            return Err(self.err(Some(line), why));
+        }
+        if name.is_empty() || name.contains('/') || name.contains('=') {
+            let why = format!("vm {vm}: disk {name:?}: not a block device name");
+            return Err(self.err(Some(line), why));
+        }
+        Ok(name.clone())
     }
 
     /// One disk of VM `vm`: a valid name and an existing regular file.
@@ -351,11 +450,13 @@ impl Parse<'_> {
         let name = &d.name;
         validate_name("disk", name)
             .map_err(|e| self.err(Some(line), format!("vm {vm}: disks: {e}")))?;
-        if d.path.as_os_str().is_empty() {
-            let why = format!("vm {vm}: disk {name}: path is empty");
+        let Some(path) = d.path.as_deref().filter(|p| !p.as_os_str().is_empty()) else {
+            let why = format!(
+                "vm {vm}: disk {name}: no path (an image file; or set qmp = \"unix:PATH\" to back up a running VM by block device name)"
+            );
             return Err(self.err(Some(line), why));
-        }
-        let p = self.resolve(&d.path);
+        };
+        let p = self.resolve(path);
         let shown = p.display().to_string();
         match std::fs::metadata(&p) {
             Ok(m) if m.is_file() => Ok(ImageDisk {
@@ -409,7 +510,7 @@ impl Parse<'_> {
     }
 
     /// The agent of VM `vm`: `unix:PATH`, `tcp:HOST:PORT` or a bare `HOST:PORT` (TCP, which
-    /// needs the configuration's `tls_dir`).
+    /// needs the configuration's `tls_dir`), `virtio-serial:unix:PATH` or `qga:unix:PATH`.
     fn agent(
         &self,
         vm: &str,
@@ -421,7 +522,10 @@ impl Parse<'_> {
             let why = format!("vm {vm}: agent is empty (leave it out when there is no agent)");
             return Err(self.err(Some(line), why));
         }
-        let spelled = if agent.starts_with("unix:") || agent.starts_with("tcp:") {
+        let spelled = if ["unix:", "tcp:", "virtio-serial:", "qga:"]
+            .iter()
+            .any(|p| agent.starts_with(p))
+        {
             agent.to_string()
         } else {
             format!("tcp:{agent}")
@@ -430,7 +534,6 @@ impl Parse<'_> {
             self.err(Some(line), format!("vm {vm}: agent: {e}"))
         })?;
         let tls = match (&address, tls_dir) {
-            (AgentAddress::Unix(_), _) => None,
             (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
             (AgentAddress::Tcp { .. }, None) => {
                 let why = format!(
@@ -438,6 +541,7 @@ impl Parse<'_> {
                 );
                 return Err(self.err(Some(line), why));
             }
+            _ => None,
         };
         Ok(AgentTarget {
             address,
@@ -587,6 +691,83 @@ schedule_override_seconds = 5
             (
                 vm_block("").replace(&format!("policy = {POLICY}"), "policy = \"nope.toml\""),
                 "vm web01: policy file",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(&cfg, &text).expect_err(&text);
+            assert!(
+                got.contains(want),
+                "for\n{text}\nwanted {want:?}, got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn qmp_vms_and_guest_agents() {
+        let (dir, cfg) = setup();
+        let text = format!(
+            "vault = \"v\"\nstate_dir = \"s\"\nruntime_dir = \"run\"\n\n[[vm]]\nname = \"vm1\"\nqmp = \"unix:/run/vm1.qmp\"\nagent = \"qga:unix:/run/vm1-qga.sock\"\npolicy = {POLICY}\n\n[[vm]]\nname = \"vm2\"\nqmp = \"unix:vm2.qmp\"\ndisks = [{{ name = \"os\" }}, {{ name = \"data\" }}]\nagent = \"virtio-serial:unix:/run/vm2-agent.sock\"\npolicy = {POLICY}\n"
+        );
+        let c = parse(&cfg, &text).unwrap();
+        assert_eq!(c.runtime_dir, dir.path().join("run"));
+        let q1 = c.vms[0].qmp.as_ref().unwrap();
+        assert_eq!(q1.socket, "unix:/run/vm1.qmp");
+        assert!(q1.disks.is_empty() && c.vms[0].disks.is_empty());
+        assert!(!c.vms[0].keep_snapshots);
+        let a1 = c.vms[0].agent.as_ref().unwrap();
+        assert_eq!(a1.address, AgentAddress::Qga("/run/vm1-qga.sock".into()));
+        assert!(a1.tls.is_none());
+        let q2 = c.vms[1].qmp.as_ref().unwrap();
+        assert_eq!(
+            q2.socket,
+            format!("unix:{}", dir.path().join("vm2.qmp").display())
+        );
+        assert_eq!(q2.disks, ["os", "data"]);
+        assert_eq!(
+            c.vms[1].agent.as_ref().unwrap().address,
+            AgentAddress::VirtioSerial("/run/vm2-agent.sock".into())
+        );
+        // Without runtime_dir: /run/bulwark.
+        let plain = vm_block("");
+        assert_eq!(
+            parse(&cfg, &plain).unwrap().runtime_dir,
+            Path::new(RUNTIME_DIR_DEFAULT)
+        );
+        let qmp_vm = |extra: &str| {
+            format!(
+                "vault = \"v\"\nstate_dir = \"s\"\n\n[[vm]]\nname = \"vm1\"\npolicy = {POLICY}\n{extra}"
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                qmp_vm("qmp = \"/run/vm1.qmp\"\n"),
+                "bulwark.toml:7: vm vm1: qmp = \"/run/vm1.qmp\": expected unix:PATH",
+            ),
+            (qmp_vm("qmp = \"unix:\"\n"), "bulwark.toml:7: vm vm1: qmp"),
+            (
+                qmp_vm("qmp = \"unix:/q\"\ndisks = [{ name = \"os\", path = \"a.img\" }]\n"),
+                "bulwark.toml:8: vm vm1: disk os: path = ",
+            ),
+            (
+                qmp_vm("qmp = \"unix:/q\"\nkeep_snapshots = true\n"),
+                "bulwark.toml:4: vm vm1: keep_snapshots = true",
+            ),
+            (
+                qmp_vm("qmp = \"unix:/q\"\nagent = \"qga:/run/qga.sock\"\n"),
+                "bulwark.toml:8: vm vm1: agent: ",
+            ),
+            (
+                qmp_vm("qmp = \"unix:/q\"\n\nagent = \"virtio-serial:org.bulwark.agent.0\"\n"),
+                "bulwark.toml:9: vm vm1: agent: ",
+            ),
+            (
+                qmp_vm("disks = [{ name = \"os\" }]\n"),
+                "bulwark.toml:7: vm vm1: disk os: no path",
+            ),
+            (qmp_vm("qmp = 5\n"), "bulwark.toml:7:"),
+            (
+                "vault = \"v\"\nstate_dir = \"s\"\nruntime_dir = \"\"\n".into(),
+                "runtime_dir: must name a directory",
             ),
         ];
         for (text, want) in cases {

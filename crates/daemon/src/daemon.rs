@@ -36,7 +36,10 @@ use std::time::Duration;
 
 use bulwark_consistency::Level;
 use bulwark_policy::Policy;
-use bulwark_snapshot::{ImageSnapshotter, Provider};
+use std::path::PathBuf;
+
+use bulwark_controller::sources::{self, SourceSpec};
+use bulwark_snapshot::{ImageSnapshotter, Provider, Snapshotter};
 use bulwark_vault::Vault;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Semaphore;
@@ -424,6 +427,11 @@ pub struct BackupRunner {
     pub provider: Provider,
     /// Blocks uploaded at once per disk.
     pub upload_concurrency: usize,
+    /// Directory for the NBD sockets of QEMU's exports (`qmp` VMs).
+    pub runtime_dir: PathBuf,
+    /// The program that runs the watchdog of `qga:` agents (see
+    /// [`QuiesceOptions::qga_watchdog`]).
+    pub qga_watchdog: Option<PathBuf>,
 }
 
 impl JobRunner for BackupRunner {
@@ -482,25 +490,38 @@ impl BackupRunner {
     fn request(&self, job: &Job) -> Result<BackupRequest, Error> {
         let vm = &job.vm;
         let c = vm.policy.consistency();
-        let mut snapshotter = ImageSnapshotter::new(vm.disks.clone()).map_err(|source| {
-            bulwark_controller::Error::Snapshot {
-                vm: vm.name.clone(),
-                source,
+        let snapshotter: Arc<dyn Snapshotter> = match &vm.qmp {
+            // A running VM: QEMU's point in time (one transaction), read over NBD.
+            Some(q) => sources::snapshotter(&SourceSpec::vm(
+                q.socket.clone(),
+                q.disks.clone(),
+                &self.runtime_dir,
+            ))?,
+            None => {
+                let mut s = ImageSnapshotter::new(vm.disks.clone()).map_err(|source| {
+                    bulwark_controller::Error::Snapshot {
+                        vm: vm.name.clone(),
+                        source,
+                    }
+                })?;
+                s.provider = self.provider;
+                s.dir = Some(self.store.root().to_path_buf());
+                Arc::new(s)
             }
-        })?;
-        snapshotter.provider = self.provider;
-        snapshotter.dir = Some(self.store.root().to_path_buf());
-        let mut req = BackupRequest::new(vm.name.clone(), Arc::new(snapshotter));
+        };
+        let mut req = BackupRequest::new(vm.name.clone(), snapshotter);
         req.quiesce = vm.agent.clone().map(|agent| Quiesce {
             agent,
             options: QuiesceOptions {
                 wanted: Some(c.wanted),
                 minimum: c.minimum,
+                qga_watchdog: self.qga_watchdog.clone(),
                 ..QuiesceOptions::default()
             },
         });
         req.consistency_wanted = c.wanted;
-        req.keep_snapshots = vm.keep_snapshots.then(|| KeepSnapshots {
+        let keep = vm.keep_snapshots && vm.qmp.is_none();
+        req.keep_snapshots = keep.then(|| KeepSnapshots {
             store: self.store.clone(),
             days: vm.policy.retention().instant_restore_days,
         });
@@ -952,6 +973,7 @@ mod tests {
                 name: "os".into(),
                 path: "/nonexistent".into(),
             }],
+            qmp: None,
             agent: None,
             policy,
             schedule_override: every.map(Duration::from_secs),

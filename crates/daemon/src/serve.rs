@@ -25,6 +25,9 @@ pub struct ServeOptions {
     pub vault: OpenOptions,
     /// Also run every VM once at start (trigger `manual`).
     pub run_now: bool,
+    /// The program that runs the watchdog of `qga:` agents: the binary itself, whose `main`
+    /// calls `bulwark_qemu::qga::dispatch_watchdog` first thing.
+    pub qga_watchdog: Option<std::path::PathBuf>,
 }
 
 /// The plan of a configuration at an instant: per VM its disks, schedule, next run, kept
@@ -55,11 +58,14 @@ impl fmt::Display for Plan<'_> {
             } else {
                 "snapshots not kept".to_string()
             };
-            let disks = vm.disks.len();
-            writeln!(
-                f,
-                "vm {name}: {disks} disk(s), {how}, next run {when}, {kept}"
-            )?;
+            let disks = match &vm.qmp {
+                Some(q) if q.disks.is_empty() => {
+                    format!("every writable disk through QMP {}", q.socket)
+                }
+                Some(q) => format!("disk(s) {} through QMP {}", q.disks.join(", "), q.socket),
+                None => format!("{} disk(s)", vm.disks.len()),
+            };
+            writeln!(f, "vm {name}: {disks}, {how}, next run {when}, {kept}")?;
             let c = vm.policy.consistency();
             match &vm.agent {
                 Some(agent) => writeln!(
@@ -106,6 +112,12 @@ impl Server {
             path: config.snapshot_dir.clone(),
             source,
         })?;
+        if config.vms.iter().any(|vm| vm.qmp.is_some()) {
+            std::fs::create_dir_all(&config.runtime_dir).map_err(|source| Error::Io {
+                path: config.runtime_dir.clone(),
+                source,
+            })?;
+        }
         let store = SnapshotStore::new(config.snapshot_dir.clone());
         let maintenance = Arc::new(RetentionMaintenance::new(
             vault.clone(),
@@ -119,6 +131,8 @@ impl Server {
             store: store.clone(),
             provider: config.snapshot_provider,
             upload_concurrency: config.upload_concurrency,
+            runtime_dir: config.runtime_dir.clone(),
+            qga_watchdog: options.qga_watchdog.clone(),
         });
         let mut daemon_options = DaemonOptions::from_config(config);
         daemon_options.run_now = options.run_now;

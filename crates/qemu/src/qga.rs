@@ -127,6 +127,11 @@ impl Qga {
         &self.socket
     }
 
+    /// Changes the limit on every later command (and sync).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// `guest-sync-delimited`: afterwards the next line read answers the next command.
     pub async fn sync(&mut self) -> Result<(), Error> {
         self.next_sync += 1;
@@ -276,6 +281,23 @@ impl Qga {
                 })
             });
         Ok(QgaInfo { version, fsfreeze })
+    }
+
+    /// `guest-get-host-name`: the guest's host name.
+    pub async fn host_name(&mut self) -> Result<String, Error> {
+        let v = self
+            .execute("guest-get-host-name", None, self.timeout)
+            .await?;
+        v.get("host-name")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                qga_error(
+                    &self.socket,
+                    "guest-get-host-name",
+                    format!("unexpected reply {v}"),
+                )
+            })
     }
 
     /// Freezes every file system of the guest (`None`) or the listed mount points
