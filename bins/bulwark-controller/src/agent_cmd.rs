@@ -11,9 +11,10 @@ use clap::Args;
 /// The guest-agent options of `backup`.
 #[derive(Debug, Args)]
 pub struct QuiesceArgs {
-    /// The VM's guest agent: unix:PATH or tcp:HOST:PORT (mutual TLS, see --tls-dir). With it
-    /// the guest is quiesced (pre-scripts, fsfreeze) around the snapshot.
-    #[arg(long, value_name = "unix:PATH|tcp:HOST:PORT")]
+    /// The VM's guest agent: unix:PATH, virtio-serial:unix:PATH (the QEMU chardev socket of
+    /// the port the agent serves in the guest) or tcp:HOST:PORT (mutual TLS, see --tls-dir).
+    /// With it the guest is quiesced (pre-scripts, fsfreeze) around the snapshot.
+    #[arg(long, value_name = "unix:PATH|virtio-serial:unix:PATH|tcp:HOST:PORT")]
     agent: Option<String>,
     /// The controller's TLS files from `enroll`: ca.pem, controller.pem, controller.key.
     #[arg(long, value_name = "DIR", requires = "agent")]

@@ -34,6 +34,7 @@ use bulwark_consistency::{
 use bulwark_protocol::{
     CAP_FSFREEZE, CAP_SCRIPTS, Client, Connection, ErrorCode, HelloOk, Prepared, ScriptOutcome,
     ScriptStatus, Thawed, TlsFiles, client_config, connect_tcp, connect_unix,
+    connect_virtio_serial,
 };
 use bulwark_vault::{ConsistencyRecord, Vault};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -54,6 +55,10 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum AgentAddress {
     /// `unix:/path/to/socket`.
     Unix(PathBuf),
+    /// `virtio-serial:unix:/path/to/socket`: the host side (QEMU's chardev Unix socket) of a
+    /// virtio-serial port that the agent in the guest serves. Only the host can reach it; the
+    /// transport authenticates nothing beyond that (see `bulwark_protocol::connect_virtio_serial`).
+    VirtioSerial(PathBuf),
     /// `tcp:HOST:PORT` (mutual TLS).
     Tcp {
         /// Host name or IP address; the agent's certificate must name it.
@@ -66,12 +71,21 @@ pub enum AgentAddress {
 impl FromStr for AgentAddress {
     type Err = Error;
 
-    /// Parses `unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070` for IPv6).
+    /// Parses `unix:/PATH`, `virtio-serial:unix:/PATH` or `tcp:HOST:PORT` (`tcp:[::1]:7070`
+    /// for IPv6).
     fn from_str(s: &str) -> Result<AgentAddress, Error> {
         let bad = |why: &str| Error::InvalidAgentAddress {
             address: s.to_string(),
             why: why.to_string(),
         };
+        if let Some(rest) = s.strip_prefix("virtio-serial:") {
+            return match rest.strip_prefix("unix:") {
+                Some(p) if !p.is_empty() => Ok(AgentAddress::VirtioSerial(PathBuf::from(p))),
+                _ => Err(bad(
+                    "expected virtio-serial:unix:PATH (the QEMU chardev socket of the port)",
+                )),
+            };
+        }
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
                 return Err(bad("no socket path"));
@@ -79,7 +93,9 @@ impl FromStr for AgentAddress {
             return Ok(AgentAddress::Unix(PathBuf::from(p)));
         }
         let Some(rest) = s.strip_prefix("tcp:") else {
-            return Err(bad("expected unix:PATH or tcp:HOST:PORT"));
+            return Err(bad(
+                "expected unix:PATH, virtio-serial:unix:PATH or tcp:HOST:PORT",
+            ));
         };
         let (host, port) = rest
             .rsplit_once(':')
@@ -102,6 +118,7 @@ impl std::fmt::Display for AgentAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AgentAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            AgentAddress::VirtioSerial(p) => write!(f, "virtio-serial:unix:{}", p.display()),
             AgentAddress::Tcp { host, port } if host.contains(':') => {
                 write!(f, "tcp:[{host}]:{port}")
             }
@@ -210,6 +227,13 @@ async fn connect(target: &AgentTarget) -> Result<(AgentLink, HelloOk), String> {
     match &target.address {
         AgentAddress::Unix(path) => {
             let conn = connect_unix(path).await.map_err(|e| e.to_string())?;
+            let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
+            Ok((AgentLink::Unix(c), h))
+        }
+        AgentAddress::VirtioSerial(path) => {
+            let conn = connect_virtio_serial(path)
+                .await
+                .map_err(|e| e.to_string())?;
             let (c, h) = greet(conn).await.map_err(|e| e.to_string())?;
             Ok((AgentLink::Unix(c), h))
         }
@@ -610,7 +634,20 @@ mod tests {
             }
         );
         assert_eq!(v6.to_string(), "tcp:[::1]:7");
-        for bad in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:x", "http://h"] {
+        let vs: AgentAddress = "virtio-serial:unix:/run/vm/agent.sock".parse().unwrap();
+        assert_eq!(vs, AgentAddress::VirtioSerial("/run/vm/agent.sock".into()));
+        assert_eq!(vs.to_string(), "virtio-serial:unix:/run/vm/agent.sock");
+        for bad in [
+            "",
+            "unix:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:x",
+            "http://h",
+            "virtio-serial:",
+            "virtio-serial:unix:",
+            "virtio-serial:org.bulwark.agent.0",
+        ] {
             assert!(bad.parse::<AgentAddress>().is_err(), "{bad}");
         }
     }

@@ -21,7 +21,7 @@
 //!   { name = "os", path = "/var/lib/libvirt/images/web01.img" },
 //!   { name = "data", path = "/var/lib/libvirt/images/web01-data.img" },
 //! ]
-//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH); needs tls_dir for tcp
+//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH, virtio-serial:unix:/PATH); tcp needs tls_dir
 //! policy = "policies/daily.toml"        # a policy file (relative to this file) ...
 //!
 //! [[vm]]
@@ -408,8 +408,8 @@ impl Parse<'_> {
         }
     }
 
-    /// The agent of VM `vm`: `unix:PATH`, `tcp:HOST:PORT` or a bare `HOST:PORT` (TCP, which
-    /// needs the configuration's `tls_dir`).
+    /// The agent of VM `vm`: `unix:PATH`, `virtio-serial:unix:PATH`, `tcp:HOST:PORT` or a bare
+    /// `HOST:PORT` (TCP, which needs the configuration's `tls_dir`).
     fn agent(
         &self,
         vm: &str,
@@ -421,7 +421,10 @@ impl Parse<'_> {
             let why = format!("vm {vm}: agent is empty (leave it out when there is no agent)");
             return Err(self.err(Some(line), why));
         }
-        let spelled = if agent.starts_with("unix:") || agent.starts_with("tcp:") {
+        let spelled = if ["unix:", "tcp:", "virtio-serial:"]
+            .iter()
+            .any(|p| agent.starts_with(p))
+        {
             agent.to_string()
         } else {
             format!("tcp:{agent}")
@@ -430,7 +433,7 @@ impl Parse<'_> {
             self.err(Some(line), format!("vm {vm}: agent: {e}"))
         })?;
         let tls = match (&address, tls_dir) {
-            (AgentAddress::Unix(_), _) => None,
+            (AgentAddress::Unix(_) | AgentAddress::VirtioSerial(_), _) => None,
             (AgentAddress::Tcp { .. }, Some(dir)) => Some(AgentTarget::tls_dir(dir)),
             (AgentAddress::Tcp { .. }, None) => {
                 let why = format!(
