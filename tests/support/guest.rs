@@ -588,9 +588,13 @@ impl Guest {
                             Err(e) => panic!("read from guest: {e}"),
                         }
                     }
-                    let Some(rest) = buf.trim_end_matches('\n').strip_prefix(&prefix) else {
+                    // The reply may follow the cut-off start of an older one (a reply the guest's
+                    // reboot interrupted): look for ours anywhere in the line.
+                    let line = buf.trim_end_matches('\n');
+                    let Some(at) = line.rfind(&prefix) else {
                         continue;
                     };
+                    let rest = &line[at + prefix.len()..];
                     let mut parts = rest.splitn(3, ' ');
                     let status = parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
                     let stdout = parts.next().unwrap_or("");
