@@ -18,7 +18,8 @@ need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mk
       sgdisk:gdisk sfdisk:fdisk fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
-      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)
+      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip
+      mmdebstrap:mmdebstrap)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}
@@ -60,6 +61,11 @@ fi
 if qemu_ok; then
     [ -n "$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || { [ "$(id -u)" = 0 ] && apt-get update -qq; } || true
     bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
+    # The Debian guest of tests/debian_guest.rs (mmdebstrap, root only; about 3 minutes the
+    # first time, cached under target/guest/debian-KEY afterwards).
+    if [ "$(id -u)" = 0 ]; then
+        bash tests/guest/debian.sh >/dev/null || echo "tests/run.sh: the Debian test guest did not build (see above)"
+    fi
 fi
 
 # tests/packaging.rs builds the Debian packages with the pinned cargo-deb.

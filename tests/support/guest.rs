@@ -151,6 +151,78 @@ pub struct GuestSpec {
     pub memory_mib: u32,
     /// How long to wait for the ready marker.
     pub boot_timeout: Duration,
+    /// Boot this kernel and initramfs (e.g. [`build_debian_guest`]'s, which mount the disk whose
+    /// serial is `root` and run systemd from it) instead of the busybox guest; `binaries` are
+    /// then ignored, and a reboot in the guest restarts it in the same QEMU ([`Guest::reboot`]).
+    pub system: Option<SystemImage>,
+}
+
+/// The kernel and initramfs of a guest that boots from a root disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemImage {
+    /// The kernel (`vmlinux`, booted through PVH, or `vmlinuz`).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+}
+
+/// The Debian guest of `tests/guest/debian.sh`: a raw ext4 root image (minbase, systemd, udev,
+/// e2fsprogs; use it as the read-only backing file of an overlay) and how to boot it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianImage {
+    /// The root file system image (raw ext4, shared: never boot it directly).
+    pub root: PathBuf,
+    /// Kernel and initramfs.
+    pub system: SystemImage,
+    /// How long building it took (zero when it came from the cache).
+    pub build_time: Duration,
+}
+
+/// Builds (or finds in the cache, `target/guest/debian-KEY`) the Debian guest image with
+/// `tests/guest/debian.sh` (root and mmdebstrap needed). Panics with the builder's output when it
+/// fails.
+pub fn build_debian_guest() -> DebianImage {
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(workspace_root().join("tests/guest/debian.sh"))
+        .output()
+        .expect("run tests/guest/debian.sh");
+    assert!(
+        out.status.success(),
+        "tests/guest/debian.sh failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stderr).contains("debian.sh: built ");
+    let dir = PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    );
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|k| k.is_file())
+        .unwrap_or_else(|| panic!("no kernel in {}", dir.display()));
+    assert!(
+        dir.join("root.img").is_file() && dir.join("initrd.gz").is_file(),
+        "tests/guest/debian.sh gave no root.img and initrd.gz in {}",
+        dir.display()
+    );
+    DebianImage {
+        root: dir.join("root.img"),
+        system: SystemImage {
+            kernel,
+            initrd: dir.join("initrd.gz"),
+        },
+        build_time: if built {
+            started.elapsed()
+        } else {
+            Duration::ZERO
+        },
+    }
 }
 
 impl Default for GuestSpec {
@@ -162,6 +234,7 @@ impl Default for GuestSpec {
             binaries: Vec::new(),
             memory_mib: 256,
             boot_timeout: Duration::from_secs(90),
+            system: None,
         }
     }
 }
@@ -238,12 +311,18 @@ impl Guest {
     /// Boots a guest and waits for its ready marker. Panics (with the serial console log) when it
     /// does not come up within `spec.boot_timeout`.
     pub fn boot(spec: &GuestSpec) -> Guest {
-        let image = build_guest(&spec.binaries);
-        // The uncompressed kernel boots through PVH, about twice as fast under TCG.
-        let kernel = if image.join("vmlinux").is_file() {
-            image.join("vmlinux")
-        } else {
-            image.join("vmlinuz")
+        let (kernel, initrd) = match &spec.system {
+            Some(system) => (system.kernel.clone(), system.initrd.clone()),
+            None => {
+                let image = build_guest(&spec.binaries);
+                // The uncompressed kernel boots through PVH, about twice as fast under TCG.
+                let kernel = if image.join("vmlinux").is_file() {
+                    image.join("vmlinux")
+                } else {
+                    image.join("vmlinuz")
+                };
+                (kernel, image.join("initrd.gz"))
+            }
         };
         let dir = tempfile::Builder::new()
             .prefix("bw-guest")
@@ -262,11 +341,10 @@ impl Guest {
             "-nodefaults".into(),
             "-display".into(),
             "none".into(),
-            "-no-reboot".into(),
             "-kernel".into(),
             kernel.display().to_string(),
             "-initrd".into(),
-            image.join("initrd.gz").display().to_string(),
+            initrd.display().to_string(),
             "-append".into(),
             "console=ttyS0 panic=-1 quiet".into(),
             "-serial".into(),
@@ -276,6 +354,10 @@ impl Guest {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()),
         ];
+        if spec.system.is_none() {
+            // The busybox guest's reboot is a power-off (its tests expect QEMU to exit).
+            args.push("-no-reboot".into());
+        }
         for disk in &spec.disks {
             args.push("-drive".into());
             args.push(format!(
@@ -506,9 +588,13 @@ impl Guest {
                             Err(e) => panic!("read from guest: {e}"),
                         }
                     }
-                    let Some(rest) = buf.trim_end_matches('\n').strip_prefix(&prefix) else {
+                    // The reply may follow the cut-off start of an older one (a reply the guest's
+                    // reboot interrupted): look for ours anywhere in the line.
+                    let line = buf.trim_end_matches('\n');
+                    let Some(at) = line.rfind(&prefix) else {
                         continue;
                     };
+                    let rest = &line[at + prefix.len()..];
                     let mut parts = rest.splitn(3, ' ');
                     let status = parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
                     let stdout = parts.next().unwrap_or("");
@@ -610,6 +696,45 @@ impl Guest {
     pub fn writer_log(&mut self) -> Vec<WriterEvent> {
         let (_, out) = self.sh(&format!("cat {WRITER_CONTROL}/log 2>/dev/null"));
         out.lines().filter_map(WriterEvent::parse).collect()
+    }
+
+    /// Reboots a guest booted with [`GuestSpec::system`] (`systemctl reboot` through the command
+    /// channel) and waits for the ready marker of the new boot, at most `timeout`. Returns the
+    /// time from the request to the marker. Panics (with the console log) when it does not come.
+    pub fn reboot(&mut self, timeout: Duration) -> Duration {
+        let marker = "BULWARK-GUEST-READY";
+        let before = self.serial_log().matches(marker).count();
+        let started = Instant::now();
+        self.next_id += 1;
+        // Not waited for: the command loop is stopped by the reboot (its reply, if any, is
+        // skipped by the next command, which waits for its own id).
+        let line = format!("{} {}\n", self.next_id, base64_encode(b"systemctl reboot"));
+        self.writer
+            .write_all(line.as_bytes())
+            .expect("send the reboot to the guest");
+        loop {
+            if self.serial_log().matches(marker).count() > before {
+                break;
+            }
+            assert!(
+                !exited(&self.exit),
+                "QEMU exited during the reboot\n{}",
+                tail(&self.serial_log(), 60)
+            );
+            assert!(
+                started.elapsed() < timeout,
+                "no ready marker {timeout:?} after the reboot\n{}",
+                tail(&self.serial_log(), 60)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let took = started.elapsed();
+        let (st, out) = self.sh("echo channel-ok");
+        assert!(
+            st == 0 && out.trim() == "channel-ok",
+            "command channel does not answer after the reboot: {st} {out:?}"
+        );
+        took
     }
 
     /// Unmounts the guest's ext4 disks, syncs and powers the guest off; waits for QEMU to exit

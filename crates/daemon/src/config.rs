@@ -22,7 +22,7 @@
 //!   { name = "os", path = "/var/lib/libvirt/images/web01.img" },
 //!   { name = "data", path = "/var/lib/libvirt/images/web01-data.img" },
 //! ]
-//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH); needs tls_dir for tcp
+//! agent = "tcp:192.0.2.10:7070"         # the guest agent (or unix:/PATH, virtio-serial:unix:/PATH); tcp needs tls_dir
 //! policy = "policies/daily.toml"        # a policy file (relative to this file) ...
 //!
 //! [[vm]]
