@@ -5,6 +5,7 @@ mod agent_cmd;
 mod daemon_cmd;
 mod export_cmd;
 mod files_cmd;
+mod instant_cmd;
 mod keys;
 mod retention_cmd;
 mod ui;
@@ -89,6 +90,9 @@ enum Command {
     Files(files_cmd::FilesCommand),
     /// Serve a point's disk read-only over NBD until SIGTERM/SIGINT.
     Export(export_cmd::ExportArgs),
+    /// Run a VM from a point at once: serve the point over NBD as the backing file of a new
+    /// qcow2 overlay, then (with --qmp) stream it into the overlay while the VM runs.
+    InstantRestore(instant_cmd::InstantArgs),
 }
 
 #[derive(Debug, Args)]
@@ -303,6 +307,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Policy(a) => retention_cmd::policy(a)?,
         Command::Files(a) => return files_cmd::run(a).await,
         Command::Export(a) => return export_cmd::run(a).await,
+        Command::InstantRestore(a) => return instant_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,6 +29,7 @@
 //! ```
 
 mod demo;
+pub mod instant;
 mod job;
 mod quiesce;
 mod report;
@@ -117,6 +118,12 @@ pub enum Error {
     /// levels asked for are contradictory.
     #[error(transparent)]
     Consistency(#[from] bulwark_consistency::Error),
+    /// QEMU (QMP, `qemu-img`) failed during an instant recovery.
+    #[error(transparent)]
+    Qemu(#[from] bulwark_qemu::Error),
+    /// Serving a point's disk failed.
+    #[error(transparent)]
+    Recovery(#[from] bulwark_recovery::Error),
 }
 
 /// A phase of a backup job, as [`Observer::phase`] reports it.

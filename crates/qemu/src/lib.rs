@@ -12,6 +12,8 @@
 //!   watchdog that enforces the freeze deadline qemu-ga does not have.
 //! * [`OfflineSnapshotter`]: images with no VM running, read through `qemu-storage-daemon`
 //!   (read-only, with QEMU's image locks).
+//! * [`create_overlay`], [`stream`]: instant recovery: a qcow2 overlay backed by an NBD export
+//!   of a recovery point, and the `block-stream` job that makes it standalone while the VM runs.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), bulwark_qemu::Error> {
@@ -36,6 +38,7 @@ mod offline;
 pub mod qga;
 mod qmp;
 mod source;
+mod stream;
 mod tracking;
 
 pub use disks::{VmDisk, discover, select};
@@ -47,4 +50,8 @@ pub use fleece::{
 pub use offline::{OfflineOptions, OfflineSnapshotter};
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
 pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};
+pub use stream::{
+    NBD_RECONNECT_DELAY_SECS, StreamOptions, StreamReport, backing_file, cancel_stream,
+    create_overlay, find_disk, nbd_backing_name, stream,
+};
 pub use tracking::{BitmapRecord, KIND, Trust, UnchangedBuilder, judge, unchanged_ranges};
