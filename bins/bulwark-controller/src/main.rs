@@ -287,7 +287,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             ui::show(a.json, &json, &report, false, "")?;
             if !a.json && health.recorded > 0 {
                 eprintln!(
-                    "{} bad block(s) recorded in the vault: `list` names the points that need                      them; the next backup of a disk that still holds the data heals them",
+                    "{} bad block(s) recorded in the vault: `list` names the points that need them; the next backup of a disk that still holds the data heals them",
                     health.recorded
                 );
             }
