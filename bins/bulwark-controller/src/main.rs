@@ -159,6 +159,11 @@ struct BackupArgs {
     /// Blocks uploaded at once per disk.
     #[arg(long, default_value_t = 16)]
     upload_concurrency: usize,
+    /// Ask the vault (HEAD) whether every block of the previous point is still there before
+    /// reusing it; a missing one is read from the disk and stored again. Blocks `verify`
+    /// recorded as bad are re-read always.
+    #[arg(long)]
+    check_known: bool,
     /// How long to wait while a garbage collection holds the vault (e.g. 0, 90s, 10m).
     #[arg(long, default_value = "10m", value_parser = ui::parse_duration)]
     lease_wait: std::time::Duration,
@@ -285,9 +290,19 @@ async fn run(command: Command) -> Result<ExitCode> {
             let bars = ui::Bars::new(!a.json);
             let cb = bars.clone();
             let progress = move |done, total| cb.set("verify", done, total);
-            let report = vault.verify(a.vm.as_deref(), &progress).await?;
+            let (report, health) =
+                bulwark_controller::verify(&vault, a.vm.as_deref(), &progress).await?;
             bars.clear();
-            ui::show(a.json, &report.to_json(), &report, false, "")?;
+            let mut json = report.to_json();
+            json["bad_blocks_recorded"] = health.recorded.into();
+            json["bad_block_records_cleared"] = health.cleared.into();
+            ui::show(a.json, &json, &report, false, "")?;
+            if !a.json && health.recorded > 0 {
+                eprintln!(
+                    "{} bad block(s) recorded in the vault: `list` names the points that need them; the next backup of a disk that still holds the data heals them",
+                    health.recorded
+                );
+            }
             return Ok(ui::exit(report.is_ok()));
         }
         Command::Demo(a) => {
@@ -343,6 +358,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
     let snapshotter = bulwark_controller::sources::snapshotter(&spec)?;
     let mut req = BackupRequest::new(a.vm, snapshotter);
     req.upload_concurrency = a.upload_concurrency;
+    req.check_known = a.check_known;
     req.lease = req.lease.waiting(a.lease_wait);
     req.quiesce = a.quiesce.quiesce()?;
     if let (Some(days), Some(dir)) = (a.keep_snapshot_days, a.snapshot_dir) {
@@ -384,7 +400,7 @@ async fn list(a: ListArgs) -> Result<()> {
             "no recovery points",
         );
     }
-    let list = vault.list_points(vm).await?;
+    let list = vault.list_points_with_health(vm).await?;
     let empty = list.points.is_empty() && list.broken.is_empty();
     ui::show(a.json, &list.to_json(), &list, empty, "no recovery points")
 }

@@ -29,6 +29,11 @@ pub struct PruneArgs {
     /// Evaluate retention as of this instant instead of now (e.g. 2026-12-01T00:00:00Z).
     #[arg(long, value_name = "TIME")]
     now: Option<Timestamp>,
+    /// Declare that no other Bulwark process writes to this vault meanwhile. Required on a
+    /// store that ignores conditional (create-only) writes, where leases cannot keep two
+    /// writers apart (`init` records whether the store honours them).
+    #[arg(long)]
+    single_writer: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -62,6 +67,11 @@ pub struct GcArgs {
     /// Count what would be freed, delete nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Declare that no other Bulwark process writes to this vault meanwhile. Required on a
+    /// store that ignores conditional (create-only) writes, where leases cannot keep two
+    /// writers apart (`init` records whether the store honours them).
+    #[arg(long)]
+    single_writer: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -123,7 +133,10 @@ pub async fn prune(a: PruneArgs) -> Result<()> {
     let policy = read_policy(&a.policy)?;
     let vault = open(&a.vault).await?;
     let now = a.now.unwrap_or_else(Timestamp::now);
-    let report = bulwark_controller::prune(&vault, &a.vm, &policy, now, a.dry_run).await?;
+    let mut lease = LeaseOptions::default().waiting(bulwark_controller::PRUNE_LEASE_WAIT);
+    lease.single_writer = a.single_writer;
+    let report =
+        bulwark_controller::prune_with(&vault, &a.vm, &policy, now, a.dry_run, &lease).await?;
     ui::show(a.json, &json(&report)?, &report, false, "")
 }
 
@@ -139,7 +152,8 @@ pub async fn undelete(a: UndeleteArgs) -> Result<()> {
 
 pub async fn gc(a: GcArgs) -> Result<()> {
     let vault = open(&a.vault).await?;
-    let lease = LeaseOptions::default().waiting(a.wait);
+    let mut lease = LeaseOptions::default().waiting(a.wait);
+    lease.single_writer = a.single_writer;
     let (grace, dry_run) = (a.grace, a.dry_run);
     let options = GcOptions {
         grace,

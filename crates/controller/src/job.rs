@@ -58,6 +58,10 @@ pub struct BackupRequest {
     /// The shared backup lease held during the transfer (by default it waits up to 10
     /// minutes while a garbage collection runs).
     pub lease: LeaseOptions,
+    /// Before reusing the previous point's blocks unread, ask the vault (HEAD) whether each
+    /// one is still there; a missing one is read from the disk again and re-uploaded. Blocks
+    /// `verify` recorded as bad are always re-read, with or without this.
+    pub check_known: bool,
     /// Progress and phase events.
     pub observer: Arc<dyn Observer>,
 }
@@ -74,6 +78,7 @@ impl BackupRequest {
             upload_concurrency: 16,
             policy: None,
             lease: LeaseOptions::default().waiting(std::time::Duration::from_secs(600)),
+            check_known: false,
             observer: Arc::new(NoObserver),
         }
     }

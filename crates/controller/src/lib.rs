@@ -38,6 +38,7 @@ mod retention;
 pub mod sources;
 pub mod tiers;
 mod transfer;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,7 @@ pub use demo::{DemoReport, DemoRequest, run_demo};
 pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
+pub use verify::{HealthUpdate, verify};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
 
 /// Errors of the controller.
@@ -94,6 +96,15 @@ pub enum Error {
     Source {
         /// What is wrong, naming the disk or option.
         why: String,
+    },
+    /// A point would need (or needs) blocks the vault holds damaged or not at all: a
+    /// backup refuses to commit it, a restore refuses to read it.
+    #[error("{what}: needs block(s) known bad in the vault: {}", blocks.join("; "))]
+    KnownBad {
+        /// The point (`vm/point`, and the disk) concerned.
+        what: String,
+        /// Each block's key and what is wrong with it.
+        blocks: Vec<String>,
     },
     /// A worker task failed.
     #[error("worker failed: {0}")]

@@ -22,6 +22,9 @@ impl fmt::Display for BackupReport {
                 HumanBytes(s.bytes_read),
                 HumanBytes(s.bytes_uploaded),
             )?;
+            if s.blocks_healed > 0 {
+                write!(f, ", {} damaged block(s) healed", s.blocks_healed)?;
+            }
             match &d.previous_point {
                 Some(p) => writeln!(f, " (compared with {p})")?,
                 None => writeln!(f)?,
@@ -110,7 +113,7 @@ impl TieredList {
         store: &crate::tiers::SnapshotStore,
         vm: Option<&str>,
     ) -> Result<TieredList, crate::Error> {
-        let list = vault.list_points(vm).await?;
+        let list = vault.list_points_with_health(vm).await?;
         let kept = store
             .list(vm)?
             .into_iter()
@@ -175,6 +178,10 @@ impl fmt::Display for TieredList {
                 f,
                 "{vm:<20} {id:<32} {created:<20} {reached:<12} {size:>10}  {tier}"
             )?;
+            for r in self.vault.damaged.get(&format!("{vm}/{id}")).into_iter().flatten() {
+                let on = r.disks_of(vm, id).join(",");
+                writeln!(f, "  BROKEN: disk {on} needs {} ({})", r.key, r.why)?;
+            }
         }
         for k in self.snapshot_only() {
             let size = HumanBytes(k.disks.iter().map(|d| d.size).sum()).to_string();

@@ -161,6 +161,7 @@ pub(crate) async fn from_vault(
     let start = Instant::now();
     let point = vault.resolve_point(&req.vm, &req.point).await?;
     let map = vault.disk_manifest(&point, &req.disk).await?;
+    refuse_known_bad(vault, &point, &req.disk, &map).await?;
     if req.to.exists() && !req.force {
         return Err(Error::RestoreTarget {
             path: req.to.clone(),
@@ -268,6 +269,39 @@ pub(crate) async fn from_vault(
     progress.finish(&req.disk);
     report.duration_ms = start.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Fails, before anything is written, when the disk needs blocks `verify` recorded as bad
+/// (a restore would fail on them anyway, later and less clearly).
+pub(crate) async fn refuse_known_bad(
+    vault: &Vault,
+    point: &bulwark_vault::RecoveryPoint,
+    disk: &str,
+    map: &bulwark_blockdiff::BlockMap,
+) -> Result<(), Error> {
+    let bad = vault.known_bad_blocks().await?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let recorded: std::collections::BTreeSet<_> =
+        map.addresses().filter(|a| bad.contains_key(*a)).collect();
+    // A record is a hint: a block that reads back verified now (healed since) is no obstacle.
+    let mut hits = Vec::new();
+    for a in recorded {
+        if vault.get_block(*a).await.is_err() {
+            hits.push(a);
+        }
+    }
+    if hits.is_empty() {
+        return Ok(());
+    }
+    Err(Error::KnownBad {
+        what: format!("VM {} point {} disk {disk}", point.vm, point.id),
+        blocks: hits
+            .into_iter()
+            .map(|a| format!("{} ({})", bad[a].key, bad[a].why))
+            .collect(),
+    })
 }
 
 /// Alignment of direct writes (buffer, offset, length): covers 512-byte and 4 KiB sectors.

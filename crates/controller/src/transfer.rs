@@ -2,11 +2,11 @@
 //! engine against its previous block map, then the manifests, then the recovery point. It
 //! reads every disk through [`DiskSource`] and never knows which kind it reads.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bulwark_blockdiff::{Address, BlockEvent, BlockMap, scan_tracked};
+use bulwark_blockdiff::{Address, BlockEvent, BlockMap, Entry, scan_tracked};
 use bulwark_snapshot::{Changes, DiskSource, PreviousDisk};
 use bulwark_vault::{
     DiskRecord, DiskStats, Lease, LeaseKind, ManifestRef, PutBlock, RecoveryPoint, Vault,
@@ -55,12 +55,27 @@ async fn transfer_leased(
         previous = previous.as_ref().map(|p| p.id.as_str()),
         "transfer"
     );
+    // Blocks `verify` found damaged or missing: never reused unread, healed from the disk.
+    let bad: BTreeMap<Address, String> = vault
+        .known_bad_blocks()
+        .await?
+        .into_iter()
+        .map(|(a, r)| (a, format!("{} ({})", r.key, r.why)))
+        .collect();
+    if !bad.is_empty() {
+        tracing::warn!(
+            blocks = bad.len(),
+            "the vault has blocks known bad: this backup re-reads them"
+        );
+    }
     let job = DiskJob {
         vault,
         vm: &req.vm,
         point,
         upload_concurrency: req.upload_concurrency,
         observer: req.observer.as_ref(),
+        bad: Mutex::new(bad),
+        check_known: req.check_known,
     };
     let transfers = snapped.sources.iter().map(|source| {
         let prev = previous
@@ -71,6 +86,7 @@ async fn transfer_leased(
     });
     let results = futures::future::try_join_all(transfers).await?;
     let (disks, reports): (Vec<_>, Vec<_>) = results.into_iter().unzip();
+    job.refuse_known_bad(&disks).await?;
     let rp = RecoveryPoint {
         id: point.to_string(),
         vm: req.vm.clone(),
@@ -112,6 +128,10 @@ struct DiskJob<'a> {
     point: &'a str,
     upload_concurrency: usize,
     observer: &'a dyn Observer,
+    /// Blocks known bad (address → key and why), less those this job healed.
+    bad: Mutex<BTreeMap<Address, String>>,
+    /// HEAD each block of the previous map before reusing it.
+    check_known: bool,
 }
 
 /// What the previous point gives a disk's transfer.
@@ -200,6 +220,9 @@ impl DiskJob<'_> {
                 return Ok(Baseline::default());
             }
         };
+        if self.check_known {
+            self.check_addresses(&map).await?;
+        }
         let previous = PreviousDisk {
             point: p.id.clone(),
             manifest_digest: d.manifest_digest.clone(),
@@ -215,12 +238,94 @@ impl DiskJob<'_> {
                 (Vec::new(), Some(format!("change tracking failed: {e}")))
             }
         };
+        let (map, unchanged) = self.without_bad(map, unchanged)?;
         Ok(Baseline {
             point: Some(p.id.clone()),
             map: Some(Arc::new(map)),
             unchanged,
             unknown,
         })
+    }
+
+    /// `--check-known`: HEADs every distinct block of `map`; a missing one joins the
+    /// known-bad set (it is read from the disk again and stored anew).
+    async fn check_addresses(&self, map: &BlockMap) -> Result<(), Error> {
+        let distinct: HashSet<Address> = map.addresses().copied().collect();
+        let mut heads = futures::stream::iter(distinct)
+            .map(|a| async move { (a, self.vault.has_block(&a).await) })
+            .buffer_unordered(self.vault.concurrency());
+        while let Some((a, r)) = heads.next().await {
+            if !r? {
+                tracing::warn!(block = %a.to_hex(), "a block of the previous point is missing from the vault");
+                if let Ok(mut bad) = self.bad.lock() {
+                    bad.entry(a).or_insert_with(|| {
+                        format!("blocks/{}/{} (missing)", &a.to_hex()[..2], a.to_hex())
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The previous map and the ranges known unchanged, with every block known bad taken out
+    /// of both: such a block is read again, and its data re-stored when it still matches.
+    fn without_bad(
+        &self,
+        map: BlockMap,
+        unchanged: Vec<std::ops::Range<u64>>,
+    ) -> Result<(BlockMap, Vec<std::ops::Range<u64>>), Error> {
+        let bad = self.bad.lock().map(|b| b.clone()).unwrap_or_default();
+        let bs = map.block_size();
+        let mut holes = Vec::new();
+        let entries: Vec<Entry> = map
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e {
+                Entry::Data { address, .. } if bad.contains_key(address) => {
+                    let start = i as u64 * bs.bytes();
+                    holes.push(start..start + map.block_len(i as u64));
+                    // No previous entry: the block is read and hashed like a new one.
+                    Entry::Zero
+                }
+                e => *e,
+            })
+            .collect();
+        if holes.is_empty() {
+            return Ok((map, unchanged));
+        }
+        tracing::info!(blocks = holes.len(), "re-reading blocks known bad");
+        let map = BlockMap::new(bs, map.disk_size(), entries).map_err(|source| Error::Scan {
+            disk: "previous map".into(),
+            source,
+        })?;
+        Ok((map, cut_ranges(unchanged, &holes)))
+    }
+
+    /// Fails when a manifest of this job still references a block known bad (its data was
+    /// not on the disk any more): such a point is never committed.
+    async fn refuse_known_bad(&self, disks: &[DiskRecord]) -> Result<(), Error> {
+        let bad = self.bad.lock().map(|b| b.clone()).unwrap_or_default();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        for d in disks {
+            let m = ManifestRef {
+                vm: self.vm,
+                disk: &d.name,
+                point: self.point,
+            };
+            let map = self.vault.get_manifest(&m, &d.manifest_digest).await?;
+            let hits: std::collections::BTreeSet<&Address> =
+                map.addresses().filter(|a| bad.contains_key(*a)).collect();
+            if !hits.is_empty() {
+                return Err(Error::KnownBad {
+                    what: format!("VM {} point {} disk {}", self.vm, self.point, d.name),
+                    blocks: hits.into_iter().map(|a| bad[a].clone()).collect(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Scans the source and stores every changed block the vault does not hold yet; returns
@@ -239,7 +344,8 @@ impl DiskJob<'_> {
             disk: name.to_string(),
             source,
         };
-        // Blocks known to be in the vault: those of the previous map, and those stored here.
+        // Blocks known to be in the vault: those of the previous map (bad ones were taken out
+        // of it), and those stored here.
         let known: Arc<Mutex<HashSet<Address>>> = Arc::new(Mutex::new(
             baseline
                 .map
@@ -282,31 +388,74 @@ impl DiskJob<'_> {
         Ok((map, stats))
     }
 
-    /// Stores a changed block unless the vault holds it already.
+    /// Stores a changed block unless the vault holds it already (a block known bad is
+    /// stored anew: `true` beside the outcome says it was healed).
     async fn store(
         &self,
         ev: &BlockEvent,
         known: &Mutex<HashSet<Address>>,
-    ) -> Result<Option<PutBlock>, Error> {
+    ) -> Result<Option<(PutBlock, bool)>, Error> {
         let BlockEvent::Changed { address, data, .. } = ev else {
             return Ok(None);
         };
         if known.lock().map(|k| k.contains(address)).unwrap_or(false) {
-            return Ok(Some(PutBlock {
-                existed: true,
-                stored_bytes: 0,
-            }));
+            return Ok(Some((
+                PutBlock {
+                    existed: true,
+                    stored_bytes: 0,
+                },
+                false,
+            )));
+        }
+        let is_bad = self.bad.lock().map(|b| b.contains_key(address)).unwrap_or(false);
+        if is_bad {
+            // The disk still holds the block's data: store it over the damaged object (or in
+            // place of the missing one), read back verified, and clear its record.
+            let stored = self.vault.repair_block(*address, data.clone()).await?;
+            tracing::info!(block = %address.to_hex(), "healed a block known bad");
+            if let Ok(mut b) = self.bad.lock() {
+                b.remove(address);
+            }
+            if let Ok(mut k) = known.lock() {
+                k.insert(*address);
+            }
+            return Ok(Some((
+                PutBlock {
+                    existed: false,
+                    stored_bytes: stored,
+                },
+                true,
+            )));
         }
         let r = self.vault.put_block(*address, data.clone()).await?;
         if let Ok(mut k) = known.lock() {
             k.insert(*address);
         }
-        Ok(Some(r))
+        Ok(Some((r, false)))
     }
 }
 
+/// `ranges` less every range of `holes`.
+fn cut_ranges(
+    ranges: Vec<std::ops::Range<u64>>,
+    holes: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let mut out = ranges;
+    for h in holes {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let left = r.start..r.end.min(h.start);
+                let right = r.start.max(h.end)..r.end;
+                [left, right].into_iter().filter(|x| x.start < x.end)
+            })
+            .collect();
+    }
+    out
+}
+
 /// Adds one block's outcome to the disk's statistics.
-fn count(stats: &mut DiskStats, ev: &BlockEvent, put: Option<PutBlock>, len: u64) {
+fn count(stats: &mut DiskStats, ev: &BlockEvent, put: Option<(PutBlock, bool)>, len: u64) {
     match ev {
         BlockEvent::Zero { hole, .. } => {
             stats.zero_blocks += 1;
@@ -328,7 +477,10 @@ fn count(stats: &mut DiskStats, ev: &BlockEvent, put: Option<PutBlock>, len: u64
             stats.changed_blocks += 1;
             stats.bytes_read += len;
             stats.bytes_changed += len;
-            if let Some(o) = put {
+            if let Some((o, healed)) = put {
+                if healed {
+                    stats.blocks_healed += 1;
+                }
                 if o.existed {
                     stats.blocks_deduplicated += 1;
                 } else {

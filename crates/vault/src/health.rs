@@ -56,6 +56,26 @@ pub struct BadBlock {
     pub points: Vec<String>,
     /// How many points need it in all.
     pub points_total: usize,
+    /// The disks (`vm/point/disk`) that need it, at most [`MAX_POINTS_PER_RECORD`].
+    #[serde(default)]
+    pub disks: Vec<String>,
+}
+
+impl BadBlock {
+    /// The disks of point `vm`/`id` that need this block (names only).
+    pub fn disks_of(&self, vm: &str, id: &str) -> Vec<&str> {
+        let prefix = format!("{vm}/{id}/");
+        self.disks
+            .iter()
+            .filter_map(|d| d.strip_prefix(&prefix))
+            .collect()
+    }
+
+    /// Whether this record names point `vm`/`id`.
+    pub fn names_point(&self, vm: &str, id: &str) -> bool {
+        let name = format!("{vm}/{id}");
+        self.points.iter().any(|p| *p == name)
+    }
 }
 
 fn record_key(address: &Address) -> ObjPath {
@@ -89,6 +109,12 @@ impl Vault {
                     .cloned()
                     .collect(),
                 points_total: p.points.len(),
+                disks: p
+                    .disks
+                    .iter()
+                    .take(MAX_POINTS_PER_RECORD)
+                    .cloned()
+                    .collect(),
             };
             let json =
                 serde_json::to_vec_pretty(&record).map_err(|e| Error::Worker(e.to_string()))?;
@@ -139,16 +165,65 @@ impl Vault {
                 found: Timestamp::UNIX_EPOCH,
                 points: Vec::new(),
                 points_total: 0,
+                disks: Vec::new(),
             });
             out.insert(address, record);
         }
         Ok(out)
     }
 
+    /// Reads again every recorded block that `still_bad` does not name (a verify that just
+    /// found those bad), and removes the record of each that now reads back verified (healed
+    /// meanwhile). Returns how many records were removed.
+    pub async fn clear_healed_records(
+        &self,
+        still_bad: &std::collections::BTreeSet<Address>,
+    ) -> Result<usize, Error> {
+        let mut cleared = 0;
+        for address in self.known_bad_blocks().await?.into_keys() {
+            if still_bad.contains(&address) || self.get_block(address).await.is_err() {
+                continue;
+            }
+            self.remove_bad_record(&address).await?;
+            cleared += 1;
+        }
+        Ok(cleared)
+    }
+
+    async fn remove_bad_record(&self, address: &Address) -> Result<(), Error> {
+        let record = record_key(address);
+        match self.store.delete(&record).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(&record, e)),
+        }
+    }
+
+    /// [`Vault::list_points`], with the damage recorded by `verify`: for each point that needs
+    /// a block known bad, the records of those blocks (`"vm/point"` → records).
+    pub async fn list_points_with_health(
+        &self,
+        vm: Option<&str>,
+    ) -> Result<crate::PointList, Error> {
+        let mut list = self.list_points(vm).await?;
+        let bad = self.known_bad_blocks().await?;
+        for p in &list.points {
+            let damage: Vec<BadBlock> = bad
+                .values()
+                .filter(|b| b.names_point(&p.vm, &p.id))
+                .cloned()
+                .collect();
+            if !damage.is_empty() {
+                list.damaged.insert(format!("{}/{}", p.vm, p.id), damage);
+            }
+        }
+        Ok(list)
+    }
+
     /// Stores `data` again under its address, over a damaged object (or in place of a
     /// missing one), reads it back verified, and removes the bad-block record. `data` must
     /// be the block's content: its address is checked first, so wrong data is refused.
-    pub async fn repair_block(&self, address: Address, data: Bytes) -> Result<(), Error> {
+    /// Returns the stored bytes written.
+    pub async fn repair_block(&self, address: Address, data: Bytes) -> Result<u64, Error> {
         let key = block_key(&address);
         if self.address_of(&data) != address {
             return Err(Error::Corrupt {
@@ -162,6 +237,7 @@ impl Vault {
         let sealed =
             crate::blocking(move || this.seal(Kind::Block, &k2, &data, level, Some(address.0)))
                 .await??;
+        let stored = sealed.bytes.len() as u64;
         crate::retry::retry(&self.retry, key.as_ref(), |_| {
             let bytes = Bytes::from(sealed.bytes.clone());
             let key = &key;
@@ -170,11 +246,8 @@ impl Vault {
         .await
         .map_err(|e| Error::store(&key, e))?;
         self.get_block(address).await?;
-        let record = record_key(&address);
-        match self.store.delete(&record).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::store(&record, e)),
-        }
+        self.remove_bad_record(&address).await?;
+        Ok(stored)
     }
 }
 

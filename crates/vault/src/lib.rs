@@ -130,6 +130,9 @@ pub struct PointList {
     pub points: Vec<RecoveryPoint>,
     /// Point objects that failed to load, with the error.
     pub broken: Vec<(String, Error)>,
+    /// Points (`vm/point`) that need blocks `verify` recorded as bad, with those records
+    /// (filled by [`Vault::list_points_with_health`] only).
+    pub damaged: BTreeMap<String, Vec<health::BadBlock>>,
 }
 
 /// A vault: the object store plus its configuration.

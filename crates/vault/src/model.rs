@@ -208,6 +208,10 @@ pub struct DiskStats {
     pub blocks_deduplicated: u64,
     /// Blocks uploaded.
     pub blocks_uploaded: u64,
+    /// Blocks the vault held damaged or not at all (recorded by `verify`, or found missing),
+    /// read from the disk again and stored anew.
+    #[serde(default)]
+    pub blocks_healed: u64,
     /// Plain bytes of the blocks uploaded.
     pub bytes_new: u64,
     /// Stored bytes uploaded (after compression), blocks and manifest.

@@ -44,7 +44,19 @@ fn broken_json(broken: &[(String, Error)]) -> Vec<Value> {
 impl PointList {
     /// `{"points": [...], "broken": [{"key", "error"}]}`.
     pub fn to_json(&self) -> Value {
-        json!({"points": self.points, "broken": broken_json(&self.broken)})
+        let damaged: serde_json::Map<String, Value> = self
+            .damaged
+            .iter()
+            .map(|(point, records)| {
+                let (vm, id) = point.split_once('/').unwrap_or((point, ""));
+                let needs: Vec<_> = records
+                    .iter()
+                    .map(|r| json!({"key": r.key, "why": r.why, "disks": r.disks_of(vm, id)}))
+                    .collect();
+                (point.clone(), Value::Array(needs))
+            })
+            .collect();
+        json!({"points": self.points, "broken": broken_json(&self.broken), "damaged": damaged})
     }
 }
 
@@ -62,6 +74,15 @@ impl fmt::Display for PointList {
                 when(p.created),
                 disks.join(",")
             )?;
+            for r in self.damaged.get(&format!("{vm}/{id}")).into_iter().flatten() {
+                let on = r.disks_of(vm, id).join(",");
+                let on = if on.is_empty() { "?".into() } else { on };
+                writeln!(
+                    f,
+                    "  BROKEN: disk {on} needs {} ({}); a backup of the disk heals it",
+                    r.key, r.why
+                )?;
+            }
         }
         self.broken
             .iter()
@@ -101,7 +122,7 @@ impl VerifyReport {
         let problems: Vec<_> = self
             .problems
             .iter()
-            .map(|p| json!({"key": p.key, "error": p.message, "points": p.points}))
+                        .map(|p| json!({"key": p.key, "error": p.message, "points": p.points, "disks": p.disks}))
             .collect();
         json!({
             "ok": self.is_ok(), "points": self.points, "manifests": self.manifests,

@@ -16,6 +16,8 @@ pub struct Problem {
     pub message: String,
     /// The points (`vm/point`) that cannot be restored because of it.
     pub points: Vec<String>,
+    /// The disks (`vm/point/disk`) that need it (for a block; empty otherwise).
+    pub disks: Vec<String>,
 }
 
 /// The result of [`Vault::verify`].
@@ -72,10 +74,11 @@ impl Vault {
                 key: key.clone(),
                 message: e.to_string(),
                 points: vec![point],
+                disks: Vec::new(),
             });
         }
-        // Which points need which block.
-        let mut blocks: BTreeMap<Address, Vec<String>> = BTreeMap::new();
+        // Which points, and which of their disks, need which block.
+        let mut blocks: BTreeMap<Address, (Vec<String>, Vec<String>)> = BTreeMap::new();
         for p in &list.points {
             let name = format!("{}/{}", p.vm, p.id);
             for d in &p.disks {
@@ -96,17 +99,23 @@ impl Vault {
                                     d.size
                                 ),
                                 points: vec![name.clone()],
+                                disks: vec![format!("{name}/{}", d.name)],
                             });
                         }
                         let mine: BTreeSet<Address> = map.addresses().copied().collect();
                         for a in mine {
-                            blocks.entry(a).or_default().push(name.clone());
+                            let (points, disks) = blocks.entry(a).or_default();
+                            if points.last() != Some(&name) {
+                                points.push(name.clone());
+                            }
+                            disks.push(format!("{name}/{}", d.name));
                         }
                     }
                     Err(e) => report.problems.push(Problem {
                         key: m.to_string(),
                         message: e.to_string(),
                         points: vec![name.clone()],
+                        disks: vec![format!("{name}/{}", d.name)],
                     }),
                 }
             }
@@ -115,12 +124,12 @@ impl Vault {
         let mut done = 0u64;
         progress(0, total);
         let mut results = futures::stream::iter(blocks)
-            .map(|(address, points)| async move {
+            .map(|(address, needed)| async move {
                 let r = self.get_block(address).await;
-                (address, points, r)
+                (address, needed, r)
             })
             .buffer_unordered(self.concurrency());
-        while let Some((address, points, r)) = results.next().await {
+        while let Some((address, (points, disks), r)) = results.next().await {
             done += 1;
             progress(done, total);
             match r {
@@ -132,6 +141,7 @@ impl Vault {
                     key: block_key(&address).to_string(),
                     message: e.to_string(),
                     points,
+                    disks,
                 }),
             }
         }
