@@ -45,6 +45,8 @@ pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, r
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
+/// The cancellation handle of [`BackupRequest::cancel`] (tokio-util's).
+pub use tokio_util::sync::CancellationToken;
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +119,16 @@ pub enum Error {
     /// levels asked for are contradictory.
     #[error(transparent)]
     Consistency(#[from] bulwark_consistency::Error),
+    /// The job was cancelled through [`BackupRequest::cancel`]: it stopped at a safe point
+    /// (after the thaw, before the commit), released its snapshots as failed and committed
+    /// nothing.
+    #[error("VM {vm}: backup cancelled ({at})")]
+    Cancelled {
+        /// The VM.
+        vm: String,
+        /// Where it stopped.
+        at: String,
+    },
 }
 
 /// A phase of a backup job, as [`Observer::phase`] reports it.

@@ -31,7 +31,11 @@ pub(crate) async fn transfer(
 ) -> Result<(BackupReport, RecoveryPoint), Error> {
     let holder = format!("backup of VM {}", req.vm);
     let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease).await?;
-    let r = transfer_leased(vault, req, point, created, snapped, started, &lease).await;
+    let r = if req.cancel.is_cancelled() {
+        Err(cancelled(req, "before the transfer"))
+    } else {
+        transfer_leased(vault, req, point, created, snapped, started, &lease).await
+    };
     if let Err(e) = lease.release().await {
         tracing::warn!(error = %e, "cannot release the backup lease; it will expire");
     }
@@ -61,6 +65,7 @@ async fn transfer_leased(
         point,
         upload_concurrency: req.upload_concurrency,
         observer: req.observer.as_ref(),
+        cancel: &req.cancel,
     };
     let transfers = snapped.sources.iter().map(|source| {
         let prev = previous
@@ -81,6 +86,10 @@ async fn transfer_leased(
         policy: req.policy.clone(),
         agent: snapped.agent.clone(),
     };
+    // The last safe point: a cancel that came during the manifests commits nothing.
+    if req.cancel.is_cancelled() {
+        return Err(cancelled(req, "before the commit"));
+    }
     // Blocks this job found in the vault are safe only while GC is kept out: the commit runs
     // under the lease, with a deadline no retry can outlive.
     vault.commit_point_held(lease, &rp).await?;
@@ -105,6 +114,14 @@ async fn transfer_leased(
     Ok((report, rp))
 }
 
+fn cancelled(req: &BackupRequest, at: &str) -> Error {
+    tracing::warn!(at, "backup cancelled: nothing is committed");
+    Error::Cancelled {
+        vm: req.vm.clone(),
+        at: at.to_string(),
+    }
+}
+
 /// What every disk of one job shares.
 struct DiskJob<'a> {
     vault: &'a Vault,
@@ -112,6 +129,7 @@ struct DiskJob<'a> {
     point: &'a str,
     upload_concurrency: usize,
     observer: &'a dyn Observer,
+    cancel: &'a tokio_util::sync::CancellationToken,
 }
 
 /// What the previous point gives a disk's transfer.
@@ -271,7 +289,20 @@ impl DiskJob<'_> {
                 })
                 .buffered(self.upload_concurrency.max(1))
         );
-        while let Some(r) = stored.next().await {
+        loop {
+            // Between blocks is a safe point: what was stored stays unreferenced until GC.
+            let next = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => None,
+                n = stored.next() => Some(n),
+            };
+            let Some(next) = next else {
+                return Err(Error::Cancelled {
+                    vm: self.vm.to_string(),
+                    at: format!("during the transfer of disk {name}"),
+                });
+            };
+            let Some(r) = next else { break };
             let (ev, put) = r?;
             let len = bs.block_len(size, ev.index());
             count(&mut stats, &ev, put, len);
