@@ -37,12 +37,14 @@ const RANKS: &[(&str, u32)] = &[
     // Jobs, then the scheduler over them.
     ("bulwark-controller", 6),
     ("bulwark-daemon", 7),
+    // Front ends over the daemon and the jobs (the HTTP API and console).
+    ("bulwark-http", 8),
     // Thin binaries.
-    ("bulwark-controller-bin", 8),
-    ("bulwark-agent-bin", 8),
+    ("bulwark-controller-bin", 9),
+    ("bulwark-agent-bin", 9),
     // The test kit (the root package): it may use everything in its dev-dependencies, which
     // this test does not check; its normal dependencies must be no Bulwark crate.
-    ("bulwark-tests", 9),
+    ("bulwark-tests", 10),
 ];
 
 /// Guest-side crates and the only workspace packages that may depend on them.

@@ -25,10 +25,26 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct JobsCmd {
+    #[command(subcommand)]
+    pub command: Option<JobsSub>,
+    #[command(flatten)]
+    pub list: JobsArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobsSub {
+    /// Cancel a running job through the daemon's API: it stops at its next safe point
+    /// (snapshots released, nothing committed) and is recorded Cancelled.
+    Cancel(crate::api_cmd::CancelArgs),
+}
+
+#[derive(Debug, Args)]
 pub struct JobsArgs {
     /// The daemon's state directory (state_dir in its configuration).
     #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     /// Only this VM's jobs.
     #[arg(long)]
     vm: Option<String>,
@@ -65,6 +81,18 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     };
     let server = Server::open(&config, options).await?;
     eprint!("{server}");
+    // The API is bound before any job runs: a taken port or a bad certificate stops here.
+    let _api = match &config.http {
+        Some(http) => {
+            let api = bulwark_http::Api::bind(server.handles(), http).await?;
+            let scheme = if api.is_tls() { "https" } else { "http" };
+            if let Some(addr) = api.local_addr() {
+                eprintln!("http API on {scheme}://{addr}");
+            }
+            Some(AbortOnDrop(tokio::spawn(api.serve())))
+        }
+        None => None,
+    };
     let (vms, pid, state) = (
         config.vms.len(),
         std::process::id(),
@@ -76,9 +104,21 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Stops the API's task when `serve` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `jobs`: the daemon's job history.
 pub fn jobs(a: JobsArgs) -> Result<()> {
-    let jobs = History::open_read_only(&a.state_dir)?.jobs(a.vm.as_deref(), a.limit)?;
+    let Some(state_dir) = &a.state_dir else {
+        anyhow::bail!("--state-dir is required (the daemon's state_dir)");
+    };
+    let jobs = History::open_read_only(state_dir)?.jobs(a.vm.as_deref(), a.limit)?;
     let lines: Vec<String> = jobs.iter().map(ToString::to_string).collect();
     let value = serde_json::json!({ "jobs": jobs });
     crate::ui::show(

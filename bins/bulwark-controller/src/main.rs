@@ -2,6 +2,7 @@
 //! `bulwark-controller` library.
 
 mod agent_cmd;
+mod api_cmd;
 mod daemon_cmd;
 mod export_cmd;
 mod files_cmd;
@@ -64,8 +65,13 @@ enum Command {
     Demo(ui::DemoArgs),
     /// Run the scheduled daemon: back up each configured VM at its policy's times.
     Serve(daemon_cmd::ServeArgs),
-    /// Show the daemon's job history.
-    Jobs(daemon_cmd::JobsArgs),
+    /// Show the daemon's job history (or `jobs cancel ID`: cancel a running job).
+    Jobs(daemon_cmd::JobsCmd),
+    /// Ask the running daemon to back up a VM now (through its HTTP API).
+    RunNow(api_cmd::RunNowArgs),
+    /// API tokens for the daemon's HTTP API.
+    #[command(subcommand)]
+    Token(api_cmd::TokenCommand),
     /// Create and manage the master keys of encrypted vaults.
     #[command(subcommand)]
     Key(keys::KeyCommand),
@@ -311,7 +317,12 @@ async fn run(command: Command) -> Result<ExitCode> {
             return Ok(ui::exit(report.is_ok()));
         }
         Command::Serve(a) => daemon_cmd::serve(a).await?,
-        Command::Jobs(a) => daemon_cmd::jobs(a)?,
+        Command::Jobs(a) => match a.command {
+            Some(daemon_cmd::JobsSub::Cancel(c)) => api_cmd::cancel(c).await?,
+            None => daemon_cmd::jobs(a.list)?,
+        },
+        Command::RunNow(a) => api_cmd::run_now(a).await?,
+        Command::Token(a) => api_cmd::token(a)?,
         Command::Key(a) => keys::run(a)?,
         Command::Enroll(a) => agent_cmd::enroll(a)?,
         Command::Prune(a) => retention_cmd::prune(a).await?,

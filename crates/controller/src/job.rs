@@ -64,6 +64,12 @@ pub struct BackupRequest {
     pub check_known: bool,
     /// Progress and phase events.
     pub observer: Arc<dyn Observer>,
+    /// Cancels the job when triggered. The job stops at its next safe point: never inside
+    /// the quiesce/snapshot/thaw sequence (the guest is always thawed first), between blocks
+    /// of the transfer, and at the latest just before the commit. A cancelled job commits no
+    /// point, releases its snapshots as failed (change tracking keeps the previous base) and
+    /// returns [`Error::Cancelled`].
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 impl BackupRequest {
@@ -80,6 +86,7 @@ impl BackupRequest {
             lease: LeaseOptions::default().waiting(std::time::Duration::from_secs(600)),
             check_known: false,
             observer: Arc::new(NoObserver),
+            cancel: tokio_util::sync::CancellationToken::new(),
         }
     }
 }
@@ -173,6 +180,14 @@ async fn run(req: &BackupRequest, vault: &Vault, started: Instant) -> Result<Bac
         }
     };
     observer.phase(Phase::Snapshot, PhaseEvent::Completed);
+    if req.cancel.is_cancelled() {
+        tracing::warn!("cancelled after the snapshot: nothing is transferred");
+        release(snapped.sources, None, false).await;
+        return Err(crate::Error::Cancelled {
+            vm: req.vm.clone(),
+            at: "after the snapshot, before the transfer".into(),
+        });
+    }
     let kept = req
         .keep_snapshots
         .as_ref()

@@ -48,6 +48,8 @@ pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOpti
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
 pub use verify::{HealthUpdate, verify};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
+/// The cancellation handle of [`BackupRequest::cancel`] (tokio-util's).
+pub use tokio_util::sync::CancellationToken;
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +137,16 @@ pub enum Error {
     /// Serving a point's disk failed.
     #[error(transparent)]
     Recovery(#[from] bulwark_recovery::Error),
+    /// The job was cancelled through [`BackupRequest::cancel`]: it stopped at a safe point
+    /// (after the thaw, before the commit), released its snapshots as failed and committed
+    /// nothing.
+    #[error("VM {vm}: backup cancelled ({at})")]
+    Cancelled {
+        /// The VM.
+        vm: String,
+        /// Where it stopped.
+        at: String,
+    },
 }
 
 /// A phase of a backup job, as [`Observer::phase`] reports it.

@@ -31,7 +31,11 @@ pub(crate) async fn transfer(
 ) -> Result<(BackupReport, RecoveryPoint), Error> {
     let holder = format!("backup of VM {}", req.vm);
     let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease).await?;
-    let r = transfer_leased(vault, req, point, created, snapped, started, &lease).await;
+    let r = if req.cancel.is_cancelled() {
+        Err(cancelled(req, "before the transfer"))
+    } else {
+        transfer_leased(vault, req, point, created, snapped, started, &lease).await
+    };
     if let Err(e) = lease.release().await {
         tracing::warn!(error = %e, "cannot release the backup lease; it will expire");
     }
@@ -76,6 +80,7 @@ async fn transfer_leased(
         observer: req.observer.as_ref(),
         bad: Mutex::new(bad),
         check_known: req.check_known,
+        cancel: &req.cancel,
     };
     let transfers = snapped.sources.iter().map(|source| {
         let prev = previous
@@ -97,6 +102,10 @@ async fn transfer_leased(
         policy: req.policy.clone(),
         agent: snapped.agent.clone(),
     };
+    // The last safe point: a cancel that came during the manifests commits nothing.
+    if req.cancel.is_cancelled() {
+        return Err(cancelled(req, "before the commit"));
+    }
     // Blocks this job found in the vault are safe only while GC is kept out: the commit runs
     // under the lease, with a deadline no retry can outlive.
     vault.commit_point_held(lease, &rp).await?;
@@ -121,6 +130,14 @@ async fn transfer_leased(
     Ok((report, rp))
 }
 
+fn cancelled(req: &BackupRequest, at: &str) -> Error {
+    tracing::warn!(at, "backup cancelled: nothing is committed");
+    Error::Cancelled {
+        vm: req.vm.clone(),
+        at: at.to_string(),
+    }
+}
+
 /// What every disk of one job shares.
 struct DiskJob<'a> {
     vault: &'a Vault,
@@ -132,6 +149,7 @@ struct DiskJob<'a> {
     bad: Mutex<BTreeMap<Address, String>>,
     /// HEAD each block of the previous map before reusing it.
     check_known: bool,
+    cancel: &'a tokio_util::sync::CancellationToken,
 }
 
 /// What the previous point gives a disk's transfer.
@@ -377,7 +395,20 @@ impl DiskJob<'_> {
                 })
                 .buffered(self.upload_concurrency.max(1))
         );
-        while let Some(r) = stored.next().await {
+        loop {
+            // Between blocks is a safe point: what was stored stays unreferenced until GC.
+            let next = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => None,
+                n = stored.next() => Some(n),
+            };
+            let Some(next) = next else {
+                return Err(Error::Cancelled {
+                    vm: self.vm.to_string(),
+                    at: format!("during the transfer of disk {name}"),
+                });
+            };
+            let Some(r) = next else { break };
             let (ev, put) = r?;
             let len = bs.block_len(size, ev.index());
             count(&mut stats, &ev, put, len);

@@ -16,6 +16,17 @@
 //! tls_dir = "/etc/bulwark/ca/controller" # the controller's identity from `enroll` (for tcp agents)
 //! runtime_dir = "/run/bulwark"          # private directory for the NBD sockets of QEMU's exports
 //!
+//! [http]                                # the HTTP API, metrics and console (optional)
+//! listen = "127.0.0.1:8470"             # not loopback: tls_cert and tls_key are required
+//! # tls_cert = "/etc/bulwark/http.pem"  # PEM certificate chain, served through rustls
+//! # tls_key = "/etc/bulwark/http.key"   # PEM private key
+//! # overdue_grace_seconds = 3600        # overdue: a run passed this long ago, no success since
+//! # tokens from `bulwark-controller token create --scope read|operator`: only their SHA-256
+//! # [[http.token]]
+//! # name = "ops"
+//! # scope = "operator"                  # read: resources only; operator: also actions
+//! # sha256 = "9f86d08...64 hex digits"
+//!
 //! [[vm]]
 //! name = "web01"
 //! disks = [
@@ -111,6 +122,52 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     /// The VMs, in file order.
     pub vms: Vec<VmConfig>,
+    /// The HTTP API (`[http]`), if configured.
+    pub http: Option<HttpConfig>,
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Read every resource; no action.
+    Read,
+    /// Read, and run actions (run now, cancel, verify, prune, restore).
+    Operator,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Read => "read",
+            Scope::Operator => "operator",
+        })
+    }
+}
+
+/// An API token as the configuration stores it: its SHA-256, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    /// A name for logs.
+    pub name: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// SHA-256 of the token, 32 bytes.
+    pub sha256: [u8; 32],
+}
+
+/// The `[http]` section.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain and key for TLS (both or neither; required off loopback).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The accepted tokens.
+    pub tokens: Vec<ApiToken>,
+    /// A VM is overdue when a scheduled run passed more than this long ago with no successful
+    /// job since (`overdue_grace_seconds`, default 3600).
+    pub overdue_grace: Duration,
 }
 
 /// One VM of the configuration.
@@ -159,6 +216,26 @@ struct RawConfig {
     runtime_dir: Option<PathBuf>,
     #[serde(default)]
     vm: Vec<Spanned<RawVm>>,
+    http: Option<Spanned<RawHttp>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: String,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    overdue_grace_seconds: Option<u64>,
+    #[serde(default)]
+    token: Vec<Spanned<RawToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    scope: Scope,
+    sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,9 +303,11 @@ impl Config {
             }
             vms.push(cx.vm(vm, settings.tls_dir.as_deref())?);
         }
+        let http = raw.http.as_ref().map(|h| cx.http(h)).transpose()?;
         Ok(Config {
             file: path.to_path_buf(),
             vms,
+            http,
             ..settings
         })
     }
@@ -324,6 +403,71 @@ impl Parse<'_> {
                 h => Some(Duration::from_secs(h.saturating_mul(3600))),
             },
             vms: Vec::new(),
+            http: None,
+        })
+    }
+
+    /// The `[http]` section: a socket address, TLS files off loopback, well-formed tokens.
+    fn http(&self, h: &Spanned<RawHttp>) -> Result<HttpConfig, Error> {
+        let line = Some(self.line(h.span().start));
+        let h = h.get_ref();
+        let listen: std::net::SocketAddr = h.listen.parse().map_err(|e| {
+            let why = format!("http.listen {:?}: {e} (want IP:PORT)", h.listen);
+            self.err(line, why)
+        })?;
+        let tls = match (&h.tls_cert, &h.tls_key) {
+            (Some(c), Some(k)) => Some((self.resolve(c), self.resolve(k))),
+            (None, None) => None,
+            _ => {
+                let why = "http: tls_cert and tls_key go together";
+                return Err(self.err(line, why.into()));
+            }
+        };
+        if tls.is_none() && !listen.ip().is_loopback() {
+            let why = format!(
+                "http.listen {listen} is not a loopback address: set tls_cert and tls_key (the API is served over TLS off this host)"
+            );
+            return Err(self.err(line, why));
+        }
+        let mut tokens: Vec<ApiToken> = Vec::new();
+        for t in &h.token {
+            let tline = Some(self.line(t.span().start));
+            let t = t.get_ref();
+            if t.name.trim().is_empty() || tokens.iter().any(|o| o.name == t.name) {
+                let why = format!(
+                    "http.token {:?}: names must be unique and not empty",
+                    t.name
+                );
+                return Err(self.err(tline, why));
+            }
+            let mut sha256 = [0u8; 32];
+            let hex = t.sha256.trim();
+            let ok = hex.len() == 64
+                && hex.is_ascii()
+                && sha256.iter_mut().enumerate().all(|(i, b)| {
+                    hex.get(2 * i..2 * i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .map(|v| *b = v)
+                        .is_some()
+                });
+            if !ok {
+                let why = format!(
+                    "http.token {:?}: sha256 must be 64 hex digits (from `bulwark-controller token create`)",
+                    t.name
+                );
+                return Err(self.err(tline, why));
+            }
+            tokens.push(ApiToken {
+                name: t.name.clone(),
+                scope: t.scope,
+                sha256,
+            });
+        }
+        Ok(HttpConfig {
+            listen,
+            tls,
+            tokens,
+            overdue_grace: Duration::from_secs(h.overdue_grace_seconds.unwrap_or(3600)),
         })
     }
 
@@ -777,6 +921,39 @@ schedule_override_seconds = 5
                 "for\n{text}\nwanted {want:?}, got {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn http_section() {
+        let (_dir, cfg) = setup();
+        let hash = "ab".repeat(32);
+        let c = parse(
+            &cfg,
+            &vm_block(&format!(
+                "[http]\nlisten = \"127.0.0.1:8470\"\n[[http.token]]\nname = \"ops\"\nscope = \"operator\"\nsha256 = \"{hash}\"\n"
+            )),
+        )
+        .unwrap();
+        let h = c.http.unwrap();
+        assert_eq!(h.listen.port(), 8470);
+        assert_eq!(h.tokens[0].scope, Scope::Operator);
+        assert_eq!(h.tokens[0].sha256, [0xab; 32]);
+        let e = parse(&cfg, &vm_block("[http]\nlisten = \"0.0.0.0:8470\"\n")).unwrap_err();
+        assert!(e.contains("not a loopback address"), "{e}");
+        let e = parse(&cfg, &vm_block("[http]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(e.contains("want IP:PORT"), "{e}");
+        let e = parse(
+            &cfg,
+            &vm_block("[http]\nlisten = \"127.0.0.1:1\"\n[[http.token]]\nname = \"a\"\nscope = \"read\"\nsha256 = \"xyz\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.contains("64 hex digits"), "{e}");
+        let e = parse(
+            &cfg,
+            &vm_block("[http]\nlisten = \"127.0.0.1:1\"\n[[http.token]]\nname = \"a\"\nscope = \"admin\"\nsha256 = \"\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown variant"), "{e}");
     }
 
     #[test]

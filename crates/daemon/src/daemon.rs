@@ -47,6 +47,7 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::config::{Config, VmConfig};
+use crate::control::{Control, Inbox, JobEnded, RunNowRefused};
 use crate::history::{History, JobEnd, JobState, Phase, PhaseState, Trigger};
 use bulwark_controller::tiers::SnapshotStore;
 use bulwark_controller::{
@@ -302,6 +303,10 @@ pub struct Job {
     pub scheduled: Option<Timestamp>,
     /// The history, for phase updates.
     pub history: History,
+    /// Triggered by [`Control::cancel`]: the job stops at its next safe point.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// The daemon's control handle (live progress).
+    pub control: Control,
 }
 
 /// Runs one job and says how it ended (the daemon records it).
@@ -471,6 +476,12 @@ impl JobRunner for BackupRunner {
                     bytes_new: r.disks.iter().map(|d| d.stats.bytes_new).sum(),
                     bytes_uploaded: r.disks.iter().map(|d| d.stats.bytes_uploaded).sum(),
                     error: None,
+                    freeze_window_ms: r.freeze_window_ms,
+                },
+                Err(e @ Error::Controller(bulwark_controller::Error::Cancelled { .. })) => JobEnd {
+                    state: Some(JobState::Cancelled),
+                    error: Some(e.to_string()),
+                    ..JobEnd::default()
                 },
                 Err(e) => JobEnd {
                     state: Some(JobState::Failed),
@@ -535,7 +546,9 @@ impl BackupRunner {
         req.observer = Arc::new(PhaseRecorder {
             history: job.history.clone(),
             job: job.id,
+            control: job.control.clone(),
         });
+        req.cancel = job.cancel.clone();
         Ok(req)
     }
 }
@@ -545,9 +558,22 @@ impl BackupRunner {
 struct PhaseRecorder {
     history: History,
     job: i64,
+    control: Control,
 }
 
 impl Observer for PhaseRecorder {
+    fn start(&self, item: &str, total: u64) {
+        self.control.disk(self.job, item, |d| d.total = total);
+    }
+
+    fn advance(&self, item: &str, bytes: u64) {
+        self.control.disk(self.job, item, |d| d.done += bytes);
+    }
+
+    fn finish(&self, item: &str) {
+        self.control.disk(self.job, item, |d| d.finished = true);
+    }
+
     fn phase(&self, phase: bulwark_controller::Phase, event: PhaseEvent) {
         let phase = match phase {
             bulwark_controller::Phase::Snapshot => Phase::Snapshot,
@@ -556,6 +582,7 @@ impl Observer for PhaseRecorder {
         let state = match event {
             PhaseEvent::Started => PhaseState::Running,
             PhaseEvent::Completed => PhaseState::Completed,
+            _ if self.control.cancel_requested(self.job) => PhaseState::Cancelled,
             _ => PhaseState::Failed,
         };
         if let Err(e) = self.history.set_phase(self.job, phase, state) {
@@ -612,6 +639,8 @@ pub struct Daemon {
     store: Option<SnapshotStore>,
     maintenance: Option<Arc<dyn Maintenance>>,
     options: DaemonOptions,
+    control: Control,
+    inbox: std::sync::Mutex<Option<Inbox>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -705,6 +734,7 @@ impl Daemon {
         runner: Arc<dyn JobRunner>,
         options: DaemonOptions,
     ) -> Daemon {
+        let (control, inbox) = Control::new();
         Daemon {
             vms: vms.into_iter().map(Arc::new).collect::<Vec<_>>().into(),
             history,
@@ -713,7 +743,35 @@ impl Daemon {
             store: None,
             maintenance: None,
             options,
+            control,
+            inbox: std::sync::Mutex::new(Some(inbox)),
         }
+    }
+
+    /// The control handle: run now, cancel, live progress, job ends.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// A run-now request from the control handle: refused for an unknown VM or one whose
+    /// job is running, else dispatched (trigger `manual`).
+    fn run_now(&self, st: &mut RunState, vm: &str) -> Result<i64, RunNowRefused> {
+        if !self.vms.iter().any(|v| v.name == vm) {
+            return Err(RunNowRefused::UnknownVm(vm.to_string()));
+        }
+        if let Some(job) = st.running.get(vm) {
+            return Err(RunNowRefused::AlreadyRunning {
+                vm: vm.to_string(),
+                job: *job,
+            });
+        }
+        let due = Due {
+            vm: vm.to_string(),
+            scheduled: None,
+            trigger: Trigger::Manual,
+        };
+        self.dispatch(st, due)
+            .ok_or_else(|| RunNowRefused::Failed("see the daemon's log".into()))
     }
 
     /// Expire kept snapshots in `store` at housekeeping.
@@ -728,7 +786,7 @@ impl Daemon {
         self
     }
 
-    fn dispatch(&self, st: &mut RunState, due: Due) {
+    fn dispatch(&self, st: &mut RunState, due: Due) -> Option<i64> {
         let now = self.clock.now();
         if let Some(id) = st.running.get(&due.vm) {
             let reason = format!("the previous job ({id}) of this VM is still running");
@@ -740,11 +798,9 @@ impl Daemon {
                 tracing::error!(error = %e, "cannot record the skipped run");
             }
             st.summary.skipped += 1;
-            return;
+            return None;
         }
-        let Some(vm) = self.vms.iter().find(|v| v.name == due.vm).cloned() else {
-            return;
-        };
+        let vm = self.vms.iter().find(|v| v.name == due.vm).cloned()?;
         let id = match self
             .history
             .start_job(&due.vm, due.trigger, due.scheduled, now)
@@ -752,7 +808,7 @@ impl Daemon {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, vm = %due.vm, "cannot record the job; it does not run");
-                return;
+                return None;
             }
         };
         tracing::info!(vm = %due.vm, job = id, trigger = %due.trigger, scheduled = ?due.scheduled, "job starts");
@@ -762,6 +818,8 @@ impl Daemon {
             trigger: due.trigger,
             scheduled: due.scheduled,
             history: self.history.clone(),
+            cancel: self.control.register(id, &due.vm),
+            control: self.control.clone(),
         };
         let sem = st.sem.clone();
         let runner = self.runner.clone();
@@ -773,6 +831,7 @@ impl Daemon {
         st.ids.insert(handle.id(), (due.vm.clone(), id));
         st.running.insert(due.vm, id);
         st.summary.started += 1;
+        Some(id)
     }
 
     fn reap(
@@ -815,6 +874,21 @@ impl Daemon {
         }
         if st.running.get(&vm) == Some(&id) {
             st.running.remove(&vm);
+        }
+        self.control.unregister(id);
+        match self.history.job(id) {
+            Ok(Some(record)) => self.control.ended(JobEnded {
+                record,
+                freeze_window_ms: end.freeze_window_ms,
+                consistency_wanted: self
+                    .vms
+                    .iter()
+                    .find(|v| v.name == vm)
+                    .map(|v| v.policy.consistency().wanted.to_string())
+                    .unwrap_or_default(),
+            }),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, job = id, "cannot read the ended job back"),
         }
     }
 
@@ -886,6 +960,7 @@ impl Daemon {
             .unwrap_or(SignedDuration::from_hours(1));
         let mut next_house = now.checked_add(interval).unwrap_or(Timestamp::MAX);
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
         loop {
             let wake = sched.next_wake().map_or(next_house, |w| w.min(next_house));
             tokio::select! {
@@ -902,6 +977,11 @@ impl Daemon {
                     }
                     continue;
                 }
+                Some(req) = async { inbox.as_mut()?.recv().await }, if inbox.is_some() => {
+                    let r = self.run_now(&mut st, &req.vm);
+                    let _ = req.reply.send(r);
+                    continue;
+                }
                 _ = self.clock.sleep_until(wake) => {}
             }
             let now = self.clock.now();
@@ -913,6 +993,8 @@ impl Daemon {
                 next_house = now.checked_add(interval).unwrap_or(Timestamp::MAX);
             }
         }
+        // Run-now requests from now on are refused.
+        drop(inbox);
         if !st.tasks.is_empty() {
             tracing::info!(
                 jobs = st.tasks.len(),

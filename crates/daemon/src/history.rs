@@ -180,6 +180,9 @@ pub struct JobEnd {
     pub bytes_uploaded: u64,
     /// Error text.
     pub error: Option<String>,
+    /// How long the guest was frozen (not stored; told to [`crate::control::Control`]
+    /// listeners).
+    pub freeze_window_ms: Option<u64>,
 }
 
 /// The job database. Cheap to clone; all clones share one connection.
@@ -419,17 +422,27 @@ impl History {
 
     /// Jobs, newest first, optionally of one VM, at most `limit`.
     pub fn jobs(&self, vm: Option<&str>, limit: usize) -> Result<Vec<JobRecord>, Error> {
+        self.select(vm, None, limit)
+    }
+
+    fn select(
+        &self,
+        vm: Option<&str>,
+        id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, Error> {
         let c = self.lock();
         let mut stmt = c
             .prepare(
                 "SELECT id, vm, trigger, scheduled_ms, started_ms, ended_ms, snapshot_state,
                         transfer_state, state, point, consistency, consistency_reasons,
                         bytes_read, bytes_new, bytes_uploaded, error
-                 FROM jobs WHERE (?1 IS NULL OR vm = ?1) ORDER BY id DESC LIMIT ?2",
+                 FROM jobs WHERE (?1 IS NULL OR vm = ?1) AND (?3 IS NULL OR id = ?3)
+                 ORDER BY id DESC LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![vm, limit as i64], |r| {
+            .query_map(params![vm, limit.min(i64::MAX as usize) as i64, id], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -497,11 +510,7 @@ impl History {
 
     /// One job by id.
     pub fn job(&self, id: i64) -> Result<Option<JobRecord>, Error> {
-        // Small tables: reuse the list query.
-        Ok(self
-            .jobs(None, usize::MAX >> 1)?
-            .into_iter()
-            .find(|j| j.id == id))
+        Ok(self.select(None, Some(id), 1)?.pop())
     }
 
     /// The latest run time a scheduled or catch-up job of `vm` was recorded for (whatever its
@@ -556,6 +565,7 @@ mod tests {
                 bytes_new: 5,
                 bytes_uploaded: 3,
                 error: None,
+                freeze_window_ms: None,
             },
         )
         .unwrap();

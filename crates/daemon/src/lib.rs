@@ -22,11 +22,12 @@
 //! ```
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod history;
 mod serve;
 
-pub use serve::{Plan, ServeOptions, Server};
+pub use serve::{Handles, Plan, ServeOptions, Server};
 
 use std::path::PathBuf;
 

@@ -85,11 +85,28 @@ impl fmt::Display for Plan<'_> {
     }
 }
 
+/// What a front end (the HTTP API) reads and drives while the daemon runs: the configuration,
+/// the vault, the job history, the kept snapshots and the daemon's control handle.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    /// The configuration the daemon runs.
+    pub config: Arc<Config>,
+    /// The open vault.
+    pub vault: Vault,
+    /// The job history.
+    pub history: History,
+    /// Kept snapshots (instant restore).
+    pub store: SnapshotStore,
+    /// Run now, cancel, live progress, job ends.
+    pub control: crate::control::Control,
+}
+
 /// A daemon ready to run: the state directory locked, the history and the vault open.
 /// Its `Display` says what happened while opening (jobs recovered, vault created).
 #[derive(Debug)]
 pub struct Server {
     daemon: Daemon,
+    handles: Handles,
     _lock: StateLock,
     recovered: usize,
     created: Option<String>,
@@ -127,7 +144,7 @@ impl Server {
             now,
         ));
         let runner = Arc::new(BackupRunner {
-            vault,
+            vault: vault.clone(),
             store: store.clone(),
             provider: config.snapshot_provider,
             upload_concurrency: config.upload_concurrency,
@@ -138,19 +155,32 @@ impl Server {
         daemon_options.run_now = options.run_now;
         let daemon = Daemon::new(
             config.vms.clone(),
-            history,
+            history.clone(),
             Arc::new(SystemClock),
             runner,
             daemon_options,
         )
-        .with_snapshot_store(store)
+        .with_snapshot_store(store.clone())
         .with_maintenance(maintenance);
+        let handles = Handles {
+            config: Arc::new(config.clone()),
+            vault,
+            history,
+            store,
+            control: daemon.control(),
+        };
         Ok(Server {
             daemon,
+            handles,
             _lock: lock,
             recovered,
             created,
         })
+    }
+
+    /// The handles a front end needs while the daemon runs.
+    pub fn handles(&self) -> Handles {
+        self.handles.clone()
     }
 
     /// Runs until SIGTERM or SIGINT, then lets running jobs finish within the shutdown

@@ -1,0 +1,615 @@
+//! The JSON resources and actions under `/api/v1`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bulwark_daemon::Handles;
+use bulwark_daemon::config::VmConfig;
+use bulwark_daemon::control::RunNowRefused;
+use bulwark_daemon::daemon::VmSchedule;
+use bulwark_daemon::history::{JobRecord, JobState};
+use futures::TryStreamExt;
+use jiff::{SignedDuration, Timestamp};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// What the last verify said of a point.
+#[derive(Debug, Clone)]
+struct Verified {
+    ok: bool,
+    at: Timestamp,
+}
+
+/// One measurement of the vault's size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StorageSample {
+    pub(crate) at: Timestamp,
+    pub(crate) stored: u64,
+    pub(crate) objects: u64,
+    pub(crate) blocks: u64,
+    pub(crate) logical: u64,
+    pub(crate) points: u64,
+}
+
+/// The state every handler shares.
+#[derive(Debug)]
+pub(crate) struct App {
+    pub(crate) h: Handles,
+    pub(crate) started: Timestamp,
+    pub(crate) overdue_grace: Duration,
+    verified: Mutex<HashMap<String, Verified>>,
+    samples: Mutex<Vec<StorageSample>>,
+    storage_lock: tokio::sync::Mutex<()>,
+}
+
+/// How long a storage measurement is reused (listing a big vault is not free).
+const STORAGE_TTL: SignedDuration = SignedDuration::from_secs(15);
+/// Storage samples kept for the plot.
+const MAX_SAMPLES: usize = 2000;
+
+pub(crate) type Shared = Arc<App>;
+
+/// An API error: a status and a message, as `{"error": "..."}`.
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<bulwark_vault::Error> for ApiError {
+    fn from(e: bulwark_vault::Error) -> Self {
+        let status = match e {
+            bulwark_vault::Error::NoSuchPoint { .. } => StatusCode::NOT_FOUND,
+            bulwark_vault::Error::InvalidName { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<bulwark_controller::Error> for ApiError {
+    fn from(e: bulwark_controller::Error) -> Self {
+        match e {
+            bulwark_controller::Error::Vault(v) => v.into(),
+            bulwark_controller::Error::RestoreTarget { .. } => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+impl From<bulwark_daemon::Error> for ApiError {
+    fn from(e: bulwark_daemon::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+impl App {
+    pub(crate) fn new(h: Handles, overdue_grace: Duration) -> App {
+        App {
+            h,
+            started: Timestamp::now(),
+            overdue_grace,
+            verified: Mutex::new(HashMap::new()),
+            samples: Mutex::new(Vec::new()),
+            storage_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn vm(&self, name: &str) -> Result<&VmConfig, ApiError> {
+        self.h
+            .config
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no VM {name:?} is configured"),
+                )
+            })
+    }
+
+    /// The VM's protection: `protected`, `overdue` (a scheduled run passed more than the
+    /// grace period ago with no success since), `never` (no success yet, none overdue),
+    /// with the last success and the run it is overdue for.
+    pub(crate) fn protection(&self, vm: &VmConfig, jobs: &[JobRecord], now: Timestamp) -> Value {
+        let last_success = jobs
+            .iter()
+            .filter(|j| {
+                matches!(
+                    j.state,
+                    JobState::Completed | JobState::CompletedWithWarnings
+                )
+            })
+            .filter_map(|j| j.ended)
+            .max();
+        // Without a success yet, only runs since the daemon started can be missed.
+        let since = last_success.unwrap_or(self.started);
+        let grace = SignedDuration::try_from(self.overdue_grace).unwrap_or(SignedDuration::ZERO);
+        let limit = now.checked_sub(grace).unwrap_or(Timestamp::MIN);
+        let missed = if limit > since {
+            VmSchedule::of(vm).latest_in(since, limit)
+        } else {
+            None
+        };
+        let state = match (missed, last_success) {
+            (Some(_), _) => "overdue",
+            (None, Some(_)) => "protected",
+            (None, None) => "never",
+        };
+        json!({
+            "state": state,
+            "overdue": missed.is_some(),
+            "last_success": last_success,
+            "missed_run": missed,
+            "grace_seconds": self.overdue_grace.as_secs(),
+        })
+    }
+
+    fn vm_json(&self, vm: &VmConfig, now: Timestamp) -> Result<Value, ApiError> {
+        let jobs = self.h.history.jobs(Some(&vm.name), 200)?;
+        let c = vm.policy.consistency();
+        let next = VmSchedule::of(vm).next_after(now);
+        let schedule = match vm.schedule_override {
+            Some(d) => format!("every {}s (schedule_override_seconds)", d.as_secs()),
+            None => vm.policy.schedule().to_string(),
+        };
+        let last = jobs.iter().find(|j| j.state != JobState::Skipped);
+        let running = last
+            .filter(|j| j.state == JobState::InProgress)
+            .map(|j| j.id);
+        Ok(json!({
+            "name": vm.name,
+            "disks": vm.disks.iter().map(|d| json!({"name": d.name, "path": d.path})).collect::<Vec<_>>(),
+            "agent": vm.agent.as_ref().map(|a| a.address.to_string()),
+            "policy": policy_name(vm),
+            "schedule": schedule,
+            "consistency_wanted": c.wanted.to_string(),
+            "consistency_minimum": c.minimum.to_string(),
+            "next_run": next,
+            "last_job": last.map(|j| self.job_json(j)),
+            "running_job": running,
+            "protection": self.protection(vm, &jobs, now),
+        }))
+    }
+
+    fn job_json(&self, j: &JobRecord) -> Value {
+        let mut v = serde_json::to_value(j).unwrap_or(Value::Null);
+        if j.state == JobState::InProgress
+            && let Some(o) = v.as_object_mut()
+        {
+            let progress = self.h.control.progress(j.id).unwrap_or_default();
+            let total: u64 = progress.values().map(|d| d.total).sum();
+            let done: u64 = progress.values().map(|d| d.done).sum();
+            o.insert(
+                "progress".into(),
+                json!({ "disks": progress, "total": total, "done": done }),
+            );
+            o.insert(
+                "cancel_requested".into(),
+                json!(self.h.control.cancel_requested(j.id)),
+            );
+        }
+        v
+    }
+
+    /// The vault's size now (listing every object), or the last measurement if it is fresh.
+    pub(crate) async fn storage(&self) -> Result<(StorageSample, Vec<StorageSample>), ApiError> {
+        let _one = self.storage_lock.lock().await;
+        let now = Timestamp::now();
+        let fresh = {
+            let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            s.last()
+                .filter(|l| now.duration_since(l.at) < STORAGE_TTL)
+                .copied()
+        };
+        let sample = match fresh {
+            Some(s) => s,
+            None => {
+                let metas: Vec<_> = self
+                    .h
+                    .vault
+                    .store()
+                    .list(None)
+                    .try_collect()
+                    .await
+                    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                let mut s = StorageSample {
+                    at: now,
+                    stored: 0,
+                    objects: 0,
+                    blocks: 0,
+                    logical: 0,
+                    points: 0,
+                };
+                for m in &metas {
+                    s.objects += 1;
+                    s.stored += m.size;
+                    if m.location.as_ref().starts_with("blocks/") {
+                        s.blocks += 1;
+                    }
+                }
+                let list = self.h.vault.list_points(None).await?;
+                s.points = list.points.len() as u64;
+                s.logical = list
+                    .points
+                    .iter()
+                    .flat_map(|p| p.disks.iter().map(|d| d.size))
+                    .sum();
+                let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+                samples.push(s);
+                if samples.len() > MAX_SAMPLES {
+                    samples.remove(0);
+                }
+                s
+            }
+        };
+        let all = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok((sample, all))
+    }
+}
+
+fn policy_name(vm: &VmConfig) -> String {
+    vm.policy
+        .name()
+        .unwrap_or(vm.policy.file_name())
+        .to_string()
+}
+
+/// `GET /healthz`: anonymous liveness.
+pub(crate) async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /api/v1/vms`.
+pub(crate) async fn vms(State(app): State<Shared>) -> ApiResult {
+    let now = Timestamp::now();
+    let vms = app
+        .h
+        .config
+        .vms
+        .iter()
+        .map(|vm| app.vm_json(vm, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "vms": vms })))
+}
+
+/// `GET /api/v1/vms/{vm}`: the VM and its points.
+pub(crate) async fn vm(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    let vm = app.vm(&name)?;
+    let mut v = app.vm_json(vm, Timestamp::now())?;
+    v["points"] = points_json(&app, &name).await?;
+    Ok(Json(v))
+}
+
+async fn points_json(app: &App, vm: &str) -> Result<Value, ApiError> {
+    let list = app.h.vault.list_points(Some(vm)).await?;
+    let verified = app
+        .verified
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut out = Vec::new();
+    for p in list.points.iter().rev() {
+        let kept = app.h.store.get(&p.vm, &p.id).ok().flatten();
+        let mut tiers = vec!["vault"];
+        if kept.is_some() {
+            tiers.insert(0, "snapshot");
+        }
+        let verify = match verified.get(&format!("{}/{}", p.vm, p.id)) {
+            Some(v) => json!({"state": if v.ok { "ok" } else { "damaged" }, "at": v.at}),
+            None => json!({"state": "unverified"}),
+        };
+        out.push(json!({
+            "id": p.id,
+            "vm": p.vm,
+            "created": p.created,
+            "committed": p.committed,
+            "consistency": {
+                "reached": p.consistency.reached.to_string(),
+                "wanted": p.consistency.wanted.to_string(),
+                "reasons": p.consistency.reasons,
+                "freeze_window_ms": p.consistency.freeze_window_ms,
+            },
+            "tiers": tiers,
+            "size": p.disks.iter().map(|d| d.size).sum::<u64>(),
+            "bytes_uploaded": p.disks.iter().map(|d| d.stats.bytes_uploaded).sum::<u64>(),
+            "disks": p.disks.iter().map(|d| json!({"name": d.name, "size": d.size})).collect::<Vec<_>>(),
+            "policy": p.policy,
+            "verify": verify,
+        }));
+    }
+    let broken: Vec<Value> = list
+        .broken
+        .iter()
+        .map(|(k, e)| json!({"key": k, "error": e.to_string()}))
+        .collect();
+    Ok(json!({ "points": out, "broken": broken }))
+}
+
+/// `GET /api/v1/vms/{vm}/points`.
+pub(crate) async fn points(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    app.vm(&name)?;
+    Ok(Json(points_json(&app, &name).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct JobsQuery {
+    vm: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/jobs?vm=&limit=`: newest first (default 50, at most 1000).
+pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let jobs = app.h.history.jobs(q.vm.as_deref(), limit)?;
+    let jobs: Vec<Value> = jobs.iter().map(|j| app.job_json(j)).collect();
+    Ok(Json(
+        json!({ "jobs": jobs, "running": app.h.control.running() }),
+    ))
+}
+
+/// `GET /api/v1/jobs/{id}`.
+pub(crate) async fn job(State(app): State<Shared>, Path(id): Path<i64>) -> ApiResult {
+    match app.h.history.job(id)? {
+        Some(j) => Ok(Json(app.job_json(&j))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}"))),
+    }
+}
+
+/// `GET /api/v1/storage`: bytes stored, objects, the logical size of the live points and
+/// their ratio, and the measurements since the daemon started.
+pub(crate) async fn storage(State(app): State<Shared>) -> ApiResult {
+    let (s, all) = app.storage().await?;
+    let growth = match (all.first(), all.last()) {
+        (Some(a), Some(b)) if b.at.duration_since(a.at) >= SignedDuration::from_mins(1) => {
+            let days = b.at.duration_since(a.at).as_secs_f64() / 86400.0;
+            Some((b.stored as f64 - a.stored as f64) / days)
+        }
+        _ => None,
+    };
+    Ok(Json(json!({
+        "vault": app.h.vault.location(),
+        "encrypted": app.h.vault.is_encrypted(),
+        "measured": s.at,
+        "stored_bytes": s.stored,
+        "objects": s.objects,
+        "blocks": s.blocks,
+        "points": s.points,
+        "logical_bytes": s.logical,
+        "dedup_factor": (s.stored > 0).then(|| s.logical as f64 / s.stored as f64),
+        "growth_bytes_per_day": growth,
+        "history": all.iter().map(|s| json!({"at": s.at, "stored_bytes": s.stored, "logical_bytes": s.logical})).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /api/v1/policies`: each policy with the VMs that use it.
+pub(crate) async fn policies(State(app): State<Shared>) -> ApiResult {
+    let mut by: BTreeMap<String, (Value, Vec<String>)> = BTreeMap::new();
+    for vm in &app.h.config.vms {
+        let p = &vm.policy;
+        let c = p.consistency();
+        let r = p.retention();
+        let entry = by.entry(policy_name(vm)).or_insert_with(|| {
+            (
+                json!({
+                    "name": policy_name(vm),
+                    "file": p.file_name(),
+                    "schedule": p.schedule().to_string(),
+                    "retention": r.to_string(),
+                    "instant_restore_days": r.instant_restore_days,
+                    "soft_delete_days": r.soft_delete_days,
+                    "consistency_wanted": c.wanted.to_string(),
+                    "consistency_minimum": c.minimum.to_string(),
+                }),
+                Vec::new(),
+            )
+        });
+        entry.1.push(vm.name.clone());
+    }
+    let list: Vec<Value> = by
+        .into_values()
+        .map(|(mut v, vms)| {
+            v["vms"] = json!(vms);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "policies": list })))
+}
+
+/// `GET /api/v1/leases`: the vault's leases (running backups, prunes, GC).
+pub(crate) async fn leases(State(app): State<Shared>) -> ApiResult {
+    let now = Timestamp::now();
+    let list = bulwark_vault::lease::list_leases(&app.h.vault).await?;
+    let out: Vec<Value> = list
+        .into_iter()
+        .map(|(key, r)| match r {
+            Ok(rec) => json!({"key": key, "live": rec.is_live(now), "lease": rec}),
+            Err(e) => json!({"key": key, "error": e.to_string()}),
+        })
+        .collect();
+    Ok(Json(json!({ "leases": out })))
+}
+
+/// `POST /api/v1/vms/{vm}/run`: 202 with the job id; 404 unknown VM; 409 already running.
+pub(crate) async fn run_now(
+    State(app): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    match app.h.control.run_now(&name).await {
+        Ok(id) => {
+            tracing::info!(vm = %name, job = id, "run now (API)");
+            Ok((StatusCode::ACCEPTED, Json(json!({ "job": id, "vm": name }))))
+        }
+        Err(e @ RunNowRefused::UnknownVm(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ RunNowRefused::AlreadyRunning { .. }) => {
+            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+/// `POST /api/v1/jobs/{id}/cancel`: 202 when the job runs (it stops at its next safe point);
+/// 409 when it has ended; 404 when there is no such job.
+pub(crate) async fn cancel(
+    State(app): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if app.h.control.cancel(id) {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "job": id, "cancelling": true })),
+        ));
+    }
+    match app.h.history.job(id)? {
+        Some(j) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("job {id} is not running (it is {})", j.state),
+        )),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}"))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VerifyBody {
+    vm: Option<String>,
+}
+
+/// `POST /api/v1/verify` `{"vm": optional}`: reads and checks every object the points need.
+pub(crate) async fn verify(State(app): State<Shared>, body: Option<Json<VerifyBody>>) -> ApiResult {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    if let Some(vm) = &body.vm {
+        app.vm(vm)?;
+    }
+    let list = app.h.vault.list_points(body.vm.as_deref()).await?;
+    let report = app.h.vault.verify(body.vm.as_deref(), &|_, _| {}).await?;
+    let broken = report.broken_points();
+    let now = Timestamp::now();
+    {
+        let mut v = app.verified.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &list.points {
+            let key = format!("{}/{}", p.vm, p.id);
+            let ok = !broken.contains(key.as_str());
+            v.insert(key, Verified { ok, at: now });
+        }
+    }
+    let problems: Vec<Value> = report
+        .problems
+        .iter()
+        .map(|p| json!({"key": p.key, "message": p.message, "points": p.points}))
+        .collect();
+    tracing::info!(vm = ?body.vm, ok = report.is_ok(), problems = problems.len(), "verify (API)");
+    Ok(Json(json!({
+        "ok": report.is_ok(),
+        "points": report.points,
+        "manifests": report.manifests,
+        "blocks": report.blocks,
+        "bytes": report.bytes,
+        "problems": problems,
+        "broken_points": broken,
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PruneBody {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /api/v1/vms/{vm}/prune` `{"dry_run": bool}`: the VM's policy retention now.
+pub(crate) async fn prune(
+    State(app): State<Shared>,
+    Path(name): Path<String>,
+    body: Option<Json<PruneBody>>,
+) -> ApiResult {
+    let vm = app.vm(&name)?;
+    let dry_run = body.map(|b| b.0.dry_run).unwrap_or(false);
+    let r = bulwark_controller::prune(
+        &app.h.vault,
+        &vm.name,
+        &vm.policy,
+        Timestamp::now(),
+        dry_run,
+    )
+    .await?;
+    if !dry_run {
+        for id in &r.deleted {
+            if let Ok(Some(k)) = app.h.store.get(&vm.name, id)
+                && let Err(e) = app.h.store.remove(&k)
+            {
+                tracing::warn!(vm = %vm.name, point = %id, error = %e, "cannot remove the kept snapshot of a pruned point");
+            }
+        }
+    }
+    tracing::info!(vm = %vm.name, dry_run, deleted = r.deleted.len(), purged = r.purged.len(), "prune (API)");
+    Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RestoreBody {
+    #[serde(default = "latest")]
+    point: String,
+    disk: String,
+    to: PathBuf,
+    #[serde(default)]
+    force: bool,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+/// `POST /api/v1/vms/{vm}/restore` `{"point", "disk", "to", "force"}`: restores one disk to a
+/// raw image at `to` (an absolute path on the daemon's host; never replaced unless `force`).
+pub(crate) async fn restore(
+    State(app): State<Shared>,
+    Path(name): Path<String>,
+    Json(body): Json<RestoreBody>,
+) -> ApiResult {
+    app.vm(&name)?;
+    if !body.to.is_absolute() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("to: {} is not an absolute path", body.to.display()),
+        ));
+    }
+    let mut req = bulwark_controller::RestoreRequest::new(&name, &body.point, &body.disk, &body.to);
+    req.force = body.force;
+    req.snapshots = Some(app.h.store.clone());
+    tracing::info!(vm = %name, point = %body.point, disk = %body.disk, to = %body.to.display(), "restore (API)");
+    // The restore future is not `Send` (a higher-ranked lifetime in its block stream): it
+    // runs on a blocking thread driving the daemon's runtime.
+    let vault = app.h.vault.clone();
+    let rt = tokio::runtime::Handle::current();
+    let r = tokio::task::spawn_blocking(move || {
+        rt.block_on(bulwark_controller::run_restore(req, &vault))
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("restore worker: {e}"),
+        )
+    })??;
+    Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)))
+}
