@@ -219,8 +219,14 @@ struct RestoreArgs {
     #[arg(long, default_value = "raw")]
     format: bulwark_controller::sources::ImageFormat,
     /// Replace the target if it exists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "in_place")]
     force: bool,
+    /// Repair an existing target (an image file, or a block device that is not mounted) in
+    /// place: read it, compare each block with the point's manifest and write only the blocks
+    /// that differ; an image file is set to the disk's size. An interrupted run is safe to
+    /// run again. Reports the bytes compared and written.
+    #[arg(long, conflicts_with_all = ["snapshot_dir", "format"])]
+    in_place: bool,
     /// Blocks fetched at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -434,6 +440,17 @@ async fn restore(a: RestoreArgs) -> Result<()> {
     let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
     req.force = a.force;
     req.concurrency = a.concurrency;
+    if a.in_place {
+        req.observer = progress.clone();
+        let report = bulwark_controller::run_restore_in_place(req, &vault).await?;
+        progress.clear();
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            eprint!("{report}");
+        }
+        return Ok(());
+    }
     req.snapshots = a.snapshot_dir.map(SnapshotStore::new);
     req.observer = progress.clone();
     let report = bulwark_controller::sources::run_restore_as(req, a.format, &vault).await?;

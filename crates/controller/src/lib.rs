@@ -29,6 +29,7 @@
 //! ```
 
 mod demo;
+mod inplace;
 pub mod instant;
 mod job;
 mod quiesce;
@@ -43,6 +44,7 @@ mod verify;
 use std::path::PathBuf;
 
 pub use demo::{DemoReport, DemoRequest, run_demo};
+pub use inplace::{InPlaceReport, run_restore_in_place};
 pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
