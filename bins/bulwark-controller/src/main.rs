@@ -209,9 +209,13 @@ struct RestoreArgs {
     /// The image format: raw (sparse) or qcow2 (through `qemu-img convert`).
     #[arg(long, default_value = "raw")]
     format: bulwark_controller::sources::ImageFormat,
-    /// Replace the target if it exists.
+    /// Replace the target if it exists (a regular file; a symbolic link is always refused).
     #[arg(long)]
     force: bool,
+    /// The target is an existing block device: overwrite it in place. Refused while it is
+    /// mounted or in use (opened exclusively), or smaller than the disk. Raw format only.
+    #[arg(long, conflicts_with = "force")]
+    in_place: bool,
     /// Blocks fetched at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -409,6 +413,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
     let progress = ui::Bars::new(!a.json);
     let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
     req.force = a.force;
+    req.in_place = a.in_place;
     req.concurrency = a.concurrency;
     req.snapshots = a.snapshot_dir.map(SnapshotStore::new);
     req.observer = progress.clone();

@@ -45,8 +45,8 @@ pub use demo::{DemoReport, DemoRequest, run_demo};
 pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
-pub use verify::{HealthUpdate, verify};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
+pub use verify::{HealthUpdate, verify};
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
