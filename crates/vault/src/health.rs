@@ -74,7 +74,7 @@ impl BadBlock {
     /// Whether this record names point `vm`/`id`.
     pub fn names_point(&self, vm: &str, id: &str) -> bool {
         let name = format!("{vm}/{id}");
-        self.points.iter().any(|p| *p == name)
+        self.points.contains(&name)
     }
 }
 
