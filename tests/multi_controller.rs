@@ -67,24 +67,49 @@ fn scenario(backend: Backend, rounds: u64) {
             spawn(
                 &place,
                 &[
-                    "backup", "--vault", v, "--vm", vm, "--disk", disk, "--snapshot", "copy",
-                    "--snapshot-dir", snaps, "--lease-wait", "2m",
+                    "backup",
+                    "--vault",
+                    v,
+                    "--vm",
+                    vm,
+                    "--disk",
+                    disk,
+                    "--snapshot",
+                    "copy",
+                    "--snapshot-dir",
+                    snaps,
+                    "--lease-wait",
+                    "2m",
                 ],
             )
         };
         // Host 1 backs up vm-a, host 2 vm-b and vm-a too, GC runs meanwhile.
-        let children = vec![
+        let children: Vec<(&str, String, Child)> = vec![
             ("vm-a", da.clone(), backup("vm-a", &disk_a, &h1)),
             ("vm-b", db.clone(), backup("vm-b", &disk_b, &h2)),
             ("vm-a", da.clone(), backup("vm-a", &disk_a, &h2)),
         ];
-        let gc = spawn(&place, &["gc", "--vault", v, "--grace", "0", "--wait", "2m"]);
+        // GC (grace 0) again and again while any backup runs: each waits for the backups'
+        // leases, and must never free a block one of them stored or reuses.
+        let mut children = children;
+        let mut gcs = 0;
+        while children
+            .iter_mut()
+            .any(|(_, _, c)| c.try_wait().unwrap().is_none())
+        {
+            let gc = spawn(
+                &place,
+                &["gc", "--vault", v, "--grace", "0", "--wait", "2m"],
+            );
+            finish(gc, &format!("round {round}: gc"));
+            gcs += 1;
+        }
+        assert!(gcs > 0, "round {round}: no GC overlapped the backups");
         for (vm, digest, child) in children {
             let out = finish(child, &format!("round {round}: backup of {vm}"));
             let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
             points.insert(id, (vm.to_string(), digest));
         }
-        finish(gc, &format!("round {round}: gc"));
         // Both VMs change between rounds (and their shared half too).
         write_random(&a, (round % 4) * MIB, MIB as usize, 100 + round);
         write_random(&b, ((round + 1) % 4) * MIB, MIB as usize, 200 + round);
@@ -97,20 +122,27 @@ fn scenario(backend: Backend, rounds: u64) {
     );
     let out = command(&place, &["verify", "--vault", v]).output().unwrap();
     assert!(out.status.success(), "verify: {}", stderr_of(&out));
-    assert_eq!(points.len() as u64, 3 * rounds, "point ids must be distinct");
+    assert_eq!(
+        points.len() as u64,
+        3 * rounds,
+        "point ids must be distinct"
+    );
     for (id, (vm, digest)) in &points {
         let to = root.join("restored.img");
         let to_s = to.display().to_string();
         let out = command(
             &place,
             &[
-                "restore", "--vault", v, "--vm", vm, "--point", id, "--disk", "os", "--to",
-                &to_s,
+                "restore", "--vault", v, "--vm", vm, "--point", id, "--disk", "os", "--to", &to_s,
             ],
         )
         .output()
         .unwrap();
-        assert!(out.status.success(), "restore {vm}/{id}: {}", stderr_of(&out));
+        assert!(
+            out.status.success(),
+            "restore {vm}/{id}: {}",
+            stderr_of(&out)
+        );
         assert_eq!(&file_digest(&to), digest, "{vm}/{id}");
         std::fs::remove_file(&to).unwrap();
     }
@@ -141,8 +173,17 @@ fn single_writer_flag_on_a_store_without_conditional_writes() {
     let snaps = root.join("snaps").display().to_string();
     let run = |args: &[&str]| command(&place, args).output().unwrap();
     let backup = [
-        "backup", "--vault", v, "--vm", "vm", "--disk", &disk, "--snapshot", "copy",
-        "--snapshot-dir", &snaps,
+        "backup",
+        "--vault",
+        v,
+        "--vm",
+        "vm",
+        "--disk",
+        &disk,
+        "--snapshot",
+        "copy",
+        "--snapshot-dir",
+        &snaps,
     ];
     assert!(run(&backup).status.success());
     let config = std::path::Path::new(v).join("bulwark-vault.json");
@@ -153,7 +194,11 @@ fn single_writer_flag_on_a_store_without_conditional_writes() {
 
     let out = run(&["gc", "--vault", v, "--grace", "0"]);
     assert!(!out.status.success(), "gc ran without --single-writer");
-    assert!(stderr_of(&out).contains("--single-writer"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("--single-writer"),
+        "{}",
+        stderr_of(&out)
+    );
     let policy = root.join("p.toml");
     std::fs::write(
         &policy,
@@ -164,7 +209,11 @@ fn single_writer_flag_on_a_store_without_conditional_writes() {
     let prune = ["prune", "--vault", v, "--vm", "vm", "--policy", &policy];
     let out = run(&prune);
     assert!(!out.status.success(), "prune ran without --single-writer");
-    assert!(stderr_of(&out).contains("--single-writer"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("--single-writer"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // Backups still work there (with the warning); with the flag, GC and prune run.
     let out = run(&backup);

@@ -40,11 +40,7 @@ fn json_of(out: &Output) -> serde_json::Value {
 
 fn ok_json(place: &Place, args: &[&str]) -> serde_json::Value {
     let out = cli(place, args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        stderr_of(&out)
-    );
+    assert!(out.status.success(), "{args:?} failed: {}", stderr_of(&out));
     json_of(&out)
 }
 
@@ -166,7 +162,9 @@ fn scenario(backend: Backend) {
     let to_s = to.display().to_string();
     let r = cli(
         &place,
-        &["restore", "--vault", v, "--vm", "vm1", "--point", b, "--disk", "os", "--to", &to_s],
+        &[
+            "restore", "--vault", v, "--vm", "vm1", "--point", b, "--disk", "os", "--to", &to_s,
+        ],
     );
     assert!(!r.status.success(), "restore of a broken point succeeded");
     let err = stderr_of(&r);
@@ -185,7 +183,10 @@ fn scenario(backend: Backend) {
     let problems = report["problems"].as_array().unwrap();
     assert_eq!(problems.len(), 1, "{report}");
     assert_eq!(problems[0]["key"], old7.as_str());
-    assert_eq!(problems[0]["points"], serde_json::json!([format!("vm1/{a}")]));
+    assert_eq!(
+        problems[0]["points"],
+        serde_json::json!([format!("vm1/{a}")])
+    );
     let list = ok_json(&place, &["list", "--vault", v, "--json"]);
     let damaged = list["damaged"].as_object().unwrap();
     assert_eq!(
@@ -194,7 +195,10 @@ fn scenario(backend: Backend) {
         "{list}"
     );
     assert!(
-        cli(&place, &["verify", "--vault", v, "--vm", "vm1"]).status.code() == Some(1),
+        cli(&place, &["verify", "--vault", v, "--vm", "vm1"])
+            .status
+            .code()
+            == Some(1),
         "verify must keep failing while A is broken"
     );
 
@@ -204,7 +208,9 @@ fn scenario(backend: Backend) {
         let to_s = to.display().to_string();
         let r = cli(
             &place,
-            &["restore", "--vault", v, "--vm", "vm1", "--point", p, "--disk", "os", "--to", &to_s],
+            &[
+                "restore", "--vault", v, "--vm", "vm1", "--point", p, "--disk", "os", "--to", &to_s,
+            ],
         );
         assert!(r.status.success(), "restore {p}: {}", stderr_of(&r));
         assert_eq!(file_digest(&to), file_digest(&image), "point {p}");
@@ -212,7 +218,9 @@ fn scenario(backend: Backend) {
     }
     let r = cli(
         &place,
-        &["restore", "--vault", v, "--vm", "vm1", "--point", a, "--disk", "os", "--to", &to_s],
+        &[
+            "restore", "--vault", v, "--vm", "vm1", "--point", a, "--disk", "os", "--to", &to_s,
+        ],
     );
     assert!(!r.status.success());
     assert!(stderr_of(&r).contains(&old7), "{}", stderr_of(&r));
@@ -245,8 +253,18 @@ fn check_known_heals_a_block_nobody_recorded() {
     let snaps = root.join("snaps").display().to_string();
     let backup = |extra: &[&str]| {
         let mut args = vec![
-            "backup", "--vault", v, "--vm", "vm", "--disk", &disk, "--snapshot", "copy",
-            "--snapshot-dir", &snaps, "--json",
+            "backup",
+            "--vault",
+            v,
+            "--vm",
+            "vm",
+            "--disk",
+            &disk,
+            "--snapshot",
+            "copy",
+            "--snapshot-dir",
+            &snaps,
+            "--json",
         ];
         args.extend(extra);
         ok_json(&place, &args)

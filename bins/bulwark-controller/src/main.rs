@@ -218,7 +218,8 @@ struct RestoreArgs {
     /// The image format: raw (sparse) or qcow2 (through `qemu-img convert`).
     #[arg(long, default_value = "raw")]
     format: bulwark_controller::sources::ImageFormat,
-    /// Replace the target if it exists.
+    /// Replace the target if it exists (a regular file only: a symbolic link or a device is
+    /// always refused; see --in-place for devices).
     #[arg(long, conflicts_with = "in_place")]
     force: bool,
     /// Repair an existing target (an image file, or a block device that is not mounted) in
@@ -439,6 +440,7 @@ async fn restore(a: RestoreArgs) -> Result<()> {
     let progress = ui::Bars::new(!a.json);
     let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
     req.force = a.force;
+    req.in_place = a.in_place;
     req.concurrency = a.concurrency;
     if a.in_place {
         req.observer = progress.clone();

@@ -48,10 +48,10 @@ pub use inplace::{InPlaceReport, run_restore_in_place};
 pub use job::{BackupReport, BackupRequest, DiskReport, KeepSnapshots, Quiesce, run_backup};
 pub use quiesce::{AgentAddress, AgentTarget, DEFAULT_FREEZE_TIMEOUT, QuiesceOptions};
 pub use restore::{RestoreFrom, RestoreReport, RestoreRequest, run_restore};
-pub use verify::{HealthUpdate, verify};
 pub use retention::{KeptPoint, PRUNE_LEASE_WAIT, PruneReport, gc, prune, prune_with, undelete};
 /// The cancellation handle of [`BackupRequest::cancel`] (tokio-util's).
 pub use tokio_util::sync::CancellationToken;
+pub use verify::{HealthUpdate, verify};
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]

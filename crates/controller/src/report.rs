@@ -178,7 +178,13 @@ impl fmt::Display for TieredList {
                 f,
                 "{vm:<20} {id:<32} {created:<20} {reached:<12} {size:>10}  {tier}"
             )?;
-            for r in self.vault.damaged.get(&format!("{vm}/{id}")).into_iter().flatten() {
+            for r in self
+                .vault
+                .damaged
+                .get(&format!("{vm}/{id}"))
+                .into_iter()
+                .flatten()
+            {
                 let on = r.disks_of(vm, id).join(",");
                 writeln!(f, "  BROKEN: disk {on} needs {} ({})", r.key, r.why)?;
             }

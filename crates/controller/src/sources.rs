@@ -335,10 +335,10 @@ pub async fn run_restore_as(
         return crate::run_restore(req, vault).await;
     }
     let to = req.to.clone();
-    if std::fs::symlink_metadata(&to).is_ok() && !req.force {
+    if req.in_place || crate::restore::check_target(&req)?.is_some() {
         return Err(Error::RestoreTarget {
             path: to,
-            why: "exists (--force replaces it)".into(),
+            why: "a qcow2 restore writes a new image file, never into a device".into(),
         });
     }
     let name = to

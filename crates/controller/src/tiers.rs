@@ -496,10 +496,10 @@ pub(crate) async fn restore_tiered(
     fallback: bool,
 ) -> Result<RestoreReport, Error> {
     let start = Instant::now();
-    if req.to.exists() && !req.force {
+    if crate::restore::check_target(req)?.is_some() {
         return Err(Error::RestoreTarget {
             path: req.to.clone(),
-            why: "already exists (use --force to replace it)".into(),
+            why: "is a device: restored only in place, from the vault".into(),
         });
     }
     let point = match vault.resolve_point(&req.vm, &req.point).await {

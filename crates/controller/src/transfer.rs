@@ -438,7 +438,11 @@ impl DiskJob<'_> {
                 false,
             )));
         }
-        let is_bad = self.bad.lock().map(|b| b.contains_key(address)).unwrap_or(false);
+        let is_bad = self
+            .bad
+            .lock()
+            .map(|b| b.contains_key(address))
+            .unwrap_or(false);
         if is_bad {
             // The disk still holds the block's data: store it over the damaged object (or in
             // place of the missing one), read back verified, and clear its record.

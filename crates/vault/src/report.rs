@@ -74,7 +74,12 @@ impl fmt::Display for PointList {
                 when(p.created),
                 disks.join(",")
             )?;
-            for r in self.damaged.get(&format!("{vm}/{id}")).into_iter().flatten() {
+            for r in self
+                .damaged
+                .get(&format!("{vm}/{id}"))
+                .into_iter()
+                .flatten()
+            {
                 let on = r.disks_of(vm, id).join(",");
                 let on = if on.is_empty() { "?".into() } else { on };
                 writeln!(
@@ -122,7 +127,9 @@ impl VerifyReport {
         let problems: Vec<_> = self
             .problems
             .iter()
-                        .map(|p| json!({"key": p.key, "error": p.message, "points": p.points, "disks": p.disks}))
+            .map(
+                |p| json!({"key": p.key, "error": p.message, "points": p.points, "disks": p.disks}),
+            )
             .collect();
         json!({
             "ok": self.is_ok(), "points": self.points, "manifests": self.manifests,
