@@ -5,6 +5,7 @@
 #   bash packaging/build-debs.sh --profile dev   # reuse the debug build (CI's quick check)
 #   bash packaging/build-debs.sh --out DIR       # write the .deb files to DIR
 #   bash packaging/build-debs.sh --install-tool  # only install the pinned cargo-deb (tests/run.sh)
+#   bash packaging/build-debs.sh --only agent    # only one package (agent or controller)
 #
 # Installs the pinned cargo-deb when it is missing, builds both binaries, generates their man
 # pages and shell completions from the clap definitions (the hidden `generate-assets` command),
@@ -15,16 +16,24 @@ CARGO_DEB_VERSION=3.8.0
 profile=release
 out=""
 install_only=false
+only=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
         --profile=*) profile="${1#--profile=}"; shift ;;
         --install-tool) install_only=true; shift ;;
         --out) out="${2:?--out needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --only) only="${2:?--only needs agent or controller}"; shift 2 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "build-debs.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+
+case "$only" in
+    "") names=(controller agent) ;;
+    agent|controller) names=("$only") ;;
+    *) echo "build-debs.sh: --only takes agent or controller, not $only" >&2; exit 2 ;;
+esac
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -42,24 +51,27 @@ if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSI
 fi
 $install_only && exit 0
 
+# Both binaries even for --only: building one package alone unifies the dependencies' features
+# differently, and would rebuild them (and the other binary next time).
 cargo build --profile "$profile" -p bulwark-controller-bin -p bulwark-agent-bin
 
 assets="$target/$profile_dir/bulwark-assets"
-rm -rf "$assets"
-"$target/$profile_dir/bulwark-controller" generate-assets --out "$assets/controller"
-"$target/$profile_dir/bulwark-agent" generate-assets --out "$assets/agent"
-# Debian ships man pages gzipped (-n: no time stamp, for reproducible packages).
-gzip -9n "$assets"/controller/man/* "$assets"/agent/man/*
+for n in "${names[@]}"; do
+    rm -rf "${assets:?}/$n"
+    "$target/$profile_dir/bulwark-$n" generate-assets --out "$assets/$n"
+    # Debian ships man pages gzipped (-n: no time stamp, for reproducible packages).
+    gzip -9n "$assets/$n"/man/*
+done
 
 out="${out:-$target/debian}"
 mkdir -p "$out"
-for pkg in bulwark-controller-bin bulwark-agent-bin; do
+for n in "${names[@]}"; do
     # --no-build: the binaries and generated assets above are what gets packaged.
-    cargo deb --no-build "${fast[@]}" --profile "$profile" -p "$pkg" --output "$out"
+    cargo deb --no-build "${fast[@]}" --profile "$profile" -p "bulwark-$n-bin" --output "$out"
 done
 ver="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
 arch="$(dpkg --print-architecture)"
-for name in bulwark-controller bulwark-agent; do
+for name in "${names[@]/#/bulwark-}"; do
     deb="$out/${name}_${ver}-1_${arch}.deb"
     [ -f "$deb" ] || { echo "build-debs.sh: $deb was not built" >&2; exit 1; }
     echo "$deb"

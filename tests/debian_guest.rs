@@ -2,7 +2,8 @@
 //! one guest for the whole file, booted under TCG from the image of `tests/guest/debian.sh`
 //! (minbase bookworm/trixie with systemd as PID 1, cached under `target/guest/debian-KEY`), on
 //! a qcow2 overlay of its own, with an ext4 `data` disk (the point-in-time writer's slot files)
-//! and a `payload` disk carrying the `.deb` that `packaging/build-debs.sh --profile dev` builds.
+//! and a `payload` disk carrying the `.deb` that `packaging/build-debs.sh --profile dev --only
+//! agent` builds.
 //!
 //! 1. `dpkg -i` the package: the unit is enabled and not started (there is no configuration yet);
 //!    with `/etc/bulwark/agent.toml` (virtio-serial port `org.bulwark.agent.0`, freezing
@@ -63,12 +64,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Builds the packages (debug binaries) into `out`; returns the agent's .deb.
+/// Builds the agent's package (debug binary) into `out`; returns its path.
 fn build_agent_deb(out: &Path) -> PathBuf {
     let _ = (controller_bin(), agent_bin());
     let o = Command::new("bash")
         .arg(root().join("packaging/build-debs.sh"))
-        .args(["--profile", "dev", "--out"])
+        .args(["--profile", "dev", "--only", "agent", "--out"])
         .arg(out)
         .output()
         .unwrap();
@@ -182,10 +183,7 @@ fn frozen_then(
     let t = Instant::now();
     rt.block_on(async {
         let mut c = client(socket).await;
-        let frozen = c
-            .freeze(Duration::from_millis(DEADLINE_MS))
-            .await
-            .unwrap();
+        let frozen = c.freeze(Duration::from_millis(DEADLINE_MS)).await.unwrap();
         assert_eq!(frozen.mounts, ["/mnt/data"]);
         // The connection stays open while the action runs: its end is not what thaws.
         guest.sh_ok(action);
@@ -322,7 +320,10 @@ fn agent_package_as_a_service_in_a_debian_guest() {
     eprintln!("reboot (systemctl reboot to the ready marker): {reboot:.1?}");
     wait_listening(&mut guest, 0);
     let (_, mounted) = guest.sh("grep ' /mnt/data ' /proc/mounts");
-    assert!(mounted.contains("ext4"), "/mnt/data is not mounted: {mounted}");
+    assert!(
+        mounted.contains("ext4"),
+        "/mnt/data is not mounted: {mounted}"
+    );
     let socket = guest.port_socket(AGENT_PORT);
     rt.block_on(async {
         let mut c = client(&socket).await;
