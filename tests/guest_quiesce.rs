@@ -5,19 +5,21 @@
 //!
 //! 1. `bulwark-agent` in the guest on the virtio-serial port `org.bulwark.agent.0`:
 //!    `backup --qmp unix:QMP --agent virtio-serial:unix:SOCK` gives a `file_system` point with
-//!    a freeze window, the agent recorded (kind, address); the restored `os` passes `e2fsck -fn`
-//!    as it is (no journal recovery pending) and both disks hold one instant of the writer;
+//!    a freeze window, the agent recorded (kind, address); the restored `os` has no journal
+//!    recovery pending (`needs_recovery` clear: the freeze flushed the journal) and passes
+//!    `e2fsck -fn` as it is, and both disks hold one instant of the writer;
 //! 2. the agent stopped: the same command commits a `crash` point whose reason says the agent
 //!    at that address was unreachable;
 //! 3. only qemu-ga in the guest: `--agent qga:unix:SOCK` gives a `file_system` point (which
 //!    needs the controller's QGA watchdog process: `main` dispatches it), the agent recorded as
-//!    qemu-ga with its version; `os` passes `e2fsck -fn` as it is;
+//!    qemu-ga with its version; `os` has no journal recovery pending and passes `e2fsck -fn`;
 //! 4. a freeze held past `--freeze-timeout-ms` (the hidden snapshot-delay hook): the watchdog
 //!    process thaws the guest (the writer stalls at most deadline + 1 s), and the point is
 //!    `crash` with that reason;
 //! 5. qemu-ga stopped: a `crash` point whose reason says it was unreachable;
 //! 6. the daemon (`serve --run-now`) with `qmp = "unix:QMP"` and the virtio-serial agent in its
-//!    configuration: the job completes at `file_system`, and its point's `os` passes `e2fsck -fn`.
+//!    configuration: the job completes at `file_system`, and its point's `os` has no journal
+//!    recovery pending and passes `e2fsck -fn`.
 //!
 //! Root only (loop mount); about 1.5 minutes here once built (2 cores, TCG).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -163,6 +165,18 @@ impl Env {
             images.insert(disk.to_string(), (to, DiskFormat::Raw));
         }
         let os = &images["os"].0;
+        // A frozen ext4 has its journal flushed and `needs_recovery` cleared (ext4_freeze); a
+        // snapshot of a mounted, unfrozen one always has it set.
+        let dump = Command::new("dumpe2fs").arg("-h").arg(os).output().unwrap();
+        let header = String::from_utf8_lossy(&dump.stdout);
+        let features = header
+            .lines()
+            .find(|l| l.starts_with("Filesystem features:"))
+            .unwrap_or_else(|| panic!("point {point}: no features in dumpe2fs -h:\n{header}"));
+        assert!(
+            !features.contains("needs_recovery"),
+            "point {point}: the restored os disk has journal recovery pending (not frozen): {features}"
+        );
         let fsck = Command::new("e2fsck").arg("-fn").arg(os).output().unwrap();
         assert!(
             fsck.status.success(),
@@ -175,7 +189,7 @@ impl Env {
         let cut = verify_point(spec, &images, scratch.path())
             .unwrap_or_else(|e| panic!("point {point} is not one instant: {e}"));
         eprintln!(
-            "point {point}: e2fsck -fn clean, one instant (cut {})",
+            "point {point}: no journal recovery pending, e2fsck -fn clean, one instant (cut {})",
             cut.cut
         );
         for (to, _) in images.values() {
