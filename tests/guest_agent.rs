@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -289,7 +289,7 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
             "mkdir -p /etc/bulwark-agent/tls && echo {b64} | base64 -d > /etc/bulwark-agent/tls/{name} && chmod 600 /etc/bulwark-agent/tls/{name}"
         ));
     }
-    start_agent(
+    start_guest_agent(
         &mut guest,
         &format!(
             "listen = \"tcp:0.0.0.0:{TLS_PORT}\"\nstate_dir = \"/run/bulwark-agent\"\n\
