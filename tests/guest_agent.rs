@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,8 @@ use bulwark_protocol::{
 use bulwark_qemu::qga::{FreezeStatus, Qga};
 use bulwark_tests::guest::{
     DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget,
-    base64_encode, create_disk, create_slot_fs_disk, image_fs,
+    base64_encode, create_disk, create_slot_fs_disk, image_fs, qemu_ga_binary, start_guest_agent,
+    stop_guest_agent, stripped,
 };
 use bulwark_tests::{agent_bin, root_or_skip};
 use tokio::io::AsyncWriteExt;
@@ -37,7 +38,6 @@ const DISK_SIZE: u64 = 64 << 20;
 const AGENT_PORT: &str = "org.bulwark.agent.0";
 const QGA_PORT: &str = "org.qemu.guest_agent.0";
 const TLS_PORT: u16 = 7070;
-const CONFIG: &str = "/etc/bulwark-agent/agent.toml";
 
 fn writer_spec() -> WriterSpec {
     WriterSpec {
@@ -52,51 +52,6 @@ fn writer_spec() -> WriterSpec {
             },
         ],
     }
-}
-
-/// Debian's qemu-ga, unpacked (not installed) under target/guest/qga, like the guest kernel.
-fn qemu_ga_binary() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("guest/qga");
-    let bin = dir.join("x/usr/sbin/qemu-ga");
-    if bin.is_file() {
-        return bin;
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("rm -rf x ./*.deb && apt-get download qemu-guest-agent && dpkg -x qemu-guest-agent_*.deb x && rm -f ./*.deb")
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        bin.is_file(),
-        "could not fetch Debian's qemu-guest-agent into {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
-
-/// A copy of `bin` without debug info (the debug build is ~90 MB: too much for the initramfs).
-fn stripped(bin: &Path) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .unwrap()
-        .join("guest/stripped");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(bin.file_name().unwrap());
-    let st = Command::new("strip")
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(&out)
-        .arg(bin)
-        .status()
-        .unwrap();
-    assert!(st.success(), "strip {}", bin.display());
-    out
 }
 
 fn stalls(log: &[WriterEvent]) -> Vec<u64> {
@@ -131,30 +86,6 @@ fn new_stall(guest: &mut Guest, before: usize) -> Option<u64> {
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
-}
-
-fn start_agent(guest: &mut Guest, config: &str) {
-    guest.sh_ok(&format!(
-        "mkdir -p /etc/bulwark-agent && printf '%s' '{config}' > {CONFIG} && chmod 600 {CONFIG} && \
-         rm -f /run/agent.out && (BULWARK_LOG=debug setsid /bin/bulwark-agent --config {CONFIG} \
-         >/run/agent.out 2>>/run/agent.err </dev/null & echo $! > /run/agent.pid)"
-    ));
-    for _ in 0..300 {
-        let (_, out) = guest.sh("cat /run/agent.out 2>/dev/null");
-        if out.contains("listening on") {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (_, err) = guest.sh("cat /run/agent.err");
-    panic!("the agent did not start in the guest: {err}");
-}
-
-fn stop_agent(guest: &mut Guest) {
-    guest.sh_ok(
-        "p=$(cat /run/agent.pid); kill -TERM $p; i=0; while kill -0 $p 2>/dev/null; do \
-         i=$((i+1)); [ $i -lt 300 ] || exit 1; usleep 100000; done",
-    );
 }
 
 fn virtio_config() -> String {
@@ -194,7 +125,7 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
         spec.index_of("os"),
     );
     create_disk(&data, DiskFormat::Raw, DISK_SIZE);
-    let qga_bin = qemu_ga_binary();
+    let qga_bin = qemu_ga_binary(Path::new(env!("CARGO_TARGET_TMPDIR")));
 
     let mut guest = Guest::boot(
         &GuestSpec {
@@ -206,7 +137,10 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
         .port(AGENT_PORT)
         .port(QGA_PORT)
         .forward(TLS_PORT)
-        .binary(&stripped(&agent_bin()), "/bin/bulwark-agent")
+        .binary(
+            &stripped(&agent_bin(), Path::new(env!("CARGO_TARGET_TMPDIR"))),
+            "/bin/bulwark-agent",
+        )
         .binary(&qga_bin, "/bin/qemu-ga")
         .with_writer(Path::new(env!("CARGO_BIN_EXE_bulwark-guest-writer"))),
     );
@@ -215,7 +149,7 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
     let agent_socket = guest.port_socket(AGENT_PORT);
 
     // ---- 1. bulwark-agent over virtio-serial ----------------------------------------------
-    start_agent(&mut guest, &virtio_config());
+    start_guest_agent(&mut guest, &virtio_config());
 
     // A first session, with the agent's log on failure.
     let first = rt.block_on(async {
@@ -355,7 +289,7 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
             "mkdir -p /etc/bulwark-agent/tls && echo {b64} | base64 -d > /etc/bulwark-agent/tls/{name} && chmod 600 /etc/bulwark-agent/tls/{name}"
         ));
     }
-    start_agent(
+    start_guest_agent(
         &mut guest,
         &format!(
             "listen = \"tcp:0.0.0.0:{TLS_PORT}\"\nstate_dir = \"/run/bulwark-agent\"\n\
@@ -398,7 +332,7 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
             };
         assert!(refused, "a controller of another CA was served");
     });
-    stop_agent(&mut guest);
+    stop_guest_agent(&mut guest);
 
     // ---- 3. only qemu-ga ---------------------------------------------------------------------
     guest.sh_ok(&format!(

@@ -106,6 +106,83 @@ pub fn build_guest(binaries: &[(PathBuf, String)]) -> PathBuf {
     dir
 }
 
+/// Debian's qemu-ga, unpacked (not installed) under `<target>/guest/qga` like the guest
+/// kernel; `target_tmpdir` is the test's `CARGO_TARGET_TMPDIR`.
+pub fn qemu_ga_binary(target_tmpdir: &Path) -> PathBuf {
+    let dir = target_tmpdir
+        .parent()
+        .unwrap_or(target_tmpdir)
+        .join("guest/qga");
+    let bin = dir.join("x/usr/sbin/qemu-ga");
+    if bin.is_file() {
+        return bin;
+    }
+    std::fs::create_dir_all(&dir).expect("create the qemu-ga directory");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("rm -rf x ./*.deb && apt-get download qemu-guest-agent && dpkg -x qemu-guest-agent_*.deb x && rm -f ./*.deb")
+        .current_dir(&dir)
+        .output()
+        .expect("run apt-get download");
+    assert!(
+        bin.is_file(),
+        "could not fetch Debian's qemu-guest-agent into {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+/// A copy of `bin` without debug info under `<target>/guest/stripped` (a debug build is
+/// ~90 MB: too much for the initramfs).
+pub fn stripped(bin: &Path, target_tmpdir: &Path) -> PathBuf {
+    let dir = target_tmpdir
+        .parent()
+        .unwrap_or(target_tmpdir)
+        .join("guest/stripped");
+    std::fs::create_dir_all(&dir).expect("create the stripped directory");
+    let out = dir.join(bin.file_name().unwrap_or_default());
+    let st = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .expect("run strip");
+    assert!(st.success(), "strip {}", bin.display());
+    out
+}
+
+/// Where [`start_guest_agent`] writes the agent's configuration in the guest.
+pub const GUEST_AGENT_CONFIG: &str = "/etc/bulwark-agent/agent.toml";
+
+/// Starts `/bin/bulwark-agent` in the guest with configuration `config` and waits (30 s at
+/// most) until it says it is listening. Its pid goes to `/run/agent.pid`.
+pub fn start_guest_agent(guest: &mut Guest, config: &str) {
+    guest.sh_ok(&format!(
+        "mkdir -p /etc/bulwark-agent && printf '%s' '{config}' > {GUEST_AGENT_CONFIG} && chmod 600 {GUEST_AGENT_CONFIG} && \
+         rm -f /run/agent.out && (BULWARK_LOG=debug setsid /bin/bulwark-agent --config {GUEST_AGENT_CONFIG} \
+         >/run/agent.out 2>>/run/agent.err </dev/null & echo $! > /run/agent.pid)"
+    ));
+    for _ in 0..300 {
+        let (_, out) = guest.sh("cat /run/agent.out 2>/dev/null");
+        if out.contains("listening on") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, err) = guest.sh("cat /run/agent.err");
+    panic!("the agent did not start in the guest: {err}");
+}
+
+/// Stops the agent [`start_guest_agent`] started (SIGTERM, waits 30 s at most).
+pub fn stop_guest_agent(guest: &mut Guest) {
+    guest.sh_ok(
+        "p=$(cat /run/agent.pid); kill -TERM $p; i=0; while kill -0 $p 2>/dev/null; do \
+         i=$((i+1)); [ $i -lt 300 ] || exit 1; usleep 100000; done",
+    );
+}
+
 /// Image format of a guest disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DiskFormat {

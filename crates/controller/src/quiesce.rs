@@ -490,7 +490,12 @@ impl<'a> Session<'a> {
                     (Some(link), Some(hello), None, AgentStatus::Reachable(caps))
                 }
                 Err(reason) => {
-                    let reason = format!("{}: {reason}", target.address);
+                    let address = target.address.to_string();
+                    let reason = if reason.contains(&address) {
+                        reason
+                    } else {
+                        format!("{address}: {reason}")
+                    };
                     tracing::warn!(%reason, "agent unreachable");
                     (None, None, None, AgentStatus::Unreachable { reason })
                 }
@@ -682,9 +687,8 @@ impl<'a> Session<'a> {
     /// to the `Thawed` reply, minus the post-scripts' run time (they run after the thaw).
     async fn thaw(&mut self) -> Option<u64> {
         if self.qga.is_some() {
-            let window = self.thaw_qga().await;
-            self.qga = None;
-            return window;
+            // The session (kept for the point's agent record) closes when the job drops it.
+            return self.thaw_qga().await;
         }
         let mut freeze_window_ms = None;
         let frozen_at = self.frozen_at;
