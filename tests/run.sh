@@ -18,7 +18,8 @@ need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mk
       sgdisk:gdisk sfdisk:fdisk fsfreeze:util-linux losetup:mount sha256sum:coreutils sqlite3:sqlite3 zstd:zstd
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
-      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip)
+      lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip
+      promtool:prometheus)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}

@@ -46,6 +46,7 @@ pub(crate) struct App {
     verified: Mutex<HashMap<String, Verified>>,
     samples: Mutex<Vec<StorageSample>>,
     storage_lock: tokio::sync::Mutex<()>,
+    pub(crate) histograms: crate::metrics::JobHistograms,
 }
 
 /// How long a storage measurement is reused (listing a big vault is not free).
@@ -99,12 +100,13 @@ type ApiResult = Result<Json<Value>, ApiError>;
 impl App {
     pub(crate) fn new(h: Handles, overdue_grace: Duration) -> App {
         App {
-            h,
             started: Timestamp::now(),
             overdue_grace,
             verified: Mutex::new(HashMap::new()),
             samples: Mutex::new(Vec::new()),
             storage_lock: tokio::sync::Mutex::new(()),
+            histograms: crate::metrics::JobHistograms::start(&h.control),
+            h,
         }
     }
 
