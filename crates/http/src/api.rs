@@ -396,7 +396,7 @@ pub(crate) async fn storage(State(app): State<Shared>) -> ApiResult {
         "blocks": s.blocks,
         "points": s.points,
         "logical_bytes": s.logical,
-        "dedup_factor": (s.stored > 0).then(|| s.logical as f64 / s.stored as f64),
+        "dedup_factor": (s.stored > 0).then_some(s.logical as f64 / (s.stored as f64).max(1.0)),
         "growth_bytes_per_day": growth,
         "history": all.iter().map(|s| json!({"at": s.at, "stored_bytes": s.stored, "logical_bytes": s.logical})).collect::<Vec<_>>(),
     })))
