@@ -622,6 +622,7 @@ mod tests {
                 bytes_new: 5,
                 bytes_uploaded: 3,
                 error: None,
+                freeze_window_ms: None,
             },
         )
         .unwrap();

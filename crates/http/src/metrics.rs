@@ -177,13 +177,13 @@ async fn render(app: &Shared) -> Result<String, String> {
             vm: vm.name.clone(),
         };
         for s in STATES {
-            jobs.get_or_create(&VmState {
+            let _ = jobs.get_or_create(&VmState {
                 vm: vm.name.clone(),
                 state: s.to_string(),
             });
         }
-        read.get_or_create(&label);
-        uploaded.get_or_create(&label);
+        let _ = read.get_or_create(&label);
+        let _ = uploaded.get_or_create(&label);
         let recent = app
             .h
             .history
