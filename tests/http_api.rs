@@ -114,6 +114,18 @@ fn http(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
+    let (status, text) = http_text(port, method, path, token, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request over plain TCP; the status and the body as text.
+fn http_text(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -135,7 +147,7 @@ fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    (status, body.to_string())
 }
 
 fn get(token: &str, path: &str) -> Value {
@@ -221,11 +233,14 @@ fn api_resources_actions_auth_and_cancel() {
         !cfg_text.contains(&op) && !cfg_text.contains(&ro),
         "the configuration must hold only the tokens' hashes"
     );
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let _daemon = serve(&s);
     wait_for("the API", Duration::from_secs(60), || {
         TcpStream::connect(("127.0.0.1", PORT)).ok()
     });
 
+    step("Anonymous: only /healthz.");
     // Anonymous: only /healthz.
     let (st, v) = http(PORT, "GET", "/healthz", None, None);
     assert_eq!((st, v["status"].as_str()), (200, Some("ok")));
@@ -265,6 +280,7 @@ fn api_resources_actions_auth_and_cancel() {
     );
     assert!(log.contains("unknown token") && log.contains("has read scope"));
 
+    step("Run now (CLI");
     // Run now (CLI, address from the configuration) and watch it finish.
     let out = cli(&s.config, &op, &["run-now", "web01"]);
     assert!(out.status.success(), "run-now: {}", stderr_of(&out));
@@ -282,6 +298,7 @@ fn api_resources_actions_auth_and_cancel() {
     let (st, _) = http(PORT, "POST", "/api/v1/vms/nope/run", Some(&op), None);
     assert_eq!(st, 404);
 
+    step("Cancel it mid-transfer");
     // Cancel it mid-transfer through the CLI: recorded Cancelled, no point, snapshots gone.
     wait_for("big01 transferring", Duration::from_secs(60), || {
         let j = get(&ro, &format!("/api/v1/jobs/{big_job}"));
@@ -315,12 +332,14 @@ fn api_resources_actions_auth_and_cancel() {
     assert_eq!(st, 409, "cancel of an ended job");
     let (st, _) = http(PORT, "POST", "/api/v1/jobs/999999/cancel", Some(&op), None);
     assert_eq!(st, 404);
+    step("The next run succeeds.");
     // The next run succeeds.
     let (st, v) = http(PORT, "POST", "/api/v1/vms/big01/run", Some(&op), None);
     assert_eq!(st, 202);
     let j = job_end(&ro, v["job"].as_i64().unwrap(), Duration::from_secs(120));
     assert_eq!(j["state"], "Completed", "the run after the cancel: {j}");
 
+    step("VMs: policy");
     // VMs: policy, next run, last job, protection; late01 fails every 2 s and is overdue.
     let vms = get(&ro, "/api/v1/vms");
     let vm = |name: &str| {
@@ -345,6 +364,7 @@ fn api_resources_actions_auth_and_cancel() {
     assert_eq!(late["last_job"]["state"], "Failed", "{late}");
     assert_eq!(late["policy"], "strict");
 
+    step("Points of a VM");
     // Points of a VM: consistency, tiers, size, verify state.
     let v = get(&ro, "/api/v1/vms/web01");
     let p = &v["points"]["points"][0];
@@ -360,6 +380,7 @@ fn api_resources_actions_auth_and_cancel() {
     assert!(!list.is_empty() && list.len() <= 2);
     assert!(list.iter().all(|j| j["vm"] == "late01"));
 
+    step("Storage, policies");
     // Storage, policies, leases.
     let st = get(&ro, "/api/v1/storage");
     let (stored, logical) = (
@@ -382,6 +403,7 @@ fn api_resources_actions_auth_and_cancel() {
     let leases = get(&ro, "/api/v1/leases");
     assert!(leases["leases"].is_array());
 
+    step("Restore a disk");
     // Restore a disk to a host path: bit-exact; relative or existing targets refused.
     let to = s.root.join("restored-os.img");
     let body = json!({"point": point, "disk": "os", "to": to});
@@ -414,6 +436,7 @@ fn api_resources_actions_auth_and_cancel() {
     );
     assert_eq!(st, 400);
 
+    step("Prune (dry");
     // Prune (dry run keeps everything, says so).
     let (st, r) = http(
         PORT,
@@ -426,6 +449,54 @@ fn api_resources_actions_auth_and_cancel() {
     assert_eq!(r["dry_run"], true);
     assert_eq!(r["kept"].as_array().unwrap().len(), 1, "{r}");
 
+    step("Metrics");
+    let (st, _) = http_text(PORT, "GET", "/metrics", None, None);
+    assert_eq!(st, 401, "/metrics needs a token");
+    let (st, text) = http_text(PORT, "GET", "/metrics", Some(&ro), None);
+    assert_eq!(st, 200, "{text}");
+    for want in [
+        "bulwark_jobs{vm=\"big01\",state=\"Cancelled\"} 1",
+        "bulwark_jobs{vm=\"web01\",state=\"Completed\"} 1",
+        "bulwark_vm_overdue{vm=\"late01\"} 1",
+        "bulwark_vm_overdue{vm=\"web01\"} 0",
+        "bulwark_last_success_timestamp_seconds{vm=\"web01\"}",
+        "bulwark_backup_uploaded_bytes_total{vm=\"big01\"}",
+        "bulwark_job_duration_seconds_count{vm=\"big01\"} 2",
+        &format!("bulwark_vault_stored_bytes {stored}"),
+    ] {
+        assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
+    }
+    match bulwark_tests::which("promtool") {
+        Some(promtool) => {
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics: {}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => bulwark_tests::skip(
+            "http_api promtool",
+            bulwark_tests::Needs::Servers,
+            "promtool (Debian package prometheus) is not installed",
+        ),
+    }
+
+    step("Verify: clean");
     // Verify: clean, then a damaged block makes web01's point "damaged".
     let (st, r) = http(
         PORT,

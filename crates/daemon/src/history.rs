@@ -185,6 +185,23 @@ pub struct JobEnd {
     pub freeze_window_ms: Option<u64>,
 }
 
+/// Jobs of one VM in one state, summed ([`History::totals`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTotals {
+    /// The VM.
+    pub vm: String,
+    /// The state.
+    pub state: JobState,
+    /// How many jobs.
+    pub jobs: u64,
+    /// Bytes they read.
+    pub bytes_read: u64,
+    /// Bytes they uploaded.
+    pub bytes_uploaded: u64,
+    /// The latest end among them.
+    pub last_ended: Option<Timestamp>,
+}
+
 /// The job database. Cheap to clone; all clones share one connection.
 #[derive(Debug, Clone)]
 pub struct History {
@@ -503,6 +520,46 @@ impl History {
                 bytes_new: new.max(0) as u64,
                 bytes_uploaded: up.max(0) as u64,
                 error,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Totals per VM and job state: jobs, bytes read, bytes uploaded, and the latest end of a
+    /// successful job (for metrics).
+    pub fn totals(&self) -> Result<Vec<JobTotals>, Error> {
+        let c = self.lock();
+        let mut stmt = c
+            .prepare(
+                "SELECT vm, state, COUNT(*), SUM(bytes_read), SUM(bytes_uploaded), MAX(ended_ms)
+                 FROM jobs GROUP BY vm, state ORDER BY vm, state",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vm, state, jobs, read, up, ended) = row.map_err(|e| self.err(e))?;
+            let Ok(state) = state.parse::<JobState>() else {
+                continue;
+            };
+            out.push(JobTotals {
+                vm,
+                state,
+                jobs: jobs.max(0) as u64,
+                bytes_read: read.unwrap_or(0).max(0) as u64,
+                bytes_uploaded: up.unwrap_or(0).max(0) as u64,
+                last_ended: ended.map(ts),
             });
         }
         Ok(out)

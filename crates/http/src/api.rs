@@ -46,6 +46,7 @@ pub(crate) struct App {
     verified: Mutex<HashMap<String, Verified>>,
     samples: Mutex<Vec<StorageSample>>,
     storage_lock: tokio::sync::Mutex<()>,
+    pub(crate) histograms: crate::metrics::JobHistograms,
 }
 
 /// How long a storage measurement is reused (listing a big vault is not free).
@@ -99,12 +100,13 @@ type ApiResult = Result<Json<Value>, ApiError>;
 impl App {
     pub(crate) fn new(h: Handles, overdue_grace: Duration) -> App {
         App {
-            h,
             started: Timestamp::now(),
             overdue_grace,
             verified: Mutex::new(HashMap::new()),
             samples: Mutex::new(Vec::new()),
             storage_lock: tokio::sync::Mutex::new(()),
+            histograms: crate::metrics::JobHistograms::start(&h.control),
+            h,
         }
     }
 
@@ -394,7 +396,7 @@ pub(crate) async fn storage(State(app): State<Shared>) -> ApiResult {
         "blocks": s.blocks,
         "points": s.points,
         "logical_bytes": s.logical,
-        "dedup_factor": (s.stored > 0).then(|| s.logical as f64 / s.stored as f64),
+        "dedup_factor": (s.stored > 0).then_some(s.logical as f64 / (s.stored as f64).max(1.0)),
         "growth_bytes_per_day": growth,
         "history": all.iter().map(|s| json!({"at": s.at, "stored_bytes": s.stored, "logical_bytes": s.logical})).collect::<Vec<_>>(),
     })))

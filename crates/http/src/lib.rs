@@ -7,6 +7,8 @@
 //! * Actions (an `operator` token): `POST vms/{vm}/run`, `POST jobs/{id}/cancel`,
 //!   `POST verify`, `POST vms/{vm}/prune`, `POST vms/{vm}/restore`.
 //!
+//! * `GET /metrics` (any valid token): Prometheus metrics (OpenMetrics text).
+//!
 //! Every route but `/healthz` needs `Authorization: Bearer TOKEN`; tokens come from
 //! [`new_token`] and the configuration stores only their [`token_sha256`]. Refusals are
 //! logged. Off loopback the API is served over TLS (rustls), which the configuration enforces.
@@ -20,6 +22,7 @@
 
 mod api;
 mod auth;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -134,6 +137,7 @@ fn router(handles: Handles, http: &HttpConfig) -> Router {
         .route("/api/v1/storage", get(api::storage))
         .route("/api/v1/policies", get(api::policies))
         .route("/api/v1/leases", get(api::leases))
+        .route("/metrics", get(metrics::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             tokens,
             auth::require_token,
