@@ -77,6 +77,8 @@ fn symlink_targets_are_refused() {
         (&link, &["--force"][..]),
         (&dangling, &[][..]),
         (&dangling, &["--force"][..]),
+        (&link, &["--in-place"][..]),
+        (&dangling, &["--in-place"][..]),
     ] {
         let out = env.restore("vm", &point, "d", to, extra);
         assert!(
@@ -98,9 +100,12 @@ fn symlink_targets_are_refused() {
     }
     assert_eq!(std::fs::read(&real).unwrap(), b"keep me");
     assert!(!env.path("nowhere.img").exists());
-    // --in-place is for devices only; a regular file is still replaced with --force.
+    // A regular file (not a link) is repaired block by block with --in-place, or replaced
+    // whole with --force.
     let out = env.restore("vm", &point, "d", &real, &["--in-place"]);
-    assert!(!out.status.success());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(std::fs::read(&real).unwrap(), std::fs::read(&img).unwrap());
+    std::fs::write(&real, b"replace me").unwrap();
     let out = env.restore("vm", &point, "d", &real, &["--force"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_eq!(std::fs::read(&real).unwrap(), std::fs::read(&img).unwrap());
@@ -148,7 +153,7 @@ fn block_devices_only_in_place_and_never_mounted() {
         !out.status.success(),
         "restore into a mounted device succeeded"
     );
-    assert!(stderr_of(&out).contains("in use"), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("mounted"), "{}", stderr_of(&out));
     assert_eq!(std::fs::read(fs.path().join("f")).unwrap(), b"still here");
     fs.unmount();
 }

@@ -157,15 +157,22 @@ fn open_target(path: &Path) -> Result<(File, bool), Error> {
         path: path.to_path_buf(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
+    // Never through a link: the write would land wherever it points.
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
     let ft = meta.file_type();
+    if ft.is_symlink() {
+        return Err(Error::RestoreTarget {
+            path: path.to_path_buf(),
+            why: "is a symbolic link: refused (a restore never writes through a link; give the real path)".into(),
+        });
+    }
     if ft.is_block_device() {
         use std::os::unix::fs::MetadataExt;
         check_not_in_use(path, meta.rdev())?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc_excl())
+            .custom_flags(libc_excl() | nofollow())
             .open(path)
             .map_err(|e| {
                 if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
@@ -182,6 +189,7 @@ fn open_target(path: &Path) -> Result<(File, bool), Error> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(nofollow())
             .open(path)
             .map_err(io)?;
         Ok((file, false))
@@ -195,6 +203,11 @@ fn open_target(path: &Path) -> Result<(File, bool), Error> {
 
 fn libc_excl() -> i32 {
     rustix::fs::OFlags::EXCL.bits() as i32
+}
+
+/// A link swapped in between the check and the open is refused by the open itself.
+fn nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
 /// Restores `req`'s disk onto the existing target `req.to`, writing only the blocks that
