@@ -132,12 +132,13 @@ impl Vault {
     /// marks the address its key names (with the read error as `why`).
     pub async fn known_bad_blocks(&self) -> Result<BTreeMap<Address, BadBlock>, Error> {
         let prefix = ObjPath::from(BAD_BLOCKS_PREFIX);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::store(&prefix, e))?;
+        // Every backup lists these first: a transient store error is retried like any other
+        // idempotent request, not allowed to fail the job.
+        let metas: Vec<_> = crate::retry::retry(&self.retry, prefix.as_ref(), |_| {
+            self.store.list(Some(&prefix)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
         let mut out = BTreeMap::new();
         for meta in metas {
             let Some(address) = meta
