@@ -1,7 +1,8 @@
 //! Restore target safety through the CLI: a symbolic link (dangling or not) is refused, with
-//! or without `--force`; a block device is refused without `--in-place` (and `--force` never
+//! `--force` or `--in-place` too; a regular file is repaired with `--in-place` or replaced with
+//! `--force`; a block device is refused without `--in-place` (and `--force` never
 //! replaces the node); with `--in-place` an unmounted loop device receives the disk bit-exact
-//! (old data in zero blocks overwritten); a mounted one is refused as in use. The device half
+//! (old data in zero blocks overwritten); a mounted one is refused as mounted. The device half
 //! needs root (loop devices), and skips visibly without it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
