@@ -179,7 +179,7 @@ pub fn start_guest_agent(guest: &mut Guest, config: &str) {
 pub fn stop_guest_agent(guest: &mut Guest) {
     guest.sh_ok(
         "p=$(cat /run/agent.pid); kill -TERM $p; i=0; while kill -0 $p 2>/dev/null; do \
-         i=$((i+1)); [ $i -lt 300 ] || exit 1; usleep 100000; done",
+         i=$((i+1)); [ $i -lt 300 ] || exit 1; { usleep 100000 2>/dev/null || sleep 0.1; }; done",
     );
 }
 
@@ -738,7 +738,7 @@ impl Guest {
     pub fn writer_pause(&mut self) -> u64 {
         let out = self.sh_ok(&format!(
             "touch {c}/pause; i=0; while [ ! -e {c}/paused ]; do \
-               i=$((i+1)); [ $i -lt 3000 ] || exit 1; usleep 10000; done; cat {c}/paused",
+               i=$((i+1)); [ $i -lt 3000 ] || exit 1; {{ usleep 10000 2>/dev/null || sleep 0.01; }}; done; cat {c}/paused",
             c = WRITER_CONTROL
         ));
         out.trim().parse().expect("paused generation")
@@ -747,7 +747,7 @@ impl Guest {
     /// Resumes a paused writer.
     pub fn writer_resume(&mut self) {
         self.sh_ok(&format!(
-            "rm -f {c}/pause; while [ -e {c}/paused ]; do usleep 10000; done",
+            "rm -f {c}/pause; while [ -e {c}/paused ]; do {{ usleep 10000 2>/dev/null || sleep 0.01; }}; done",
             c = WRITER_CONTROL
         ));
     }
@@ -756,7 +756,7 @@ impl Guest {
     pub fn writer_stop(&mut self) -> WriterSummary {
         self.sh_ok(&format!(
             "touch {c}/stop; i=0; while [ ! -e {c}/stopped ]; do \
-               i=$((i+1)); [ $i -lt 3000 ] || {{ cat {c}/out; exit 1; }}; usleep 10000; done",
+               i=$((i+1)); [ $i -lt 3000 ] || {{ cat {c}/out; exit 1; }}; {{ usleep 10000 2>/dev/null || sleep 0.01; }}; done",
             c = WRITER_CONTROL
         ));
         self.writer_log()
