@@ -845,7 +845,6 @@ async fn stress_backups_prunes_and_gc_concurrently() {
                     disk: "d0".into(),
                     to: to.clone(),
                     force: true,
-                    in_place: false,
                     concurrency: 8,
                     from: RestoreFrom::Vault,
                     snapshots: None,

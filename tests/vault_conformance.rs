@@ -29,7 +29,6 @@ async fn restore_to(vault: &Vault, point: &str, to: &Path) -> Vec<u8> {
             disk: "os".into(),
             to: to.to_path_buf(),
             force: true,
-            in_place: false,
             concurrency: 8,
             from: RestoreFrom::Vault,
             snapshots: None,

@@ -53,7 +53,6 @@ async fn restored(vault: &Vault, point: &str, dir: &Path) -> Vec<u8> {
             disk: "os".into(),
             to: to.clone(),
             force: true,
-            in_place: false,
             concurrency: 8,
             from: RestoreFrom::Vault,
             snapshots: None,

@@ -114,7 +114,6 @@ impl Fixture {
                     disk: "os".into(),
                     to: to.clone(),
                     force: true,
-                    in_place: false,
                     concurrency: 4,
                     from: RestoreFrom::Vault,
                     snapshots: None,

@@ -440,7 +440,6 @@ async fn restore(a: RestoreArgs) -> Result<()> {
     let progress = ui::Bars::new(!a.json);
     let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
     req.force = a.force;
-    req.in_place = a.in_place;
     req.concurrency = a.concurrency;
     if a.in_place {
         req.observer = progress.clone();

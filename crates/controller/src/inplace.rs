@@ -223,6 +223,7 @@ pub async fn run_restore_in_place(
     let start = Instant::now();
     let point = vault.resolve_point(&req.vm, &req.point).await?;
     let map = vault.disk_manifest(&point, &req.disk).await?;
+    crate::restore::refuse_known_bad(vault, &point, &req.disk, &map).await?;
     let path = req.to.clone();
     let io = |source| Error::Io {
         path: path.clone(),

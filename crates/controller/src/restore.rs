@@ -41,12 +41,9 @@ pub struct RestoreRequest {
     pub disk: String,
     /// Where to write the raw image.
     pub to: PathBuf,
-    /// Replace `to` if it exists (a regular file only).
+    /// Replace `to` if it exists (a regular file only). An existing disk (image file or
+    /// block device) is repaired in place by [`crate::run_restore_in_place`] instead.
     pub force: bool,
-    /// `to` is an existing block device to overwrite in place (never renamed over): it must
-    /// not be mounted or otherwise in use (it is opened exclusively) and must be at least as
-    /// large as the disk. Without it a device node is refused.
-    pub in_place: bool,
     /// Blocks fetched at once.
     pub concurrency: usize,
     /// Which tier to read.
@@ -73,7 +70,6 @@ impl RestoreRequest {
             disk: disk.into(),
             to: to.into(),
             force: false,
-            in_place: false,
             concurrency: 16,
             from: RestoreFrom::Auto,
             snapshots: None,
@@ -90,10 +86,7 @@ impl RestoreRequest {
 pub async fn run_restore(req: RestoreRequest, vault: &Vault) -> Result<RestoreReport, Error> {
     let span = tracing::info_span!("restore", vm = %req.vm, point = %req.point, disk = %req.disk);
     let _enter = span.enter();
-    let device = check_target(&req)?;
-    if let Some(kind) = device {
-        return to_device(vault, &req, kind).await;
-    }
+    check_target(&req)?;
     match (&req.snapshots, req.from) {
         (_, RestoreFrom::Vault) | (None, RestoreFrom::Auto) => from_vault(vault, &req).await,
         (None, _) => Err(Error::RestoreTarget {
@@ -171,12 +164,7 @@ pub(crate) async fn from_vault(
     let point = vault.resolve_point(&req.vm, &req.point).await?;
     let map = vault.disk_manifest(&point, &req.disk).await?;
     refuse_known_bad(vault, &point, &req.disk, &map).await?;
-    if check_target(req)?.is_some() {
-        return Err(Error::RestoreTarget {
-            path: req.to.clone(),
-            why: "is a device: restored only in place (--in-place)".into(),
-        });
-    }
+    check_target(req)?;
     if let Some(parent) = req.to.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.is_dir()
     {
@@ -280,27 +268,18 @@ pub(crate) async fn from_vault(
     Ok(report)
 }
 
-/// A block device target, restored in place.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BlockDevice;
-
-/// Checks the restore target without following a symbolic link: a symlink (dangling or not)
-/// is refused; an existing regular file needs `force`; a block device needs `in_place`
-/// (`Some`); any other kind of file is refused. `None`: write a new file and rename it there.
-pub(crate) fn check_target(req: &RestoreRequest) -> Result<Option<BlockDevice>, Error> {
-    use std::os::unix::fs::FileTypeExt;
+/// Checks the target of a restore into a new file, without following a symbolic link: a
+/// symlink (dangling or not) is refused; an existing regular file needs `force`; a block
+/// device, or any other kind of file, is refused (an existing disk is repaired with
+/// [`crate::run_restore_in_place`], which compares before it writes).
+pub(crate) fn check_target(req: &RestoreRequest) -> Result<(), Error> {
     let refuse = |why: &str| Error::RestoreTarget {
         path: req.to.clone(),
         why: why.into(),
     };
     let meta = match std::fs::symlink_metadata(&req.to) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if req.in_place {
-                return Err(refuse("--in-place needs an existing block device"));
-            }
-            return Ok(None);
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
             return Err(Error::Io {
                 path: req.to.clone(),
@@ -314,21 +293,14 @@ pub(crate) fn check_target(req: &RestoreRequest) -> Result<Option<BlockDevice>, 
             "is a symbolic link: refused (a restore never writes through a link; give the real path)",
         ));
     }
-    if t.is_block_device() {
-        return if req.in_place {
-            Ok(Some(BlockDevice))
-        } else {
-            Err(refuse(
-                "is a block device: overwrite it only with --in-place (--force never replaces a device node)",
-            ))
-        };
-    }
-    if req.in_place {
-        return Err(refuse("--in-place is for block devices only"));
+    if std::os::unix::fs::FileTypeExt::is_block_device(&t) {
+        return Err(refuse(
+            "is a block device: overwrite it only with --in-place (--force never replaces a device node)",
+        ));
     }
     if t.is_file() {
         return if req.force {
-            Ok(None)
+            Ok(())
         } else {
             Err(refuse("already exists (use --force to replace it)"))
         };
@@ -336,112 +308,6 @@ pub(crate) fn check_target(req: &RestoreRequest) -> Result<Option<BlockDevice>, 
     Err(refuse(
         "is not a regular file (a directory, device, FIFO or socket): refused",
     ))
-}
-
-/// Restores into an existing block device in place: opened exclusively (the kernel refuses
-/// while it is mounted, or held by another user such as LVM or a running VM), checked to be
-/// large enough, every block written (zero blocks as zeros: the device holds old data),
-/// synced. Every block read from the vault is verified first.
-async fn to_device(
-    vault: &Vault,
-    req: &RestoreRequest,
-    _kind: BlockDevice,
-) -> Result<RestoreReport, Error> {
-    use std::io::{Seek, SeekFrom};
-    let start = Instant::now();
-    let point = vault.resolve_point(&req.vm, &req.point).await?;
-    let map = vault.disk_manifest(&point, &req.disk).await?;
-    refuse_known_bad(vault, &point, &req.disk, &map).await?;
-    let io = |source| Error::Io {
-        path: req.to.clone(),
-        source,
-    };
-    let mut dev = OpenOptions::new()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
-        .open(&req.to)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
-                Error::RestoreTarget {
-                    path: req.to.clone(),
-                    why: "is in use (mounted, or held by another process or the kernel): refused"
-                        .into(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
-    let size = dev.seek(SeekFrom::End(0)).map_err(io)?;
-    if size < map.disk_size() {
-        return Err(Error::RestoreTarget {
-            path: req.to.clone(),
-            why: format!(
-                "device holds {size} bytes, the disk needs {}",
-                map.disk_size()
-            ),
-        });
-    }
-    let dev = Arc::new(dev);
-    let bs = map.block_size().bytes();
-    let mut report = RestoreReport {
-        point: point.id.clone(),
-        vm: req.vm.clone(),
-        disk: req.disk.clone(),
-        to: req.to.clone(),
-        size: map.disk_size(),
-        data_blocks: 0,
-        zero_blocks: 0,
-        bytes_written: 0,
-        duration_ms: 0,
-        source: Tier::Vault,
-        verified: true,
-        snapshot_rejected: None,
-    };
-    req.observer.start(&req.disk, map.disk_size());
-    let mut writes = futures::stream::iter(map.entries().iter().enumerate())
-        .map(|(i, e)| {
-            let dev = dev.clone();
-            let index = i as u64;
-            let expected = map.block_len(index);
-            let path = req.to.clone();
-            async move {
-                let (data, is_data) = match *e {
-                    Entry::Data { address, .. } => (vault.get_block(address).await?, true),
-                    Entry::Zero => (bytes::Bytes::from(vec![0u8; expected as usize]), false),
-                };
-                if data.len() as u64 != expected {
-                    return Err(Error::Worker(format!(
-                        "block {index} is {} bytes, the manifest needs {expected}",
-                        data.len()
-                    )));
-                }
-                tokio::task::spawn_blocking(move || dev.write_all_at(&data, index * bs))
-                    .await
-                    .map_err(|e| Error::Worker(e.to_string()))?
-                    .map_err(|source| Error::Io { path, source })?;
-                Ok::<_, Error>((expected, is_data))
-            }
-        })
-        .buffered(req.concurrency.max(1));
-    while let Some(r) = writes.next().await {
-        let (len, data) = r?;
-        if data {
-            report.data_blocks += 1;
-        } else {
-            report.zero_blocks += 1;
-        }
-        report.bytes_written += len;
-        req.observer.advance(&req.disk, len);
-    }
-    drop(writes);
-    let sync = dev.clone();
-    tokio::task::spawn_blocking(move || sync.sync_all())
-        .await
-        .map_err(|e| Error::Worker(e.to_string()))?
-        .map_err(io)?;
-    req.observer.finish(&req.disk);
-    report.duration_ms = start.elapsed().as_millis() as u64;
-    Ok(report)
 }
 
 /// Fails, before anything is written, when the disk needs blocks `verify` recorded as bad

@@ -335,12 +335,7 @@ pub async fn run_restore_as(
         return crate::run_restore(req, vault).await;
     }
     let to = req.to.clone();
-    if req.in_place || crate::restore::check_target(&req)?.is_some() {
-        return Err(Error::RestoreTarget {
-            path: to,
-            why: "a qcow2 restore writes a new image file, never into a device".into(),
-        });
-    }
+    crate::restore::check_target(&req)?;
     let name = to
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -496,12 +496,7 @@ pub(crate) async fn restore_tiered(
     fallback: bool,
 ) -> Result<RestoreReport, Error> {
     let start = Instant::now();
-    if crate::restore::check_target(req)?.is_some() {
-        return Err(Error::RestoreTarget {
-            path: req.to.clone(),
-            why: "is a device: restored only in place, from the vault".into(),
-        });
-    }
+    crate::restore::check_target(req)?;
     let point = match vault.resolve_point(&req.vm, &req.point).await {
         Ok(p) => Some(p),
         Err(VaultError::NoSuchPoint { .. }) if req.point != "latest" => None,
