@@ -6,37 +6,19 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use bulwark_nbd::Address;
-use bulwark_recovery::{DiskOptions, ExportOptions};
+use bulwark_recovery::ExportOptions;
 use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
-
-use crate::{VaultArg, ui};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     #[command(flatten)]
-    vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    vm: String,
-    /// The point: an id from `list`, or `latest`.
-    #[arg(long, default_value = "latest")]
-    point: String,
-    /// The disk's name in the point (also the NBD export name).
-    #[arg(long)]
-    disk: String,
+    at: crate::PointDiskArg,
     /// Where to listen: unix:PATH (must not exist) or tcp:127.0.0.1:PORT (loopback only).
     #[arg(long, value_name = "unix:PATH|tcp:127.0.0.1:PORT")]
     nbd: String,
-    /// Block cache size.
-    #[arg(long, default_value = "64MiB", value_parser = ui::parse_size)]
-    cache: u64,
-    /// Blocks fetched at once for one large read.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Blocks fetched ahead of a sequential reader.
-    #[arg(long, default_value_t = 4)]
-    readahead: u32,
+    #[command(flatten)]
+    reader: crate::ReaderArgs,
     /// Most clients at once.
     #[arg(long, default_value_t = 16)]
     max_connections: usize,
@@ -67,23 +49,20 @@ pub async fn run(a: ExportArgs) -> Result<ExitCode> {
     let address = parse_address(&a.nbd)?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let vault = crate::open(&a.vault).await?;
+    let vault = crate::open(&a.at.vault).await?;
     let mut options = ExportOptions::default();
-    options.disk = DiskOptions {
-        cache_bytes: a.cache,
-        readahead_blocks: a.readahead,
-        concurrency: a.concurrency,
-    };
+    options.disk = a.reader.options();
     options.max_connections = a.max_connections;
     let (server, backend) =
-        bulwark_recovery::export(&vault, &a.vm, &a.point, &a.disk, &address, options).await?;
+        bulwark_recovery::export(&vault, &a.at.vm, &a.at.point, &a.at.disk, &address, options)
+            .await?;
     let disk = backend.disk();
     eprintln!(
         "serving {} ({}, read-only) on {} export {:?}; SIGTERM or Ctrl-C stops",
         disk.label(),
         bulwark_vault::HumanBytes(disk.size()),
         server.address(),
-        a.disk
+        a.at.disk
     );
     let stop = server.shutdown_handle();
     let mut run = tokio::spawn(server.run());

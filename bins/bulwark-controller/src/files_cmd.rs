@@ -7,11 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use bulwark_recovery::DiskOptions;
 use bulwark_recovery::files::{self, GetOptions, Kind, Report, Source};
 use clap::{Args, Subcommand};
-
-use crate::{VaultArg, ui};
 
 /// Read files of a point's disk.
 #[derive(Debug, Subcommand)]
@@ -28,28 +25,12 @@ pub enum FilesCommand {
 #[derive(Debug, Args)]
 pub struct Common {
     #[command(flatten)]
-    vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    vm: String,
-    /// The point: an id from `list`, or `latest`.
-    #[arg(long, default_value = "latest")]
-    point: String,
-    /// The disk's name in the point.
-    #[arg(long)]
-    disk: String,
+    at: crate::PointDiskArg,
     /// Read partition N (MBR slot or GPT entry number) instead of the whole disk.
     #[arg(long, value_name = "N")]
     partition: Option<u32>,
-    /// Block cache size.
-    #[arg(long, default_value = "64MiB", value_parser = ui::parse_size)]
-    cache: u64,
-    /// Blocks fetched at once for one large read.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Blocks fetched ahead of a sequential reader.
-    #[arg(long, default_value_t = 4)]
-    readahead: u32,
+    #[command(flatten)]
+    reader: crate::ReaderArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -58,15 +39,11 @@ pub struct Common {
 impl Common {
     fn source(&self) -> Source {
         Source {
-            vm: self.vm.clone(),
-            point: self.point.clone(),
-            disk: self.disk.clone(),
+            vm: self.at.vm.clone(),
+            point: self.at.point.clone(),
+            disk: self.at.disk.clone(),
             partition: self.partition,
-            options: DiskOptions {
-                cache_bytes: self.cache,
-                readahead_blocks: self.readahead,
-                concurrency: self.concurrency,
-            },
+            options: self.reader.options(),
         }
     }
 }
@@ -104,7 +81,7 @@ pub struct CatArgs {
 pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
     match cmd {
         FilesCommand::Ls(a) => {
-            let vault = crate::open(&a.common.vault).await?;
+            let vault = crate::open(&a.common.at.vault).await?;
             let (entries, report) = files::list(&vault, &a.common.source(), &a.path).await?;
             if a.common.json {
                 let out = serde_json::json!({ "entries": entries, "report": report });
@@ -137,7 +114,7 @@ pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
             }
         }
         FilesCommand::Get(a) => {
-            let vault = crate::open(&a.common.vault).await?;
+            let vault = crate::open(&a.common.at.vault).await?;
             let options = GetOptions {
                 owner: rustix::process::geteuid().is_root(),
             };
@@ -151,7 +128,7 @@ pub async fn run(cmd: FilesCommand) -> Result<ExitCode> {
             }
         }
         FilesCommand::Cat(a) => {
-            let vault = crate::open(&a.common.vault).await?;
+            let vault = crate::open(&a.common.at.vault).await?;
             let (_, report) =
                 files::cat(&vault, &a.common.source(), &a.path, std::io::stdout()).await?;
             if a.common.json {

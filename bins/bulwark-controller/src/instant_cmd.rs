@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bulwark_controller::instant::{InstantExport, InstantRequest, JOB_PREFIX};
-use bulwark_recovery::DiskOptions;
 use clap::Args;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{VaultArg, ui};
+use crate::ui;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Steps:
@@ -37,16 +36,7 @@ Example:
       -device virtio-blk-pci,drive=os")]
 pub struct InstantArgs {
     #[command(flatten)]
-    vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    vm: String,
-    /// The point: an id from `list`, or `latest`.
-    #[arg(long, default_value = "latest")]
-    point: String,
-    /// The disk's name in the point (also the NBD export name).
-    #[arg(long)]
-    disk: String,
+    at: crate::PointDiskArg,
     /// The qcow2 overlay to create (must not exist); the VM runs on it.
     #[arg(long, value_name = "PATH")]
     overlay: PathBuf,
@@ -67,15 +57,8 @@ pub struct InstantArgs {
     /// reads are served at once whatever it is.
     #[arg(long, default_value = "0", value_parser = ui::parse_size)]
     speed: u64,
-    /// Block cache size.
-    #[arg(long, default_value = "64MiB", value_parser = ui::parse_size)]
-    cache: u64,
-    /// Blocks fetched at once for one large read.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Blocks fetched ahead of a sequential reader.
-    #[arg(long, default_value_t = 4)]
-    readahead: u32,
+    #[command(flatten)]
+    reader: crate::ReaderArgs,
     /// Print a JSON report at the end.
     #[arg(long)]
     json: bool,
@@ -86,14 +69,10 @@ pub async fn run(a: InstantArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let vault = crate::open(&a.vault).await?;
-    let mut req = InstantRequest::new(&a.vm, &a.point, &a.disk, &a.overlay);
+    let vault = crate::open(&a.at.vault).await?;
+    let mut req = InstantRequest::new(&a.at.vm, &a.at.point, &a.at.disk, &a.overlay);
     req.socket = a.socket.clone();
-    req.disk_options = DiskOptions {
-        cache_bytes: a.cache,
-        readahead_blocks: a.readahead,
-        concurrency: a.concurrency,
-    };
+    req.disk_options = a.reader.options();
     let export = InstantExport::start(&vault, &req).await?;
     let ready = started.elapsed();
     eprintln!(
@@ -103,7 +82,7 @@ pub async fn run(a: InstantArgs) -> Result<ExitCode> {
         export.socket().display(),
         export.overlay().display(),
         ready.as_millis(),
-        export.qemu_args(&a.disk).join(" ")
+        export.qemu_args(&a.at.disk).join(" ")
     );
     println!("ready {}", export.overlay().display());
 
@@ -145,7 +124,7 @@ pub async fn run(a: InstantArgs) -> Result<ExitCode> {
     let bars = ui::Bars::new(!a.json);
     let cb = bars.clone();
     let progress = move |done, total| cb.set("stream", done, total);
-    let job = format!("{JOB_PREFIX}{}", a.disk);
+    let job = format!("{JOB_PREFIX}{}", a.at.disk);
     let streamed = tokio::select! {
         r = export.stream(&qmp, a.device.as_deref(), a.speed, &progress) => r.map_err(anyhow::Error::from),
         _ = term.recv() => Err(anyhow::anyhow!("stopped by SIGTERM")),

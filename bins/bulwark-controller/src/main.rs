@@ -109,6 +109,46 @@ struct VaultArg {
     vault: String,
 }
 
+/// One disk of one recovery point, as every command that reads a point names it.
+#[derive(Debug, Args)]
+struct PointDiskArg {
+    #[command(flatten)]
+    vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    vm: String,
+    /// The point: an id from `list`, or `latest`.
+    #[arg(long, default_value = "latest")]
+    point: String,
+    /// The disk's name in the point (also the NBD export name when it is served).
+    #[arg(long)]
+    disk: String,
+}
+
+/// How a point's disk is read on demand: verified blocks, through a bounded cache.
+#[derive(Debug, Args)]
+struct ReaderArgs {
+    /// Block cache size.
+    #[arg(long, default_value = "64MiB", value_parser = ui::parse_size)]
+    cache: u64,
+    /// Blocks fetched at once for one large read.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Blocks fetched ahead of a sequential reader.
+    #[arg(long, default_value_t = 4)]
+    readahead: u32,
+}
+
+impl ReaderArgs {
+    fn options(&self) -> bulwark_recovery::DiskOptions {
+        bulwark_recovery::DiskOptions {
+            cache_bytes: self.cache,
+            readahead_blocks: self.readahead,
+            concurrency: self.concurrency,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct InitArgs {
     #[command(flatten)]
@@ -202,16 +242,7 @@ struct ListArgs {
 #[derive(Debug, Args)]
 struct RestoreArgs {
     #[command(flatten)]
-    vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    vm: String,
-    /// The point: an id from `list`, or `latest`.
-    #[arg(long, default_value = "latest")]
-    point: String,
-    /// The disk's name in the point.
-    #[arg(long)]
-    disk: String,
+    at: PointDiskArg,
     /// The image to write (written beside it first, renamed into place when complete).
     #[arg(long, value_name = "PATH")]
     to: PathBuf,
@@ -436,9 +467,9 @@ async fn list_deleted(vault: &VaultArg, vm: Option<&str>, json: bool) -> Result<
 }
 
 async fn restore(a: RestoreArgs) -> Result<()> {
-    let vault = open(&a.vault).await?;
+    let vault = open(&a.at.vault).await?;
     let progress = ui::Bars::new(!a.json);
-    let mut req = RestoreRequest::new(a.vm, a.point, a.disk, a.to);
+    let mut req = RestoreRequest::new(a.at.vm, a.at.point, a.at.disk, a.to);
     req.force = a.force;
     req.concurrency = a.concurrency;
     if a.in_place {
