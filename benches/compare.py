@@ -2,12 +2,17 @@
 """Helpers of benches/compare.sh.
 
   compare.py scatter IMAGE FRACTION RUN_BYTES SEED   write FRACTION of IMAGE in RUN_BYTES extents
+  compare.py qmp-scatter QMP DEVICE IMAGE_BYTES FRACTION RUN_BYTES SEED TMPDIR
+                                                     the same writes, into a running VM's disk
+                                                     DEVICE through its QMP socket (HMP qemu-io)
+  compare.py qmp QMP COMMAND [JSON-ARGS]             one QMP command, its reply on stdout
   compare.py report OUT IMAGE_BYTES                  OUT/summary.md (+ OUT/compare.png)
 """
 import csv
 import json
 import os
 import random
+import socket
 import statistics
 import sys
 
@@ -16,14 +21,63 @@ BULWARKS = ["bulwark", "bulwark-notrack", "bulwark-256k"]
 
 def scatter(image, fraction, run_bytes, seed):
     size = os.path.getsize(image)
+    count = 0
+    with open(image, "r+b") as f:
+        for at, data in extents(size, fraction, run_bytes, seed):
+            f.seek(at)
+            f.write(data)
+            count += 1
+    print(f"scatter: {count} extents of {run_bytes} bytes ({count * run_bytes} bytes)")
+
+
+def extents(size, fraction, run_bytes, seed):
+    """(offset, bytes) of the scattered writes: the same sequence for the file and QMP paths."""
     rng = random.Random(int(seed))
     count = max(1, round(size * float(fraction) / run_bytes))
     pages = (size - run_bytes) // 4096
-    with open(image, "r+b") as f:
-        for _ in range(count):
-            f.seek(rng.randrange(pages) * 4096)
-            f.write(rng.randbytes(run_bytes))
-    print(f"scatter: {count} extents of {run_bytes} bytes ({count * run_bytes} bytes)")
+    for _ in range(count):
+        at = rng.randrange(pages) * 4096
+        yield at, rng.randbytes(run_bytes)
+
+
+class Qmp:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rwb")
+        self.file.readline()  # greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name, **args):
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            # an event: skip
+
+
+def qmp_scatter(qmp_path, device, size, fraction, run_bytes, seed, tmpdir):
+    qmp = Qmp(qmp_path)
+    tmp = os.path.join(tmpdir, "qmp-scatter.bin")
+    count = total = 0
+    for at, data in extents(int(size), fraction, int(run_bytes), seed):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        out = qmp.command("human-monitor-command",
+                          **{"command-line": f'qemu-io {device} "write -q -s {tmp} {at} {len(data)}"'})
+        if out.strip():
+            raise RuntimeError(f"qemu-io write at {at}: {out.strip()}")
+        count += 1
+        total += len(data)
+    out = qmp.command("human-monitor-command", **{"command-line": f'qemu-io {device} "flush"'})
+    if out.strip():
+        raise RuntimeError(f"qemu-io flush: {out.strip()}")
+    os.unlink(tmp)
+    print(f"qmp-scatter: {count} extents of {run_bytes} bytes ({total} bytes) through QEMU")
 
 
 def report(out, image_bytes):
@@ -72,10 +126,34 @@ def report(out, image_bytes):
                 return f"{med[key] / b:.1f}x" if key in med and b > 0 else "-"
             lines.append(f"| {tool} | {op} | {ratio(('restic', op))} | {ratio(('borg', op))} | "
                          f"{ratio(('cat', 'warm'))} | {ratio(('cat', 'clone'))} | {ratio(('zstd', 'full'))} |")
+    cases = [("xfs: image on reflink XFS", ""), ("ext4: image on ext4 (offline)", "ext4-"),
+             ("vm: running VM, image on ext4 (--qmp)", "vm-")]
+    if any((p + "bulwark", "full") in med for _, p in cases[1:]):
+        lines.append("")
+        lines.append("Cases (median wall; ratios are the other tool's median / Bulwark's, > 1 means "
+                     "Bulwark is faster; the last column is Bulwark's full in this case / its full on XFS):")
+        lines.append("")
+        lines.append("| case | Bulwark full | vs restic | vs borg | Bulwark incremental | vs restic | vs borg "
+                     "| Bulwark restore | vs restic | vs borg | full / full on XFS |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for label, p in cases:
+            if (p + "bulwark", "full") not in med:
+                continue
+            cells = []
+            for op in ["full", "incremental", "restore"]:
+                b = med.get((p + "bulwark", op))
+                cells.append(f"{b:.2f} s" if b is not None else "-")
+                for other in ["restic", "borg"]:
+                    o = med.get((p + other, op))
+                    cells.append(f"{o / b:.1f}x" if b and o is not None else "-")
+            xfs = med.get(("bulwark", "full"))
+            full = med.get((p + "bulwark", "full"))
+            cells.append(f"{full / xfs:.2f}" if xfs and full else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("What each Bulwark incremental read (run 1, from its --json report):")
     lines.append("")
-    for tool in BULWARKS:
+    for tool in BULWARKS + ["ext4-bulwark", "vm-bulwark"]:
         log = os.path.join(out, f"log-{tool}-incremental-1.txt")
         if not os.path.exists(log):
             continue
@@ -136,6 +214,11 @@ def plot(out, med, gib):
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "scatter" and len(sys.argv) == 6:
         scatter(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif len(sys.argv) == 9 and sys.argv[1] == "qmp-scatter":
+        qmp_scatter(*sys.argv[2:9])
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "qmp":
+        args = json.loads(sys.argv[4]) if len(sys.argv) == 5 else {}
+        print(json.dumps(Qmp(sys.argv[2]).command(sys.argv[3], **args)))
     elif len(sys.argv) == 4 and sys.argv[1] == "report":
         report(sys.argv[2], sys.argv[3])
     else:

@@ -172,3 +172,165 @@ fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// Processes whose command line has an argument containing `needle` (by /proc, this test's own
+/// run directory: nothing else can name it).
+fn pids_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = state
+                .rfind(')')
+                .is_some_and(|i| state[i + 1..].trim_start().starts_with('Z'));
+            !zombie
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0)
+                        .any(|a| String::from_utf8_lossy(a).contains(needle))
+                })
+        })
+        .collect()
+}
+
+/// Kills (by pid) what a failed check left running: only processes naming the test's own run
+/// directory, which only the daemons this test's controllers started do.
+struct KillLeftovers(String);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for pid in pids_naming(&self.0) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// A controller SIGKILLed while `qemu-storage-daemon` reads its offline image (no Drop runs)
+/// leaves no daemon behind: the kernel kills it with its parent (parent-death signal). The next
+/// backup removes the socket and record that were left, and succeeds.
+#[test]
+fn sigkill_during_offline_backup_leaves_no_storage_daemon() {
+    let test = "sigkill_during_offline_backup_leaves_no_storage_daemon";
+    if which("qemu-storage-daemon").is_none() {
+        skip(test, Needs::Root, "needs the `qemu-storage-daemon` command");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault");
+    let vault = vault.to_str().unwrap();
+    let run_dir = dir.path().join("run");
+    let run_dir_s = run_dir.to_str().unwrap().to_string();
+    let _guard = KillLeftovers(run_dir_s.clone());
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    for b in 0..128 {
+        f.write_all_at(&pseudo_random(MIB as usize, b), b * MIB)
+            .unwrap();
+    }
+    let disk = format!("d={}", img.display());
+    let backup_args = [
+        "backup",
+        "--vault",
+        vault,
+        "--vm",
+        "vm",
+        "--disk",
+        &disk,
+        "--snapshot",
+        "in-place",
+        "--runtime-dir",
+        &run_dir_s,
+        "--json",
+    ];
+
+    let mut daemon = None;
+    for attempt in 0..3 {
+        let mut child = Command::new(controller_bin())
+            .args(backup_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for the daemon's record (owner pid, start time, daemon pid) and its socket.
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let mut found = None;
+        while found.is_none() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            for e in std::fs::read_dir(&run_dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(stem) = name.strip_suffix(".pid") else {
+                    continue;
+                };
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let fields: Vec<&str> = text.split_whitespace().collect();
+                if fields.len() == 3 && run_dir.join(format!("{stem}.sock")).exists() {
+                    let pid = fields[2].parse::<u32>().unwrap();
+                    // Read while the controller (and so the daemon) surely lives.
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let cmdline = String::from_utf8_lossy(&cmdline);
+                    assert!(
+                        cmdline.contains("qemu-storage-daemon") && cmdline.contains(&run_dir_s),
+                        "the record's pid {pid} is not our qemu-storage-daemon: {cmdline:?}"
+                    );
+                    found = Some(pid);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        if let Some(pid) = found
+            && status.signal() == Some(9)
+        {
+            daemon = Some(pid);
+            break;
+        }
+        eprintln!("attempt {attempt}: the backup ended ({status}) before its daemon was seen");
+    }
+    let daemon = daemon.expect("no backup was killed while its qemu-storage-daemon ran");
+
+    // The daemon dies with the controller (give the kernel and init a moment).
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while !pids_naming(&run_dir_s).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let left = pids_naming(&run_dir_s);
+    assert!(
+        left.is_empty(),
+        "qemu-storage-daemon survived its killed controller: pids {left:?} (daemon {daemon})"
+    );
+    // What it left: a socket and a record, for the next start to remove.
+    let leftovers = count_files(&run_dir);
+    assert!(leftovers > 0, "the killed backup left no socket or record?");
+
+    // The next backup succeeds and removes them; nothing of ours stays in the run directory.
+    let point = controller_json(backup_args);
+    assert!(point["point"].as_str().is_some(), "{point}");
+    let names: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.is_empty(),
+        "left in the run directory after the next backup: {names:?}"
+    );
+    assert!(pids_naming(&run_dir_s).is_empty());
+    let to = dir.path().join("restored.img");
+    let out = controller([
+        "restore",
+        "--vault",
+        vault,
+        "--vm",
+        "vm",
+        "--point",
+        point["point"].as_str().unwrap(),
+        "--disk",
+        "d",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(file_digest(&to), file_digest(&img));
+}

@@ -39,6 +39,7 @@ pub mod qga;
 mod qmp;
 mod source;
 mod stream;
+mod tied;
 mod tracking;
 
 pub use disks::{VmDisk, discover, select};

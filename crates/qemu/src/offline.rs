@@ -182,11 +182,13 @@ fn lock_image(path: &Path) -> Result<std::fs::File, bulwark_snapshot::Error> {
 }
 
 /// The storage daemon, killed (by its pid) when the last disk lets go of it, and the image
-/// locks held meanwhile.
+/// locks held meanwhile. A controller killed outright takes the daemon with it (parent-death
+/// signal, see [`crate::tied`]); its record and socket go at the next start.
 #[derive(Debug)]
 struct Daemon {
     child: std::sync::Mutex<Option<std::process::Child>>,
     socket: PathBuf,
+    record: PathBuf,
     locks: std::sync::Mutex<Vec<std::fs::File>>,
 }
 
@@ -199,6 +201,7 @@ impl Daemon {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.record);
         if let Ok(mut locks) = self.locks.lock() {
             locks.clear();
         }
@@ -215,6 +218,9 @@ fn start_daemon(
     options: &OfflineOptions,
     disks: &[(String, PathBuf, &'static str)],
 ) -> Result<Arc<Daemon>, bulwark_snapshot::Error> {
+    for stale in crate::tied::remove_stale(&options.socket_dir, &format!("{PREFIX}offline-")) {
+        tracing::warn!(socket = %stale.display(), "removed what a killed controller left");
+    }
     let mut locks = Vec::new();
     for (_, path, _) in disks {
         locks.push(lock_image(path)?);
@@ -248,20 +254,39 @@ fn start_daemon(
             name.replace(',', ",,")
         ));
     }
-    let mut child = std::process::Command::new(&options.storage_daemon)
+    // The record first (owner only), so that a controller killed right after the spawn still
+    // leaves a record for the next start to clean up after.
+    let record = socket.with_extension("pid");
+    crate::tied::write_record(&record, None).map_err(|e| err(&record, e.to_string()))?;
+    let mut command = std::process::Command::new(&options.storage_daemon);
+    command
         .args(&args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| err(&options.storage_daemon, format!("cannot start: {e}")))?;
+        .stderr(std::process::Stdio::piped());
+    let mut child = match crate::tied::spawn_tied(command) {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = std::fs::remove_file(&record);
+            return Err(err(&options.storage_daemon, format!("cannot start: {e}")));
+        }
+    };
+    // From here on the Daemon's Drop kills the child and removes socket and record.
+    let written = crate::tied::write_record(&record, Some(child.id()));
+    let mut daemon = Daemon {
+        child: std::sync::Mutex::new(None),
+        socket: socket.clone(),
+        record: record.clone(),
+        locks: std::sync::Mutex::new(locks),
+    };
+    if let Err(e) = written {
+        daemon.child = std::sync::Mutex::new(Some(child));
+        return Err(err(&record, e.to_string()));
+    }
     for _ in 0..500 {
         if socket.exists() {
-            return Ok(Arc::new(Daemon {
-                child: std::sync::Mutex::new(Some(child)),
-                socket,
-                locks: std::sync::Mutex::new(locks),
-            }));
+            daemon.child = std::sync::Mutex::new(Some(child));
+            return Ok(Arc::new(daemon));
         }
         if let Ok(Some(status)) = child.try_wait() {
             let mut stderr = String::new();

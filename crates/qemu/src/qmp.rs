@@ -198,7 +198,7 @@ fn peer_identity(stream: &UnixStream) -> Option<QemuIdentity> {
 
 /// Field 22 (starttime) of a `/proc/PID/stat` line; the command name (field 2) may hold spaces
 /// and parentheses, so fields are counted from the last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_time(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     // After ")" come fields 3.. ; starttime is field 22, the 20th of those.
     after.split_whitespace().nth(19)?.parse().ok()
