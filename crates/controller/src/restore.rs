@@ -221,14 +221,14 @@ pub(crate) async fn from_vault(
         snapshot_rejected: None,
     };
     let bs = map.block_size().bytes();
-    let mut writes = futures::stream::iter(map.entries().iter().enumerate())
+    let mut writes = futures::stream::iter(map.iter().enumerate())
         .map(|(i, e)| {
             let file = file.clone();
             let tmp = tmp.clone();
             let index = i as u64;
             let expected = map.block_len(index);
             async move {
-                let Entry::Data { address, .. } = *e else {
+                let Entry::Data { address, .. } = e else {
                     return Ok::<_, Error>((expected, false));
                 };
                 let data = vault.get_block(address).await?;
@@ -398,14 +398,14 @@ async fn to_device(
         snapshot_rejected: None,
     };
     req.observer.start(&req.disk, map.disk_size());
-    let mut writes = futures::stream::iter(map.entries().iter().enumerate())
+    let mut writes = futures::stream::iter(map.iter().enumerate())
         .map(|(i, e)| {
             let dev = dev.clone();
             let index = i as u64;
             let expected = map.block_len(index);
             let path = req.to.clone();
             async move {
-                let (data, is_data) = match *e {
+                let (data, is_data) = match e {
                     Entry::Data { address, .. } => (vault.get_block(address).await?, true),
                     Entry::Zero => (bytes::Bytes::from(vec![0u8; expected as usize]), false),
                 };
