@@ -12,7 +12,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_blockdiff::{BlockEvent, BlockMap, BlockSize, BlockSource, Disk, ScanOptions, scan};
+use bulwark_blockdiff::{
+    BlockEvent, BlockMap, BlockMapBuilder, BlockSize, BlockSource, Disk, ScanOptions, scan,
+};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 
@@ -33,18 +35,18 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 async fn run(disk: &Disk, prev: Option<Arc<BlockMap>>, options: &ScanOptions) -> BlockMap {
     let source: Arc<dyn BlockSource> = Arc::new(disk.clone());
+    let mut map = BlockMapBuilder::new(options.block_size, disk.size(), prev.clone());
     let mut events = std::pin::pin!(scan(source, prev, options));
-    let mut entries = Vec::new();
     let mut changed = 0u64;
     while let Some(e) = events.next().await {
         let e = e.expect("scan");
         if matches!(e, BlockEvent::Changed { .. }) {
             changed += 1;
         }
-        entries.push(e.entry());
+        map.push_event(&e).expect("in order");
     }
     black_box(changed);
-    BlockMap::new(options.block_size, disk.size(), entries).expect("map")
+    map.finish().expect("map")
 }
 
 fn scan_unchanged(c: &mut Criterion) {

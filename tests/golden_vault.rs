@@ -8,6 +8,8 @@
 //! `bulwark_blockdiff::FORMAT_VERSION`, an object's layout, the encryption) that leaves no reader
 //! for these vaults fails this test. Never regenerate them to make it pass: add a reader or a
 //! migration, then ADD a vault of the new version (`tests/data/golden-vault/regenerate.sh`).
+//! `manifest-v2/` holds the same two vaults written with manifest format version 2 (one record
+//! per data block and per run of zero blocks); the ones beside it have version 1 manifests.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -17,8 +19,12 @@ use bulwark_tests::{controller_bin, file_digest, stderr_of};
 
 const PASSPHRASE: &str = "golden-vault-passphrase";
 
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-vault")
+/// The golden vaults of one format generation: `""` for the first (manifest format version 1),
+/// `"manifest-v2"` for those written with manifest format version 2 (runs of zero blocks).
+fn data_dir(set: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/golden-vault")
+        .join(set)
 }
 
 /// One line of expected.txt: the vault, a point, its disk, the SHA-256 of the restored image.
@@ -30,8 +36,8 @@ struct Expected {
     sha256: String,
 }
 
-fn expected() -> Vec<Expected> {
-    let text = std::fs::read_to_string(data_dir().join("expected.txt")).unwrap();
+fn expected(set: &str) -> Vec<Expected> {
+    let text = std::fs::read_to_string(data_dir(set).join("expected.txt")).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
@@ -63,18 +69,18 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// The global arguments that open `vault` (the key file for the encrypted one).
-fn key_args(vault: &str) -> Vec<String> {
+fn key_args(set: &str, vault: &str) -> Vec<String> {
     match vault {
         "encrypted" => vec![
             "--key-file".into(),
-            data_dir().join("encrypted.key").display().to_string(),
+            data_dir(set).join("encrypted.key").display().to_string(),
         ],
         _ => Vec::new(),
     }
 }
 
-fn check_vault(name: &str) {
-    let all = expected();
+fn check_vault(set: &str, name: &str) {
+    let all = expected(set);
     let points: Vec<&Expected> = all.iter().filter(|e| e.vault == name).collect();
     assert!(
         points.len() >= 2,
@@ -82,10 +88,10 @@ fn check_vault(name: &str) {
     );
     let tmp = tempfile::tempdir().unwrap();
     let vault = tmp.path().join(name);
-    copy_dir(&data_dir().join(name), &vault);
+    copy_dir(&data_dir(set).join(name), &vault);
     let vault_arg = vault.display().to_string();
     let with_key = |args: &[&str]| -> Vec<String> {
-        let mut v = key_args(name);
+        let mut v = key_args(set, name);
         v.extend(args.iter().map(|s| s.to_string()));
         v
     };
@@ -170,10 +176,16 @@ fn run_json(args: &[String]) -> serde_json::Value {
 
 #[test]
 fn golden_plain_vault_lists_restores_bit_exact_and_verifies() {
-    check_vault("plain");
+    check_vault("", "plain");
 }
 
 #[test]
 fn golden_encrypted_vault_lists_restores_bit_exact_and_verifies() {
-    check_vault("encrypted");
+    check_vault("", "encrypted");
+}
+
+#[test]
+fn golden_manifest_v2_vaults_list_restore_bit_exact_and_verify() {
+    check_vault("manifest-v2", "plain");
+    check_vault("manifest-v2", "encrypted");
 }

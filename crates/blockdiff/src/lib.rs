@@ -3,17 +3,21 @@
 //! A disk image is cut into fixed-size blocks (a power of two, 64 KiB–16 MiB, default 1 MiB).
 //! For each block the [`scan`] engine decides, in parallel and with bounded memory:
 //!
-//! * **hole** — SEEK_DATA says the block holds no data: it is not even read;
+//! * **hole** — SEEK_DATA says the block holds no data: it is not even read (a run of holes is
+//!   one event);
 //! * **zero** — the block reads as all zeros: nothing is stored;
 //! * **unchanged** — its XXH3-128 equals the one in the previous [`BlockMap`] of the same disk:
 //!   the old entry is reused, no cryptographic hash is computed, nothing is stored;
-//! * **changed** — its BLAKE3 content address is computed and the data handed on for storage.
+//! * **changed** — its BLAKE3 content address is computed and the data handed on for storage;
+//! * **carried** — with change tracking ([`scan_tracked`]), runs of blocks known unchanged are
+//!   not read: one event per run, whose entries [`BlockMapBuilder::carry`] copies from the
+//!   previous map in bulk. An incremental costs what changed, not what the disk holds.
 //!
 //! The crate does no network I/O: storing blocks is the vault's job.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use bulwark_blockdiff::{scan, BlockEvent, BlockMap, BlockSource, Disk, ScanOptions};
+//! use bulwark_blockdiff::{scan, BlockEvent, BlockMapBuilder, BlockSource, Disk, ScanOptions};
 //! use futures::StreamExt;
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,7 +27,7 @@
 //!
 //! let disk: Arc<dyn BlockSource> = Arc::new(Disk::open(&path)?); // or any other source
 //! let options = ScanOptions::default();
-//! let mut entries = Vec::new();
+//! let mut map = BlockMapBuilder::new(options.block_size, disk.size(), None);
 //! let mut events = std::pin::pin!(scan(disk.clone(), None, &options));
 //! while let Some(event) = events.next().await {
 //!     let event = event?;
@@ -32,10 +36,10 @@
 //!         assert_eq!(data.len(), 1 << 20);
 //!         let _ = address;
 //!     }
-//!     entries.push(event.entry());
+//!     map.push_event(&event)?;
 //! }
-//! let map = BlockMap::new(options.block_size, disk.size(), entries)?;
-//! assert_eq!(BlockMap::decode(&map.encode())?, map);
+//! let map = map.finish()?;
+//! assert_eq!(bulwark_blockdiff::BlockMap::decode(&map.encode())?, map);
 //!
 //! // Nothing changed since: the next scan against `map` reports no changed block.
 //! let previous = Some(Arc::new(map));
@@ -54,8 +58,8 @@ mod source;
 use std::path::PathBuf;
 
 pub use blockmap::{
-    Address, BlockMap, BlockSize, DEFAULT_BLOCK_SIZE, Entry, FORMAT_VERSION, MAX_BLOCK_SIZE,
-    MIN_BLOCK_SIZE,
+    Address, BlockMap, BlockMapBuilder, BlockSize, DEFAULT_BLOCK_SIZE, Entry, FORMAT_VERSION,
+    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
 pub use scan::{
     BlockEvent, Disk, ScanOptions, content_address, default_parallelism, is_zero, scan,
@@ -148,6 +152,25 @@ pub enum Error {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// Blocks added to a [`BlockMapBuilder`] out of order.
+    #[error("block map: blocks added out of order (expected block {expected}, got {found})")]
+    OutOfOrder {
+        /// The next block the map needed.
+        expected: u64,
+        /// The block given.
+        found: u64,
+    },
+    /// Blocks carried over from a previous map that does not have them (or has another block
+    /// size).
+    #[error(
+        "block map: cannot carry over blocks {start}..{end}: the previous map does not have them"
+    )]
+    CarryOutside {
+        /// First block of the run.
+        start: u64,
+        /// End of the run (exclusive).
+        end: u64,
     },
     /// A worker thread panicked or was cancelled.
     #[error("scan worker failed: {0}")]

@@ -256,7 +256,7 @@ pub async fn run_restore_in_place(
         to: path.clone(),
         block_device,
         size,
-        blocks: map.entries().len() as u64,
+        blocks: map.block_count(),
         bytes_compared: 0,
         blocks_written: 0,
         bytes_written: 0,
@@ -265,14 +265,14 @@ pub async fn run_restore_in_place(
         duration_ms: 0,
     };
     let bs = map.block_size().bytes();
-    let mut blocks = futures::stream::iter(map.entries().iter().enumerate())
+    let mut blocks = futures::stream::iter(map.iter().enumerate())
         .map(|(i, e)| {
             let file = file.clone();
             let path = path.clone();
             let vault = vault.clone();
             let index = i as u64;
             let len = map.block_len(index);
-            let entry = *e;
+            let entry = e;
             async move {
                 let io = |source| Error::Io {
                     path: path.clone(),

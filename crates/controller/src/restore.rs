@@ -209,14 +209,14 @@ pub(crate) async fn from_vault(
         snapshot_rejected: None,
     };
     let bs = map.block_size().bytes();
-    let mut writes = futures::stream::iter(map.entries().iter().enumerate())
+    let mut writes = futures::stream::iter(map.iter().enumerate())
         .map(|(i, e)| {
             let file = file.clone();
             let tmp = tmp.clone();
             let index = i as u64;
             let expected = map.block_len(index);
             async move {
-                let Entry::Data { address, .. } = *e else {
+                let Entry::Data { address, .. } = e else {
                     return Ok::<_, Error>((expected, false));
                 };
                 let data = vault.get_block(address).await?;

@@ -328,7 +328,7 @@ pub(crate) fn verify_image(
             map.disk_size()
         ));
     }
-    let entries = map.entries();
+    let count = map.block_count() as usize;
     let bs = map.block_size().bytes();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -343,7 +343,7 @@ pub(crate) fn verify_image(
                 s.spawn(move || {
                     let mut buf = vec![0u8; bs as usize];
                     let mut i = t;
-                    while i < entries.len() {
+                    while i < count {
                         if failed.load(Ordering::Relaxed) {
                             return Ok(());
                         }
@@ -352,10 +352,10 @@ pub(crate) fn verify_image(
                         let block = &mut buf[..n];
                         file.read_exact_at(block, index * bs)
                             .map_err(|e| format!("block {index}: {e}"))?;
-                        let ok = match &entries[i] {
+                        let ok = match map.entry(index).unwrap_or(Entry::Zero) {
                             Entry::Zero => is_zero(block),
                             Entry::Data { address, .. } => {
-                                content_address(block, key.as_ref()) == *address
+                                content_address(block, key.as_ref()) == address
                             }
                         };
                         if !ok {
@@ -382,7 +382,7 @@ pub(crate) fn verify_image(
     for r in results {
         r?;
     }
-    Ok(entries.len() as u64)
+    Ok(count as u64)
 }
 
 struct Partial {
@@ -458,12 +458,8 @@ fn restore_from_snapshot(
             if let Err(why) = verify_image(&copy, m, key) {
                 return Ok(Err(why));
             }
-            let data = m
-                .entries()
-                .iter()
-                .filter(|e| matches!(e, Entry::Data { .. }))
-                .count() as u64;
-            (data, m.entries().len() as u64 - data)
+            let data = m.data_blocks().len() as u64;
+            (data, m.block_count() - data)
         }
         None => (0, 0),
     };
@@ -587,13 +583,7 @@ async fn from_kept(
 ) -> Result<Result<(u64, u64, u64, u64), String>, Error> {
     let map = vault.disk_manifest(point, &req.disk).await?;
     let key = vault.scan_options().address_key;
-    let data_bytes: u64 = map
-        .entries()
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| matches!(e, Entry::Data { .. }))
-        .map(|(i, _)| map.block_len(i as u64))
-        .sum();
+    let data_bytes: u64 = map.data_blocks().map(|(i, _)| map.block_len(i)).sum();
     let progress = &req.observer;
     progress.start(&req.disk, map.disk_size());
     let (path, to) = (path.to_path_buf(), req.to.clone());

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bulwark_blockdiff::{Address, BlockEvent, BlockMap, Entry, scan_tracked};
+use bulwark_blockdiff::{Address, BlockEvent, BlockMap, BlockMapBuilder, Entry, scan_tracked};
 use bulwark_snapshot::{Changes, DiskSource, PreviousDisk};
 use bulwark_vault::{
     DiskRecord, DiskStats, Lease, LeaseKind, ManifestRef, PutBlock, RecoveryPoint, Vault,
@@ -294,29 +294,35 @@ impl DiskJob<'_> {
     ) -> Result<(BlockMap, Vec<std::ops::Range<u64>>), Error> {
         let bad = self.bad.lock().map(|b| b.clone()).unwrap_or_default();
         let bs = map.block_size();
-        let mut holes = Vec::new();
-        let entries: Vec<Entry> = map
-            .entries()
-            .iter()
-            .enumerate()
-            .map(|(i, e)| match e {
-                Entry::Data { address, .. } if bad.contains_key(address) => {
-                    let start = i as u64 * bs.bytes();
-                    holes.push(start..start + map.block_len(i as u64));
-                    // No previous entry: the block is read and hashed like a new one.
-                    Entry::Zero
-                }
-                e => *e,
+        let holes: Vec<std::ops::Range<u64>> = map
+            .data_blocks()
+            .filter(|(_, e)| matches!(e, Entry::Data { address, .. } if bad.contains_key(address)))
+            .map(|(i, _)| {
+                let start = i * bs.bytes();
+                start..start + map.block_len(i)
             })
             .collect();
         if holes.is_empty() {
             return Ok((map, unchanged));
         }
-        tracing::info!(blocks = holes.len(), "re-reading blocks known bad");
-        let map = BlockMap::new(bs, map.disk_size(), entries).map_err(|source| Error::Scan {
+        // No previous entry for those: they are read and hashed like new blocks. Only the data
+        // blocks are visited.
+        let scan_err = |source| Error::Scan {
             disk: "previous map".into(),
             source,
-        })?;
+        };
+        let mut kept = BlockMapBuilder::new(bs, map.disk_size(), None);
+        let mut at = 0;
+        for (i, e) in map.data_blocks() {
+            kept.push_zeros(at..i).map_err(scan_err)?;
+            let is_bad = matches!(e, Entry::Data { address, .. } if bad.contains_key(&address));
+            kept.push(if is_bad { Entry::Zero } else { e })
+                .map_err(scan_err)?;
+            at = i + 1;
+        }
+        kept.push_zeros(at..map.block_count()).map_err(scan_err)?;
+        let map = kept.finish().map_err(scan_err)?;
+        tracing::info!(blocks = holes.len(), "re-reading blocks known bad");
         Ok((map, cut_ranges(unchanged, &holes)))
     }
 
@@ -376,7 +382,7 @@ impl DiskJob<'_> {
             blocks: bs.block_count(size),
             ..Default::default()
         };
-        let mut entries = Vec::with_capacity(stats.blocks as usize);
+        let mut map = BlockMapBuilder::new(bs, size, baseline.map.clone());
         let events = scan_tracked(
             reader,
             baseline.map.clone(),
@@ -410,12 +416,14 @@ impl DiskJob<'_> {
             };
             let Some(r) = next else { break };
             let (ev, put) = r?;
-            let len = bs.block_len(size, ev.index());
-            count(&mut stats, &ev, put, len);
+            let blocks = ev.blocks();
+            // The bytes of the event's blocks (the last block of the disk may be short).
+            let len = (blocks.end * bs.bytes()).min(size) - (blocks.start * bs.bytes()).min(size);
+            count(&mut stats, &ev, put, len, baseline.map.as_deref());
             self.observer.advance(name, len);
-            entries.push(ev.entry());
+            map.push_event(&ev).map_err(scan_err)?;
         }
-        let map = BlockMap::new(bs, size, entries).map_err(scan_err)?;
+        let map = map.finish().map_err(scan_err)?;
         Ok((map, stats))
     }
 
@@ -489,24 +497,38 @@ fn cut_ranges(
     out
 }
 
-/// Adds one block's outcome to the disk's statistics.
-fn count(stats: &mut DiskStats, ev: &BlockEvent, put: Option<(PutBlock, bool)>, len: u64) {
+/// Adds the outcome of one event (one block, or a run of `len` bytes of blocks) to the disk's
+/// statistics; `previous` is the map carried-over runs come from.
+fn count(
+    stats: &mut DiskStats,
+    ev: &BlockEvent,
+    put: Option<(PutBlock, bool)>,
+    len: u64,
+    previous: Option<&BlockMap>,
+) {
     match ev {
-        BlockEvent::Zero { hole, .. } => {
-            stats.zero_blocks += 1;
+        BlockEvent::Zero { blocks, hole } => {
+            let n = blocks.end - blocks.start;
+            stats.zero_blocks += n;
             if *hole {
-                stats.hole_blocks += 1;
+                stats.hole_blocks += n;
             } else {
                 stats.bytes_read += len;
             }
         }
-        BlockEvent::Unchanged { read, .. } => {
+        // Not read: the previous map's data blocks count as unchanged, its zero blocks as
+        // holes (what they were before runs were carried over whole).
+        BlockEvent::Carried { blocks } => {
+            let n = blocks.end - blocks.start;
+            let data = previous.map_or(0, |p| p.data_in(blocks.clone()));
+            stats.unchanged_blocks += data;
+            stats.blocks_not_read += data;
+            stats.zero_blocks += n - data;
+            stats.hole_blocks += n - data;
+        }
+        BlockEvent::Unchanged { .. } => {
             stats.unchanged_blocks += 1;
-            if *read {
-                stats.bytes_read += len;
-            } else {
-                stats.blocks_not_read += 1;
-            }
+            stats.bytes_read += len;
         }
         BlockEvent::Changed { .. } => {
             stats.changed_blocks += 1;

@@ -304,7 +304,7 @@ impl Inner {
                 self.zero_blocks.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
-            Some(Entry::Data { address, .. }) => *address,
+            Some(Entry::Data { address, .. }) => address,
             None => {
                 return Err(Error::ReadPastEnd {
                     disk: self.label.clone(),
