@@ -681,6 +681,10 @@ impl Guest {
         }
         let deadline = Instant::now() + timeout;
         let prefix = format!("BWRESULT {id} ");
+        // Kept across read timeouts: `read_line` appends what it read before timing out, and a
+        // slow guest (TCG on a loaded host) can take seconds between the writes of one reply
+        // line. Dropping those bytes lost the reply's start, and the reply with it.
+        let mut buf = String::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -693,30 +697,19 @@ impl Guest {
                 .reader
                 .get_ref()
                 .set_read_timeout(Some(left.min(Duration::from_secs(1))));
-            let mut buf = String::new();
             match self.reader.read_line(&mut buf) {
                 Ok(0) => panic!(
                     "guest command channel closed during {cmd:?}\n{}",
                     tail(&self.serial_log(), 30)
                 ),
                 Ok(_) => {
-                    // A partial line (timeout mid-line) keeps its bytes in `buf` only; the guest
-                    // sends whole lines fast, so read on until the newline.
-                    while !buf.ends_with('\n') {
-                        match self.reader.read_line(&mut buf) {
-                            Ok(0) => panic!("guest command channel closed mid-reply"),
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                if Instant::now() > deadline {
-                                    panic!("guest reply to {cmd:?} cut off");
-                                }
-                            }
-                            Err(e) => panic!("read from guest: {e}"),
-                        }
+                    if !buf.ends_with('\n') {
+                        continue;
                     }
+                    let whole = std::mem::take(&mut buf);
                     // The reply may follow the cut-off start of an older one (a reply the guest's
                     // reboot interrupted): look for ours anywhere in the line.
-                    let line = buf.trim_end_matches('\n');
+                    let line = whole.trim_end_matches('\n');
                     let Some(at) = line.rfind(&prefix) else {
                         continue;
                     };
