@@ -456,7 +456,10 @@ impl Guest {
         }
         for i in 0..spec.hotplug_slots {
             args.push("-device".into());
-            args.push(format!("pcie-root-port,id=hp{i},bus=pcie.0,chassis={}", i + 1));
+            args.push(format!(
+                "pcie-root-port,id=hp{i},bus=pcie.0,chassis={}",
+                i + 1
+            ));
         }
         args.extend(["-device".into(), "virtio-serial-pci,id=vser0".into()]);
         let mut ports = vec!["org.bulwark.cmd.0".to_string()];
