@@ -44,6 +44,11 @@
 //!      after the recovery `pg_amcheck` passes and every restored ledger row is in the live
 //!      ledger.
 //!
+//! Broken once on purpose (the pre-script made to log its times and exit 0, the post-script
+//! likewise): the backup still reported `application` (the agent cannot tell a script that
+//! quiesces from one that does nothing), and the test failed at the first check: "app1: the
+//! restored cluster needed crash recovery (pg_control said \"in production\" ...)".
+//!
 //! Printed: the freeze window of each point, the pre-script's duration (checkpoint, stop) and
 //! the outage (stop, the agent's freeze/snapshot/thaw between the scripts, start), the
 //! transaction counts. Root only (mmdebstrap, QEMU; no loop device: the images are plain
