@@ -19,7 +19,7 @@ need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mk
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
       lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip
-      mmdebstrap:mmdebstrap promtool:prometheus)
+      mmdebstrap:mmdebstrap promtool:prometheus strip:binutils)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}
@@ -61,8 +61,10 @@ fi
 if qemu_ok; then
     [ -n "$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || { [ "$(id -u)" = 0 ] && apt-get update -qq; } || true
     bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
-    # The Debian guest of tests/debian_guest.rs (mmdebstrap, root only; about 3 minutes the
-    # first time, cached under target/guest/debian-KEY afterwards).
+    # The Debian guest of tests/debian_guest.rs and tests/guest_postgres.rs (mmdebstrap, root
+    # only; with the suite's PostgreSQL server, pgbench and pg_amcheck inside the image, nothing of
+    # PostgreSQL on the host; about 5 minutes the first time, cached under
+    # target/guest/debian-KEY afterwards).
     if [ "$(id -u)" = 0 ]; then
         bash tests/guest/debian.sh >/dev/null || echo "tests/run.sh: the Debian test guest did not build (see above)"
     fi

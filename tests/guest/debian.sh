@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian test guest: a minimal Debian root file system (mmdebstrap --variant=minbase
-# plus systemd, udev and e2fsprogs, of the suite the host's apt sources give) in a raw ext4 image,
+# plus systemd, udev, e2fsprogs and the PostgreSQL server of the suite, of the suite the host's apt
+# sources give, e.g. postgresql-15 on Debian 12) in a raw ext4 image,
 # booted with Debian's kernel and a small initramfs (tests/guest/build.sh's, with
 # tests/guest/debian/init as /init: it loads the virtio/ext4 modules and switch_roots to the disk
 # whose serial is "root", where systemd runs as PID 1). Needs root and mmdebstrap.
@@ -33,8 +34,12 @@ suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 [ -n "$suite" ] || die "no VERSION_CODENAME in /etc/os-release"
 sources=$(ls /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1 || true)
 [ -n "$sources" ] || die "no apt sources on the host"
-packages=systemd,systemd-sysv,udev,e2fsprogs
-versions=$(apt-cache policy systemd udev e2fsprogs libc6 apt 2>/dev/null | awk '/^[a-z]/ {p=$1} /Candidate:/ {print p, $2}')
+# PostgreSQL for tests/guest_postgres.rs: the suite's major version (Debian 12: 15) through the
+# `postgresql` metapackage's dependency, named explicitly so that the cache key follows it.
+pg=$(apt-cache depends postgresql 2>/dev/null | awk '/Depends: postgresql-[0-9]+$/ {print $2; exit}')
+[ -n "$pg" ] || die "apt knows no postgresql-NN package (run apt-get update first)"
+packages=systemd,systemd-sysv,udev,e2fsprogs,$pg
+versions=$(apt-cache policy systemd udev e2fsprogs libc6 apt "$pg" 2>/dev/null | awk '/^[a-z]/ {p=$1} /Candidate:/ {print p, $2}')
 [ -n "$versions" ] || die "apt knows none of the guest's packages (run apt-get update first)"
 size_mib=1024
 

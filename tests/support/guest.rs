@@ -232,6 +232,8 @@ pub struct GuestSpec {
     /// serial is `root` and run systemd from it) instead of the busybox guest; `binaries` are
     /// then ignored, and a reboot in the guest restarts it in the same QEMU ([`Guest::reboot`]).
     pub system: Option<SystemImage>,
+    /// Empty PCIe root ports for disks added while the guest runs ([`Guest::hot_add_disk`]).
+    pub hotplug_slots: u32,
 }
 
 /// The kernel and initramfs of a guest that boots from a root disk.
@@ -312,6 +314,7 @@ impl Default for GuestSpec {
             memory_mib: 256,
             boot_timeout: Duration::from_secs(90),
             system: None,
+            hotplug_slots: 0,
         }
     }
 }
@@ -364,6 +367,8 @@ pub struct Guest {
     forwards: HashMap<u16, u16>,
     ports: Vec<String>,
     disks: Vec<Disk>,
+    hotplug_slots: u32,
+    hot_added: usize,
     writer_spec: Option<WriterSpec>,
 }
 
@@ -447,6 +452,13 @@ impl Guest {
             args.push(format!(
                 "virtio-blk-pci,drive={0},serial={0},id=dev-{0}",
                 disk.name
+            ));
+        }
+        for i in 0..spec.hotplug_slots {
+            args.push("-device".into());
+            args.push(format!(
+                "pcie-root-port,id=hp{i},bus=pcie.0,chassis={}",
+                i + 1
             ));
         }
         args.extend(["-device".into(), "virtio-serial-pci,id=vser0".into()]);
@@ -534,6 +546,8 @@ impl Guest {
             forwards,
             ports: spec.ports.clone(),
             disks: spec.disks.clone(),
+            hotplug_slots: spec.hotplug_slots,
+            hot_added: 0,
             writer_spec: None,
         };
         let (st, out) = guest.sh("echo channel-ok");
@@ -592,6 +606,44 @@ impl Guest {
         &self.disks
     }
 
+    /// Plugs the image `path` into the running guest as a new virtio disk `name` (serial `name`,
+    /// so `/dev/disk/by-id/virtio-NAME` under udev), in the next free root port of
+    /// [`GuestSpec::hotplug_slots`]: QMP `blockdev-add` and `device_add` on [`Guest::qmp_socket`]
+    /// (which must be free: no backup running). The disk stays plugged until the guest stops.
+    pub fn hot_add_disk(&mut self, name: &str, path: &Path, format: DiskFormat) {
+        let used = self.hot_added;
+        assert!(
+            (used as u32) < self.hotplug_slots,
+            "no free hotplug slot for disk {name} ({} slots)",
+            self.hotplug_slots
+        );
+        let mut qmp = QmpSession::connect(&self.qmp_socket());
+        qmp.execute(
+            "blockdev-add",
+            serde_json::json!({
+                "driver": format.as_str(),
+                "node-name": name,
+                "file": {"driver": "file", "filename": path.display().to_string()},
+            }),
+        );
+        qmp.execute(
+            "device_add",
+            serde_json::json!({
+                "driver": "virtio-blk-pci",
+                "id": format!("dev-{name}"),
+                "drive": name,
+                "serial": name,
+                "bus": format!("hp{used}"),
+            }),
+        );
+        self.hot_added += 1;
+        self.disks.push(Disk {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            format,
+        });
+    }
+
     /// The serial console so far.
     pub fn serial_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serial.log")).unwrap_or_default()
@@ -632,6 +684,10 @@ impl Guest {
         }
         let deadline = Instant::now() + timeout;
         let prefix = format!("BWRESULT {id} ");
+        // Kept across read timeouts: `read_line` appends what it read before timing out, and a
+        // slow guest (TCG on a loaded host) can take seconds between the writes of one reply
+        // line. Dropping those bytes lost the reply's start, and the reply with it.
+        let mut buf = String::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -644,30 +700,19 @@ impl Guest {
                 .reader
                 .get_ref()
                 .set_read_timeout(Some(left.min(Duration::from_secs(1))));
-            let mut buf = String::new();
             match self.reader.read_line(&mut buf) {
                 Ok(0) => panic!(
                     "guest command channel closed during {cmd:?}\n{}",
                     tail(&self.serial_log(), 30)
                 ),
                 Ok(_) => {
-                    // A partial line (timeout mid-line) keeps its bytes in `buf` only; the guest
-                    // sends whole lines fast, so read on until the newline.
-                    while !buf.ends_with('\n') {
-                        match self.reader.read_line(&mut buf) {
-                            Ok(0) => panic!("guest command channel closed mid-reply"),
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                if Instant::now() > deadline {
-                                    panic!("guest reply to {cmd:?} cut off");
-                                }
-                            }
-                            Err(e) => panic!("read from guest: {e}"),
-                        }
+                    if !buf.ends_with('\n') {
+                        continue;
                     }
+                    let whole = std::mem::take(&mut buf);
                     // The reply may follow the cut-off start of an older one (a reply the guest's
                     // reboot interrupted): look for ours anywhere in the line.
-                    let line = buf.trim_end_matches('\n');
+                    let line = whole.trim_end_matches('\n');
                     let Some(at) = line.rfind(&prefix) else {
                         continue;
                     };
@@ -836,6 +881,57 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         kill_and_reap(self.pid, &self.exit);
+    }
+}
+
+/// A minimal synchronous QMP session for the harness's own commands (the controller under test
+/// has its own client): greeting, `qmp_capabilities`, then one command at a time; events are
+/// skipped. Panics on any error: it only serves tests.
+struct QmpSession {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl QmpSession {
+    fn connect(socket: &Path) -> QmpSession {
+        let stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("connect to QMP {}: {e}", socket.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("QMP read timeout");
+        let writer = stream.try_clone().expect("clone the QMP socket");
+        let mut qmp = QmpSession {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read_message();
+        assert!(greeting.get("QMP").is_some(), "no QMP greeting: {greeting}");
+        qmp.execute("qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    fn read_message(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        assert!(n > 0, "QMP closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let msg = serde_json::json!({"execute": command, "arguments": arguments});
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .expect("write to QMP");
+        loop {
+            let reply = self.read_message();
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = reply.get("return") {
+                return r.clone();
+            }
+            panic!("QMP {command} {arguments} failed: {reply}");
+        }
     }
 }
 

@@ -33,5 +33,28 @@ systemctl --root="$r" mask systemd-random-seed.service systemd-journal-flush.ser
     systemd-machine-id-commit.service >/dev/null 2>&1
 mkdir -p "$r/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\nForwardToConsole=no\n' >"$r/etc/systemd/journald.conf.d/bulwark.conf"
+# PostgreSQL (tests/guest_postgres.rs): the package's default cluster and its service are
+# dropped (nothing starts at boot); instead an initdb'd cluster (C locale, local trust, no TCP,
+# small WAL) waits in /var/lib/postgresql/bulwark-template for the test to copy onto a disk of
+# its own; /usr/local/lib/bulwark-pg-bin links to the version's bin directory. initdb runs here,
+# at native speed, once per image instead of in the TCG guest at every test.
+for bin in "$r"/usr/lib/postgresql/*/bin; do
+    [ -x "$bin/initdb" ] || continue
+    ver=$(basename "$(dirname "$bin")")
+    rm -rf "$r/etc/postgresql/$ver" "$r/var/lib/postgresql/$ver"
+    ln -sfn "/usr/lib/postgresql/$ver/bin" "$r/usr/local/lib/bulwark-pg-bin"
+    chroot "$r" runuser -u postgres -- "/usr/lib/postgresql/$ver/bin/initdb" --no-sync -A trust \
+        --locale=C -E UTF8 -D /var/lib/postgresql/bulwark-template >/dev/null
+    cat >>"$r/var/lib/postgresql/bulwark-template/postgresql.conf" <<'EOF'
+# tests/guest/debian/customize.sh
+listen_addresses = ''
+unix_socket_directories = '/run/postgresql'
+shared_buffers = 32MB
+max_wal_size = 96MB
+min_wal_size = 32MB
+log_checkpoints = on
+EOF
+done
+systemctl --root="$r" mask postgresql.service >/dev/null 2>&1 || true
 # Test image: no root password (nothing listens for logins).
 rm -rf "$r"/var/cache/apt/*.bin "$r"/var/lib/apt/lists/*_Packages "$r"/var/log/*.log
