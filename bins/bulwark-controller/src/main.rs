@@ -121,6 +121,17 @@ struct InitArgs {
     compression_level: i32,
     #[command(flatten)]
     encrypt: keys::EncryptArgs,
+    /// Make the vault immutable: every object write-once for N days, in compliance mode (S3
+    /// Object Lock; the bucket must have been created with Object Lock enabled; its default
+    /// retention is set to N days). Nobody with the vault's credentials can delete a locked
+    /// version; prune and GC hide objects and free their space after the retention. Refused
+    /// for local directories (not enforceable) and Azure (not supported).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36500))]
+    immutable_days: Option<u32>,
+    /// Tests only: an immutable vault whose objects are locked for N seconds, each by its own
+    /// retention after its PUT (a bucket default cannot be shorter than a day).
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "immutable_days")]
+    immutable_test_seconds: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -291,8 +302,23 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Init(a) => {
             keys::check_init(&a.encrypt)?;
             let options = create_options(a.block_size, a.compression_level)?;
-            let v = Vault::create_with(&a.vault.vault, &options, &keys::vault_options()?).await?;
+            let retention = match (a.immutable_days, a.immutable_test_seconds) {
+                (Some(d), _) => Some(bulwark_vault::immutable::Retention::Days(d)),
+                (None, Some(s)) => Some(bulwark_vault::immutable::Retention::Seconds(s)),
+                (None, None) => None,
+            };
+            let open = keys::vault_options()?;
+            let v = match retention {
+                Some(r) => Vault::create_immutable_with(&a.vault.vault, &options, &open, r).await?,
+                None => Vault::create_with(&a.vault.vault, &options, &open).await?,
+            };
             println!("created vault {} at {}", v.config().id, v.location());
+            if let Some(i) = v.immutability() {
+                println!(
+                    "immutable: {} {} mode, every object locked for {} s ({})",
+                    i.mechanism, i.mode, i.retention_secs, i.applied
+                );
+            }
         }
         Command::Backup(a) => backup(a).await?,
         Command::List(a) if a.deleted => list_deleted(&a.vault, a.vm.as_deref(), a.json).await?,

@@ -67,6 +67,22 @@ pub enum Error {
         #[source]
         source: bulwark_blockdiff::Error,
     },
+    /// An Object Lock request of an immutable vault failed (see [`crate::immutable`]).
+    #[error("{key}: S3 Object Lock: {why}")]
+    ObjectLock {
+        /// The object key, or the bucket.
+        key: String,
+        /// What failed.
+        why: String,
+    },
+    /// An immutable vault cannot be made or used here.
+    #[error("immutable vault at {location}: {why}")]
+    Immutable {
+        /// The location.
+        location: String,
+        /// Why not.
+        why: String,
+    },
     /// The storage backend failed.
     #[error("{key}: storage error: {source}")]
     Store {
