@@ -246,6 +246,11 @@ struct RestoreArgs {
     /// there is one, verified block by block against the vault's manifest.
     #[arg(long, value_name = "DIR")]
     snapshot_dir: Option<PathBuf>,
+    /// DANGER: restore a point that never reached the vault from its kept snapshot as it is,
+    /// NOT verified (there is no manifest to verify it against). Without it such a point is
+    /// refused.
+    #[arg(long, requires = "snapshot_dir")]
+    trust_unverified_snapshot: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -479,7 +484,10 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         }
         return Ok(());
     }
-    req.snapshots = a.snapshot_dir.map(SnapshotStore::new);
+    let trust = a.trust_unverified_snapshot;
+    req.snapshots = a
+        .snapshot_dir
+        .map(|d| SnapshotStore::new(d).trusting_unverified(trust));
     req.observer = progress.clone();
     let report = bulwark_controller::sources::run_restore_as(req, a.format, &vault).await?;
     progress.clear();
