@@ -141,6 +141,11 @@ struct BackupArgs {
     /// The VM's name (letters, digits, '.', '_', '-').
     #[arg(long)]
     vm: String,
+    /// Take the VM over from the host that owns it in the vault (each VM is backed up by
+    /// its owner only; the first backup claims it). Use it once the old owner no longer
+    /// backs the VM up: its next backup of the VM is refused.
+    #[arg(long)]
+    take_over: bool,
     /// A disk: of a running VM (with --qmp) its block device name as `query-block` reports it
     /// (e.g. `os` for `-drive id=os,...`); of a stopped VM its image as [NAME=]PATH (qcow2 or
     /// raw). Repeat for each disk. With --qmp and no --disk: every writable disk of the VM.
@@ -408,6 +413,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
     let mut req = BackupRequest::new(a.vm, snapshotter);
     req.upload_concurrency = a.upload_concurrency;
     req.check_known = a.check_known;
+    req.take_over = a.take_over;
     req.lease = req.lease.waiting(a.lease_wait);
     req.quiesce = a.quiesce.quiesce()?;
     if let (Some(days), Some(dir)) = (a.keep_snapshot_days, a.snapshot_dir) {

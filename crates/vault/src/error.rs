@@ -75,6 +75,19 @@ pub enum Error {
         /// What failed.
         why: String,
     },
+    /// Another controller owns the VM (see [`crate::owner`]).
+    #[error(
+        "VM {vm} is backed up by {owner}, not by this host ({me}): refused (take it over \
+         with --take-over, once {owner} no longer backs it up)"
+    )]
+    NotOwner {
+        /// The VM.
+        vm: String,
+        /// Its owner.
+        owner: String,
+        /// This host.
+        me: String,
+    },
     /// An immutable vault cannot be made or used here.
     #[error("immutable vault at {location}: {why}")]
     Immutable {

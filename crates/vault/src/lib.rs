@@ -9,6 +9,7 @@
 //! points/<vm>/<point>.json              a recovery point: consistency, disks → manifest digests
 //! deleted/points/<vm>/<point>.json      a soft-deleted point (tombstone), see [`Vault::soft_delete`]
 //! locks/<backup|prune|gc>-<id>          leases that keep GC and backups apart, see [`lease`]
+//! owners/<vm>.json                      which host backs the VM up, see [`owner`]
 //! ```
 //!
 //! Retention: prune soft-deletes points (`deleted/`), purges them after the policy's days, and
@@ -64,6 +65,7 @@ mod immutable_gc;
 pub mod lease;
 pub mod location;
 mod model;
+pub mod owner;
 mod prune;
 mod report;
 pub mod retry;
