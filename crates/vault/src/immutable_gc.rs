@@ -259,7 +259,10 @@ impl Vault {
                     continue;
                 }
             } else {
-                if group.iter().filter(|v| !v.delete_marker).count() > 1 {
+                // Ownership records are rewritten by a take-over; nothing else is.
+                if group.iter().filter(|v| !v.delete_marker).count() > 1
+                    && !key.starts_with("owners/")
+                {
                     tracing::warn!(
                         key,
                         "a write-once object was overwritten; its older versions are kept"
