@@ -204,32 +204,140 @@ fn corrupted_kept_snapshot_falls_back_to_the_vault() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// Records a kept point `id` (state `state`) whose disk `os` is the snapshot file `path`,
+/// from the index of the kept point `from`.
+fn forge_index(s: &Setup, from: &str, id: &str, state: &str, path: &std::path::Path) {
+    let dir = s.snaps.join("web01");
+    let mut index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{from}.json"))).unwrap()).unwrap();
+    index["point"] = id.into();
+    index["state"] = state.into();
+    index["disks"][0]["path"] = path.to_str().unwrap().into();
+    std::fs::write(
+        dir.join(format!("{id}.json")),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+}
+
+fn kept_path(s: &Setup, point: &str) -> PathBuf {
+    let index: Value = serde_json::from_slice(
+        &std::fs::read(s.snaps.join("web01").join(format!("{point}.json"))).unwrap(),
+    )
+    .unwrap();
+    PathBuf::from(index["disks"][0]["path"].as_str().unwrap())
+}
+
+fn restore_out(s: &Setup, point: &str, to: &str, extra: &[&str]) -> std::process::Output {
+    let to = s.root.join(to);
+    let mut args = vec![
+        "restore",
+        "--vault",
+        &s.vault,
+        "--vm",
+        "web01",
+        "--point",
+        point,
+        "--disk",
+        "os",
+        "--to",
+        to.to_str().unwrap(),
+        "--snapshot-dir",
+        s.snaps.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    controller(args)
+}
+
 #[test]
-fn snapshot_only_point_lists_as_snapshot_and_restores_unverified() {
+fn snapshot_only_point_lists_as_snapshot_and_restores_only_when_trusted() {
     let s = setup();
     let want = file_digest(&s.image);
     let point = backup(&s, true)["point"].as_str().unwrap().to_string();
     // Make it look like a job whose transfer never finished: the index says so, and the
     // point is not in the vault (a kept point under another id).
-    let index_path = s.snaps.join("web01").join(format!("{point}.json"));
-    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let pending = "20991231T000000.000Z-abcdef";
-    index["point"] = pending.into();
-    index["state"] = "transfer_pending".into();
-    std::fs::write(
-        s.snaps.join("web01").join(format!("{pending}.json")),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
+    forge_index(
+        &s,
+        &point,
+        pending,
+        "transfer_pending",
+        &kept_path(&s, &point),
+    );
     let t = tiers(&s);
     assert!(
         t.contains(&(pending.to_string(), "snapshot".to_string())),
         "{t:?}"
     );
-    let r = restore(&s, pending, "p.img");
+    // Nothing to verify it against: refused, nothing written.
+    let out = restore_out(&s, pending, "refused.img", &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("--trust-unverified-snapshot"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!s.root.join("refused.img").exists());
+    // Only when the operator says so, and then it says it is not verified.
+    let out = restore_out(&s, pending, "p.img", &["--trust-unverified-snapshot"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["source"], "snapshot");
     assert_eq!(r["verified"], false);
     assert_eq!(file_digest(&s.root.join("p.img")), want);
+}
+
+#[test]
+fn kept_snapshots_are_trusted_only_inside_the_snapshot_directory() {
+    let s = setup();
+    let want = file_digest(&s.image);
+    let point = backup(&s, true)["point"].as_str().unwrap().to_string();
+    let inside = kept_path(&s, &point);
+    // A file with the very same bytes outside the snapshot directory, and a symbolic link
+    // to it inside: neither is read, even for a point the vault can verify.
+    let outside = s.root.join("elsewhere.img");
+    std::fs::copy(&inside, &outside).unwrap();
+    let link = s.snaps.join("web01").join("link.snap");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let dotdot = s
+        .snaps
+        .join("web01")
+        .join("..")
+        .join("..")
+        .join("elsewhere.img");
+    for (n, path) in [&outside, &link, &dotdot].into_iter().enumerate() {
+        // Index the real point with its disk at `path`.
+        let dir = s.snaps.join("web01");
+        let index_file = dir.join(format!("{point}.json"));
+        let mut index: Value =
+            serde_json::from_slice(&std::fs::read(&index_file).unwrap()).unwrap();
+        index["disks"][0]["path"] = path.to_str().unwrap().into();
+        std::fs::write(&index_file, serde_json::to_vec(&index).unwrap()).unwrap();
+        let to = format!("r{n}.img");
+        let r = restore(&s, &point, &to);
+        assert_eq!(r["source"], "vault", "{}: {r}", path.display());
+        let why = r["snapshot_rejected"].as_str().unwrap_or_default();
+        assert!(why.contains("not trusted"), "{}: {why}", path.display());
+        assert_eq!(file_digest(&s.root.join(&to)), want);
+
+        // A point only on the host, indexed there: refused even with the flag.
+        let pending = format!("20991231T000000.000Z-00000{n}");
+        forge_index(&s, &point, &pending, "transfer_pending", path);
+        let out = restore_out(
+            &s,
+            &pending,
+            &format!("u{n}.img"),
+            &["--trust-unverified-snapshot"],
+        );
+        assert!(!out.status.success(), "{}", path.display());
+        assert!(
+            stderr_of(&out).contains("not trusted"),
+            "{}",
+            stderr_of(&out)
+        );
+        assert!(!s.root.join(format!("u{n}.img")).exists());
+    }
 }
 
 #[test]

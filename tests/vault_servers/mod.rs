@@ -142,3 +142,30 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A new bucket of its own on the test S3 server, with Object Lock enabled when
+/// `object_lock`, and a vault location inside it (`None`: skip).
+pub async fn s3_bucket_place(test: &str, object_lock: bool) -> Option<Place> {
+    let url = endpoint(Backend::S3, test)?;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // Bucket names: lower case, digits and '-', at most 63 characters.
+    let bucket = format!("bw-{:x}-{:08x}", nanos, rand::random::<u32>());
+    let store = s3_options(&url);
+    bulwark_vault::immutable::ObjectLockClient::for_location(&format!("s3://{bucket}"), &store)
+        .unwrap_or_else(|e| panic!("{test}: client: {e}"))
+        .create_bucket(object_lock)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: create bucket {bucket}: {e}"));
+    Some(Place {
+        backend: Backend::S3,
+        location: format!("s3://{bucket}/vault"),
+        options: OpenOptions {
+            store,
+            ..Default::default()
+        },
+        dir: tempfile::tempdir().expect("tempdir"),
+    })
+}

@@ -89,8 +89,15 @@ fn key_file() -> Option<&'static PathBuf> {
 /// `BULWARK_KEY_FILE`, unwrapped with `BULWARK_PASSPHRASE` when the file is protected by one.
 pub fn vault_options() -> Result<OpenOptions> {
     let store = StoreOptions::from_vars(std::env::vars())?;
+    // The host name leases and VM ownership records name: the kernel's, unless
+    // BULWARK_HOST says otherwise (several controllers on one machine, or a renamed host
+    // that keeps its VMs).
+    let host = std::env::var("BULWARK_HOST")
+        .ok()
+        .filter(|h| !h.trim().is_empty());
     let options = OpenOptions {
         store,
+        host,
         ..OpenOptions::default()
     };
     Ok(match key_file() {

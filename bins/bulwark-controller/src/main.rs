@@ -161,6 +161,17 @@ struct InitArgs {
     compression_level: i32,
     #[command(flatten)]
     encrypt: keys::EncryptArgs,
+    /// Make the vault immutable: every object write-once for N days, in compliance mode (S3
+    /// Object Lock; the bucket must have been created with Object Lock enabled; its default
+    /// retention is set to N days). Nobody with the vault's credentials can delete a locked
+    /// version; prune and GC hide objects and free their space after the retention. Refused
+    /// for local directories (not enforceable) and Azure (not supported).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36500))]
+    immutable_days: Option<u32>,
+    /// Tests only: an immutable vault whose objects are locked for N seconds, each by its own
+    /// retention after its PUT (a bucket default cannot be shorter than a day).
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "immutable_days")]
+    immutable_test_seconds: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +181,11 @@ struct BackupArgs {
     /// The VM's name (letters, digits, '.', '_', '-').
     #[arg(long)]
     vm: String,
+    /// Take the VM over from the host that owns it in the vault (each VM is backed up by
+    /// its owner only; the first backup claims it). Use it once the old owner no longer
+    /// backs the VM up: its next backup of the VM is refused.
+    #[arg(long)]
+    take_over: bool,
     /// A disk: of a running VM (with --qmp) its block device name as `query-block` reports it
     /// (e.g. `os` for `-drive id=os,...`); of a stopped VM its image as [NAME=]PATH (qcow2 or
     /// raw). Repeat for each disk. With --qmp and no --disk: every writable disk of the VM.
@@ -266,6 +282,11 @@ struct RestoreArgs {
     /// there is one, verified block by block against the vault's manifest.
     #[arg(long, value_name = "DIR")]
     snapshot_dir: Option<PathBuf>,
+    /// DANGER: restore a point that never reached the vault from its kept snapshot as it is,
+    /// NOT verified (there is no manifest to verify it against). Without it such a point is
+    /// refused.
+    #[arg(long, requires = "snapshot_dir")]
+    trust_unverified_snapshot: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -322,8 +343,23 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Init(a) => {
             keys::check_init(&a.encrypt)?;
             let options = create_options(a.block_size, a.compression_level)?;
-            let v = Vault::create_with(&a.vault.vault, &options, &keys::vault_options()?).await?;
+            let retention = match (a.immutable_days, a.immutable_test_seconds) {
+                (Some(d), _) => Some(bulwark_vault::immutable::Retention::Days(d)),
+                (None, Some(s)) => Some(bulwark_vault::immutable::Retention::Seconds(s)),
+                (None, None) => None,
+            };
+            let open = keys::vault_options()?;
+            let v = match retention {
+                Some(r) => Vault::create_immutable_with(&a.vault.vault, &options, &open, r).await?,
+                None => Vault::create_with(&a.vault.vault, &options, &open).await?,
+            };
             println!("created vault {} at {}", v.config().id, v.location());
+            if let Some(i) = v.immutability() {
+                println!(
+                    "immutable: {} {} mode, every object locked for {} s ({})",
+                    i.mechanism, i.mode, i.retention_secs, i.applied
+                );
+            }
         }
         Command::Backup(a) => backup(a).await?,
         Command::List(a) if a.deleted => list_deleted(&a.vault, a.vm.as_deref(), a.json).await?,
@@ -408,6 +444,7 @@ async fn backup(a: BackupArgs) -> Result<()> {
     let mut req = BackupRequest::new(a.vm, snapshotter);
     req.upload_concurrency = a.upload_concurrency;
     req.check_known = a.check_known;
+    req.take_over = a.take_over;
     req.lease = req.lease.waiting(a.lease_wait);
     req.quiesce = a.quiesce.quiesce()?;
     if let (Some(days), Some(dir)) = (a.keep_snapshot_days, a.snapshot_dir) {
@@ -483,7 +520,10 @@ async fn restore(a: RestoreArgs) -> Result<()> {
         }
         return Ok(());
     }
-    req.snapshots = a.snapshot_dir.map(SnapshotStore::new);
+    let trust = a.trust_unverified_snapshot;
+    req.snapshots = a
+        .snapshot_dir
+        .map(|d| SnapshotStore::new(d).trusting_unverified(trust));
     req.observer = progress.clone();
     let report = bulwark_controller::sources::run_restore_as(req, a.format, &vault).await?;
     progress.clear();

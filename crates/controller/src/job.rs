@@ -62,6 +62,9 @@ pub struct BackupRequest {
     /// one is still there; a missing one is read from the disk again and re-uploaded. Blocks
     /// `verify` recorded as bad are always re-read, with or without this.
     pub check_known: bool,
+    /// Take the VM over from the controller that owns it in the vault (see
+    /// [`bulwark_vault::owner`]); without it a VM owned by another host is refused.
+    pub take_over: bool,
     /// Progress and phase events.
     pub observer: Arc<dyn Observer>,
     /// Cancels the job when triggered. The job stops at its next safe point: never inside
@@ -85,6 +88,7 @@ impl BackupRequest {
             policy: None,
             lease: LeaseOptions::default().waiting(std::time::Duration::from_secs(600)),
             check_known: false,
+            take_over: false,
             observer: Arc::new(NoObserver),
             cancel: tokio_util::sync::CancellationToken::new(),
         }
@@ -168,6 +172,8 @@ pub async fn run_backup(req: BackupRequest, vault: &Vault) -> Result<BackupRepor
 }
 
 async fn run(req: &BackupRequest, vault: &Vault, started: Instant) -> Result<BackupReport, Error> {
+    // Only the VM's owner backs it up: checked before the guest is touched.
+    vault.claim_vm(&req.vm, req.take_over).await?;
     let created = Timestamp::now();
     let point = new_point_id(created);
     let observer = &req.observer;

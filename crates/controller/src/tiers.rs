@@ -13,8 +13,22 @@
 //! vault (BLAKE3 content address of every data block, zeros for zero blocks) before it is
 //! renamed into place. A kept snapshot that differs in any block (corrupted or tampered) is
 //! rejected, and the disk is restored from the vault instead; the report says which tier was
-//! used and why a snapshot was rejected. A point that exists only as a snapshot (its transfer
-//! never finished) has no manifest to verify against: it restores with `verified: false`.
+//! used and why a snapshot was rejected.
+//!
+//! The index is a local file, and a file is trusted only where the store keeps its own: a
+//! kept snapshot is used only when its recorded path is a regular file (not a symbolic link)
+//! whose canonical path lies directly in the store's directory of its VM
+//! (`<root>/<vm>/`, the root canonicalized too). Anything else is rejected, never read.
+//!
+//! A point that exists only as a snapshot (its transfer never finished) has no manifest to
+//! verify against, so it is **refused** by default: nothing is restored unverified. Only a
+//! store made [`SnapshotStore::trusting_unverified`] (the CLI's
+//! `--trust-unverified-snapshot`, for the operator whose vault copy never happened and who
+//! takes the host's copy as it is) restores it, with `verified: false` in the report and a
+//! warning. A flag rather than nothing at all: in a disaster where the transfer failed, the
+//! host snapshot may be the only copy, and the operator should not have to dig the file out
+//! by hand; a flag rather than a default: an index anyone with write access to the snapshot
+//! directory could have written must not decide silently what lands on a disk.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -126,12 +140,54 @@ impl KeptSnapshots {
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     root: PathBuf,
+    trust_unverified: bool,
 }
 
 impl SnapshotStore {
     /// A store rooted at `root` (created when first written).
     pub fn new(root: impl Into<PathBuf>) -> SnapshotStore {
-        SnapshotStore { root: root.into() }
+        SnapshotStore {
+            root: root.into(),
+            trust_unverified: false,
+        }
+    }
+
+    /// This store, restoring a point that is not in the vault from its kept snapshot,
+    /// unverified (there is no manifest to verify against). Off by default: such a point is
+    /// refused (see the module documentation).
+    pub fn trusting_unverified(mut self, trust: bool) -> SnapshotStore {
+        self.trust_unverified = trust;
+        self
+    }
+
+    /// The canonical path of `disk`'s snapshot file of a point of `vm`, if it may be read:
+    /// a regular file, not a symbolic link, directly in this store's directory of `vm`.
+    pub fn trusted_file(&self, vm: &str, disk: &KeptDiskSnapshot) -> Result<PathBuf, String> {
+        validate_name("vm", vm).map_err(|e| e.to_string())?;
+        let shown = disk.path.display();
+        let meta = std::fs::symlink_metadata(&disk.path)
+            .map_err(|e| format!("kept snapshot {shown}: {e}"))?;
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "kept snapshot {shown} is a symbolic link: not trusted"
+            ));
+        }
+        if !meta.is_file() {
+            return Err(format!(
+                "kept snapshot {shown} is not a regular file: not trusted"
+            ));
+        }
+        let dir = std::fs::canonicalize(self.root.join(vm))
+            .map_err(|e| format!("snapshot directory {}: {e}", self.root.join(vm).display()))?;
+        let real =
+            std::fs::canonicalize(&disk.path).map_err(|e| format!("kept snapshot {shown}: {e}"))?;
+        if real.parent() != Some(dir.as_path()) {
+            return Err(format!(
+                "kept snapshot {shown} is outside the snapshot directory {}: not trusted",
+                dir.display()
+            ));
+        }
+        Ok(real)
     }
 
     /// The root directory (also the snapshot directory of the jobs that keep snapshots).
@@ -483,8 +539,8 @@ fn restore_from_snapshot(
 
 /// Restores one disk from a kept snapshot in `store` when there is one (verified against the
 /// vault's manifest; a mismatch falls back to the vault when `fallback`, else fails), else
-/// from the vault (when `fallback`). A point that exists only as a kept snapshot is restored
-/// from it, unverified.
+/// from the vault (when `fallback`). A point that exists only as a kept snapshot is refused,
+/// unless the store trusts unverified snapshots (see the module documentation).
 pub(crate) async fn restore_tiered(
     vault: &Vault,
     store: &SnapshotStore,
@@ -529,14 +585,31 @@ pub(crate) async fn restore_tiered(
             }
             .into());
         };
+        let path = store
+            .trusted_file(&req.vm, &k)
+            .map_err(|why| Error::RestoreTarget {
+                path: req.to.clone(),
+                why: format!("the point is not in the vault and {why}"),
+            })?;
+        if !store.trust_unverified {
+            return Err(Error::RestoreTarget {
+                path: req.to.clone(),
+                why: format!(
+                    "point {point_id} is not in the vault: its kept snapshot {} has no manifest \
+                     to verify against, so it is not restored (to take it unverified, as it \
+                     is, say --trust-unverified-snapshot)",
+                    path.display()
+                ),
+            });
+        }
         let to = req.to.clone();
         let copied =
-            tokio::task::spawn_blocking(move || restore_from_snapshot(&k.path, &to, None, None))
+            tokio::task::spawn_blocking(move || restore_from_snapshot(&path, &to, None, None))
                 .await
                 .map_err(|e| Error::Worker(e.to_string()))??;
         return match copied {
             Ok((size, _, _)) => {
-                tracing::warn!(point = %point_id, "restored from a kept snapshot whose transfer never finished: not verified");
+                tracing::warn!(point = %point_id, "restored from a kept snapshot whose transfer never finished, as asked (--trust-unverified-snapshot): NOT verified");
                 Ok(report(size, 0, 0, false))
             }
             Err(why) => Err(Error::RestoreTarget {
@@ -546,8 +619,17 @@ pub(crate) async fn restore_tiered(
         };
     };
     let mut rejected = None;
-    if let Some(k) = kept {
-        match from_kept(vault, &point, &k.path, req).await? {
+    let kept = match kept.map(|k| store.trusted_file(&req.vm, &k)) {
+        Some(Err(why)) => {
+            tracing::warn!(point = %point.id, disk = %req.disk, %why, "kept snapshot rejected");
+            rejected = Some(why);
+            None
+        }
+        Some(Ok(path)) => Some(path),
+        None => None,
+    };
+    if let Some(path) = kept {
+        match from_kept(vault, &point, &path, req).await? {
             Ok((size, data, zero, data_bytes)) => {
                 let mut r = report(size, data, zero, true);
                 r.bytes_written = data_bytes;

@@ -67,6 +67,35 @@ pub enum Error {
         #[source]
         source: bulwark_blockdiff::Error,
     },
+    /// An Object Lock request of an immutable vault failed (see [`crate::immutable`]).
+    #[error("{key}: S3 Object Lock: {why}")]
+    ObjectLock {
+        /// The object key, or the bucket.
+        key: String,
+        /// What failed.
+        why: String,
+    },
+    /// Another controller owns the VM (see [`crate::owner`]).
+    #[error(
+        "VM {vm} is backed up by {owner}, not by this host ({me}): refused (take it over \
+         with --take-over, once {owner} no longer backs it up)"
+    )]
+    NotOwner {
+        /// The VM.
+        vm: String,
+        /// Its owner.
+        owner: String,
+        /// This host.
+        me: String,
+    },
+    /// An immutable vault cannot be made or used here.
+    #[error("immutable vault at {location}: {why}")]
+    Immutable {
+        /// The location.
+        location: String,
+        /// Why not.
+        why: String,
+    },
     /// The storage backend failed.
     #[error("{key}: storage error: {source}")]
     Store {

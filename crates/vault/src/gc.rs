@@ -83,6 +83,11 @@ pub struct GcReport {
     pub expired_leases_removed: usize,
     /// Wall time, milliseconds.
     pub duration_ms: u64,
+    /// On an immutable vault: the locks extended and the versions swept. There, the frees
+    /// above are deletes that only hide an object (a delete marker); its space comes back
+    /// when a sweep deletes its versions after the retention (`version_bytes_freed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub immutable: Option<crate::immutable_gc::ImmutableGcReport>,
 }
 
 /// What the mark phase found.
@@ -150,6 +155,16 @@ impl Vault {
         if !options.dry_run {
             self.gc_delete(lease, doomed, &mut report).await?;
         }
+        if let Some(imm) = self.config.immutable.clone() {
+            let referenced = crate::immutable_gc::Referenced {
+                blocks: &marked.blocks,
+                manifests: &marked.manifests,
+            };
+            report.immutable = Some(
+                self.gc_immutable(lease, &imm, &referenced, options.dry_run)
+                    .await?,
+            );
+        }
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             blocks_freed = report.blocks_freed,
@@ -181,10 +196,18 @@ impl Vault {
         }
         report.live_points = live.points.len();
         report.deleted_points = deleted.points.len();
+        // On an immutable vault, points hidden by a delete marker prune did not write (no
+        // tombstone) keep their blocks: a stolen credential must not erase them by way of GC.
+        let hidden = if self.config.immutable.is_some() {
+            self.hidden_points().await?
+        } else {
+            Vec::new()
+        };
         let points: Vec<_> = live
             .points
             .iter()
             .chain(deleted.points.iter().map(|d| &d.point))
+            .chain(hidden.iter())
             .collect();
         let mut manifests = HashSet::new();
         let mut wanted = Vec::new();

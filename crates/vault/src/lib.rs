@@ -9,6 +9,7 @@
 //! points/<vm>/<point>.json              a recovery point: consistency, disks → manifest digests
 //! deleted/points/<vm>/<point>.json      a soft-deleted point (tombstone), see [`Vault::soft_delete`]
 //! locks/<backup|prune|gc>-<id>          leases that keep GC and backups apart, see [`lease`]
+//! owners/<vm>.json                      which host backs the VM up, see [`owner`]
 //! ```
 //!
 //! Retention: prune soft-deletes points (`deleted/`), purges them after the policy's days, and
@@ -59,9 +60,12 @@ mod error;
 pub mod fault;
 mod gc;
 pub mod health;
+pub mod immutable;
+mod immutable_gc;
 pub mod lease;
 pub mod location;
 mod model;
+pub mod owner;
 mod prune;
 mod report;
 pub mod retry;
@@ -74,6 +78,7 @@ use std::sync::Arc;
 use bulwark_blockdiff::{Address, BlockMap, BlockSize, ScanOptions};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
@@ -81,6 +86,7 @@ pub use crypto::MasterKey;
 use envelope::Kind;
 pub use error::Error;
 pub use gc::{GcOptions, GcReport};
+pub use immutable_gc::ImmutableGcReport;
 pub use lease::{Lease, LeaseKind, LeaseOptions, LeaseRecord};
 pub use location::{Location, StoreOptions};
 pub use model::{
@@ -149,6 +155,8 @@ pub struct Vault {
     buffers: Arc<bulwark_blockdiff::buffers::Pool>,
     /// The host name recorded in this process's leases.
     host: Arc<str>,
+    /// The Object Lock client of an immutable vault opened from its location.
+    locker: Option<Arc<immutable::ObjectLockClient>>,
 }
 
 /// How to open (or create) a vault: storage settings, the key of an encrypted vault, the
@@ -291,7 +299,9 @@ impl Vault {
     /// Opens the vault at `location` with explicit options (storage settings, key).
     pub async fn open_with(location: &str, options: &OpenOptions) -> Result<Vault, Error> {
         let store = location::open_store(location, &options.store, false)?;
-        Self::open_store_with(store, location, &for_location(location, options)).await
+        Self::open_store_with(store.clone(), location, &for_location(location, options))
+            .await?
+            .attach_locker(location, &options.store, store)
     }
 
     /// Opens the vault held by `store` (any `object_store` backend). `label` names it in errors.
@@ -392,7 +402,119 @@ impl Vault {
                 .clone()
                 .unwrap_or_else(lease::kernel_host_name)
                 .into(),
+            locker: None,
         })
+    }
+
+    /// Gives an immutable vault its Object Lock client (and, with per-object retention, a
+    /// store that locks each object it writes). `raw` is the store before any wrapping.
+    fn attach_locker(
+        mut self,
+        location: &str,
+        options: &StoreOptions,
+        raw: Arc<dyn ObjectStore>,
+    ) -> Result<Vault, Error> {
+        let Some(imm) = self.config.immutable.clone() else {
+            return Ok(self);
+        };
+        let client = Arc::new(immutable::ObjectLockClient::for_location(
+            location, options,
+        )?);
+        if imm.per_object() {
+            let locking: Arc<dyn ObjectStore> = Arc::new(immutable::RetainingStore::new(
+                raw,
+                client.clone(),
+                imm.retention(),
+            ));
+            let counting = Arc::new(stats::CountingStore::new(locking));
+            self.store = counting.clone();
+            self.counting = counting;
+        }
+        self.locker = Some(client);
+        Ok(self)
+    }
+
+    /// The immutability of this vault, if it is immutable (see [`immutable`]).
+    pub fn immutability(&self) -> Option<&immutable::Immutability> {
+        self.config.immutable.as_ref()
+    }
+
+    /// The Object Lock client of an immutable vault opened from its location.
+    pub fn object_lock(&self) -> Option<&Arc<immutable::ObjectLockClient>> {
+        self.locker.as_ref()
+    }
+
+    /// Creates an immutable vault at `location`: every object write-once for `retention`, in
+    /// compliance mode. Only S3 with Object Lock is supported; a local directory, Azure Blob
+    /// and memory are refused (see [`immutable`] for why and how).
+    pub async fn create_immutable_with(
+        location: &str,
+        options: &CreateOptions,
+        open: &OpenOptions,
+        retention: immutable::Retention,
+    ) -> Result<Vault, Error> {
+        let refuse = |why: &str| Error::Immutable {
+            location: location.into(),
+            why: why.into(),
+        };
+        match Location::parse(location)? {
+            Location::S3 { .. } => {}
+            Location::Local(_) | Location::Memory => {
+                return Err(refuse(
+                    "a local directory cannot enforce immutability (its owner and root can always                      delete files): refused; use an s3:// bucket with Object Lock",
+                ));
+            }
+            Location::Azure { .. } => {
+                return Err(refuse(
+                    "Azure Blob version-level immutability is not supported by this build (Azurite,                      the only Azure server it can be tested on, does not implement it): refused;                      use an s3:// bucket with Object Lock",
+                ));
+            }
+        }
+        if retention.duration().is_zero() {
+            return Err(refuse(
+                "the retention must be at least one day (or second, in tests)",
+            ));
+        }
+        let client = immutable::ObjectLockClient::for_location(location, &open.store)?;
+        let found = client.lock_configuration().await?;
+        if !found.enabled {
+            return Err(refuse(
+                "the bucket does not have Object Lock enabled (it can only be enabled when the                  bucket is created: create it with Object Lock)",
+            ));
+        }
+        let applied = match retention {
+            immutable::Retention::Days(days) => {
+                client.set_default_retention(days).await?;
+                immutable::BY_BUCKET_DEFAULT
+            }
+            immutable::Retention::Seconds(_) => {
+                if found.default.is_some() {
+                    return Err(refuse(
+                        "per-object (seconds) retention needs a bucket without a default retention",
+                    ));
+                }
+                immutable::PER_OBJECT
+            }
+        };
+        let store = location::open_store(location, &open.store, true)?;
+        let open2 = for_location(location, open);
+        let mut config = VaultConfig::new(options.block_size, options.zstd_level);
+        config.immutable = Some(immutable::Immutability {
+            mechanism: immutable::S3_OBJECT_LOCK.into(),
+            mode: immutable::COMPLIANCE.into(),
+            retention_secs: retention.duration().as_secs(),
+            applied: applied.into(),
+        });
+        let vault = Self::create_store_config(store.clone(), location, config, &open2).await?;
+        let vault = vault.attach_locker(location, &open.store, store)?;
+        if let (Some(imm), Some(client)) = (vault.immutability(), vault.object_lock())
+            && imm.per_object()
+        {
+            // Written before the locking store was attached.
+            let until = lease::plus(Timestamp::now(), imm.retention());
+            client.put_retention(CONFIG_KEY, until).await?;
+        }
+        Ok(vault)
     }
 
     /// Creates a vault at `location` (creating the directory of a local path), with default
@@ -427,9 +549,19 @@ impl Vault {
         options: &CreateOptions,
         open: &OpenOptions,
     ) -> Result<Vault, Error> {
+        let config = VaultConfig::new(options.block_size, options.zstd_level);
+        Self::create_store_config(store, label, config, open).await
+    }
+
+    /// Creates a vault in `store` with `config` (its encryption filled from `open.key`).
+    async fn create_store_config(
+        store: Arc<dyn ObjectStore>,
+        label: &str,
+        mut config: VaultConfig,
+        open: &OpenOptions,
+    ) -> Result<Vault, Error> {
         let counting = Arc::new(stats::CountingStore::new(store));
         let store: Arc<dyn ObjectStore> = counting.clone();
-        let mut config = VaultConfig::new(options.block_size, options.zstd_level);
         if let Some(k) = &open.key {
             config.address_hash = crypto::KEYED_ADDRESS_HASH.into();
             config.encryption = Some(Encryption {

@@ -280,7 +280,7 @@ impl StoreOptions {
         Ok(())
     }
 
-    fn var(&self, names: &[&str]) -> Option<&str> {
+    pub(crate) fn var(&self, names: &[&str]) -> Option<&str> {
         names
             .iter()
             .find_map(|n| self.vars.get(*n))
@@ -288,7 +288,7 @@ impl StoreOptions {
             .filter(|v| !v.is_empty())
     }
 
-    fn flag(&self, name: &str) -> bool {
+    pub(crate) fn flag(&self, name: &str) -> bool {
         self.var(&[name])
             .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
     }
@@ -314,7 +314,7 @@ impl StoreOptions {
 }
 
 /// Installs rustls' ring provider once (reqwest is built without a bundled one).
-fn install_tls_provider() {
+pub(crate) fn install_tls_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // An error means a provider is installed already: fine.
@@ -435,6 +435,7 @@ pub fn open_store(
                 b = b.with_region("us-east-1");
             }
             let store = b
+                .with_http_connector(crate::immutable::ContentMd5Connector)
                 .with_client_options(options.client(options.flag("AWS_ALLOW_HTTP")))
                 .build()
                 .map_err(|e| unsupported(e.to_string()))?;

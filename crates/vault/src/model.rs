@@ -39,6 +39,10 @@ pub struct VaultConfig {
     /// was created (see [`crate::conditional`]); absent in older vaults (taken as `true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditional_writes: Option<bool>,
+    /// Every object is write-once for a retention period (see [`crate::immutable`]); absent
+    /// in ordinary vaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immutable: Option<crate::immutable::Immutability>,
 }
 
 /// Encryption parameters of an encrypted vault (see [`crate::crypto`]).
@@ -99,6 +103,7 @@ impl VaultConfig {
             },
             encryption: None,
             conditional_writes: None,
+            immutable: None,
         }
     }
 
@@ -147,6 +152,9 @@ impl VaultConfig {
                     cfg.compression.level
                 )));
             }
+        }
+        if let Some(i) = &cfg.immutable {
+            i.check(key)?;
         }
         Ok(cfg)
     }

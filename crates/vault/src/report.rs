@@ -175,7 +175,33 @@ impl fmt::Display for GcReport {
             self.deleted_points,
             self.blocks_young,
             self.grace_secs
-        )
+        )?;
+        if let Some(i) = &self.immutable {
+            write!(
+                f,
+                "\nimmutable vault: the frees above are hidden (delete markers); {} locked \
+                 versions deleted ({}), {} kept until their retention ends; {} locks extended",
+                i.versions_freed,
+                HumanBytes(i.version_bytes_freed),
+                i.versions_retained,
+                i.locks_extended
+            )?;
+            if !i.hidden.is_empty() {
+                write!(
+                    f,
+                    "\nhidden by a foreign delete marker (kept): {}",
+                    i.hidden.join(", ")
+                )?;
+            }
+            if !i.overwritten.is_empty() {
+                write!(
+                    f,
+                    "\noverwritten (older versions kept): {}",
+                    i.overwritten.join(", ")
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
