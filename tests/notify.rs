@@ -244,6 +244,8 @@ fn webhooks_and_mail_for_failures_warnings_overdue_and_damage() {
     write_random(&root.join("web.img"), 0, 2 << 20, 1);
     write_random(&root.join("other.img"), 0, 1 << 20, 2);
     std::fs::write(root.join("hook.secret"), format!("{SECRET}\n")).unwrap();
+    // An agent nobody listens on: the job falls back to crash consistency (warnings).
+    let agent_sock = root.join("no-agent.sock").display().to_string();
     let config = root.join("bulwark.toml");
     std::fs::write(
         &config,
@@ -291,6 +293,7 @@ policy = {STRICT}
 [[vm]]
 name = "warn01"
 disks = [{{ name = "os", path = "other.img" }}]
+agent = "unix:{agent_sock}"
 policy = {HOPEFUL}
 
 [[vm]]
@@ -485,6 +488,66 @@ schedule_override_seconds = 2
         .collect();
     assert_eq!(overdue_mails.len(), 1, "{m:?}");
     assert!(overdue_mails[0].contains("To: ops@example.org"));
+
+    // /metrics: the agent's reachability from its last attempt, lease refusals (none here),
+    // the notifications' outcomes; Prometheus' own checker accepts the text.
+    let metrics = {
+        let mut s = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n").unwrap().1.to_string()
+    };
+    for want in [
+        "bulwark_agent_reachable{vm=\"warn01\"} 0\n",
+        "bulwark_lease_conflicts_total{operation=\"gc\"} 0\n",
+        "bulwark_notifications_total{outcome=\"retried\"}",
+    ] {
+        assert!(
+            metrics.contains(want),
+            "/metrics lacks {want:?}:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("bulwark_agent_reachable{vm=\"web01\"}"));
+    let sent: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bulwark_notifications_total{outcome=\"sent\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(sent as usize >= failed.len() * 2, "{metrics}");
+    match bulwark_tests::which("promtool") {
+        Some(promtool) => {
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(metrics.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics: {}{}\n{metrics}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => bulwark_tests::skip(
+            "notify promtool",
+            bulwark_tests::Needs::Servers,
+            "promtool (Debian package prometheus) is not installed",
+        ),
+    }
 
     // The dead route was tried and retried, and held nothing up (checked above).
     let log = log_text();

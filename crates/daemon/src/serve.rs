@@ -138,13 +138,6 @@ impl Server {
             })?;
         }
         let store = SnapshotStore::new(config.snapshot_dir.clone());
-        let maintenance = Arc::new(RetentionMaintenance::new(
-            vault.clone(),
-            Some(store.clone()),
-            config.prune,
-            config.gc_interval,
-            now,
-        ));
         let runner = Arc::new(BackupRunner {
             vault: vault.clone(),
             store: store.clone(),
@@ -162,8 +155,16 @@ impl Server {
             runner,
             daemon_options,
         )
-        .with_snapshot_store(store.clone())
-        .with_maintenance(maintenance);
+        .with_snapshot_store(store.clone());
+        let maintenance = RetentionMaintenance::new(
+            vault.clone(),
+            Some(store.clone()),
+            config.prune,
+            config.gc_interval,
+            now,
+        )
+        .counting_in(daemon.control());
+        let daemon = daemon.with_maintenance(Arc::new(maintenance));
         let notifier = match &config.notify {
             Some(n) => {
                 let notifier = bulwark_notify::Notifier::start(n)?;
