@@ -322,7 +322,7 @@ async fn render(app: &Shared) -> Result<String, String> {
         }
         reg.register(
             "bulwark_notifications",
-            "Notification deliveries per route since the daemon started, by outcome (retried: failed attempts tried again)",
+            "Notification deliveries (one per event and route) since the daemon started, by outcome (retried: failed attempts tried again)",
             outcomes,
         );
     }
