@@ -71,7 +71,6 @@ async fn restore(vault: &Vault, place: &Place, point: &str) -> Vec<u8> {
             disk: "os".into(),
             to: to.clone(),
             force: true,
-            in_place: false,
             concurrency: 4,
             from: RestoreFrom::Vault,
             snapshots: None,

@@ -192,6 +192,10 @@ pub trait Observer: Send + Sync + std::fmt::Debug {
     fn phase(&self, phase: Phase, event: PhaseEvent) {
         let _ = (phase, event);
     }
+    /// A quiesced backup tried its guest agent: `None` when it answered, else why not.
+    fn agent(&self, unreachable: Option<&str>) {
+        let _ = unreachable;
+    }
 }
 
 /// An [`Observer`] that shows nothing.

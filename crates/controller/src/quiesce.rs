@@ -397,7 +397,7 @@ pub(crate) async fn snapshot(
     point: &str,
 ) -> Result<Snapped, Error> {
     let start = Instant::now();
-    let mut session = Session::plan(&q.agent, &q.options).await?;
+    let mut session = Session::plan(&q.agent, &q.options, req.observer.as_ref()).await?;
     // The slow part of the snapshot before anything is frozen.
     let pending = req
         .snapshotter
@@ -464,7 +464,11 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     /// Connects and greets the agent, and plans the level. An absent agent plans `crash` with
     /// the reason if the minimum allows; otherwise this fails before anything is touched.
-    async fn plan(target: &'a AgentTarget, opts: &QuiesceOptions) -> Result<Session<'a>, Error> {
+    async fn plan(
+        target: &'a AgentTarget,
+        opts: &QuiesceOptions,
+        observer: &dyn crate::Observer,
+    ) -> Result<Session<'a>, Error> {
         let (link, hello, qga, status) = if let AgentAddress::Qga(path) = &target.address {
             match connect_qga(path).await {
                 Ok(g) => {
@@ -501,6 +505,10 @@ impl<'a> Session<'a> {
                 }
             }
         };
+        observer.agent(match &status {
+            AgentStatus::Unreachable { reason } => Some(reason),
+            AgentStatus::Reachable(_) => None,
+        });
         let wanted = opts.wanted.unwrap_or_else(|| {
             let best = match (&hello, &qga) {
                 (Some(h), _) => h.levels.iter().copied().max().unwrap_or(Level::Crash),

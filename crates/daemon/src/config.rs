@@ -27,6 +27,18 @@
 //! # scope = "operator"                  # read: resources only; operator: also actions
 //! # sha256 = "9f86d08...64 hex digits"
 //!
+//! [notify]                              # notifications (optional): webhooks and mail per event
+//! # overdue_grace_seconds = 3600        # default: [http]'s, else 3600
+//! # [[notify.webhook]]                  # JSON POST, HMAC-SHA256 of "TIMESTAMP.BODY" in a header
+//! # url = "https://hooks.example.org/bulwark"
+//! # secret_file = "/etc/bulwark/webhook.secret"
+//! # events = ["job_failed", "job_warnings", "consistency_below", "vm_overdue", "verify_damage"]
+//! # [[notify.smtp]]                     # see bulwark_notify::config for every field
+//! # server = "smtp.example.org"
+//! # from = "bulwark@example.org"
+//! # to = ["ops@example.org"]
+//! # events = ["job_failed", "vm_overdue"]
+//!
 //! [[vm]]
 //! name = "web01"
 //! disks = [
@@ -124,6 +136,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// The HTTP API (`[http]`), if configured.
     pub http: Option<HttpConfig>,
+    /// Notification routes (`[notify]`, see [`bulwark_notify::config`]), if configured.
+    pub notify: Option<bulwark_notify::NotifyConfig>,
 }
 
 /// What an API token may do.
@@ -217,6 +231,7 @@ struct RawConfig {
     #[serde(default)]
     vm: Vec<Spanned<RawVm>>,
     http: Option<Spanned<RawHttp>>,
+    notify: Option<bulwark_notify::RawNotify>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,10 +319,19 @@ impl Config {
             vms.push(cx.vm(vm, settings.tls_dir.as_deref())?);
         }
         let http = raw.http.as_ref().map(|h| cx.http(h)).transpose()?;
+        let notify = raw
+            .notify
+            .as_ref()
+            .map(|n| {
+                n.validate(&|p| cx.resolve(p))
+                    .map_err(|e| cx.err(e.offset.map(|o| cx.line(o)), e.message))
+            })
+            .transpose()?;
         Ok(Config {
             file: path.to_path_buf(),
             vms,
             http,
+            notify,
             ..settings
         })
     }
@@ -404,6 +428,7 @@ impl Parse<'_> {
             },
             vms: Vec::new(),
             http: None,
+            notify: None,
         })
     }
 
@@ -954,6 +979,44 @@ schedule_override_seconds = 5
         )
         .unwrap_err();
         assert!(e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn notify_section() {
+        let (dir, cfg) = setup();
+        std::fs::write(dir.path().join("hook.secret"), "0123456789abcdef\n").unwrap();
+        let c = parse(
+            &cfg,
+            &vm_block("[notify]\noverdue_grace_seconds = 60\n[[notify.webhook]]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = \"hook.secret\"\nevents = [\"job_failed\"]\n"),
+        )
+        .unwrap();
+        let n = c.notify.unwrap();
+        assert_eq!(n.webhooks[0].secret, b"0123456789abcdef");
+        assert_eq!(n.overdue_grace, Some(Duration::from_secs(60)));
+        // Errors name the configuration file and the line of the field.
+        let e = parse(
+            &cfg,
+            &vm_block("[notify]\n[[notify.webhook]]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = \"nope.secret\"\nevents = [\"job_failed\"]\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("bulwark.toml:11: notify.webhook[0]: secret_file"),
+            "{e}"
+        );
+        let e = parse(
+            &cfg,
+            &vm_block("[notify]\n[[notify.webhook]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"0123456789abcdef\"\nevents = [\"job_failed\",\n \"vm_late\"]\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("bulwark.toml:13: notify.webhook[0]: events: unknown event \"vm_late\""),
+            "{e}"
+        );
+        let e = parse(&cfg, &vm_block("[notify]\nretries = 3\n")).unwrap_err();
+        assert!(
+            e.contains("bulwark.toml:9:") && e.contains("unknown field `retries`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -75,6 +75,19 @@ struct Inner {
     requests: mpsc::Sender<RunNow>,
     jobs: Mutex<HashMap<i64, Live>>,
     ended: broadcast::Sender<JobEnded>,
+    lease_conflicts: Mutex<BTreeMap<String, u64>>,
+    agents: Mutex<BTreeMap<String, AgentSeen>>,
+}
+
+/// What the last quiesce attempt of a VM found of its guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentSeen {
+    /// It answered.
+    pub reachable: bool,
+    /// When it was tried.
+    pub at: jiff::Timestamp,
+    /// Why it did not answer.
+    pub reason: Option<String>,
 }
 
 /// The control handle of one daemon (see the module docs).
@@ -101,6 +114,8 @@ impl Control {
                 requests: tx,
                 jobs: Mutex::new(HashMap::new()),
                 ended,
+                lease_conflicts: Mutex::new(BTreeMap::new()),
+                agents: Mutex::new(BTreeMap::new()),
             }),
         };
         (c, rx)
@@ -159,6 +174,48 @@ impl Control {
     /// Every job end from now on (a lagging listener misses the oldest).
     pub fn subscribe(&self) -> broadcast::Receiver<JobEnded> {
         self.inner.ended.subscribe()
+    }
+
+    /// Counts a refusal of the vault's lease to `operation` (`backup`, `prune`, `gc`).
+    pub fn lease_conflict(&self, operation: &str) {
+        let mut m = self
+            .inner
+            .lease_conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(operation.to_string()).or_default() += 1;
+    }
+
+    /// Lease refusals since the daemon started, per operation.
+    pub fn lease_conflicts(&self) -> BTreeMap<String, u64> {
+        self.inner
+            .lease_conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records what a quiesce attempt of `vm` found of its agent.
+    pub fn agent_seen(&self, vm: &str, unreachable: Option<&str>) {
+        let seen = AgentSeen {
+            reachable: unreachable.is_none(),
+            at: jiff::Timestamp::now(),
+            reason: unreachable.map(String::from),
+        };
+        self.inner
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.to_string(), seen);
+    }
+
+    /// Per VM with an agent, the last quiesce attempt since the daemon started.
+    pub fn agents(&self) -> BTreeMap<String, AgentSeen> {
+        self.inner
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn register(&self, id: i64, vm: &str) -> CancellationToken {

@@ -341,6 +341,7 @@ pub struct RetentionMaintenance {
     gc_every: Option<Duration>,
     gc_options: bulwark_vault::GcOptions,
     last_gc: std::sync::Mutex<Timestamp>,
+    control: Option<Control>,
 }
 
 impl RetentionMaintenance {
@@ -360,6 +361,21 @@ impl RetentionMaintenance {
             gc_every,
             gc_options: bulwark_vault::GcOptions::default(),
             last_gc: std::sync::Mutex::new(started),
+            control: None,
+        }
+    }
+
+    /// Count lease refusals of prune and GC in `control` (metrics).
+    pub fn counting_in(mut self, control: Control) -> RetentionMaintenance {
+        self.control = Some(control);
+        self
+    }
+
+    fn conflict(&self, e: &bulwark_controller::Error, operation: &str) {
+        if is_lease_conflict(e)
+            && let Some(c) = &self.control
+        {
+            c.lease_conflict(operation);
         }
     }
 }
@@ -391,7 +407,10 @@ impl Maintenance for RetentionMaintenance {
                                 }
                             }
                         }
-                        Err(e) => errors.push(format!("vm {}: prune: {e}", vm.name)),
+                        Err(e) => {
+                            self.conflict(&e, "prune");
+                            errors.push(format!("vm {}: prune: {e}", vm.name))
+                        }
                     }
                 }
             }
@@ -407,7 +426,10 @@ impl Maintenance for RetentionMaintenance {
                             tracing::info!(report = ?r, "garbage collection done");
                             *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = now;
                         }
-                        Err(e) => errors.push(format!("gc: {e}")),
+                        Err(e) => {
+                            self.conflict(&e, "gc");
+                            errors.push(format!("gc: {e}"))
+                        }
                     }
                 }
             }
@@ -418,6 +440,15 @@ impl Maintenance for RetentionMaintenance {
             }
         })
     }
+}
+
+/// Whether the vault refused an operation its lease (another operation held a conflicting
+/// one).
+pub fn is_lease_conflict(e: &bulwark_controller::Error) -> bool {
+    matches!(
+        e,
+        bulwark_controller::Error::Vault(bulwark_vault::Error::LeaseConflict { .. })
+    )
 }
 
 /// The real job: snapshot (quiesced through the VM's guest agent when it has one) + transfer
@@ -483,11 +514,18 @@ impl JobRunner for BackupRunner {
                     error: Some(e.to_string()),
                     ..JobEnd::default()
                 },
-                Err(e) => JobEnd {
-                    state: Some(JobState::Failed),
-                    error: Some(e.to_string()),
-                    ..JobEnd::default()
-                },
+                Err(e) => {
+                    if let Error::Controller(c) = &e
+                        && is_lease_conflict(c)
+                    {
+                        job.control.lease_conflict("backup");
+                    }
+                    JobEnd {
+                        state: Some(JobState::Failed),
+                        error: Some(e.to_string()),
+                        ..JobEnd::default()
+                    }
+                }
             }
         })
     }
@@ -546,6 +584,7 @@ impl BackupRunner {
         req.observer = Arc::new(PhaseRecorder {
             history: job.history.clone(),
             job: job.id,
+            vm: vm.name.clone(),
             control: job.control.clone(),
         });
         req.cancel = job.cancel.clone();
@@ -558,10 +597,15 @@ impl BackupRunner {
 struct PhaseRecorder {
     history: History,
     job: i64,
+    vm: String,
     control: Control,
 }
 
 impl Observer for PhaseRecorder {
+    fn agent(&self, unreachable: Option<&str>) {
+        self.control.agent_seen(&self.vm, unreachable);
+    }
+
     fn start(&self, item: &str, total: u64) {
         self.control.disk(self.job, item, |d| d.total = total);
     }
@@ -1486,5 +1530,37 @@ mod tests {
         at.extend(starts(&log, "b"));
         at.sort();
         assert_eq!(at, ["2026-11-23T00:00:00Z", "2026-11-23T00:01:40Z"]);
+    }
+
+    #[tokio::test]
+    async fn lease_refusals_of_gc_are_counted() {
+        use bulwark_vault::{CreateOptions, Lease, LeaseKind, LeaseOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::create(dir.path().to_str().unwrap(), &CreateOptions::default())
+            .await
+            .unwrap();
+        let (control, _inbox) = Control::new();
+        let m = RetentionMaintenance::new(
+            vault.clone(),
+            None,
+            false,
+            Some(Duration::ZERO),
+            Timestamp::now(),
+        )
+        .counting_in(control.clone());
+        // A backup holds its lease: GC refuses, and the refusal is counted.
+        let backup = Lease::acquire(&vault, LeaseKind::Backup, "b", &LeaseOptions::default())
+            .await
+            .unwrap();
+        let e = m.run(&[], Timestamp::now()).await.unwrap_err();
+        assert!(e.contains("gc:"), "{e}");
+        assert_eq!(control.lease_conflicts().get("gc"), Some(&1));
+        backup.release().await.unwrap();
+        // Without a conflicting lease GC runs, and nothing more is counted.
+        m.run(&[], Timestamp::now()).await.unwrap();
+        assert_eq!(control.lease_conflicts().get("gc"), Some(&1));
+        assert!(control.agents().is_empty());
+        control.agent_seen("web01", Some("connection refused"));
+        assert!(!control.agents()["web01"].reachable);
     }
 }

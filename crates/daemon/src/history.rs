@@ -583,6 +583,20 @@ impl History {
             .map(|o| o.flatten().map(ts))
             .map_err(|e| self.err(e))
     }
+
+    /// When the latest successful job of `vm` (completed, with or without warnings) ended.
+    pub fn last_success(&self, vm: &str) -> Result<Option<Timestamp>, Error> {
+        let ok = [JobState::Completed, JobState::CompletedWithWarnings].map(JobState::as_str);
+        self.lock()
+            .query_row(
+                "SELECT MAX(ended_ms) FROM jobs WHERE vm = ?1 AND state IN (?2, ?3)",
+                params![vm, ok[0], ok[1]],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()
+            .map(|o| o.flatten().map(ts))
+            .map_err(|e| self.err(e))
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //!   agents and policies), checked whole before anything starts.
 //! * [`history`]: the job history in SQLite (`<state_dir>/jobs.sqlite`): every job, its
 //!   phases and its outcome; jobs left running by a killed daemon are marked failed at start.
+//! * [`alerts`]: what the daemon tells its notifier (`[notify]`): failed jobs, warnings,
+//!   consistency below the policy, overdue VMs.
 //! * [`daemon`]: the scheduler: each VM at its policy's times (missed runs caught up within a
 //!   window, one job per VM at a time, a global concurrency limit), the retention and garbage
 //!   collection of the vault between jobs, and the expiry of kept snapshots.
@@ -21,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alerts;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -63,6 +66,9 @@ pub enum Error {
         /// The pid written in it, as text.
         pid: String,
     },
+    /// The notifier could not start.
+    #[error(transparent)]
+    Notify(#[from] bulwark_notify::Error),
     /// An I/O error on a path.
     #[error("{path}: {source}")]
     Io {

@@ -99,6 +99,8 @@ pub struct Handles {
     pub store: SnapshotStore,
     /// Run now, cancel, live progress, job ends.
     pub control: crate::control::Control,
+    /// Where notifications go (`[notify]`), if configured.
+    pub notifier: Option<bulwark_notify::Notifier>,
 }
 
 /// A daemon ready to run: the state directory locked, the history and the vault open.
@@ -136,13 +138,6 @@ impl Server {
             })?;
         }
         let store = SnapshotStore::new(config.snapshot_dir.clone());
-        let maintenance = Arc::new(RetentionMaintenance::new(
-            vault.clone(),
-            Some(store.clone()),
-            config.prune,
-            config.gc_interval,
-            now,
-        ));
         let runner = Arc::new(BackupRunner {
             vault: vault.clone(),
             store: store.clone(),
@@ -160,14 +155,38 @@ impl Server {
             runner,
             daemon_options,
         )
-        .with_snapshot_store(store.clone())
-        .with_maintenance(maintenance);
+        .with_snapshot_store(store.clone());
+        let maintenance = RetentionMaintenance::new(
+            vault.clone(),
+            Some(store.clone()),
+            config.prune,
+            config.gc_interval,
+            now,
+        )
+        .counting_in(daemon.control());
+        let daemon = daemon.with_maintenance(Arc::new(maintenance));
+        let notifier = match &config.notify {
+            Some(n) => {
+                let notifier = bulwark_notify::Notifier::start(n)?;
+                crate::alerts::spawn(
+                    notifier.clone(),
+                    &daemon.control(),
+                    history.clone(),
+                    config.vms.iter().cloned().map(Arc::new).collect(),
+                    overdue_grace(config),
+                    now,
+                );
+                Some(notifier)
+            }
+            None => None,
+        };
         let handles = Handles {
             config: Arc::new(config.clone()),
             vault,
             history,
             store,
             control: daemon.control(),
+            notifier,
         };
         Ok(Server {
             daemon,
@@ -200,6 +219,17 @@ impl Server {
         };
         self.daemon.run(shutdown).await
     }
+}
+
+/// The grace before a missed run makes a VM overdue: `[notify]`'s, else `[http]`'s, else an
+/// hour.
+pub fn overdue_grace(config: &Config) -> std::time::Duration {
+    config
+        .notify
+        .as_ref()
+        .and_then(|n| n.overdue_grace)
+        .or(config.http.as_ref().map(|h| h.overdue_grace))
+        .unwrap_or(std::time::Duration::from_secs(3600))
 }
 
 impl fmt::Display for Server {

@@ -519,6 +519,16 @@ pub(crate) async fn verify(State(app): State<Shared>, body: Option<Json<VerifyBo
         .map(|p| json!({"key": p.key, "message": p.message, "points": p.points}))
         .collect();
     tracing::info!(vm = ?body.vm, ok = report.is_ok(), problems = problems.len(), "verify (API)");
+    if !report.is_ok()
+        && let Some(n) = &app.h.notifier
+    {
+        n.notify(crate::notify::verify_damage(
+            body.vm.as_deref(),
+            &problems,
+            &broken,
+            now,
+        ));
+    }
     Ok(Json(json!({
         "ok": report.is_ok(),
         "points": report.points,

@@ -23,6 +23,7 @@
 mod api;
 mod auth;
 mod metrics;
+mod notify;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -27,6 +27,16 @@ struct VmLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmState {
     vm: String,
     state: String,
@@ -255,6 +265,67 @@ async fn render(app: &Shared) -> Result<String, String> {
         Unit::Seconds,
         app.histograms.freeze.clone(),
     );
+    // Lease refusals since the daemon started, by operation (every operation shown, zero
+    // until it happens).
+    let conflicts = Family::<OperationLabel, Counter>::default();
+    let counted = app.h.control.lease_conflicts();
+    for op in ["backup", "prune", "gc"] {
+        let _ = conflicts.get_or_create(&OperationLabel {
+            operation: op.into(),
+        });
+    }
+    for (op, n) in counted {
+        conflicts
+            .get_or_create(&OperationLabel { operation: op })
+            .inc_by(n);
+    }
+    reg.register(
+        "bulwark_lease_conflicts",
+        "Vault lease refusals (another operation held a conflicting lease) since the daemon started",
+        conflicts,
+    );
+    // Agent reachability: VMs with an agent, once a job has tried it.
+    let agents = Family::<VmLabel, Gauge>::default();
+    let seen_at = Family::<VmLabel, Gauge<f64, AtomicU64>>::default();
+    for (vm, seen) in app.h.control.agents() {
+        let label = VmLabel { vm };
+        agents.get_or_create(&label).set(i64::from(seen.reachable));
+        seen_at
+            .get_or_create(&label)
+            .set(seen.at.as_millisecond() as f64 / 1000.0);
+    }
+    reg.register(
+        "bulwark_agent_reachable",
+        "1 when the VM's guest agent answered at the last quiesce attempt, 0 when it did not",
+        agents,
+    );
+    reg.register_with_unit(
+        "bulwark_agent_last_attempt_timestamp",
+        "When the VM's guest agent was last tried (Unix time)",
+        Unit::Seconds,
+        seen_at,
+    );
+    if let Some(n) = &app.h.notifier {
+        let s = n.stats();
+        let outcomes = Family::<OutcomeLabel, Counter>::default();
+        for (outcome, v) in [
+            ("sent", s.sent),
+            ("failed", s.failed),
+            ("dropped", s.dropped),
+            ("retried", s.retries),
+        ] {
+            outcomes
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .inc_by(v);
+        }
+        reg.register(
+            "bulwark_notifications",
+            "Notification deliveries (one per event and route) since the daemon started, by outcome (retried: failed attempts tried again)",
+            outcomes,
+        );
+    }
     if let Ok((s, _)) = app.storage().await {
         let stored: Gauge = Gauge::default();
         stored.set(i64::try_from(s.stored).unwrap_or(i64::MAX));
