@@ -14,7 +14,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{VaultArg, ui};
 
 #[derive(Debug, Args)]
-#[command(after_help = "MOUNTPOINT then holds one file, DISK.img, as large as the disk, whose \
+#[command(
+    after_help = "MOUNTPOINT then holds one file, DISK.img, as large as the disk, whose \
 bytes are the point's: every block is fetched from the vault when first read and verified \
 (a block that does not verify gives EIO, never other bytes). The mount is read-only: opening \
 the file for writing, writing and creating files fail with EROFS. SIGTERM or Ctrl-C unmounts \
@@ -28,7 +29,8 @@ without mounting anything, use `bulwark-controller files`, which reads ext4 in u
 Example:
   bulwark-controller mount --vault /srv/vault --vm web01 --disk os /mnt/web01 &
   e2fsck -fn /mnt/web01/os.img
-  kill %1")]
+  kill %1"
+)]
 pub struct MountArgs {
     #[command(flatten)]
     vault: VaultArg,
