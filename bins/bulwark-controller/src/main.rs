@@ -8,6 +8,7 @@ mod export_cmd;
 mod files_cmd;
 mod instant_cmd;
 mod keys;
+mod mount_cmd;
 mod retention_cmd;
 mod ui;
 
@@ -99,6 +100,9 @@ enum Command {
     /// Run a VM from a point at once: serve the point over NBD as the backing file of a new
     /// qcow2 overlay, then (with --qmp) stream it into the overlay while the VM runs.
     InstantRestore(instant_cmd::InstantArgs),
+    /// Mount a point's disk read-only as an image file (FUSE) until SIGTERM/SIGINT. Mounting
+    /// the guest file system inside it is at your own risk: it is untrusted input.
+    Mount(mount_cmd::MountArgs),
 }
 
 #[derive(Debug, Args)]
@@ -408,6 +412,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Files(a) => return files_cmd::run(a).await,
         Command::Export(a) => return export_cmd::run(a).await,
         Command::InstantRestore(a) => return instant_cmd::run(a).await,
+        Command::Mount(a) => return mount_cmd::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }
