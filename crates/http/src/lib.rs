@@ -26,6 +26,7 @@
 mod api;
 mod auth;
 mod console;
+mod samples;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -126,6 +127,7 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Er
 /// The routes over the daemon's handles.
 fn router(handles: Handles, http: &HttpConfig) -> Router {
     let app: api::Shared = Arc::new(api::App::new(handles, http.overdue_grace));
+    samples::start(app.clone());
     let tokens = auth::Tokens(Arc::new(http.tokens.clone()));
     let protected = Router::new()
         .route("/api/v1/vms", get(api::vms))
