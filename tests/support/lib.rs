@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod browser;
+pub mod daemon;
 pub mod guest;
 /// The environment variable that turns a skipped root test into a failure.
 pub const REQUIRE_ROOT_ENV: &str = "BULWARK_REQUIRE_ROOT_TESTS";
@@ -323,7 +325,9 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn target_dir() -> PathBuf {
+/// The build's target directory (`CARGO_TARGET_DIR`, else `target/` of the workspace): where
+/// tests keep artefacts worth looking at (e.g. the console's screenshots).
+pub fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         let dir = PathBuf::from(dir);
         return if dir.is_absolute() {
