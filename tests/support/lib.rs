@@ -10,6 +10,9 @@
 //!   also when the test panics. Nothing here ever touches `/` or a mount it did not create.
 //! * [`controller_bin`] and [`agent_bin`] give the paths of the built binaries (building them once
 //!   per test process if needed), for tests that run the real programs.
+//! * [`daemon`]: the real daemon (`serve`) as a child process killed in `Drop`, and a plain
+//!   HTTP/1.1 client for its API; [`browser`]: headless Chromium driven through the DevTools
+//!   protocol, collecting the page's errors (the web console's test).
 
 use std::ffi::OsStr;
 use std::fs::File;
