@@ -59,6 +59,7 @@ impl Browser {
             "--disable-background-networking",
             "--disable-sync",
             "--disable-component-update",
+            "--disable-crash-reporter",
             "--disable-default-apps",
             "--mute-audio",
             "--hide-scrollbars",
@@ -68,6 +69,10 @@ impl Browser {
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("--window-size={width},{height}"))
         .arg("about:blank")
+        // Its crash database and caches stay in the temporary profile, not in the user's home.
+        .env("HOME", profile.path())
+        .env("XDG_CONFIG_HOME", profile.path().join(".config"))
+        .env("XDG_CACHE_HOME", profile.path().join(".cache"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
