@@ -106,15 +106,31 @@ fn text(b: &mut Browser, selector: &str) -> String {
 }
 
 fn job_end(token: &str, id: i64) -> Value {
-    wait_for(&format!("job {id} to end"), Duration::from_secs(120), || {
-        let (st, j) = http(PORT, "GET", &format!("/api/v1/jobs/{id}"), Some(token), None);
-        assert_eq!(st, 200, "{j}");
-        (j["state"] != "InProgress").then_some(j)
-    })
+    wait_for(
+        &format!("job {id} to end"),
+        Duration::from_secs(120),
+        || {
+            let (st, j) = http(
+                PORT,
+                "GET",
+                &format!("/api/v1/jobs/{id}"),
+                Some(token),
+                None,
+            );
+            assert_eq!(st, 200, "{j}");
+            (j["state"] != "InProgress").then_some(j)
+        },
+    )
 }
 
 fn run_now(token: &str, vm: &str) -> i64 {
-    let (st, v) = http(PORT, "POST", &format!("/api/v1/vms/{vm}/run"), Some(token), None);
+    let (st, v) = http(
+        PORT,
+        "POST",
+        &format!("/api/v1/vms/{vm}/run"),
+        Some(token),
+        None,
+    );
     assert_eq!(st, 202, "run {vm}: {v}");
     v["job"].as_i64().unwrap()
 }
@@ -192,7 +208,10 @@ fn console_in_headless_chromium() {
          document.querySelector('tr[data-vm=web01] [data-state=Completed]')",
     );
     let row = text(&mut b, "tr[data-vm=web01]");
-    assert!(row.contains("crash / crash") && row.contains("daily-crash"), "{row}");
+    assert!(
+        row.contains("crash / crash") && row.contains("daily-crash"),
+        "{row}"
+    );
     assert!(text(&mut b, "#overview-summary").contains("1 overdue"));
     b.screenshot(&shots.join("1-overview.png"));
 
@@ -206,7 +225,10 @@ fn console_in_headless_chromium() {
     );
     let points = text(&mut b, "#points-table tbody");
     assert!(points.contains("crash / crash"), "{points}");
-    assert!(points.contains("snapshot + vault") || points.contains("vault"), "{points}");
+    assert!(
+        points.contains("snapshot + vault") || points.contains("vault"),
+        "{points}"
+    );
     assert!(points.contains("12.0 MiB"), "sizes: {points}");
     assert!(points.contains("unverified"), "{points}");
     let cli = text(&mut b, "#restore-cli");

@@ -68,7 +68,10 @@ fn api_off_loopback_is_tls_only() {
         refused.0.try_wait().unwrap()
     });
     let log = std::fs::read_to_string(root.join("refused.log")).unwrap();
-    assert!(!status.success(), "serve must refuse plain HTTP off loopback");
+    assert!(
+        !status.success(),
+        "serve must refuse plain HTTP off loopback"
+    );
     assert!(log.contains("not a loopback address"), "{log}");
 
     // A certificate for the address the client uses.
@@ -77,10 +80,7 @@ fn api_off_loopback_is_tls_only() {
     let key = root.join("http.key");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let config = config(
-        root,
-        &format!("tls_cert = {:?}\ntls_key = {:?}", cert, key),
-    );
+    let config = config(root, &format!("tls_cert = {:?}\ntls_key = {:?}", cert, key));
     let token = create_token(&config, "operator", "tls-test");
     let _daemon = serve(&config, &root.join("serve.log"));
     wait_for("the API", Duration::from_secs(60), || {
@@ -90,15 +90,25 @@ fn api_off_loopback_is_tls_only() {
     // A client that verifies the certificate against the test's CA.
     let api = format!("https://127.0.0.1:{PORT}");
     let out = run_now(&token, &["--api", &api, "--ca", cert.to_str().unwrap()]);
-    assert!(out.status.success(), "run-now over TLS: {}", stderr_of(&out));
+    assert!(
+        out.status.success(),
+        "run-now over TLS: {}",
+        stderr_of(&out)
+    );
     let id: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(id > 0);
 
     // Without the CA the same client refuses the server.
     let out = run_now(&token, &["--api", &api]);
-    assert!(!out.status.success(), "an unknown certificate must be refused");
+    assert!(
+        !out.status.success(),
+        "an unknown certificate must be refused"
+    );
     let err = stderr_of(&out).to_lowercase();
-    assert!(err.contains("certificate") || err.contains("tls") || err.contains("error sending request"), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("tls") || err.contains("error sending request"),
+        "{err}"
+    );
 
     // Plain HTTP to the TLS port: no HTTP answer.
     let mut s = TcpStream::connect(("127.0.0.1", PORT)).unwrap();

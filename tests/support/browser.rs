@@ -127,7 +127,10 @@ impl Browser {
 
     fn attach_page(&mut self, width: u32, height: u32) -> String {
         let target = self.send(None, "Target.createTarget", json!({"url": "about:blank"}));
-        let target_id = target["targetId"].as_str().expect("a target id").to_string();
+        let target_id = target["targetId"]
+            .as_str()
+            .expect("a target id")
+            .to_string();
         let attached = self.send(
             None,
             "Target.attachToTarget",
@@ -224,7 +227,8 @@ impl Browser {
                             .collect()
                     })
                     .unwrap_or_default();
-                self.errors.push(format!("console.error: {}", args.join(" ")));
+                self.errors
+                    .push(format!("console.error: {}", args.join(" ")));
             }
             Some("Log.entryAdded") if p["entry"]["level"] == "error" => {
                 let e = &p["entry"];
@@ -322,7 +326,8 @@ impl Browser {
             _ => (0, ""),
         };
         for kind in ["keyDown", "keyUp"] {
-            let mut p = json!({"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code});
+            let mut p =
+                json!({"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code});
             if kind == "keyDown" && !text.is_empty() {
                 p["text"] = json!(text);
             }

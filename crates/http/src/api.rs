@@ -214,9 +214,7 @@ impl App {
         let _one = self.storage_lock.lock().await;
         let now = Timestamp::now();
         let last = *self.last_sample.lock().unwrap_or_else(|p| p.into_inner());
-        if !force
-            && let Some(l) = last.filter(|l| now.duration_since(l.at) < STORAGE_TTL)
-        {
+        if !force && let Some(l) = last.filter(|l| now.duration_since(l.at) < STORAGE_TTL) {
             return Ok(l);
         }
         let metas: Vec<_> = self

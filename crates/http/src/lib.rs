@@ -26,8 +26,8 @@
 mod api;
 mod auth;
 mod console;
-mod samples;
 mod metrics;
+mod samples;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -20,7 +20,11 @@ pub(crate) fn start(app: Shared) {
                 Err(RecvError::Closed) => return,
             }
             match app.measure(true).await {
-                Ok(s) => tracing::debug!(stored = s.stored, logical = s.logical, "storage measured after a job"),
+                Ok(s) => tracing::debug!(
+                    stored = s.stored,
+                    logical = s.logical,
+                    "storage measured after a job"
+                ),
                 Err(e) => tracing::warn!(error = ?e, "cannot measure the vault after a job"),
             }
         }

@@ -93,7 +93,9 @@ impl History {
                 })
             })
             .map_err(|e| self.err(e))?;
-        let mut out = rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
+        let mut out = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
         out.reverse();
         Ok(out)
     }
@@ -120,9 +122,12 @@ mod tests {
         let now: Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
         let (h, _) = History::open(dir.path(), now).unwrap();
         assert!(h.storage_samples(10).unwrap().is_empty());
-        h.record_storage(&sample("2026-11-29T10:00:00Z", 100)).unwrap();
-        h.record_storage(&sample("2026-11-29T11:00:00Z", 250)).unwrap();
-        h.record_storage(&sample("2026-11-29T12:00:00Z", u64::MAX)).unwrap();
+        h.record_storage(&sample("2026-11-29T10:00:00Z", 100))
+            .unwrap();
+        h.record_storage(&sample("2026-11-29T11:00:00Z", 250))
+            .unwrap();
+        h.record_storage(&sample("2026-11-29T12:00:00Z", u64::MAX))
+            .unwrap();
         drop(h);
         let (h, _) = History::open(dir.path(), now).unwrap();
         let all = h.storage_samples(10).unwrap();
@@ -132,6 +137,9 @@ mod tests {
         assert_eq!(all[2].stored, i64::MAX as u64);
         let last = h.storage_samples(1).unwrap();
         assert_eq!(last.len(), 1);
-        assert_eq!(last[0].at, "2026-11-29T12:00:00Z".parse::<Timestamp>().unwrap());
+        assert_eq!(
+            last[0].at,
+            "2026-11-29T12:00:00Z".parse::<Timestamp>().unwrap()
+        );
     }
 }
