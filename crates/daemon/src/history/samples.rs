@@ -109,7 +109,7 @@ mod tests {
         StorageSample {
             at: at.parse().unwrap(),
             stored,
-            logical: stored * 3,
+            logical: stored.saturating_mul(3),
             objects: 7,
             blocks: 5,
             points: 2,
