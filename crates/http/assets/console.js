@@ -360,7 +360,7 @@ async function pageVm(page, name) {
     const key = JSON.stringify(list.map((p) => p.id));
     if (pointSel.dataset.key !== key) {
       pointSel.replaceChildren(h("option", { value: "latest" }, "latest"),
-        list.map((p) => h("option", { value: p.id }, `${p.id} (${fmtTime(p.created)})`)));
+        ...list.map((p) => h("option", { value: p.id }, `${p.id} (${fmtTime(p.created)})`)));
       pointSel.dataset.key = key;
       pointSel.value = keep || "latest";
       if (!pointSel.value) pointSel.value = "latest";
