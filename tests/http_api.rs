@@ -9,13 +9,14 @@
 // Test helpers, like the tests themselves, panic on failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_tests::{controller, controller_bin, stderr_of, write_random};
+use bulwark_tests::daemon::{self, Running, create_token, http, http_text, wait_for};
+use bulwark_tests::{controller_bin, stderr_of, write_random};
 use serde_json::{Value, json};
 
 /// The port of this test's daemon (the API helper's range is 18400-18499).
@@ -24,16 +25,6 @@ const PORT: u16 = 18411;
 const DAILY: &str = r#"{ time_zone = "UTC", schedule = { frequency = "daily", times = ["02:00"] }, retention = { daily = 7 }, consistency = { wanted = "crash", minimum = "crash" } }"#;
 /// A VM whose jobs always fail: it wants file-system consistency and has no agent.
 const STRICT: &str = r#"{ name = "strict", time_zone = "UTC", schedule = { frequency = "daily", times = ["02:00"] }, retention = { daily = 7 }, consistency = { wanted = "file_system", minimum = "file_system" } }"#;
-
-/// A daemon process that is killed if the test ends (or panics) while it runs.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -88,66 +79,11 @@ schedule_override_seconds = 2
 }
 
 fn serve(s: &Setup) -> Running {
-    let log = std::fs::File::create(s.root.join("serve.log")).unwrap();
-    Running(
-        Command::new(controller_bin())
-            .args(["serve", "--config"])
-            .arg(&s.config)
-            .env("BULWARK_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start serve"),
-    )
+    daemon::serve(&s.config, &s.root.join("serve.log"))
 }
 
 fn log_of(s: &Setup) -> String {
     std::fs::read_to_string(s.root.join("serve.log")).unwrap_or_default()
-}
-
-/// One HTTP/1.1 request over plain TCP; the status and the body parsed as JSON (Null if it
-/// is not JSON).
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let (status, text) = http_text(port, method, path, token, body);
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// One HTTP/1.1 request over plain TCP; the status and the body as text.
-fn http_text(
-    port: u16,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (status, body.to_string())
 }
 
 fn get(token: &str, path: &str) -> Value {
@@ -156,38 +92,11 @@ fn get(token: &str, path: &str) -> Value {
     v
 }
 
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn job_end(token: &str, id: i64, limit: Duration) -> Value {
     wait_for(&format!("job {id} to end"), limit, || {
         let j = get(token, &format!("/api/v1/jobs/{id}"));
         (j["state"] != "InProgress").then_some(j)
     })
-}
-
-/// `token create --config`: the token on stdout, its hash appended to the configuration.
-fn create_token(config: &Path, scope: &str, name: &str) -> String {
-    let out = controller([
-        "token",
-        "create",
-        "--scope",
-        scope,
-        "--name",
-        name,
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "token create: {}", stderr_of(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// The CLI's `run-now` and `jobs cancel` against the daemon (address from --config).

@@ -19,7 +19,7 @@ need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mk
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
       lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip
-      mmdebstrap:mmdebstrap promtool:prometheus strip:binutils)
+      mmdebstrap:mmdebstrap promtool:prometheus strip:binutils chromium:chromium)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}

@@ -10,6 +10,9 @@
 //!   also when the test panics. Nothing here ever touches `/` or a mount it did not create.
 //! * [`controller_bin`] and [`agent_bin`] give the paths of the built binaries (building them once
 //!   per test process if needed), for tests that run the real programs.
+//! * [`daemon`]: the real daemon (`serve`) as a child process killed in `Drop`, and a plain
+//!   HTTP/1.1 client for its API; [`browser`]: headless Chromium driven through the DevTools
+//!   protocol, collecting the page's errors (the web console's test).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -18,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod browser;
+pub mod daemon;
 pub mod guest;
 /// The environment variable that turns a skipped root test into a failure.
 pub const REQUIRE_ROOT_ENV: &str = "BULWARK_REQUIRE_ROOT_TESTS";
@@ -323,7 +328,9 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn target_dir() -> PathBuf {
+/// The build's target directory (`CARGO_TARGET_DIR`, else `target/` of the workspace): where
+/// tests keep artefacts worth looking at (e.g. the console's screenshots).
+pub fn target_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         let dir = PathBuf::from(dir);
         return if dir.is_absolute() {

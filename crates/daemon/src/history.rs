@@ -209,6 +209,9 @@ pub struct History {
     conn: Arc<Mutex<Connection>>,
 }
 
+mod samples;
+pub use samples::{MAX_STORAGE_SAMPLES, StorageSample};
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -336,7 +339,8 @@ impl History {
             c.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(|e| self.err(e))?;
         }
-        c.execute_batch(SCHEMA).map_err(|e| self.err(e))
+        c.execute_batch(SCHEMA).map_err(|e| self.err(e))?;
+        c.execute_batch(samples::SCHEMA).map_err(|e| self.err(e))
     }
 
     /// Marks jobs left `InProgress` as `Failed`; returns how many.

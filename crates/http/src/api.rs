@@ -13,7 +13,7 @@ use bulwark_daemon::Handles;
 use bulwark_daemon::config::VmConfig;
 use bulwark_daemon::control::RunNowRefused;
 use bulwark_daemon::daemon::VmSchedule;
-use bulwark_daemon::history::{JobRecord, JobState};
+use bulwark_daemon::history::{JobRecord, JobState, StorageSample};
 use futures::TryStreamExt;
 use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
@@ -26,17 +26,6 @@ struct Verified {
     at: Timestamp,
 }
 
-/// One measurement of the vault's size.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StorageSample {
-    pub(crate) at: Timestamp,
-    pub(crate) stored: u64,
-    pub(crate) objects: u64,
-    pub(crate) blocks: u64,
-    pub(crate) logical: u64,
-    pub(crate) points: u64,
-}
-
 /// The state every handler shares.
 #[derive(Debug)]
 pub(crate) struct App {
@@ -44,15 +33,18 @@ pub(crate) struct App {
     pub(crate) started: Timestamp,
     pub(crate) overdue_grace: Duration,
     verified: Mutex<HashMap<String, Verified>>,
-    samples: Mutex<Vec<StorageSample>>,
+    last_sample: Mutex<Option<StorageSample>>,
     storage_lock: tokio::sync::Mutex<()>,
     pub(crate) histograms: crate::metrics::JobHistograms,
 }
 
 /// How long a storage measurement is reused (listing a big vault is not free).
 const STORAGE_TTL: SignedDuration = SignedDuration::from_secs(15);
-/// Storage samples kept for the plot.
+/// Storage samples returned for the plot.
 const MAX_SAMPLES: usize = 2000;
+/// A measurement made for a reader (not after a job) is recorded in the history only when the
+/// last recorded one is older than this: a scraper every 15 s must not flood the history.
+const RECORD_EVERY: SignedDuration = SignedDuration::from_hours(1);
 
 pub(crate) type Shared = Arc<App>;
 
@@ -103,7 +95,7 @@ impl App {
             started: Timestamp::now(),
             overdue_grace,
             verified: Mutex::new(HashMap::new()),
-            samples: Mutex::new(Vec::new()),
+            last_sample: Mutex::new(None),
             storage_lock: tokio::sync::Mutex::new(()),
             histograms: crate::metrics::JobHistograms::start(&h.control),
             h,
@@ -208,63 +200,65 @@ impl App {
         v
     }
 
-    /// The vault's size now (listing every object), or the last measurement if it is fresh.
+    /// The vault's size now (listing every object), or the last measurement if it is fresh;
+    /// with the recorded measurements (oldest first, from the job database).
     pub(crate) async fn storage(&self) -> Result<(StorageSample, Vec<StorageSample>), ApiError> {
+        let sample = self.measure(false).await?;
+        let all = self.h.history.storage_samples(MAX_SAMPLES)?;
+        Ok((sample, all))
+    }
+
+    /// Measures the vault (`force`: even if the last measurement is fresh, and record it: the
+    /// sample taken after each job).
+    pub(crate) async fn measure(&self, force: bool) -> Result<StorageSample, ApiError> {
         let _one = self.storage_lock.lock().await;
         let now = Timestamp::now();
-        let fresh = {
-            let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-            s.last()
-                .filter(|l| now.duration_since(l.at) < STORAGE_TTL)
-                .copied()
+        let last = *self.last_sample.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && let Some(l) = last.filter(|l| now.duration_since(l.at) < STORAGE_TTL) {
+            return Ok(l);
+        }
+        let metas: Vec<_> = self
+            .h
+            .vault
+            .store()
+            .list(None)
+            .try_collect()
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let mut s = StorageSample {
+            at: now,
+            stored: 0,
+            objects: 0,
+            blocks: 0,
+            logical: 0,
+            points: 0,
         };
-        let sample = match fresh {
-            Some(s) => s,
-            None => {
-                let metas: Vec<_> = self
-                    .h
-                    .vault
-                    .store()
-                    .list(None)
-                    .try_collect()
-                    .await
-                    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-                let mut s = StorageSample {
-                    at: now,
-                    stored: 0,
-                    objects: 0,
-                    blocks: 0,
-                    logical: 0,
-                    points: 0,
-                };
-                for m in &metas {
-                    s.objects += 1;
-                    s.stored += m.size;
-                    if m.location.as_ref().starts_with("blocks/") {
-                        s.blocks += 1;
-                    }
-                }
-                let list = self.h.vault.list_points(None).await?;
-                s.points = list.points.len() as u64;
-                s.logical = list
-                    .points
-                    .iter()
-                    .flat_map(|p| p.disks.iter().map(|d| d.size))
-                    .sum();
-                let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-                samples.push(s);
-                if samples.len() > MAX_SAMPLES {
-                    samples.remove(0);
-                }
-                s
+        for m in &metas {
+            s.objects += 1;
+            s.stored += m.size;
+            if m.location.as_ref().starts_with("blocks/") {
+                s.blocks += 1;
             }
-        };
-        let all = self
-            .samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Ok((sample, all))
+        }
+        let list = self.h.vault.list_points(None).await?;
+        s.points = list.points.len() as u64;
+        s.logical = list
+            .points
+            .iter()
+            .flat_map(|p| p.disks.iter().map(|d| d.size))
+            .sum();
+        *self.last_sample.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        let record = force
+            || self
+                .h
+                .history
+                .storage_samples(1)?
+                .last()
+                .is_none_or(|r| now.duration_since(r.at) >= RECORD_EVERY);
+        if record {
+            self.h.history.record_storage(&s)?;
+        }
+        Ok(s)
     }
 }
 

@@ -8,10 +8,13 @@
 //!   `POST verify`, `POST vms/{vm}/prune`, `POST vms/{vm}/restore`.
 //!
 //! * `GET /metrics` (any valid token): Prometheus metrics (OpenMetrics text).
+//! * `GET /console/` (no token): the web console, static files built into the binary; the
+//!   data it shows comes from the API with the token the user pastes into it.
 //!
-//! Every route but `/healthz` needs `Authorization: Bearer TOKEN`; tokens come from
-//! [`new_token`] and the configuration stores only their [`token_sha256`]. Refusals are
-//! logged. Off loopback the API is served over TLS (rustls), which the configuration enforces.
+//! Every route but `/healthz` and the console's static files needs `Authorization: Bearer
+//! TOKEN`; tokens come from [`new_token`] and the configuration stores only their
+//! [`token_sha256`]. Refusals are logged. Off loopback the API is served over TLS (rustls),
+//! which the configuration enforces.
 //!
 //! ```
 //! use bulwark_http::{new_token, token_sha256};
@@ -22,8 +25,10 @@
 
 mod api;
 mod auth;
+mod console;
 mod metrics;
 mod notify;
+mod samples;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -123,6 +128,7 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Er
 /// The routes over the daemon's handles.
 fn router(handles: Handles, http: &HttpConfig) -> Router {
     let app: api::Shared = Arc::new(api::App::new(handles, http.overdue_grace));
+    samples::start(app.clone());
     let tokens = auth::Tokens(Arc::new(http.tokens.clone()));
     let protected = Router::new()
         .route("/api/v1/vms", get(api::vms))
@@ -147,6 +153,7 @@ fn router(handles: Handles, http: &HttpConfig) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
         .merge(protected)
+        .merge(console::routes())
 }
 
 impl Api {
