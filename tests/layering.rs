@@ -28,12 +28,16 @@ const RANKS: &[(&str, u32)] = &[
     // Storage and disk access.
     ("bulwark-vault", 2),
     ("bulwark-nbd", 2),
+    // Notifications (webhooks, SMTP): the event model and delivery, no Bulwark dependencies.
+    ("bulwark-notify", 2),
     ("bulwark-snapshot", 4),
     // A running QEMU's and offline images' disk sources (implements bulwark-snapshot's traits).
     ("bulwark-qemu", 5),
     // Guest agent; instant recovery (vault + NBD + kept snapshots).
     ("bulwark-agent", 5),
     ("bulwark-recovery", 5),
+    // A point's disk as a read-only file over FUSE (on bulwark-recovery's reader).
+    ("bulwark-fuse", 6),
     // Jobs, then the scheduler over them.
     ("bulwark-controller", 6),
     ("bulwark-daemon", 7),
