@@ -9,10 +9,9 @@
 // Test helpers, like the tests themselves, panic on failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bulwark_tests::daemon::{self, Running, create_token, http, http_text, wait_for};
@@ -375,35 +374,7 @@ fn api_resources_actions_auth_and_cancel() {
     ] {
         assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
     }
-    match bulwark_tests::which("promtool") {
-        Some(promtool) => {
-            let mut child = Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics: {}{}\n{text}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None => bulwark_tests::skip(
-            "http_api promtool",
-            bulwark_tests::Needs::Servers,
-            "promtool (Debian package prometheus) is not installed",
-        ),
-    }
+    daemon::promtool_check("http_api", &text);
 
     step("Verify: clean");
     // Verify: clean, then a damaged block makes web01's point "damaged".

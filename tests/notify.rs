@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
-use bulwark_tests::{controller, controller_bin, stderr_of, write_random};
+use bulwark_tests::daemon::{self, wait_for};
+use bulwark_tests::{controller, stderr_of, write_random};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -41,16 +41,6 @@ const DAILY: &str = r#"{ time_zone = "UTC", schedule = { frequency = "daily", ti
 const STRICT: &str = r#"{ name = "strict", time_zone = "UTC", schedule = { frequency = "daily", times = ["02:00"] }, retention = { daily = 7 }, consistency = { wanted = "file_system", minimum = "file_system" } }"#;
 /// Jobs complete with warnings: file-system consistency wanted, crash accepted, no agent.
 const HOPEFUL: &str = r#"{ name = "hopeful", time_zone = "UTC", schedule = { frequency = "daily", times = ["02:00"] }, retention = { daily = 7 }, consistency = { wanted = "file_system", minimum = "crash" } }"#;
-
-/// A daemon process killed when the test ends (or panics).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One webhook delivery as received.
 #[derive(Debug, Clone)]
@@ -160,35 +150,7 @@ async fn smtp_sink(listener: tokio::net::TcpListener, mails: Mails) {
 }
 
 fn http(method: &str, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon::http(PORT, method, path, Some(token), body)
 }
 
 /// Runs `vm` now through the API and waits for its job to end; the job.
@@ -318,18 +280,8 @@ schedule_override_seconds = 2
     assert!(out.status.success(), "token create: {}", stderr_of(&out));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
-    let log = std::fs::File::create(root.join("serve.log")).unwrap();
     let started = Instant::now();
-    let _daemon = Running(
-        Command::new(controller_bin())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("BULWARK_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = daemon::serve(&config, &root.join("serve.log"));
     let log_text = || std::fs::read_to_string(root.join("serve.log")).unwrap_or_default();
     wait_for("the API", Duration::from_secs(60), || {
         TcpStream::connect(("127.0.0.1", PORT)).ok()
@@ -519,35 +471,7 @@ schedule_override_seconds = 2
         .parse()
         .unwrap();
     assert!(sent as usize >= failed.len() * 2, "{metrics}");
-    match bulwark_tests::which("promtool") {
-        Some(promtool) => {
-            let mut child = Command::new(promtool)
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(metrics.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics: {}{}\n{metrics}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        None => bulwark_tests::skip(
-            "notify promtool",
-            bulwark_tests::Needs::Servers,
-            "promtool (Debian package prometheus) is not installed",
-        ),
-    }
+    daemon::promtool_check("notify", &metrics);
 
     // The dead route was tried and retried, and held nothing up (checked above).
     let log = log_text();

@@ -118,3 +118,36 @@ pub fn http_full(
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
     (status, head.to_string(), body.to_string())
 }
+
+/// `promtool check metrics` on `text` (a `/metrics` body); without promtool, a visible skip
+/// (a failure under `BULWARK_REQUIRE_SERVERS=1`) named after `test`.
+pub fn promtool_check(test: &str, text: &str) {
+    let Some(promtool) = crate::which("promtool") else {
+        crate::skip(
+            &format!("{test} promtool"),
+            crate::Needs::Servers,
+            "promtool (Debian package prometheus) is not installed",
+        );
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
