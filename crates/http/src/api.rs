@@ -130,15 +130,15 @@ impl App {
             })
             .filter_map(|j| j.ended)
             .max();
-        // Without a success yet, only runs since the daemon started can be missed.
-        let since = last_success.unwrap_or(self.started);
-        let grace = SignedDuration::try_from(self.overdue_grace).unwrap_or(SignedDuration::ZERO);
-        let limit = now.checked_sub(grace).unwrap_or(Timestamp::MIN);
-        let missed = if limit > since {
-            VmSchedule::of(vm).latest_in(since, limit)
-        } else {
-            None
-        };
+        // The same rule as the daemon's overdue notifications: without a success yet, only
+        // runs since the daemon started can be missed.
+        let missed = bulwark_daemon::alerts::missed_run(
+            &VmSchedule::of(vm),
+            last_success,
+            self.started,
+            self.overdue_grace,
+            now,
+        );
         let state = match (missed, last_success) {
             (Some(_), _) => "overdue",
             (None, Some(_)) => "protected",
