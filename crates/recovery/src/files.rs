@@ -180,6 +180,7 @@ pub async fn cat<W: Write + Send + 'static>(
             let gpath = to_guest(&comps);
             let mut writer = writer;
             let mut file = fs.fs.open(&gpath).map_err(|e| fs.err(&gpath, e))?;
+            fs.check_size(&gpath, file.metadata().len())?;
             let mut buf = vec![0u8; COPY_CHUNK];
             loop {
                 let n = fill(fs, &gpath, &mut file, &mut buf)?;
@@ -346,6 +347,7 @@ impl Opened {
         let label = self.label.clone();
         let hint = self.hint.clone();
         let report = self.report.clone();
+        let volume = self.len;
         tokio::task::spawn_blocking(move || {
             let fs = Ext4::load(Box::new(reader.clone())).map_err(|e| Error::Fs {
                 disk: label.clone(),
@@ -362,6 +364,7 @@ impl Opened {
                     reader,
                     locator,
                     label,
+                    volume,
                 },
                 report,
             )
@@ -386,9 +389,29 @@ struct Fs {
     reader: BlockingReader,
     locator: Option<Locator>,
     label: String,
+    /// Bytes of the file system's volume (the disk, or the partition).
+    volume: u64,
 }
 
 impl Fs {
+    /// Refuses a regular file that claims more bytes than the whole volume holds: a damaged
+    /// inode (or a hostile sparse file) would otherwise have `cat` and `get` stream zeros for
+    /// hours. Checked before anything is written.
+    fn check_size(&self, path: &ext4_view::PathBuf, size: u64) -> Result<(), Error> {
+        if size > self.volume {
+            return Err(Error::Fs {
+                disk: self.label.clone(),
+                path: path.display().to_string(),
+                why: format!(
+                    "the file claims {size} bytes, more than its whole file system ({} bytes): \
+                     a damaged inode or a sparse file larger than the disk; refused",
+                    self.volume
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn err(&self, path: &ext4_view::PathBuf, e: Ext4Error) -> Error {
         Error::Fs {
             disk: self.label.clone(),
@@ -599,6 +622,7 @@ impl Writer<'_> {
         };
         match md.file_type() {
             FileType::Regular => {
+                self.fs.check_size(gpath, md.len())?;
                 let mut file = self.fs.fs.open(gpath).map_err(|e| self.fs.err(gpath, e))?;
                 let ino = ino.or_else(|| inode_from_debug(&format!("{file:?}")));
                 let fd = rustix::fs::openat(
