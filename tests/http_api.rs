@@ -388,7 +388,7 @@ fn api_resources_actions_auth_and_cancel() {
     assert_eq!((st, &r["ok"]), (200, &json!(true)), "{r}");
     let p = &get(&ro, "/api/v1/vms/web01/points")["points"][0];
     assert_eq!(p["verify"]["state"], "ok");
-    let block = first_file(&s.root.join("vault/blocks"));
+    let block = daemon::first_file(&s.root.join("vault/blocks"));
     let mut bytes = std::fs::read(&block).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
@@ -430,21 +430,4 @@ fn api_resources_actions_auth_and_cancel() {
         };
         assert_eq!(s[1], want, "{states:?}");
     }
-}
-
-fn first_file(dir: &Path) -> PathBuf {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                return p;
-            }
-        }
-    }
-    panic!("no file under {}", dir.display());
 }

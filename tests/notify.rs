@@ -19,15 +19,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use bulwark_tests::daemon::{self, wait_for};
-use bulwark_tests::{controller, stderr_of, write_random};
+use bulwark_tests::write_random;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -164,22 +162,6 @@ fn run_now(token: &str, vm: &str) -> Value {
     })
 }
 
-fn first_file(dir: &Path) -> PathBuf {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&d).unwrap().flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                return e.path();
-            }
-        }
-    }
-    panic!("no file under {}", dir.display());
-}
-
 #[test]
 fn webhooks_and_mail_for_failures_warnings_overdue_and_damage() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -267,18 +249,7 @@ schedule_override_seconds = 2
         ),
     )
     .unwrap();
-    let out = controller([
-        "token",
-        "create",
-        "--scope",
-        "operator",
-        "--name",
-        "t",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "token create: {}", stderr_of(&out));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = daemon::create_token(&config, "operator", "t");
 
     let started = Instant::now();
     let _daemon = daemon::serve(&config, &root.join("serve.log"));
@@ -300,7 +271,7 @@ schedule_override_seconds = 2
     let j = run_now(&token, "web01");
     assert_eq!(j["state"], "Completed", "{j}");
     // A damaged block: the verify finds it.
-    let block = first_file(&root.join("vault/blocks"));
+    let block = daemon::first_file(&root.join("vault/blocks"));
     let mut bytes = std::fs::read(&block).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
@@ -443,16 +414,8 @@ schedule_override_seconds = 2
 
     // /metrics: the agent's reachability from its last attempt, lease refusals (none here),
     // the notifications' outcomes; Prometheus' own checker accepts the text.
-    let metrics = {
-        let mut s = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-        let req = format!(
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n").unwrap().1.to_string()
-    };
+    let (st, metrics) = daemon::http_text(PORT, "GET", "/metrics", Some(&token), None);
+    assert_eq!(st, 200, "{metrics}");
     for want in [
         "bulwark_agent_reachable{vm=\"warn01\"} 0\n",
         "bulwark_lease_conflicts_total{operation=\"gc\"} 0\n",

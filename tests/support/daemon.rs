@@ -151,3 +151,25 @@ pub fn promtool_check(test: &str, text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The first file under `dir`, in name order, depth first (a block object of a local vault,
+/// to damage).
+pub fn first_file(dir: &Path) -> std::path::PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .expect("read a directory")
+            .flatten()
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                return p;
+            }
+        }
+    }
+    panic!("no file under {}", dir.display());
+}
