@@ -340,3 +340,135 @@ fn a_file_claiming_more_than_its_file_system_is_refused() {
         Err(e) => panic!("a file claiming 1 TiB was still being read after {CASE_TIME:?}: {e}"),
     }
 }
+
+/// Two directory entries that point back at the root (a loop no real ext4 can hold): `get`
+/// copies each directory once and names the loop in its report. Without the check it copied
+/// the tree 2^depth times, until the depth limit — a hang.
+#[test]
+fn a_directory_loop_is_copied_once() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("loop.img");
+    fs::write(&img, &pristine(false).image).unwrap();
+    for link in ["/a/b/up1", "/a/b/up2"] {
+        run(
+            "debugfs",
+            ["-w", "-R", &format!("ln / {link}"), img.to_str().unwrap()],
+        );
+    }
+    let image = fs::read(&img).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let vault = point(&image).await;
+            let src = Source {
+                vm: "vm".into(),
+                point: "latest".into(),
+                disk: "os".into(),
+                partition: None,
+                options: DiskOptions::default(),
+            };
+            let to = tempfile::tempdir().unwrap();
+            files::get(
+                &vault,
+                &src,
+                &["/".into()],
+                to.path(),
+                GetOptions::default(),
+            )
+            .await
+            .map(|report| (report.dirs, report.skipped))
+        });
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(CASE_TIME) {
+        Ok(Ok((dirs, skipped))) => {
+            // lost+found, a, a/b, a/b/c, big: each once.
+            assert_eq!(dirs, 5, "{skipped:?}");
+            let loops: Vec<_> = skipped.iter().filter(|s| s.contains("loop")).collect();
+            assert_eq!(loops.len(), 2, "{skipped:?}");
+        }
+        Ok(Err(e)) => panic!("get failed on a directory loop: {e}"),
+        Err(e) => panic!("get of a tree with a directory loop still ran after {CASE_TIME:?}: {e}"),
+    }
+}
+
+/// A legitimate tree as deep as `get` allows (255 directories) is copied whole on the blocking
+/// pool's stack: the walk is not a recursion that a deep tree can overflow.
+#[test]
+fn the_deepest_allowed_tree_is_copied() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut deep = src.clone();
+    for _ in 0..255 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("leaf"), b"bottom").unwrap();
+    let img = tmp.path().join("deep.img");
+    fs::File::create(&img).unwrap().set_len(IMAGE).unwrap();
+    run(
+        "mkfs.ext4",
+        [
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let image = fs::read(&img).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let vault = point(&image).await;
+            let src = Source {
+                vm: "vm".into(),
+                point: "latest".into(),
+                disk: "os".into(),
+                partition: None,
+                options: DiskOptions::default(),
+            };
+            let to = tempfile::tempdir().unwrap();
+            let report = files::get(
+                &vault,
+                &src,
+                &["/".into()],
+                to.path(),
+                GetOptions::default(),
+            )
+            .await?;
+            let mut leaf = to.path().to_path_buf();
+            for _ in 0..255 {
+                leaf.push("d");
+            }
+            Ok::<_, Error>((report.dirs, fs::read(leaf.join("leaf")).unwrap()))
+        });
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(CASE_TIME) {
+        Ok(Ok((dirs, leaf))) => {
+            assert_eq!(dirs, 256, "255 levels and lost+found");
+            assert_eq!(leaf, b"bottom");
+        }
+        Ok(Err(e)) => panic!("get failed on a deep tree: {e}"),
+        Err(e) => panic!("get of a deep tree did not finish: {e}"),
+    }
+}

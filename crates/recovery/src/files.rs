@@ -10,6 +10,7 @@
 //! path is recreated under the target with its full guest path (`/etc/hosts` →
 //! `TO/etc/hosts`).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -31,6 +32,8 @@ use crate::partition::{Scheme, read_table};
 const MAX_ENTRIES: u64 = 10_000_000;
 /// Deepest directory nesting `get` follows.
 const MAX_DEPTH: u32 = 256;
+/// ext4's root directory inode.
+const ROOT_INODE: u32 = 2;
 /// Bytes copied per write.
 const COPY_CHUNK: usize = 256 << 10;
 
@@ -234,17 +237,25 @@ pub async fn get(
     let mut report = opened
         .with_fs(move |fs, mut report| {
             let mut budget = MAX_ENTRIES;
+            let mut dirs = HashSet::new();
             for comps in wanted {
                 let mut w = Writer {
                     fs,
                     options,
                     report: &mut report,
                     budget: &mut budget,
+                    dirs: &mut dirs,
                 };
                 let mut host = to.clone();
                 let Some((last, parents)) = comps.split_last() else {
                     // The root directory: its contents go straight into `to`.
-                    w.children(&to_guest(&[]), &root, &host, 0)?;
+                    w.dirs.insert(ROOT_INODE);
+                    let fd = root.try_clone().map_err(|source| Error::Io {
+                        path: host.clone(),
+                        source,
+                    })?;
+                    let frame = w.frame(to_guest(&[]), fd, host, 0, None)?;
+                    w.walk(frame)?;
                     continue;
                 };
                 let mut dir = root.try_clone().map_err(|source| Error::Io {
@@ -255,7 +266,9 @@ pub async fn get(
                     host.push(OsStr::from_bytes(c));
                     dir = host_dir(&dir, c, &host, true)?;
                 }
-                w.node(&to_guest(&comps), &dir, last, &host, None, 0)?;
+                if let Some(frame) = w.node(&to_guest(&comps), &dir, last, &host, None, 0)? {
+                    w.walk(frame)?;
+                }
             }
             Ok(report)
         })
@@ -441,7 +454,7 @@ impl Fs {
         let cut = bytes.iter().rposition(|b| *b == b'/')?;
         let (parent, name) = (&bytes[..cut.max(1)], &bytes[cut + 1..]);
         if name.is_empty() {
-            return Some(2); // the root directory
+            return Some(ROOT_INODE);
         }
         let parent = ext4_view::PathBuf::try_from(parent).ok()?;
         let entries = self.fs.read_dir(&parent).ok()?;
@@ -592,6 +605,20 @@ struct Writer<'a> {
     options: GetOptions,
     report: &'a mut Report,
     budget: &'a mut u64,
+    /// Inodes of the directories written so far. ext4 has no directory hard links, so a
+    /// directory reached twice is a loop in a damaged file system: without this, two entries
+    /// pointing back at an ancestor make `get` write 2^depth copies.
+    dirs: &'a mut HashSet<u32>,
+}
+
+/// A guest directory being written by [`Writer::walk`].
+struct Frame {
+    entries: ext4_view::ReadDir,
+    gpath: ext4_view::PathBuf,
+    fd: OwnedFd,
+    host: PathBuf,
+    depth: u32,
+    finish: Option<(Metadata, Option<u32>)>,
 }
 
 impl Writer<'_> {
@@ -605,7 +632,7 @@ impl Writer<'_> {
         host_parent: &Path,
         ino: Option<u32>,
         depth: u32,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Frame>, Error> {
         safe_name(name, host_parent)?;
         if *self.budget == 0 {
             return Err(Error::Limit {
@@ -705,41 +732,81 @@ impl Writer<'_> {
                     });
                 }
                 let ino = ino.or_else(|| self.fs.inode_of(gpath, &md));
+                if let Some(ino) = ino {
+                    if !self.dirs.insert(ino) {
+                        self.report.skipped.push(format!(
+                            "{}: directory inode {ino} was already copied (a directory loop or \
+                             hard link: the file system is damaged); not copied again",
+                            gpath.display()
+                        ));
+                        return Ok(None);
+                    }
+                }
                 let sub = host_dir(dir, name, &host, true)?;
-                self.children(gpath, &sub, &host, depth + 1)?;
-                self.report.dirs += 1;
-                self.apply_fd(sub.as_fd(), &md, ino, &host)?;
+                return self
+                    .frame(gpath.clone(), sub, host, depth + 1, Some((md, ino)))
+                    .map(Some);
             }
             other => self
                 .report
                 .skipped
                 .push(format!("{}: {other:?} not copied", gpath.display())),
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Writes every entry of the guest directory `gpath` into the host directory `dir`.
-    fn children(
-        &mut self,
-        gpath: &ext4_view::PathBuf,
-        dir: &OwnedFd,
-        host: &Path,
+    /// An open guest directory `gpath` whose entries go into the host directory `fd`.
+    /// `finish` is the directory's own metadata, applied once its entries are written (`None`
+    /// for the directory that `get` writes into).
+    fn frame(
+        &self,
+        gpath: ext4_view::PathBuf,
+        fd: OwnedFd,
+        host: PathBuf,
         depth: u32,
-    ) -> Result<(), Error> {
+        finish: Option<(Metadata, Option<u32>)>,
+    ) -> Result<Frame, Error> {
         let entries = self
             .fs
             .fs
-            .read_dir(gpath)
-            .map_err(|e| self.fs.err(gpath, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| self.fs.err(gpath, e))?;
+            .read_dir(&gpath)
+            .map_err(|e| self.fs.err(&gpath, e))?;
+        Ok(Frame {
+            entries,
+            gpath,
+            fd,
+            host,
+            depth,
+            finish,
+        })
+    }
+
+    /// Writes the tree below `root`, depth first, with an explicit stack: a deep guest tree
+    /// must not overflow the blocking thread's stack (a recursion did, at ~100 levels in a
+    /// debug build, aborting the whole process).
+    fn walk(&mut self, root: Frame) -> Result<(), Error> {
+        let mut stack = vec![root];
+        while let Some(top) = stack.last_mut() {
+            let Some(entry) = top.entries.next() else {
+                if let Some(done) = stack.pop() {
+                    if let Some((md, ino)) = done.finish {
+                        self.report.dirs += 1;
+                        self.apply_fd(done.fd.as_fd(), &md, ino, &done.host)?;
+                    }
+                }
+                continue;
+            };
+            let entry = entry.map_err(|e| self.fs.err(&top.gpath, e))?;
             let name = entry.file_name();
             let name: &[u8] = name.as_ref();
             if name == b"." || name == b".." {
                 continue;
             }
             let ino = inode_from_debug(&format!("{entry:?}"));
-            self.node(&entry.path(), dir, name, host, ino, depth)?;
+            let next = self.node(&entry.path(), &top.fd, name, &top.host, ino, top.depth)?;
+            if let Some(frame) = next {
+                stack.push(frame);
+            }
         }
         Ok(())
     }
