@@ -472,3 +472,97 @@ fn the_deepest_allowed_tree_is_copied() {
         Err(e) => panic!("get of a deep tree did not finish: {e}"),
     }
 }
+
+/// Runs `f` on the vault of a point holding `image` on its own runtime, within `CASE_TIME`.
+fn on_point<T: Send + 'static>(
+    image: Vec<u8>,
+    f: impl FnOnce(Vault, Source) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>
+    + Send
+    + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(async {
+            let vault = point(&image).await;
+            let src = Source {
+                vm: "vm".into(),
+                point: "latest".into(),
+                disk: "os".into(),
+                partition: None,
+                options: DiskOptions::default(),
+            };
+            f(vault, src).await
+        });
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(CASE_TIME)
+        .expect("the case neither finished nor failed in time (or the reader aborted)")
+}
+
+/// The pristine image (without metadata checksums) changed by debugfs `requests`.
+fn debugfs_damaged(requests: &[&str]) -> Vec<u8> {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("damaged.img");
+    fs::write(&img, &pristine(false).image).unwrap();
+    for r in requests {
+        run("debugfs", ["-w", "-R", r, img.to_str().unwrap()]);
+    }
+    fs::read(&img).unwrap()
+}
+
+/// A superblock claiming billions of blocks in groups of 8: the parser would allocate one
+/// descriptor per group (60 GB; a CI run aborted on such a case). Refused before it loads.
+#[test]
+fn a_superblock_claiming_more_than_its_partition_is_refused() {
+    if !tools() {
+        return;
+    }
+    // Written straight into the superblock: debugfs refuses to reopen such a file system.
+    let mut image = pristine(false).image.clone();
+    image[1024 + 0x04..1024 + 0x08].copy_from_slice(&u32::MAX.to_le_bytes()); // blocks
+    image[1024 + 0x20..1024 + 0x24].copy_from_slice(&8u32.to_le_bytes()); // blocks per group
+    let e = on_point(image, |vault, src| {
+        Box::pin(async move { files::list(&vault, &src, "/").await.map(|_| ()) })
+    })
+    .expect_err("a superblock claiming 16 TiB on 8 MiB was read");
+    assert!(e.to_string().contains("more than the partition"), "{e}");
+}
+
+/// A symlink whose inode claims a 1 TiB target: the parser reads a link's target whole, so
+/// `ls` of its directory, `cat` through it and `get` of it must refuse it before reading.
+#[test]
+fn a_symlink_claiming_a_huge_target_is_refused() {
+    if !tools() {
+        return;
+    }
+    let image = debugfs_damaged(&["sif /a/b/link size 0x10000000000"]);
+    let errors = on_point(image, |vault, src| {
+        Box::pin(async move {
+            let to = tempfile::tempdir().unwrap();
+            [
+                files::list(&vault, &src, "/a/b").await.err(),
+                files::cat(&vault, &src, "/a/b/link", std::io::sink())
+                    .await
+                    .err(),
+                files::get(
+                    &vault,
+                    &src,
+                    &["/a".into()],
+                    to.path(),
+                    GetOptions::default(),
+                )
+                .await
+                .err(),
+            ]
+        })
+    });
+    for e in errors {
+        let e = e.expect("a symlink claiming a 1 TiB target was read");
+        assert!(e.to_string().contains("symlink claims"), "{e}");
+    }
+}

@@ -25,13 +25,17 @@ use serde::Serialize;
 
 use crate::Error;
 use crate::disk::{BlockingReader, DiskOptions, FetchStats, PointDisk};
-use crate::inode::{Locator, Times, inode_from_debug};
+use crate::inode::{Locator, Times, check_geometry, inode_from_debug};
 use crate::partition::{Scheme, read_table};
 
 /// Most entries one `list` returns, and most nodes one `get` writes.
 const MAX_ENTRIES: u64 = 10_000_000;
 /// Deepest directory nesting `get` follows.
 const MAX_DEPTH: u32 = 256;
+/// The longest symlink target read (PATH_MAX).
+const MAX_LINK: u64 = 4096;
+/// Symlinks followed while resolving one path (Linux's limit).
+const MAX_LINKS: u32 = 40;
 /// ext4's root directory inode.
 const ROOT_INODE: u32 = 2;
 /// Bytes copied per write.
@@ -137,7 +141,7 @@ pub async fn list(vault: &Vault, src: &Source, path: &str) -> Result<(Vec<Entry>
     let opened = Opened::open(vault, src).await?;
     let (entries, mut report) = opened
         .with_fs(move |fs, mut report| {
-            let gpath = to_guest(&comps);
+            let gpath = fs.resolve(&comps, false)?;
             let md = fs.symlink_metadata(&gpath)?;
             let mut out = Vec::new();
             if md.is_dir() {
@@ -180,7 +184,7 @@ pub async fn cat<W: Write + Send + 'static>(
     let opened = Opened::open(vault, src).await?;
     let (writer, mut report) = opened
         .with_fs(move |fs, mut report| {
-            let gpath = to_guest(&comps);
+            let gpath = fs.resolve(&comps, true)?;
             let mut writer = writer;
             let mut file = fs.fs.open(&gpath).map_err(|e| fs.err(&gpath, e))?;
             fs.check_size(&gpath, file.metadata().len())?;
@@ -266,7 +270,8 @@ pub async fn get(
                     host.push(OsStr::from_bytes(c));
                     dir = host_dir(&dir, c, &host, true)?;
                 }
-                if let Some(frame) = w.node(&to_guest(&comps), &dir, last, &host, None, 0)? {
+                let gpath = fs.resolve(&comps, false)?;
+                if let Some(frame) = w.node(&gpath, &dir, last, &host, None, 0)? {
                     w.walk(frame)?;
                 }
             }
@@ -362,6 +367,7 @@ impl Opened {
         let report = self.report.clone();
         let volume = self.len;
         tokio::task::spawn_blocking(move || {
+            check_geometry(&reader)?;
             let fs = Ext4::load(Box::new(reader.clone())).map_err(|e| Error::Fs {
                 disk: label.clone(),
                 path: String::new(),
@@ -425,6 +431,72 @@ impl Fs {
         Ok(())
     }
 
+    /// The target of the symlink at `path`, refused before it is read when the inode claims
+    /// more than a path can hold (the parser allocates the claimed size at once).
+    fn read_link(
+        &self,
+        path: &ext4_view::PathBuf,
+        md: &Metadata,
+    ) -> Result<ext4_view::PathBuf, Error> {
+        if md.len() > MAX_LINK {
+            return Err(Error::Fs {
+                disk: self.label.clone(),
+                path: path.display().to_string(),
+                why: format!(
+                    "the symlink claims a {}-byte target, more than a path's {MAX_LINK}: a \
+                     damaged inode; refused",
+                    md.len()
+                ),
+            });
+        }
+        self.fs.read_link(path).map_err(|e| self.err(path, e))
+    }
+
+    /// Resolves a path asked for by the user into one without symlinks, reading each link
+    /// through [`Fs::read_link`]: the parser would otherwise follow links itself, reading a
+    /// damaged one whole. The last name is followed only with `follow_last`.
+    fn resolve(&self, comps: &[Vec<u8>], follow_last: bool) -> Result<ext4_view::PathBuf, Error> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut todo: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
+        let mut links = 0u32;
+        while let Some(c) = todo.pop_front() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    out.pop();
+                    continue;
+                }
+                _ => out.push(c),
+            }
+            if todo.is_empty() && !follow_last {
+                break;
+            }
+            let here = to_guest(&out);
+            let md = self.symlink_metadata(&here)?;
+            if md.file_type() != FileType::Symlink {
+                continue;
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(Error::Fs {
+                    disk: self.label.clone(),
+                    path: here.display().to_string(),
+                    why: format!("more than {MAX_LINKS} symlinks on the way: a loop"),
+                });
+            }
+            let target = self.read_link(&here, &md)?;
+            let target: &[u8] = target.as_ref();
+            out.pop();
+            if target.starts_with(b"/") {
+                out.clear();
+            }
+            for name in target.split(|b| *b == b'/').rev() {
+                todo.push_front(name.to_vec());
+            }
+        }
+        Ok(to_guest(&out))
+    }
+
     fn err(&self, path: &ext4_view::PathBuf, e: Ext4Error) -> Error {
         Error::Fs {
             disk: self.label.clone(),
@@ -476,7 +548,7 @@ impl Fs {
     ) -> Result<Entry, Error> {
         let kind = kind_of(md);
         let target = if kind == Kind::Symlink {
-            let t = self.fs.read_link(path).map_err(|e| self.err(path, e))?;
+            let t = self.read_link(path, md)?;
             Some(String::from_utf8_lossy(t.as_ref()).into_owned())
         } else {
             None
@@ -690,11 +762,7 @@ impl Writer<'_> {
                 self.apply_fd(out.as_fd(), &md, ino, &host)?;
             }
             FileType::Symlink => {
-                let target = self
-                    .fs
-                    .fs
-                    .read_link(gpath)
-                    .map_err(|e| self.fs.err(gpath, e))?;
+                let target = self.fs.read_link(gpath, &md)?;
                 let target: &[u8] = target.as_ref();
                 rustix::fs::symlinkat(OsStr::from_bytes(target), dir, OsStr::from_bytes(name))
                     .map_err(io)?;

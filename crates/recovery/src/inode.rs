@@ -44,6 +44,61 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
         .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
+/// The most block groups a file system may claim (128 TiB with 4 KiB blocks and the usual
+/// 32768 blocks per group). `ext4-view` allocates one descriptor per group, as the superblock
+/// says, before reading any of them.
+const MAX_GROUPS: u64 = 1 << 20;
+
+/// Checks the superblock's geometry before `ext4-view` trusts it: the block count must fit in
+/// the partition and the number of block groups must stay bounded. A damaged superblock made
+/// the parser allocate 62 GB for group descriptors, aborting the process.
+pub(crate) fn check_geometry(r: &BlockingReader) -> Result<(), Error> {
+    let disk = r.disk().label();
+    let mut sb = [0u8; 1024];
+    r.read_at(1024, &mut sb)?;
+    if u16_at(&sb, 0x38) != 0xEF53 {
+        // Not ext2/3/4 at all: the parser says so in its own words.
+        return Ok(());
+    }
+    let log = u32_at(&sb, 0x18);
+    if log > 6 {
+        return Err(corrupt(disk, format!("block size 2^(10+{log}) is invalid")));
+    }
+    let block_size = 1024u64 << log;
+    let is_64bit = u32_at(&sb, 0x60) & 0x80 != 0;
+    let hi = if is_64bit { u32_at(&sb, 0x150) } else { 0 };
+    let blocks = (u64::from(hi) << 32) | u64::from(u32_at(&sb, 0x04));
+    let first_data_block = u64::from(u32_at(&sb, 0x14));
+    let per_group = u64::from(u32_at(&sb, 0x20));
+    if blocks.saturating_mul(block_size) > r.len() {
+        return Err(corrupt(
+            disk,
+            format!(
+                "the superblock claims {blocks} blocks of {block_size} bytes, more than the \
+                 partition's {} bytes",
+                r.len()
+            ),
+        ));
+    }
+    if per_group == 0 || per_group > 8 * block_size {
+        return Err(corrupt(
+            disk,
+            format!(
+                "{per_group} blocks per group is invalid (1 to {})",
+                8 * block_size
+            ),
+        ));
+    }
+    let groups = blocks.saturating_sub(first_data_block).div_ceil(per_group);
+    if groups > MAX_GROUPS {
+        return Err(corrupt(
+            disk,
+            format!("{groups} block groups, more than the {MAX_GROUPS} this reader accepts"),
+        ));
+    }
+    Ok(())
+}
+
 impl Locator {
     pub(crate) fn new(r: &BlockingReader) -> Result<Locator, Error> {
         let disk = r.disk().label();
