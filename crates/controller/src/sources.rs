@@ -207,10 +207,13 @@ pub fn snapshotter(spec: &SourceSpec) -> Result<Arc<dyn Snapshotter>, Error> {
         parts.push(Arc::new(s));
     }
     if !in_place.is_empty() {
-        parts.push(Arc::new(OfflineSnapshotter::new(OfflineOptions::new(
+        let mut options = OfflineOptions::new(
             in_place.into_iter().map(|d| (d.name, d.path)).collect(),
             &spec.socket_dir,
-        ))));
+        );
+        // A qcow2 image keeps a persistent dirty bitmap for the next backup (raw: read in full).
+        options.track_qcow2 = spec.change_tracking;
+        parts.push(Arc::new(OfflineSnapshotter::new(options)));
     }
     Ok(match parts.len() {
         1 => parts.remove(0),

@@ -48,11 +48,13 @@ pub use fleece::{
     BitmapInfo, FleeceDisk, FleeceOptions, Fleecing, Leftovers, PREFIX, TakenDisk, bitmaps,
     cleanup_leftovers,
 };
-pub use offline::{OfflineOptions, OfflineSnapshotter};
+pub use offline::{OfflineOptions, OfflineSnapshotter, RAW_UNTRACKED};
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
 pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};
 pub use stream::{
     NBD_RECONNECT_DELAY_SECS, StreamOptions, StreamReport, backing_file, cancel_stream,
     create_overlay, find_disk, nbd_backing_name, stream,
 };
-pub use tracking::{BitmapRecord, KIND, Trust, UnchangedBuilder, judge, unchanged_ranges};
+pub use tracking::{
+    BitmapRecord, KIND, Trust, UnchangedBuilder, judge, judge_bitmaps, unchanged_ranges,
+};
