@@ -158,7 +158,12 @@ pub fn judge_bitmaps(
     if record.size != disk.size || previous.size != disk.size {
         return Trust::Unknown(format!(
             "the disk was resized: {} bytes at the previous point, {} now",
-            previous.size, disk.size
+            if record.size != disk.size {
+                record.size
+            } else {
+                previous.size
+            },
+            disk.size
         ));
     }
     if !record.persistent {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bulwark_blockdiff::BlockSource;
 use bulwark_blockdiff::buffers::Pool;
-use bulwark_qemu::{OfflineOptions, OfflineSnapshotter};
+use bulwark_qemu::{OfflineOptions, OfflineSnapshotter, QemuOptions, QemuSnapshotter};
 use bulwark_snapshot::{Changes, Outcome, PreviousDisk, Snapshotter};
 use common::*;
 
@@ -205,6 +205,16 @@ async fn offline_backup(
         vec![("os".into(), image.to_path_buf())],
         dir,
     ));
+    read_point(&snapshotter, previous, base, commit).await
+}
+
+/// One backup of the only disk `snapshotter` takes: see [`offline_backup`].
+async fn read_point(
+    snapshotter: &dyn Snapshotter,
+    previous: Option<&PreviousDisk>,
+    base: &[u8],
+    commit: bool,
+) -> (Changes, Vec<u8>, u64, Option<bulwark_snapshot::Tracking>) {
     let mut sources = snapshotter
         .prepare("vm1", "p")
         .await
@@ -307,8 +317,8 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("os.qcow2");
     let image_s = image.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", image_s, "64M"]);
-    let size = 64 * MIB;
+    run("qemu-img", &["create", "-q", "-f", "qcow2", image_s, "16M"]);
+    let size = 16 * MIB;
     let mut want = vec![0u8; size as usize];
     io_ok(&image, "write -P 0x61 1M 2M");
     write_pattern(&mut want, 0x61, MIB, 2 * MIB);
@@ -335,7 +345,7 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     // Writes by another QEMU program while no backup runs: recorded in the image's bitmap.
     let writes = [
         (0xabu8, 5 * MIB, 4096u64),
-        (0xac, 40 * MIB + 4096, 100 << 10),
+        (0xac, 12 * MIB + 4096, 100 << 10),
     ];
     for (p, off, len) in writes {
         io_ok(&image, &format!("write -P 0x{p:x} {off} {len}"));
@@ -376,11 +386,11 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     // A failed backup in between loses no change: the next one, against the last committed
     // point, still sees the writes from before the failed one.
     let base2 = want.clone();
-    io_ok(&image, "write -P 0xad 10M 64k");
-    write_pattern(&mut want, 0xad, 10 * MIB, 64 << 10);
+    io_ok(&image, "write -P 0xad 7M 64k");
+    write_pattern(&mut want, 0xad, 7 * MIB, 64 << 10);
     let (_, _, _, _) = offline_backup(&image, dir.path(), None, &[], false).await;
-    io_ok(&image, "write -P 0xae 20M 64k");
-    write_pattern(&mut want, 0xae, 20 * MIB, 64 << 10);
+    io_ok(&image, "write -P 0xae 9M 64k");
+    write_pattern(&mut want, 0xae, 9 * MIB, 64 << 10);
     let (changes, got, read, t3) = offline_backup(
         &image,
         dir.path(),
@@ -463,8 +473,8 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     assert!(unknown(&changes).contains("granularity"), "{changes:?}");
 
     // Resized: full read.
-    run("qemu-img", &["resize", "-q", image_s, "65M"]);
-    want.resize(65 * MIB as usize, 0);
+    run("qemu-img", &["resize", "-q", image_s, "17M"]);
+    want.resize(17 * MIB as usize, 0);
     let (changes, got, _, _) =
         offline_backup(&image, dir.path(), Some(&previous(t6, size)), &want, true).await;
     assert!(unknown(&changes).contains("resized"), "{changes:?}");
@@ -476,10 +486,78 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     let (changes, _, _, _) = offline_backup(
         &image,
         dir.path(),
-        Some(&previous(Some(t3), 65 * MIB)),
+        Some(&previous(Some(t3), 17 * MIB)),
         &want,
         true,
     )
     .await;
     assert!(unknown(&changes).contains("backing file"), "{changes:?}");
+}
+
+/// The bitmap is one chain whichever way the image is read: an offline backup, then a running
+/// VM's backup (QMP fleecing) on the same image trusts the bitmap the offline one left, and an
+/// offline backup after the VM stopped cleanly trusts the one the running backup left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_and_running_backups_continue_each_others_bitmaps() {
+    if !qemu_or_skip("offline_and_running_backups_continue_each_others_bitmaps") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("os.qcow2");
+    let size = 16 * MIB;
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let mut want = vec![0u8; size as usize];
+    io_ok(&image, "write -P 0x61 1M 1M");
+    write_pattern(&mut want, 0x61, MIB, MIB);
+    let (_, full, _, t1) = offline_backup(&image, dir.path(), None, &[], true).await;
+    assert_same(&full, &want, "offline full");
+
+    let spec = [DiskSpec {
+        drive: true,
+        name: "os",
+        format: "qcow2",
+        size,
+        read_only: false,
+    }];
+    let vm = Vm::start_in(dir, &spec);
+    let test_qmp = vm.test_qmp().await;
+    guest_write(&test_qmp, "os", 0xb1, 3 * MIB, 64 << 10).await;
+    write_pattern(&mut want, 0xb1, 3 * MIB, 64 << 10);
+    let running = QemuSnapshotter::new(QemuOptions::new(
+        format!("unix:{}", vm.qmp_socket.display()),
+        vm.path(),
+    ));
+    let (changes, got, read, t2) =
+        read_point(&running, Some(&previous(t1, size)), &full, true).await;
+    assert!(matches!(changes, Changes::Unchanged(_)), "{changes:?}");
+    assert_same(&got, &want, "running incremental after an offline point");
+    assert!(read <= 2 * (64 << 10), "read {read}");
+    let at_running = got;
+
+    guest_write(&test_qmp, "os", 0xb2, 6 * MIB, 64 << 10).await;
+    write_pattern(&mut want, 0xb2, 6 * MIB, 64 << 10);
+    test_qmp.run(qapi::qmp::quit {}, "").await.ok();
+    drop(test_qmp);
+    let dir = vm.wait_exit();
+    let (changes, got, read, _) = offline_backup(
+        &image,
+        dir.path(),
+        Some(&previous(t2, size)),
+        &at_running,
+        true,
+    )
+    .await;
+    assert!(matches!(changes, Changes::Unchanged(_)), "{changes:?}");
+    assert_same(&got, &want, "offline incremental after a running point");
+    assert!(read <= 2 * (64 << 10), "read {read}");
 }
