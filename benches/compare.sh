@@ -4,7 +4,7 @@
 #   sudo bash benches/compare.sh [--size 4G] [--runs 3] [--out DIR] [--work DIR]
 #                                [--write-run 64K] [--no-mem16]
 #                                [--tools bulwark,bulwark-notrack,bulwark-256k,restic,borg]
-#                                [--cases xfs,ext4,vm] [--datastore-factor 8]
+#                                [--cases xfs,ext4,vm] [--datastore-factor 8] [--ext4-factor 4]
 #                                [--bin PATH-TO-bulwark-controller (default: cargo build --release)]
 #                                [--keep (keep the XFS datastore image; removed by default)]
 #
@@ -63,6 +63,7 @@ MEM16=1
 KEEP=0
 CASES=xfs,ext4,vm
 DS_FACTOR=8
+EXT4_FACTOR=4
 BULWARK=""
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -80,6 +81,7 @@ while [[ $# -gt 0 ]]; do
         --bin) BULWARK="$2"; shift 2 ;;
         --cases) CASES="$2"; shift 2 ;;
         --datastore-factor) DS_FACTOR="$2"; shift 2 ;;
+        --ext4-factor) EXT4_FACTOR="$2"; shift 2 ;;
         -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -309,8 +311,9 @@ fi # xfs case
 
 if has_case ext4 || has_case vm; then
     # The same image on ext4: a datastore file allocated up front like the XFS one, never
-    # trimmed; room for the pristine image, the working image, one repository and one restore.
-    fallocate -l $((SIZE_B * 4)) "$WORK/ext4.img"
+    # trimmed; room for the pristine image (raw, and qcow2 for the ext4 case), the working image,
+    # one repository and one restore (--ext4-factor times the image size, default 4).
+    fallocate -l $((SIZE_B * EXT4_FACTOR)) "$WORK/ext4.img"
     mkfs.ext4 -q -F -E nodiscard "$WORK/ext4.img"
     mount -o loop,nodiscard "$WORK/ext4.img" "$EXT4"
     mkdir -p "$EXT4/repos" "$EXT4/restore" "$EXT4/cache"
