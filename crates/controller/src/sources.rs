@@ -5,8 +5,9 @@
 //!   names as `query-block` reports them (none: every writable disk);
 //! * image files (`disks` are `[NAME=]PATH`, no VM running):
 //!   - a qcow2 image (found by its magic) always through [`bulwark_qemu::OfflineSnapshotter`]
-//!     (`qemu-storage-daemon`, read-only, QEMU's image locks): the vault stores what the guest
-//!     sees, never qcow2 file bytes;
+//!     (`qemu-storage-daemon`, QEMU's image locks, a read-only export): the vault stores what
+//!     the guest sees, never qcow2 file bytes; a persistent dirty bitmap left in the image
+//!     tracks the changes for the next backup (off with `change_tracking: false`);
 //!   - a raw image: with [`SnapshotMode::Auto`], a reflink snapshot with extent change tracking
 //!     where the file system is XFS or btrfs ([`bulwark_snapshot::ImageSnapshotter`]), else read
 //!     in place under QEMU's image locks (no copy of the disk is made); `reflink` and `copy`
