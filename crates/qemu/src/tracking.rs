@@ -421,6 +421,16 @@ mod tests {
         let mut r = record(true);
         r.disk = "data".into();
         unknown(judge(&previous(&r), &qcow, None), "disk");
+        let mut r = record(true);
+        r.granularity = Some(65536);
+        r.backing = Some(String::new());
+        assert_eq!(BitmapRecord::from_tracking(&r.to_tracking()).unwrap(), r);
+        assert_eq!(
+            judge(&previous(&r), &qcow, None),
+            Trust::Bitmap("bulwark-bitmap-a".into())
+        );
+        r.granularity = Some(131072);
+        unknown(judge(&previous(&r), &qcow, None), "granularity");
     }
 
     #[test]
@@ -456,7 +466,8 @@ mod tests {
                 prop_oneof![
                     Just("bitmap".to_string()), Just("disk".to_string()), Just("size".to_string()),
                     Just("persistent".to_string()), Just("started_at_ms".to_string()),
-                    Just("qemu_pid".to_string()), Just("qemu_start_time".to_string()), ".{0,8}",
+                    Just("qemu_pid".to_string()), Just("qemu_start_time".to_string()),
+                    Just("granularity".to_string()), Just("backing".to_string()), ".{0,8}",
                 ],
                 prop_oneof![".{0,24}", any::<u64>().prop_map(|n| n.to_string()), Just("true".to_string())],
                 0..9,
