@@ -480,6 +480,32 @@ async fn offline_qcow2_incrementals_read_only_the_dirty_clusters() {
     assert!(unknown(&changes).contains("resized"), "{changes:?}");
     assert_same(&got, &want, "full read after a resize");
 
+    // A qcow2 v2 image cannot store bitmaps: read in full, with the reason, and no record.
+    let v2 = dir.path().join("v2.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            v2.to_str().unwrap(),
+            "4M",
+        ],
+    );
+    io_ok(&v2, "write -P 0x71 1M 64k");
+    let mut want_v2 = vec![0u8; 4 * MIB as usize];
+    write_pattern(&mut want_v2, 0x71, MIB, 64 << 10);
+    let (changes, got, _, t) = offline_backup(&v2, dir.path(), None, &[], true).await;
+    assert!(
+        unknown(&changes).contains("no dirty bitmap could be kept"),
+        "{changes:?}"
+    );
+    assert!(t.is_none());
+    assert_same(&got, &want_v2, "qcow2 v2");
+
     // A record that names another backing file (rebase -u): full read.
     t3.fields
         .insert("backing".into(), "/elsewhere/base.qcow2".into());
