@@ -5,6 +5,9 @@
   compare.py qmp-scatter QMP DEVICE IMAGE_BYTES FRACTION RUN_BYTES SEED TMPDIR
                                                      the same writes, into a running VM's disk
                                                      DEVICE through its QMP socket (HMP qemu-io)
+  compare.py qcow2-scatter IMAGE IMAGE_BYTES FRACTION RUN_BYTES SEED TMPDIR
+                                                     the same writes, into an offline qcow2
+                                                     image through one qemu-io process
   compare.py qmp QMP COMMAND [JSON-ARGS]             one QMP command, its reply on stdout
   compare.py report OUT IMAGE_BYTES                  OUT/summary.md (+ OUT/compare.png)
 """
@@ -14,6 +17,7 @@ import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 
 BULWARKS = ["bulwark", "bulwark-notrack", "bulwark-256k"]
@@ -80,6 +84,25 @@ def qmp_scatter(qmp_path, device, size, fraction, run_bytes, seed, tmpdir):
     print(f"qmp-scatter: {count} extents of {run_bytes} bytes ({total} bytes) through QEMU")
 
 
+def qcow2_scatter(image, size, fraction, run_bytes, seed, tmpdir):
+    """The same writes into a qcow2 image no VM runs, by a QEMU program (qemu-io), so that the
+    image's persistent dirty bitmap records them as it would a VM's writes."""
+    files, args, total = [], [], 0
+    try:
+        for i, (at, data) in enumerate(extents(int(size), fraction, int(run_bytes), seed)):
+            path = os.path.join(tmpdir, f"qcow2-scatter-{i}.bin")
+            with open(path, "wb") as f:
+                f.write(data)
+            files.append(path)
+            args += ["-c", f"write -q -s {path} {at} {len(data)}"]
+            total += len(data)
+        subprocess.run(["qemu-io", "-f", "qcow2", *args, "-c", "flush", image], check=True)
+    finally:
+        for path in files:
+            os.unlink(path)
+    print(f"qcow2-scatter: {len(files)} extents of {run_bytes} bytes ({total} bytes) through qemu-io")
+
+
 def report(out, image_bytes):
     image_bytes = int(image_bytes)
     gib = image_bytes / (1 << 30)
@@ -126,7 +149,8 @@ def report(out, image_bytes):
                 return f"{med[key] / b:.1f}x" if key in med and b > 0 else "-"
             lines.append(f"| {tool} | {op} | {ratio(('restic', op))} | {ratio(('borg', op))} | "
                          f"{ratio(('cat', 'warm'))} | {ratio(('cat', 'clone'))} | {ratio(('zstd', 'full'))} |")
-    cases = [("xfs: image on reflink XFS", ""), ("ext4: image on ext4 (offline)", "ext4-"),
+    cases = [("xfs: image on reflink XFS", ""), ("ext4: raw image on ext4 (offline)", "ext4-"),
+             ("ext4q: qcow2 image on ext4 (offline, persistent dirty bitmap)", "ext4q-"),
              ("vm: running VM, image on ext4 (--qmp)", "vm-")]
     if any((p + "bulwark", "full") in med for _, p in cases[1:]):
         lines.append("")
@@ -153,7 +177,7 @@ def report(out, image_bytes):
     lines.append("")
     lines.append("What each Bulwark incremental read (run 1, from its --json report):")
     lines.append("")
-    for tool in BULWARKS + ["ext4-bulwark", "vm-bulwark"]:
+    for tool in BULWARKS + ["ext4-bulwark", "ext4q-bulwark", "vm-bulwark"]:
         log = os.path.join(out, f"log-{tool}-incremental-1.txt")
         if not os.path.exists(log):
             continue
@@ -163,7 +187,8 @@ def report(out, image_bytes):
             d = rep["disks"][0]
             lines.append(f"* {tool}: read {d['bytes_read'] / (1 << 20):.0f} MiB; {d['changed_blocks']} changed blocks "
                          f"of {d['blocks']}, {d.get('blocks_not_read', 0)} unchanged blocks not read (change tracking), "
-                         f"{d['hole_blocks']} zero blocks not read; uploaded {d['bytes_uploaded'] / (1 << 20):.0f} MiB")
+                         f"{d['hole_blocks']} zero blocks not read; uploaded {d['bytes_uploaded'] / (1 << 20):.0f} MiB"
+                         + (f"; full read because: {d['change_tracking']}" if d.get("change_tracking") else ""))
         except (ValueError, KeyError) as e:
             lines.append(f"* {tool}: report unreadable ({e})")
     text = "\n".join(lines) + "\n"
@@ -216,6 +241,8 @@ if __name__ == "__main__":
         scatter(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif len(sys.argv) == 9 and sys.argv[1] == "qmp-scatter":
         qmp_scatter(*sys.argv[2:9])
+    elif len(sys.argv) == 8 and sys.argv[1] == "qcow2-scatter":
+        qcow2_scatter(*sys.argv[2:8])
     elif len(sys.argv) in (4, 5) and sys.argv[1] == "qmp":
         args = json.loads(sys.argv[4]) if len(sys.argv) == 5 else {}
         print(json.dumps(Qmp(sys.argv[2]).command(sys.argv[3], **args)))

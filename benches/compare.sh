@@ -4,7 +4,7 @@
 #   sudo bash benches/compare.sh [--size 4G] [--runs 3] [--out DIR] [--work DIR]
 #                                [--write-run 64K] [--no-mem16]
 #                                [--tools bulwark,bulwark-notrack,bulwark-256k,restic,borg]
-#                                [--cases xfs,ext4,vm] [--datastore-factor 8]
+#                                [--cases xfs,ext4,vm] [--datastore-factor 8] [--ext4-factor 4]
 #                                [--bin PATH-TO-bulwark-controller (default: cargo build --release)]
 #                                [--keep (keep the XFS datastore image; removed by default)]
 #
@@ -17,7 +17,11 @@
 #  ext4  the same image on a loop-mounted ext4 datastore (the most common host): Bulwark with
 #        its defaults (--snapshot auto reads a raw image on ext4 in place through
 #        qemu-storage-daemon, under QEMU's image locks, no copy), restic and borg on the file.
-#        Tools ext4-bulwark, ext4-restic, ext4-borg.
+#        Tools ext4-bulwark, ext4-restic, ext4-borg. Then the same image converted to qcow2
+#        (untimed; tools ext4q-*): the 1% of writes go through qemu-io (a QEMU program, as a VM
+#        would write), so Bulwark's incremental reads only what the image's persistent dirty
+#        bitmap marks (left by the full backup); restic and borg back up the qcow2 file. A raw
+#        image has no place for a bitmap: its incremental reads the whole disk.
 #  vm    the image on the ext4 datastore as the data disk of a running QEMU (TCG, no OS: the
 #        firmware idles), backed up through --qmp (fleecing point in time, dirty bitmap); the
 #        same 1% of writes go through QEMU (QMP human-monitor-command qemu-io) so the bitmap
@@ -59,6 +63,7 @@ MEM16=1
 KEEP=0
 CASES=xfs,ext4,vm
 DS_FACTOR=8
+EXT4_FACTOR=4
 BULWARK=""
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -76,6 +81,7 @@ while [[ $# -gt 0 ]]; do
         --bin) BULWARK="$2"; shift 2 ;;
         --cases) CASES="$2"; shift 2 ;;
         --datastore-factor) DS_FACTOR="$2"; shift 2 ;;
+        --ext4-factor) EXT4_FACTOR="$2"; shift 2 ;;
         -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -88,7 +94,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 has_case() { [[ ",$CASES," == *,$1,* ]]; }
 need=(mkfs.xfs mkfs.ext4 restic borg zstd python3 cmp)
-if has_case ext4 || has_case vm; then need+=(qemu-storage-daemon qemu-system-x86_64); fi
+if has_case ext4 || has_case vm; then need+=(qemu-storage-daemon qemu-system-x86_64 qemu-img qemu-io); fi
 for t in "${need[@]}"; do
     command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
 done
@@ -305,17 +311,19 @@ fi # xfs case
 
 if has_case ext4 || has_case vm; then
     # The same image on ext4: a datastore file allocated up front like the XFS one, never
-    # trimmed; room for the pristine image, the working image, one repository and one restore.
-    fallocate -l $((SIZE_B * 4)) "$WORK/ext4.img"
+    # trimmed; room for the pristine image (raw, and qcow2 for the ext4 case), the working image,
+    # one repository and one restore (--ext4-factor times the image size, default 4).
+    fallocate -l $((SIZE_B * EXT4_FACTOR)) "$WORK/ext4.img"
     mkfs.ext4 -q -F -E nodiscard "$WORK/ext4.img"
     mount -o loop,nodiscard "$WORK/ext4.img" "$EXT4"
     mkdir -p "$EXT4/repos" "$EXT4/restore" "$EXT4/cache"
     export RESTIC_CACHE_DIR="$EXT4/cache/restic" BORG_BASE_DIR="$EXT4/cache/borg"
     cp --sparse=always "$BASE0" "$EXT4/base.img"
+    has_case ext4 && qemu-img convert -f raw -O qcow2 "$EXT4/base.img" "$EXT4/base.qcow2"
     IMG="$EXT4/guest.img"
     fresh_ext4() { # a full sparse copy (untimed): ext4 has no reflink
-        rm -f "$IMG"
-        cp --sparse=always "$EXT4/base.img" "$IMG"
+        rm -f "$EXT4/guest.img" "$EXT4/guest.qcow2"
+        if [[ $IMG == *.qcow2 ]]; then cp --sparse=always "$EXT4/base.qcow2" "$IMG"; else cp --sparse=always "$EXT4/base.img" "$IMG"; fi
         settle
         cat "$IMG" > /dev/null
     }
@@ -330,8 +338,10 @@ if has_case ext4 || has_case vm; then
     case_tools=()
     for t in bulwark restic borg; do [[ ",$TOOLS," == *,$t,* ]] && case_tools+=("$t"); done
     for run in $(seq 1 "$RUNS"); do
-        for c in ext4 vm; do
-            has_case "$c" || continue
+        for c in ext4 ext4q vm; do
+            if [[ $c == ext4q ]]; then has_case ext4 || continue; else has_case "$c" || continue; fi
+            IMG="$EXT4/guest.img"; [[ $c == ext4q ]] && IMG="$EXT4/guest.qcow2"
+            NAME=$(basename "$IMG")
             echo "== $c case, run $run/$RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
             for t in "${case_tools[@]}"; do
                 tool="$c-$t"
@@ -342,6 +352,8 @@ if has_case ext4 || has_case vm; then
                 if [[ $c == vm ]]; then
                     start_vm
                     change() { python3 "$HERE/compare.py" qmp-scatter "$VMDIR/qmp.sock" data "$SIZE_B" 0.01 "$RUN_B" "$run" "$VMDIR"; }
+                elif [[ $c == ext4q ]]; then
+                    change() { python3 "$HERE/compare.py" qcow2-scatter "$IMG" "$SIZE_B" 0.01 "$RUN_B" "$run" "$VMDIR"; cat "$IMG" > /dev/null; }
                 else
                     change() { scatter "$run"; }
                 fi
@@ -373,16 +385,24 @@ if has_case ext4 || has_case vm; then
                     ;;
                 borg)
                     borg init -e none "$repo" > /dev/null
-                    measure "$tool" full "$run" -- sh -c "cd '$EXT4' && borg create --compression zstd,1 '$repo::full' guest.img"
+                    measure "$tool" full "$run" -- sh -c "cd '$EXT4' && borg create --compression zstd,1 '$repo::full' '$NAME'"
                     change
-                    measure "$tool" incremental "$run" -- sh -c "cd '$EXT4' && borg create --compression zstd,1 '$repo::incremental' guest.img"
+                    measure "$tool" incremental "$run" -- sh -c "cd '$EXT4' && borg create --compression zstd,1 '$repo::incremental' '$NAME'"
                     stop_vm
                     settle; sleep 2
                     measure "$tool" restore "$run" -- sh -c "cd '$EXT4/restore/$tool' && borg extract --sparse '$repo::incremental' && sync -f ."
-                    out="$EXT4/restore/$tool/guest.img"
+                    out="$EXT4/restore/$tool/$NAME"
                     ;;
                 esac
-                check_restore "$run" "$out"
+                if [[ $tool == ext4q-bulwark ]]; then
+                    # Bulwark restores the guest's disk (raw), the others the qcow2 file.
+                    if [[ $run == 1 ]]; then
+                        qemu-img compare -q -f raw -F qcow2 "$out" "$IMG" || { echo "RESTORE DIFFERS: $out" >&2; exit 1; }
+                        echo "  restore matches the image (qemu-img compare)"
+                    fi
+                else
+                    check_restore "$run" "$out"
+                fi
                 repo_size "$tool" "$run" "$repo"
                 rm -rf "$EXT4/restore/$tool" "$repo"
             done

@@ -5,8 +5,9 @@
 //!   names as `query-block` reports them (none: every writable disk);
 //! * image files (`disks` are `[NAME=]PATH`, no VM running):
 //!   - a qcow2 image (found by its magic) always through [`bulwark_qemu::OfflineSnapshotter`]
-//!     (`qemu-storage-daemon`, read-only, QEMU's image locks): the vault stores what the guest
-//!     sees, never qcow2 file bytes;
+//!     (`qemu-storage-daemon`, QEMU's image locks, a read-only export): the vault stores what
+//!     the guest sees, never qcow2 file bytes; a persistent dirty bitmap left in the image
+//!     tracks the changes for the next backup (off with `change_tracking: false`);
 //!   - a raw image: with [`SnapshotMode::Auto`], a reflink snapshot with extent change tracking
 //!     where the file system is XFS or btrfs ([`bulwark_snapshot::ImageSnapshotter`]), else read
 //!     in place under QEMU's image locks (no copy of the disk is made); `reflink` and `copy`
@@ -207,10 +208,13 @@ pub fn snapshotter(spec: &SourceSpec) -> Result<Arc<dyn Snapshotter>, Error> {
         parts.push(Arc::new(s));
     }
     if !in_place.is_empty() {
-        parts.push(Arc::new(OfflineSnapshotter::new(OfflineOptions::new(
+        let mut options = OfflineOptions::new(
             in_place.into_iter().map(|d| (d.name, d.path)).collect(),
             &spec.socket_dir,
-        ))));
+        );
+        // A qcow2 image keeps a persistent dirty bitmap for the next backup (raw: read in full).
+        options.track_qcow2 = spec.change_tracking;
+        parts.push(Arc::new(OfflineSnapshotter::new(options)));
     }
     Ok(match parts.len() {
         1 => parts.remove(0),

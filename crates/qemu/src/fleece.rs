@@ -122,7 +122,7 @@ pub async fn bitmaps(qmp: &Qmp, node: &str) -> Result<Vec<BitmapInfo>, Error> {
         .collect())
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
@@ -575,6 +575,8 @@ impl TakenDisk {
             } else {
                 self.shared.qmp.identity().cloned()
             },
+            granularity: None,
+            backing: None,
         }
     }
 
@@ -685,7 +687,7 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
 
 /// Merges `new` into each of `bases`, enables them, removes `new`: no change since the bases'
 /// point is lost, whatever happened to the point that started `new`.
-async fn roll_back_bitmaps(
+pub(crate) async fn roll_back_bitmaps(
     qmp: &Qmp,
     node: &str,
     new: &str,
@@ -753,7 +755,7 @@ where
     })
 }
 
-async fn del_export(qmp: &Qmp, id: &str) -> Result<(), Error> {
+pub(crate) async fn del_export(qmp: &Qmp, id: &str) -> Result<(), Error> {
     ok_if_missing(
         qmp.run(
             qapi::qmp::block_export_del {
@@ -831,7 +833,7 @@ async fn del_node(qmp: &Qmp, node: &str) -> Result<(), Error> {
     )
 }
 
-async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> Result<(), Error> {
+pub(crate) async fn remove_bitmap(qmp: &Qmp, node: &str, name: &str) -> Result<(), Error> {
     ok_if_missing(
         qmp.run(
             qapi::qmp::block_dirty_bitmap_remove(qapi::qmp::BlockDirtyBitmap {

@@ -11,7 +11,10 @@
 //! * [`qga`]: a qemu-guest-agent client (fsfreeze, `guest-info`) and the out-of-process
 //!   watchdog that enforces the freeze deadline qemu-ga does not have.
 //! * [`OfflineSnapshotter`]: images with no VM running, read through `qemu-storage-daemon`
-//!   (read-only, with QEMU's image locks).
+//!   (with QEMU's image locks; the export is read-only). A qcow2 image keeps a persistent dirty
+//!   bitmap between backups, handed over as for a running VM, so its incrementals read only
+//!   the dirty clusters ([`judge_bitmaps`] decides); a raw image has nowhere to keep one and is
+//!   read in full ([`RAW_UNTRACKED`]).
 //! * [`create_overlay`], [`stream`]: instant recovery: a qcow2 overlay backed by an NBD export
 //!   of a recovery point, and the `block-stream` job that makes it standalone while the VM runs.
 //!
@@ -48,11 +51,13 @@ pub use fleece::{
     BitmapInfo, FleeceDisk, FleeceOptions, Fleecing, Leftovers, PREFIX, TakenDisk, bitmaps,
     cleanup_leftovers,
 };
-pub use offline::{OfflineOptions, OfflineSnapshotter};
+pub use offline::{OfflineOptions, OfflineSnapshotter, RAW_UNTRACKED};
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
 pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};
 pub use stream::{
     NBD_RECONNECT_DELAY_SECS, StreamOptions, StreamReport, backing_file, cancel_stream,
     create_overlay, find_disk, nbd_backing_name, stream,
 };
-pub use tracking::{BitmapRecord, KIND, Trust, UnchangedBuilder, judge, unchanged_ranges};
+pub use tracking::{
+    BitmapRecord, KIND, Trust, UnchangedBuilder, judge, judge_bitmaps, unchanged_ranges,
+};

@@ -1,7 +1,34 @@
-//! Offline images (no VM running): each disk is read through `qemu-storage-daemon`, read-only,
-//! with QEMU's own image locking, so that a VM cannot start writing the image meanwhile. A
-//! qcow2 image is read as the guest sees it (never its file bytes); a raw image likewise. No
-//! copy of the disk is made.
+//! Offline images (no VM running): each disk is read through `qemu-storage-daemon`, with
+//! QEMU's own image locking, so that a VM cannot start writing the image meanwhile. A qcow2
+//! image is read as the guest sees it (never its file bytes); a raw image likewise. No copy of
+//! the disk is made.
+//!
+//! # Change tracking of offline qcow2 images
+//!
+//! A qcow2 image carries persistent dirty bitmaps, and every QEMU program that opens it for
+//! writing (a VM, `qemu-io`, `qemu-nbd`, `qemu-img`, `qemu-storage-daemon`) keeps them up to
+//! date. So an offline qcow2 is opened read-write by the daemon (the NBD export stays
+//! read-only; nothing writes the guest's data) and, through the daemon's QMP monitor, handled
+//! like a running VM's disk ([`crate::Fleecing`]):
+//!
+//! * `bulwark-` bitmaps QEMU marks inconsistent (in use when a QEMU died) are removed; disabled
+//!   ones (a backup killed between the hand-over and its release) get the recording ones merged
+//!   back in and record again, as a failed backup would have left them;
+//! * one `transaction`: `block-dirty-bitmap-add` of a new persistent bitmap `bulwark-bitmap-TOKEN`
+//!   (the next backup's base) and `block-dirty-bitmap-disable` of the recording `bulwark-`
+//!   bitmaps (the changes since the previous point);
+//! * the image is exported with those bitmaps, and an incremental reads only the extents
+//!   `qemu:dirty-bitmap:NAME` marks dirty, after [`crate::judge_bitmaps`] (the same rules as a
+//!   running VM's, plus the granularity and backing file the point recorded) trusts the bitmap;
+//! * release: committed, the old bitmaps go; failed, the new one is merged back into them. The
+//!   daemon then ends with SIGTERM, which stores the bitmaps in the image.
+//!
+//! The bitmap names and the record are the running-VM path's: a backup of the running VM after
+//! an offline one (or the reverse) uses the bitmap the other left. A daemon killed outright (its
+//! controller SIGKILLed) leaves the bitmaps marked in use: the next backup reads the whole disk
+//! and says why. A raw image has nowhere to keep a bitmap between QEMU runs: it is read in full
+//! every time (read-only, locked). So is a qcow2 image this user cannot write, or with
+//! [`OfflineOptions::track_qcow2`] off.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,8 +41,17 @@ use bulwark_snapshot::{
     Changes, DiskSource, Outcome, PendingSnapshot, PreviousDisk, Released, Snapshotter, Tracking,
 };
 
-use crate::fleece::PREFIX;
-use crate::source::NbdReader;
+use serde_json::json;
+
+use crate::fleece::{
+    BitmapInfo, PREFIX, bitmaps, del_export, random_token, remove_bitmap, roll_back_bitmaps,
+};
+use crate::source::{NbdReader, unchanged_from_bitmap};
+use crate::tracking::{BitmapRecord, Trust, judge_bitmaps};
+use crate::{Qmp, VmDisk};
+
+/// Why a raw offline image is always read in full.
+pub const RAW_UNTRACKED: &str = "raw image: a raw file has nowhere to keep a dirty bitmap between QEMU runs (only qcow2 stores one), so every block is read";
 
 /// How to read offline images.
 #[derive(Debug, Clone)]
@@ -28,6 +64,12 @@ pub struct OfflineOptions {
     pub storage_daemon: PathBuf,
     /// NBD connections per disk.
     pub nbd_connections: usize,
+    /// Keep a persistent dirty bitmap in qcow2 images (opened read-write for it) so that the
+    /// next backup reads only what changed (default). Off: qcow2 images are opened read-only
+    /// and read in full.
+    pub track_qcow2: bool,
+    /// Time limit of each QMP command to the daemon.
+    pub qmp_timeout: Duration,
 }
 
 impl OfflineOptions {
@@ -38,6 +80,8 @@ impl OfflineOptions {
             socket_dir: socket_dir.into(),
             storage_daemon: PathBuf::from("qemu-storage-daemon"),
             nbd_connections: 4,
+            track_qcow2: true,
+            qmp_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -100,7 +144,22 @@ impl Snapshotter for OfflineSnapshotter {
     ) -> Result<Box<dyn PendingSnapshot>, bulwark_snapshot::Error> {
         let mut disks = Vec::new();
         for (name, path) in &self.options.disks {
-            disks.push((name.clone(), path.clone(), detect_format(path)?));
+            let format = detect_format(path)?;
+            let track = if format == "raw" {
+                Err(RAW_UNTRACKED.to_string())
+            } else if !self.options.track_qcow2 {
+                Err("change tracking of offline qcow2 images is off: every block is read".into())
+            } else if rustix::fs::access(path, rustix::fs::Access::WRITE_OK).is_err() {
+                Err("the qcow2 image is not writable here, so no dirty bitmap can be kept in it: every block is read".into())
+            } else {
+                Ok(())
+            };
+            disks.push(Planned {
+                name: name.clone(),
+                path: path.clone(),
+                format,
+                track,
+            });
         }
         tracing::info!(vm, disks = disks.len(), "offline images prepared");
         Ok(Box::new(PendingOffline {
@@ -110,9 +169,19 @@ impl Snapshotter for OfflineSnapshotter {
     }
 }
 
+/// One disk as `prepare` found it.
+#[derive(Debug, Clone)]
+struct Planned {
+    name: String,
+    path: PathBuf,
+    format: &'static str,
+    /// `Ok`: opened read-write to keep a dirty bitmap; `Err(why not)`: read-only, read in full.
+    track: Result<(), String>,
+}
+
 #[derive(Debug)]
 struct PendingOffline {
-    disks: Vec<(String, PathBuf, &'static str)>,
+    disks: Vec<Planned>,
     options: OfflineOptions,
 }
 
@@ -188,23 +257,90 @@ fn lock_image(path: &Path) -> Result<std::fs::File, bulwark_snapshot::Error> {
 struct Daemon {
     child: std::sync::Mutex<Option<std::process::Child>>,
     socket: PathBuf,
+    /// The QMP monitor's socket, when an image is open read-write (change tracking).
+    qmp_socket: Option<PathBuf>,
     record: PathBuf,
     locks: std::sync::Mutex<Vec<std::fs::File>>,
 }
 
+/// How long the daemon has to store its bitmaps and exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 impl Daemon {
+    /// Ends the daemon: SIGTERM, so that it closes the images cleanly (a read-write qcow2
+    /// stores its dirty bitmaps then); SIGKILL after [`STOP_GRACE`].
     fn stop(&self) {
         if let Ok(mut guard) = self.child.lock()
             && let Some(mut child) = guard.take()
         {
-            let _ = child.kill();
-            let _ = child.wait();
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) with the pid of our own child, not yet reaped (so not reused).
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            let deadline = std::time::Instant::now() + STOP_GRACE;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() {
+                            tracing::warn!(%status, "qemu-storage-daemon did not exit cleanly");
+                        }
+                        break;
+                    }
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    _ => {
+                        tracing::warn!(
+                            "qemu-storage-daemon did not exit after SIGTERM: killed (its qcow2 bitmaps are left marked in use; the next backup reads those disks in full)"
+                        );
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(q) = &self.qmp_socket {
+            let _ = std::fs::remove_file(q);
+        }
         let _ = std::fs::remove_file(&self.record);
         if let Ok(mut locks) = self.locks.lock() {
             locks.clear();
         }
+    }
+}
+
+impl Daemon {
+    /// When the daemon has exited: its status and what it said, for an error message.
+    fn exited(&self) -> String {
+        let Ok(mut guard) = self.child.lock() else {
+            return String::new();
+        };
+        let Some(child) = guard.as_mut() else {
+            return String::new();
+        };
+        for _ in 0..100 {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut stderr);
+                }
+                return format!(
+                    " (qemu-storage-daemon {status}: {}{})",
+                    stderr.trim(),
+                    if stderr.contains("lock") {
+                        "; a VM is using the image: an offline backup needs it stopped, or back up the running VM through QMP"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        String::new()
     }
 }
 
@@ -216,19 +352,29 @@ impl Drop for Daemon {
 
 fn start_daemon(
     options: &OfflineOptions,
-    disks: &[(String, PathBuf, &'static str)],
+    disks: &[Planned],
 ) -> Result<Arc<Daemon>, bulwark_snapshot::Error> {
     for stale in crate::tied::remove_stale(&options.socket_dir, &format!("{PREFIX}offline-")) {
+        let _ = std::fs::remove_file(stale.with_extension("qmp"));
         tracing::warn!(socket = %stale.display(), "removed what a killed controller left");
     }
     let mut locks = Vec::new();
-    for (_, path, _) in disks {
-        locks.push(lock_image(path)?);
+    for d in disks {
+        // An image opened read-write is locked by the daemon itself (a writable qcow2 node
+        // takes the write permission and shares neither write nor resize); our own read lock
+        // would keep the daemon from taking it.
+        if d.track.is_err() {
+            locks.push(lock_image(&d.path)?);
+        }
     }
-    let token = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    let token = random_token();
     let socket = options
         .socket_dir
         .join(format!("{PREFIX}offline-{token}.sock"));
+    let qmp_socket = disks
+        .iter()
+        .any(|d| d.track.is_ok())
+        .then(|| socket.with_extension("qmp"));
     // The NBD server first: exports need it.
     let mut args: Vec<String> = vec![
         "--nbd-server".into(),
@@ -237,22 +383,36 @@ fn start_daemon(
             socket.to_string_lossy().replace(',', ",,")
         ),
     ];
-    for (i, (name, path, format)) in disks.iter().enumerate() {
+    if let Some(q) = &qmp_socket {
+        args.push("--chardev".into());
+        args.push(format!(
+            "socket,id=bulwark-qmp,path={},server=on,wait=off",
+            q.to_string_lossy().replace(',', ",,")
+        ));
+        args.push("--monitor".into());
+        args.push("chardev=bulwark-qmp".into());
+    }
+    for (i, d) in disks.iter().enumerate() {
         // QEMU's key=value syntax doubles commas inside values.
-        let file = path.to_string_lossy().replace(',', ",,");
+        let file = d.path.to_string_lossy().replace(',', ",,");
+        let ro = if d.track.is_ok() { "off" } else { "on" };
         args.push("--blockdev".into());
         args.push(format!(
-            "driver=file,node-name=f{i},filename={file},read-only=on,locking=on"
+            "driver=file,node-name=f{i},filename={file},read-only={ro},locking=on"
         ));
         args.push("--blockdev".into());
         args.push(format!(
-            "driver={format},node-name=d{i},file=f{i},read-only=on"
+            "driver={},node-name=d{i},file=f{i},read-only={ro}",
+            d.format
         ));
-        args.push("--export".into());
-        args.push(format!(
-            "type=nbd,id=e{i},node-name=d{i},name={},writable=off",
-            name.replace(',', ",,")
-        ));
+        // A tracked image is exported over QMP once its bitmaps are handed over.
+        if d.track.is_err() {
+            args.push("--export".into());
+            args.push(format!(
+                "type=nbd,id=e{i},node-name=d{i},name={},writable=off",
+                d.name.replace(',', ",,")
+            ));
+        }
     }
     // The record first (owner only), so that a controller killed right after the spawn still
     // leaves a record for the next start to clean up after.
@@ -276,6 +436,7 @@ fn start_daemon(
     let mut daemon = Daemon {
         child: std::sync::Mutex::new(None),
         socket: socket.clone(),
+        qmp_socket: qmp_socket.clone(),
         record: record.clone(),
         locks: std::sync::Mutex::new(locks),
     };
@@ -284,7 +445,7 @@ fn start_daemon(
         return Err(err(&record, e.to_string()));
     }
     for _ in 0..500 {
-        if socket.exists() {
+        if socket.exists() && qmp_socket.as_ref().is_none_or(|q| q.exists()) {
             daemon.child = std::sync::Mutex::new(Some(child));
             return Ok(Arc::new(daemon));
         }
@@ -293,7 +454,7 @@ fn start_daemon(
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut stderr);
             }
-            let path = disks.first().map_or(PathBuf::new(), |d| d.1.clone());
+            let path = disks.first().map_or(PathBuf::new(), |d| d.path.clone());
             return Err(err(
                 &path,
                 format!(
@@ -317,39 +478,280 @@ fn start_daemon(
     ))
 }
 
+/// The daemon's monitor: its socket file appears at `bind`, a moment before it listens, so a
+/// refused connection is tried again (for up to 2 s).
+async fn connect_qmp(socket: &Path, timeout: Duration) -> Result<Qmp, crate::Error> {
+    let mut tries = 0;
+    loop {
+        match Qmp::connect(&socket.to_string_lossy(), timeout).await {
+            Err(crate::Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused && tries < 200 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+fn qmp_err(path: &Path, e: crate::Error) -> bulwark_snapshot::Error {
+    err(path, e.to_string())
+}
+
+/// What a tracked disk's point handed over: the new bitmap and the frozen ones.
+#[derive(Debug)]
+struct Tracked {
+    qmp: Arc<Qmp>,
+    /// The disk now (node `d<i>` in the daemon), for [`judge_bitmaps`].
+    disk: VmDisk,
+    /// The NBD export's id (it holds the frozen bitmaps busy until deleted).
+    export: String,
+    /// The bitmap that starts at this point.
+    new_bitmap: String,
+    /// Its granularity.
+    granularity: u32,
+    /// The image's backing file ("" for none).
+    backing: String,
+    /// The `bulwark-` bitmaps that recorded until this point (now disabled).
+    frozen: Vec<BitmapInfo>,
+    /// `bulwark-` bitmaps QEMU marked inconsistent, removed.
+    inconsistent: Vec<String>,
+    /// When the bitmap started (ms since the Unix epoch).
+    started_at_ms: u64,
+}
+
+/// The bitmap hand-over on node `node` of the daemon (see the module docs). `Err` means the
+/// image stays untracked this time (e.g. a qcow2 v2 image cannot store bitmaps): nothing
+/// changed in it then, the transaction being all or nothing.
+async fn hand_over(
+    qmp: &Arc<Qmp>,
+    node: &str,
+    export: &str,
+    d: &Planned,
+) -> Result<Tracked, crate::Error> {
+    let ours = |all: Vec<BitmapInfo>| -> Vec<BitmapInfo> {
+        all.into_iter()
+            .filter(|b| b.name.starts_with(PREFIX))
+            .collect()
+    };
+    let mut inconsistent = Vec::new();
+    for b in ours(bitmaps(qmp, node).await?)
+        .iter()
+        .filter(|b| b.inconsistent)
+    {
+        tracing::warn!(disk = %d.name, bitmap = %b.name, "removing an inconsistent bitmap");
+        remove_bitmap(qmp, node, &b.name).await?;
+        inconsistent.push(b.name.clone());
+    }
+    // Disabled `bulwark-` bitmaps are what a backup killed after its hand-over left: undo it
+    // as its failure would have (no change since their point is lost).
+    let present = ours(bitmaps(qmp, node).await?);
+    let disabled: Vec<String> = present
+        .iter()
+        .filter(|b| !b.recording)
+        .map(|b| b.name.clone())
+        .collect();
+    if !disabled.is_empty() {
+        tracing::warn!(disk = %d.name, ?disabled, "rolling back the bitmaps of an unfinished backup");
+        let recording: Vec<&BitmapInfo> = present.iter().filter(|b| b.recording).collect();
+        for new in &recording {
+            roll_back_bitmaps(qmp, node, &new.name, &disabled).await?;
+        }
+        if recording.is_empty() {
+            roll_back_bitmaps(qmp, node, "", &disabled).await?;
+        }
+    }
+    let frozen: Vec<BitmapInfo> = ours(bitmaps(qmp, node).await?)
+        .into_iter()
+        .filter(|b| b.recording && !b.inconsistent)
+        .collect();
+    let new_bitmap = format!("{PREFIX}bitmap-{}", random_token());
+    let mut actions = vec![json!({"type": "block-dirty-bitmap-add", "data": {
+        "node": node, "name": new_bitmap, "persistent": true}})];
+    for b in &frozen {
+        actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
+            "node": node, "name": b.name}}));
+    }
+    qmp.run_json::<qapi::qmp::transaction>(json!({ "actions": actions }), &new_bitmap)
+        .await?;
+    let started_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let nodes = qmp
+        .run(
+            qapi::qmp::query_named_block_nodes { flat: Some(true) },
+            node,
+        )
+        .await?;
+    let info = nodes
+        .into_iter()
+        .find(|n| n.node_name.as_deref() == Some(node));
+    let backing = info
+        .as_ref()
+        .and_then(|n| n.backing_file.clone())
+        .unwrap_or_default();
+    let size = info
+        .as_ref()
+        .and_then(|n| u64::try_from(n.image.base.virtual_size).ok())
+        .unwrap_or(0);
+    let granularity = bitmaps(qmp, node)
+        .await?
+        .into_iter()
+        .find(|b| b.name == new_bitmap)
+        .map(|b| b.granularity)
+        .unwrap_or(0);
+    Ok(Tracked {
+        qmp: qmp.clone(),
+        disk: VmDisk {
+            name: d.name.clone(),
+            node: node.to_string(),
+            format: d.format.to_string(),
+            file: d.path.to_string_lossy().into_owned(),
+            size,
+        },
+        export: export.to_string(),
+        new_bitmap,
+        granularity,
+        backing,
+        frozen,
+        inconsistent,
+        started_at_ms,
+    })
+}
+
 #[async_trait::async_trait]
 impl PendingSnapshot for PendingOffline {
     async fn take(self: Box<Self>) -> Result<Vec<Box<dyn DiskSource>>, bulwark_snapshot::Error> {
         let PendingOffline { disks, options } = *self;
-        tokio::task::spawn_blocking(move || {
-            let daemon = start_daemon(&options, &disks)?;
-            let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
-            for (name, path, format) in &disks {
+        let daemon = {
+            let (options, disks) = (options.clone(), disks.clone());
+            tokio::task::spawn_blocking(move || start_daemon(&options, &disks))
+                .await
+                .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))??
+        };
+        let qmp = match &daemon.qmp_socket {
+            Some(q) => match connect_qmp(q, options.qmp_timeout).await {
+                Ok(qmp) => Some(Arc::new(qmp)),
+                Err(e) => {
+                    let why = daemon.exited();
+                    return Err(err(q, format!("{e}{why}")));
+                }
+            },
+            None => None,
+        };
+        let mut tracked: Vec<Result<Tracked, String>> = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let node = format!("d{i}");
+            let t = match (&d.track, &qmp) {
+                (Err(why), _) => Err(why.clone()),
+                (Ok(()), None) => Err("no QMP monitor to keep a bitmap with".into()),
+                (Ok(()), Some(qmp)) => hand_over(qmp, &node, &format!("e{i}"), d).await.map_err(|e| {
+                    tracing::warn!(disk = %d.name, error = %e, "no dirty bitmap kept in the image");
+                    format!("no dirty bitmap could be kept in the image ({e}): every block is read")
+                }),
+            };
+            if let (Ok(()), Some(qmp)) = (&d.track, &qmp) {
+                let bitmaps: Vec<&str> = match &t {
+                    Ok(t) => t.frozen.iter().map(|b| b.name.as_str()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                let exported = qmp
+                    .run_json::<qapi::qmp::block_export_add>(
+                        json!({"type": "nbd", "id": format!("e{i}"), "node-name": node,
+                               "name": d.name, "writable": false, "bitmaps": bitmaps}),
+                        &d.name,
+                    )
+                    .await;
+                if let Err(e) = exported {
+                    tracked.push(t);
+                    roll_back_all(tracked).await;
+                    return Err(qmp_err(&d.path, e));
+                }
+            }
+            tracked.push(t);
+        }
+        let socket = daemon.socket.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            let mut readers = Vec::new();
+            for d in &disks {
                 let client = Client::connect(
-                    Address::Unix(daemon.socket.clone()),
-                    ClientOptions::new(name.clone())
+                    Address::Unix(socket.clone()),
+                    ClientOptions::new(d.name.clone())
                         .meta_context(BASE_ALLOCATION)
                         .connections(options.nbd_connections),
                 )
-                .map_err(|e| err(path, e.to_string()))?;
+                .map_err(|e| err(&d.path, e.to_string()))?;
                 let uri = client.describe();
                 let mut reader = NbdReader::new(client, uri);
-                if *format == "raw" {
-                    let len = std::fs::metadata(path)
-                        .map_err(|e| err(path, e.to_string()))?
+                if d.format == "raw" {
+                    let len = std::fs::metadata(&d.path)
+                        .map_err(|e| err(&d.path, e.to_string()))?
                         .len();
                     reader = reader.with_size(len);
                 }
-                sources.push(Box::new(OfflineDisk {
-                    name: name.clone(),
-                    reader: Arc::new(reader),
-                    daemon: daemon.clone(),
-                }));
+                readers.push((d.name.clone(), reader));
             }
-            Ok(sources)
+            Ok::<_, bulwark_snapshot::Error>(readers)
         })
         .await
-        .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))?
+        .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))?;
+        let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
+        let readers = match connected {
+            Ok(r) => r,
+            Err(e) => {
+                roll_back_all(tracked).await;
+                return Err(e);
+            }
+        };
+        for ((name, reader), mut tracked) in readers.into_iter().zip(tracked) {
+            // The size the guest sees is what the NBD export says.
+            if let Ok(t) = &mut tracked {
+                t.disk.size = reader.size();
+            }
+            sources.push(Box::new(OfflineDisk {
+                name,
+                reader: Arc::new(reader),
+                daemon: daemon.clone(),
+                tracked,
+            }));
+        }
+        Ok(sources)
+    }
+}
+
+/// A failed start: the bitmaps go back as for a failed backup.
+async fn roll_back_all(tracked: Vec<Result<Tracked, String>>) {
+    for t in tracked.into_iter().flatten() {
+        t.roll_back().await;
+    }
+}
+
+impl Tracked {
+    async fn roll_back(&self) {
+        if let Err(e) = del_export(&self.qmp, &self.export).await {
+            tracing::warn!(disk = %self.disk.name, error = %e, "deleting the export failed");
+        }
+        let names: Vec<String> = self.frozen.iter().map(|b| b.name.clone()).collect();
+        if let Err(e) =
+            roll_back_bitmaps(&self.qmp, &self.disk.node, &self.new_bitmap, &names).await
+        {
+            tracing::warn!(disk = %self.disk.name, error = %e, "rolling the bitmaps back failed (the next backup does it)");
+        }
+    }
+
+    fn record(&self) -> BitmapRecord {
+        BitmapRecord {
+            bitmap: self.new_bitmap.clone(),
+            disk: self.disk.name.clone(),
+            size: self.disk.size,
+            persistent: true,
+            started_at_ms: self.started_at_ms,
+            qemu: None,
+            granularity: Some(self.granularity),
+            backing: Some(self.backing.clone()),
+        }
     }
 }
 
@@ -359,6 +761,8 @@ struct OfflineDisk {
     name: String,
     reader: Arc<NbdReader>,
     daemon: Arc<Daemon>,
+    /// The bitmap hand-over, or why the image is not tracked.
+    tracked: Result<Tracked, String>,
 }
 
 #[async_trait::async_trait]
@@ -377,27 +781,96 @@ impl DiskSource for OfflineDisk {
 
     async fn changes_since(
         &self,
-        _previous: &PreviousDisk,
+        previous: &PreviousDisk,
     ) -> Result<Changes, bulwark_snapshot::Error> {
-        Ok(Changes::Unknown {
-            reason: "offline image: no change tracking yet (every block is read)".into(),
-        })
+        let t = match &self.tracked {
+            Ok(t) => t,
+            Err(reason) => {
+                return Ok(Changes::Unknown {
+                    reason: reason.clone(),
+                });
+            }
+        };
+        if let Some(tracking) = &previous.tracking
+            && let Ok(record) = BitmapRecord::from_tracking(tracking)
+            && let Some(backing) = &record.backing
+            && backing != &t.backing
+        {
+            return Ok(Changes::Unknown {
+                reason: format!(
+                    "the image's backing file changed from {backing:?} to {:?} since the previous point (what the guest sees changed without a write the bitmap records)",
+                    t.backing
+                ),
+            });
+        }
+        match judge_bitmaps(previous, &t.disk, &t.frozen, &t.inconsistent, None) {
+            Trust::Unknown(reason) => Ok(Changes::Unknown { reason }),
+            Trust::Bitmap(bitmap) => {
+                let (socket, export, uri) = (
+                    self.daemon.socket.clone(),
+                    self.name.clone(),
+                    self.reader.describe(),
+                );
+                let result = tokio::task::spawn_blocking(move || {
+                    unchanged_from_bitmap(socket, export, uri, &bitmap)
+                })
+                .await;
+                Ok(match result {
+                    Ok(Ok(ranges)) => Changes::Unchanged(ranges),
+                    Ok(Err(e)) => Changes::Unknown {
+                        reason: format!("reading the dirty bitmap failed: {e}"),
+                    },
+                    Err(e) => Changes::Unknown {
+                        reason: format!("reading the dirty bitmap failed: {e}"),
+                    },
+                })
+            }
+        }
     }
 
     fn tracking(&self) -> Option<Tracking> {
-        None
+        self.tracked.as_ref().ok().map(|t| t.record().to_tracking())
     }
 
     async fn release(
         self: Box<Self>,
-        _outcome: Outcome,
+        outcome: Outcome,
     ) -> Result<Released, bulwark_snapshot::Error> {
-        let OfflineDisk { reader, daemon, .. } = *self;
+        let OfflineDisk {
+            reader,
+            daemon,
+            tracked,
+            ..
+        } = *self;
         drop(reader);
-        // The last disk's release stops the daemon (its Drop).
-        if Arc::strong_count(&daemon) == 1 {
-            daemon.stop();
+        let mut failed = None;
+        if let Ok(t) = &tracked {
+            if matches!(outcome, Outcome::Committed { .. }) {
+                // The export holds the frozen bitmaps busy.
+                if let Err(e) = del_export(&t.qmp, &t.export).await {
+                    failed.get_or_insert(qmp_err(Path::new(&t.disk.file), e));
+                }
+                // The new bitmap is the next backup's base; the old ones are done.
+                for b in &t.frozen {
+                    if let Err(e) = remove_bitmap(&t.qmp, &t.disk.node, &b.name).await {
+                        tracing::warn!(disk = %t.disk.name, bitmap = %b.name, error = %e, "removing a used bitmap failed");
+                        failed.get_or_insert(qmp_err(Path::new(&t.disk.file), e));
+                    }
+                }
+            } else {
+                t.roll_back().await;
+            }
         }
-        Ok(Released::default())
+        drop(tracked);
+        // The last disk's release stops the daemon (SIGTERM: the bitmaps are stored).
+        if Arc::strong_count(&daemon) == 1 {
+            tokio::task::spawn_blocking(move || daemon.stop())
+                .await
+                .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))?;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Released::default()),
+        }
     }
 }

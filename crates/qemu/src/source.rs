@@ -182,7 +182,7 @@ fn nbd_error(uri: &str, e: impl std::fmt::Display) -> Error {
 
 /// Reads the dirty extents of `bitmap` from the export and turns them into unchanged ranges,
 /// block status reply by block status reply (memory stays bounded on any disk size).
-fn unchanged_from_bitmap(
+pub(crate) fn unchanged_from_bitmap(
     socket: PathBuf,
     export: String,
     uri: String,

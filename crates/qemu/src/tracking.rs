@@ -7,8 +7,8 @@ use std::ops::Range;
 
 use bulwark_snapshot::{PreviousDisk, Tracking};
 
-use crate::QemuIdentity;
-use crate::fleece::FleeceDisk;
+use crate::fleece::{BitmapInfo, FleeceDisk};
+use crate::{QemuIdentity, VmDisk};
 
 /// The kind of [`Tracking`] record this crate writes.
 pub const KIND: &str = "qemu-dirty-bitmap";
@@ -28,6 +28,13 @@ pub struct BitmapRecord {
     pub started_at_ms: u64,
     /// For an in-memory bitmap: the QEMU process holding it.
     pub qemu: Option<QemuIdentity>,
+    /// The bitmap's granularity in bytes, when known (offline images record it: a bitmap of
+    /// the same name with another granularity is not the one this point started).
+    pub granularity: Option<u32>,
+    /// The image's backing file (empty: none), when known (offline images record it: a
+    /// backing file swapped under the image, `qemu-img rebase -u`, changes what the guest sees
+    /// without a write the bitmap could record).
+    pub backing: Option<String>,
 }
 
 impl BitmapRecord {
@@ -42,6 +49,12 @@ impl BitmapRecord {
         if let Some(q) = &self.qemu {
             fields.insert("qemu_pid".into(), q.pid.to_string());
             fields.insert("qemu_start_time".into(), q.start_time.to_string());
+        }
+        if let Some(g) = self.granularity {
+            fields.insert("granularity".into(), g.to_string());
+        }
+        if let Some(b) = &self.backing {
+            fields.insert("backing".into(), b.clone());
         }
         Tracking {
             kind: KIND.into(),
@@ -81,6 +94,13 @@ impl BitmapRecord {
             }),
             _ => None,
         };
+        let granularity = match t.fields.get("granularity") {
+            None => None,
+            Some(_) => Some(
+                u32::try_from(number("granularity")?)
+                    .map_err(|_| "the previous point's bitmap record has a bad granularity")?,
+            ),
+        };
         Ok(BitmapRecord {
             bitmap: field("bitmap")?.clone(),
             disk: field("disk")?.clone(),
@@ -88,6 +108,8 @@ impl BitmapRecord {
             persistent,
             started_at_ms: number("started_at_ms")?,
             qemu,
+            granularity,
+            backing: t.fields.get("backing").cloned(),
         })
     }
 }
@@ -105,6 +127,18 @@ pub enum Trust {
 /// QEMU reported the disk's bitmaps just before this point's instant. `qemu` is the identity
 /// of the QEMU process now.
 pub fn judge(previous: &PreviousDisk, disk: &FleeceDisk, qemu: Option<&QemuIdentity>) -> Trust {
+    judge_bitmaps(previous, &disk.disk, &disk.frozen, &disk.inconsistent, qemu)
+}
+
+/// [`judge`] from its parts: the disk now, the `bulwark-` bitmaps QEMU reported recording
+/// (`frozen`) and those it marked inconsistent (and that were removed).
+pub fn judge_bitmaps(
+    previous: &PreviousDisk,
+    disk: &VmDisk,
+    frozen: &[BitmapInfo],
+    inconsistent: &[String],
+    qemu: Option<&QemuIdentity>,
+) -> Trust {
     let Some(tracking) = &previous.tracking else {
         return Trust::Unknown(format!(
             "the previous point {} recorded no dirty bitmap for this disk",
@@ -115,16 +149,21 @@ pub fn judge(previous: &PreviousDisk, disk: &FleeceDisk, qemu: Option<&QemuIdent
         Ok(r) => r,
         Err(reason) => return Trust::Unknown(reason),
     };
-    if record.disk != disk.disk.name {
+    if record.disk != disk.name {
         return Trust::Unknown(format!(
             "the previous point's bitmap was of disk {:?}, not {:?}",
-            record.disk, disk.disk.name
+            record.disk, disk.name
         ));
     }
-    if record.size != disk.disk.size || previous.size != disk.disk.size {
+    if record.size != disk.size || previous.size != disk.size {
         return Trust::Unknown(format!(
             "the disk was resized: {} bytes at the previous point, {} now",
-            previous.size, disk.disk.size
+            if record.size != disk.size {
+                record.size
+            } else {
+                previous.size
+            },
+            disk.size
         ));
     }
     if !record.persistent {
@@ -135,17 +174,17 @@ pub fn judge(previous: &PreviousDisk, disk: &FleeceDisk, qemu: Option<&QemuIdent
         if !same {
             return Trust::Unknown(format!(
                 "QEMU was restarted since the previous point (the in-memory bitmap {} of a {} disk died with it)",
-                record.bitmap, disk.disk.format
+                record.bitmap, disk.format
             ));
         }
     }
-    if disk.inconsistent.contains(&record.bitmap) {
+    if inconsistent.contains(&record.bitmap) {
         return Trust::Unknown(format!(
             "QEMU marks the bitmap {} inconsistent (QEMU stopped without saving it); it was removed",
             record.bitmap
         ));
     }
-    let Some(info) = disk.frozen.iter().find(|b| b.name == record.bitmap) else {
+    let Some(info) = frozen.iter().find(|b| b.name == record.bitmap) else {
         return Trust::Unknown(format!(
             "the bitmap {} of the previous point is not a recording bitmap of this disk in QEMU (removed, disabled, or lost in a restart)",
             record.bitmap
@@ -155,6 +194,14 @@ pub fn judge(previous: &PreviousDisk, disk: &FleeceDisk, qemu: Option<&QemuIdent
         return Trust::Unknown(format!(
             "the bitmap {} changed from persistent={} to persistent={}",
             record.bitmap, record.persistent, info.persistent
+        ));
+    }
+    if let Some(g) = record.granularity
+        && g != info.granularity
+    {
+        return Trust::Unknown(format!(
+            "the bitmap {} has granularity {} bytes, the previous point recorded {g}: not the bitmap it started",
+            record.bitmap, info.granularity
         ));
     }
     Trust::Bitmap(record.bitmap)
@@ -244,8 +291,6 @@ impl UnchangedBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::VmDisk;
-    use crate::fleece::BitmapInfo;
     use proptest::prelude::*;
 
     fn disk(format: &str, frozen: &[(&str, bool)]) -> FleeceDisk {
@@ -301,6 +346,8 @@ mod tests {
                 start_time: 9,
                 owner: None,
             }),
+            granularity: None,
+            backing: None,
         }
     }
 
@@ -374,6 +421,16 @@ mod tests {
         let mut r = record(true);
         r.disk = "data".into();
         unknown(judge(&previous(&r), &qcow, None), "disk");
+        let mut r = record(true);
+        r.granularity = Some(65536);
+        r.backing = Some(String::new());
+        assert_eq!(BitmapRecord::from_tracking(&r.to_tracking()).unwrap(), r);
+        assert_eq!(
+            judge(&previous(&r), &qcow, None),
+            Trust::Bitmap("bulwark-bitmap-a".into())
+        );
+        r.granularity = Some(131072);
+        unknown(judge(&previous(&r), &qcow, None), "granularity");
     }
 
     #[test]
@@ -409,7 +466,8 @@ mod tests {
                 prop_oneof![
                     Just("bitmap".to_string()), Just("disk".to_string()), Just("size".to_string()),
                     Just("persistent".to_string()), Just("started_at_ms".to_string()),
-                    Just("qemu_pid".to_string()), Just("qemu_start_time".to_string()), ".{0,8}",
+                    Just("qemu_pid".to_string()), Just("qemu_start_time".to_string()),
+                    Just("granularity".to_string()), Just("backing".to_string()), ".{0,8}",
                 ],
                 prop_oneof![".{0,24}", any::<u64>().prop_map(|n| n.to_string()), Just("true".to_string())],
                 0..9,
