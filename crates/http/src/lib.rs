@@ -29,6 +29,7 @@ mod console;
 mod metrics;
 mod notify;
 mod samples;
+mod view;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -125,10 +126,11 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Er
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The routes over the daemon's handles.
-fn router(handles: Handles, http: &HttpConfig) -> Router {
+/// The routes over the daemon's handles (after a first read of the view they serve).
+async fn router(handles: Handles, http: &HttpConfig) -> Router {
     let app: api::Shared = Arc::new(api::App::new(handles, http.overdue_grace));
     samples::start(app.clone());
+    view::start(app.clone()).await;
     let tokens = auth::Tokens(Arc::new(http.tokens.clone()));
     let protected = Router::new()
         .route("/api/v1/vms", get(api::vms))
@@ -173,7 +175,7 @@ impl Api {
         Ok(Api {
             listener,
             tls,
-            router: router(handles, http),
+            router: router(handles, http).await,
         })
     }
 
