@@ -55,7 +55,7 @@ pub(crate) type Shared = Arc<App>;
 
 /// An API error: a status and a message, as `{"error": "..."}`.
 #[derive(Debug)]
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -314,8 +314,12 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// The history part of the view, or the error of its last read.
-fn history_view(app: &App) -> Result<Arc<HistoryView>, ApiError> {
+/// The history part of the view (once it includes every job end announced so far), or the
+/// error of its last read.
+pub(crate) async fn history_view(app: &App) -> Result<Arc<HistoryView>, ApiError> {
+    app.view
+        .caught_up(app.h.control.ends(), view::CATCH_UP)
+        .await;
     let hv = app.view.history();
     match &hv.error {
         Some(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.clone())),
@@ -326,7 +330,7 @@ fn history_view(app: &App) -> Result<Arc<HistoryView>, ApiError> {
 /// `GET /api/v1/vms`.
 pub(crate) async fn vms(State(app): State<Shared>) -> ApiResult {
     let now = Timestamp::now();
-    let hv = history_view(&app)?;
+    let hv = history_view(&app).await?;
     let vms: Vec<Value> = app
         .h
         .config
@@ -340,7 +344,7 @@ pub(crate) async fn vms(State(app): State<Shared>) -> ApiResult {
 /// `GET /api/v1/vms/{vm}`: the VM and its points.
 pub(crate) async fn vm(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let vm = app.vm(&name)?;
-    let hv = history_view(&app)?;
+    let hv = history_view(&app).await?;
     let mut v = app.vm_json(vm, &hv, Timestamp::now());
     v["points"] = points_json(&app, &name)?;
     Ok(Json(v))
@@ -409,7 +413,7 @@ pub(crate) struct JobsQuery {
 /// one VM) from the database, off the async threads.
 pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).min(1000);
-    let hv = history_view(&app)?;
+    let hv = history_view(&app).await?;
     let cached: Option<&[JobRecord]> = match &q.vm {
         None => Some(&hv.recent),
         Some(vm) if limit <= view::VM_JOBS => hv.by_vm.get(vm).map(Vec::as_slice),
@@ -431,7 +435,7 @@ pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) 
 
 /// `GET /api/v1/jobs/{id}`: from the view when it holds the job, else from the database.
 pub(crate) async fn job(State(app): State<Shared>, Path(id): Path<i64>) -> ApiResult {
-    if let Some(j) = history_view(&app)?.job(id) {
+    if let Some(j) = history_view(&app).await?.job(id) {
         return Ok(Json(app.job_json(j)));
     }
     let history = app.h.history.clone();

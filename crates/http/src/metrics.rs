@@ -175,10 +175,7 @@ fn to_prometheus_text(om: &str) -> String {
 }
 
 async fn render(app: &Shared) -> Result<String, String> {
-    let hv = app.view.history();
-    if let Some(e) = &hv.error {
-        return Err(e.clone());
-    }
+    let hv = crate::api::history_view(app).await.map_err(|e| e.1)?;
     let totals = &hv.totals;
     let mut reg = Registry::default();
 

@@ -301,14 +301,44 @@ impl VaultReader {
 }
 
 /// The view every read handler uses.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct View {
     history: RwLock<Arc<HistoryView>>,
     vault: RwLock<Arc<VaultView>>,
     vault_changed: tokio::sync::Notify,
+    /// How many job ends ([`bulwark_daemon::control::Control::ends`]) the history part
+    /// includes.
+    covered: tokio::sync::watch::Sender<u64>,
 }
 
+impl Default for View {
+    fn default() -> View {
+        View {
+            history: RwLock::default(),
+            vault: RwLock::default(),
+            vault_changed: tokio::sync::Notify::new(),
+            covered: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// The longest a request waits for the history part to include a job end announced before
+/// it; then it is served what there is.
+pub(crate) const CATCH_UP: Duration = Duration::from_secs(2);
+
 impl View {
+    /// Waits (at most `limit`) until the history part includes the first `ends` job ends, so
+    /// that a job whose end was announced (to a notification, a job-end listener) is never
+    /// served as still running. The refresh task reads the history at once after each end,
+    /// so this wait is one read of the history at most.
+    pub(crate) async fn caught_up(&self, ends: u64, limit: Duration) {
+        let mut rx = self.covered.subscribe();
+        if *rx.borrow_and_update() >= ends {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, rx.wait_for(|c| *c >= ends)).await;
+    }
+
     /// The history part as last read.
     pub(crate) fn history(&self) -> Arc<HistoryView> {
         self.history
@@ -335,11 +365,14 @@ impl View {
         *self.vault.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
     }
 
-    /// Reads the history part if it is due. Returns whether it read.
+    /// Reads the history part if it is due. Returns whether it read. `ends` is the count of
+    /// job ends taken before: once the read is done (or found needless), the view includes
+    /// them.
     pub(crate) async fn refresh_history(
         &self,
         history: &History,
         vms: &Arc<Vec<String>>,
+        ends: u64,
         fresh: &mut Freshness,
     ) -> bool {
         let (h, names) = (history.clone(), vms.clone());
@@ -350,11 +383,21 @@ impl View {
             (changes, due.then(|| HistoryView::read(&h, &names)))
         })
         .await;
+        // The count only grows.
+        let covered = |c: &mut u64| {
+            let grew = ends > *c;
+            *c = (*c).max(ends);
+            grew
+        };
         match read {
-            Ok((_, None)) => false,
+            Ok((_, None)) => {
+                self.covered.send_if_modified(covered);
+                false
+            }
             Ok((changes, Some(Ok(v)))) => {
                 self.set_history(v);
                 fresh.history_read(changes);
+                self.covered.send_if_modified(covered);
                 true
             }
             Ok((_, Some(Err(e)))) => {
@@ -428,7 +471,7 @@ pub(crate) async fn start(app: crate::api::Shared) {
     let mut fresh = Freshness::default();
     let mut reader = VaultReader::default();
     app.view
-        .refresh_history(&app.h.history, &vms, &mut fresh)
+        .refresh_history(&app.h.history, &vms, app.h.control.ends(), &mut fresh)
         .await;
     app.view
         .refresh_vault(
@@ -456,7 +499,7 @@ pub(crate) async fn start(app: crate::api::Shared) {
                 },
             }
             app.view
-                .refresh_history(&app.h.history, &vms, &mut fresh)
+                .refresh_history(&app.h.history, &vms, app.h.control.ends(), &mut fresh)
                 .await;
             app.view
                 .refresh_vault(
@@ -598,14 +641,14 @@ mod tests {
         let vms = Arc::new(vec!["a".to_string(), "b".to_string()]);
         let view = View::default();
         let mut f = Freshness::default();
-        assert!(view.refresh_history(&h, &vms, &mut f).await);
+        assert!(view.refresh_history(&h, &vms, 0, &mut f).await);
         assert!(view.history().recent.is_empty());
         assert!(
-            !view.refresh_history(&h, &vms, &mut f).await,
+            !view.refresh_history(&h, &vms, 0, &mut f).await,
             "no change, no read"
         );
         let id = start(&h, "a");
-        assert!(view.refresh_history(&h, &vms, &mut f).await);
+        assert!(view.refresh_history(&h, &vms, 0, &mut f).await);
         let v = view.history();
         assert_eq!(v.recent.first().map(|j| j.id), Some(id));
         assert_eq!(
@@ -623,11 +666,47 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(view.refresh_history(&h, &vms, &mut f).await);
+        assert!(view.refresh_history(&h, &vms, 0, &mut f).await);
         assert_eq!(
             view.history().job(id).map(|j| j.state),
             Some(JobState::Completed)
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_until_the_view_includes_an_announced_end() {
+        let h = History::in_memory().unwrap();
+        let vms = Arc::new(vec!["a".to_string()]);
+        let view = Arc::new(View::default());
+        let mut f = Freshness::default();
+        view.refresh_history(&h, &vms, 0, &mut f).await;
+        let id = start(&h, "a");
+        h.finish(id, Timestamp::now(), &Default::default()).unwrap();
+        // The end is announced (ends = 1): a reader waits for the refresh that includes it.
+        let reader = {
+            let view = view.clone();
+            tokio::spawn(async move {
+                view.caught_up(1, Duration::from_secs(30)).await;
+                view.history().job(id).map(|j| j.state)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !reader.is_finished(),
+            "served before the view includes the end"
+        );
+        view.refresh_history(&h, &vms, 1, &mut f).await;
+        assert_eq!(reader.await.unwrap(), Some(JobState::Failed));
+        // A refresh that finds nothing new still says the view includes the ends counted
+        // before it (their writes came first).
+        let t0 = Instant::now();
+        let waiter = {
+            let view = view.clone();
+            tokio::spawn(async move { view.caught_up(2, Duration::from_secs(30)).await })
+        };
+        assert!(!view.refresh_history(&h, &vms, 2, &mut f).await);
+        waiter.await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
@@ -638,7 +717,7 @@ mod tests {
         }
         let vms = Arc::new(vec!["a".to_string(), "b".to_string()]);
         let view = View::default();
-        view.refresh_history(&h, &vms, &mut Freshness::default())
+        view.refresh_history(&h, &vms, 0, &mut Freshness::default())
             .await;
         let v = view.history();
         assert_eq!(v.recent.len(), RECENT_JOBS);
