@@ -8,6 +8,21 @@
 //!   `POST verify`, `POST vms/{vm}/prune`, `POST vms/{vm}/restore`.
 //!
 //! * `GET /metrics` (any valid token): Prometheus metrics (OpenMetrics text).
+//!
+//! Read requests are served from an in-memory view the daemon keeps, not from the job
+//! database or the vault (so 200 clients polling cost neither SQLite nor vault listings, and
+//! never wait behind a running backup). How fresh it is:
+//! * jobs (states, phases, the VMs' last job and protection, `/metrics` job series): a job
+//!   that starts or changes phase shows within 250 ms (plus one read of the database); a job
+//!   whose end was announced is never served as running: such a request waits for the read
+//!   that includes the end (at most 2 s). `GET /jobs/{id}` of a job the view does not hold
+//!   yet, and `GET /jobs?vm=` beyond the latest 200 jobs of a configured VM, read the database.
+//!   Live progress and cancel requests of running jobs are read per request.
+//! * points and leases: read again as soon as a job starts or ends and after a prune through
+//!   the API; changes made outside this daemon (CLI, another controller) within 10 s.
+//! * storage (`/storage`, the vault series of `/metrics`): measured after each job and, while
+//!   someone reads it, whenever the last measurement is 15 s old; a reader is served the last
+//!   measurement while a new one is made.
 //! * `GET /console/` (no token): the web console, static files built into the binary; the
 //!   data it shows comes from the API with the token the user pastes into it.
 //!
