@@ -94,6 +94,24 @@ impl From<bulwark_daemon::Error> for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// See [`App::job_out`].
+#[derive(Debug, serde::Serialize)]
+struct JobOut<'a> {
+    #[serde(flatten)]
+    record: &'a JobRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_requested: Option<bool>,
+}
+
+/// `GET /jobs`'s body.
+#[derive(Debug, serde::Serialize)]
+struct JobsOut<'a> {
+    jobs: Vec<JobOut<'a>>,
+    running: Vec<i64>,
+}
+
 /// Runs a job-database call on a blocking thread (SQLite never runs on the async workers).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, bulwark_daemon::Error> + Send + 'static,
@@ -198,23 +216,26 @@ impl App {
     }
 
     fn job_json(&self, j: &JobRecord) -> Value {
-        let mut v = serde_json::to_value(j).unwrap_or(Value::Null);
-        if j.state == JobState::InProgress
-            && let Some(o) = v.as_object_mut()
-        {
+        serde_json::to_value(self.job_out(j)).unwrap_or(Value::Null)
+    }
+
+    /// A job as served: its record, and for a running job its live progress and whether a
+    /// cancel was asked. Serialized straight into the response (no `Value` tree per job).
+    fn job_out<'a>(&self, j: &'a JobRecord) -> JobOut<'a> {
+        let live = (j.state == JobState::InProgress).then(|| {
             let progress = self.h.control.progress(j.id).unwrap_or_default();
             let total: u64 = progress.values().map(|d| d.total).sum();
             let done: u64 = progress.values().map(|d| d.done).sum();
-            o.insert(
-                "progress".into(),
+            (
                 json!({ "disks": progress, "total": total, "done": done }),
-            );
-            o.insert(
-                "cancel_requested".into(),
-                json!(self.h.control.cancel_requested(j.id)),
-            );
+                self.h.control.cancel_requested(j.id),
+            )
+        });
+        JobOut {
+            record: j,
+            progress: live.as_ref().map(|l| l.0.clone()),
+            cancel_requested: live.map(|l| l.1),
         }
-        v
     }
 
     /// The last measurement of the vault's size, with the recorded measurements (oldest
@@ -411,7 +432,10 @@ pub(crate) struct JobsQuery {
 /// `GET /api/v1/jobs?vm=&limit=`: newest first (default 50, at most 1000). From the view
 /// when it holds enough jobs; else (a VM no longer configured, more than the view keeps of
 /// one VM) from the database, off the async threads.
-pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult {
+pub(crate) async fn jobs(
+    State(app): State<Shared>,
+    Query(q): Query<JobsQuery>,
+) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(50).min(1000);
     let hv = history_view(&app).await?;
     let cached: Option<&[JobRecord]> = match &q.vm {
@@ -419,18 +443,21 @@ pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) 
         Some(vm) if limit <= view::VM_JOBS => hv.by_vm.get(vm).map(Vec::as_slice),
         Some(_) => None,
     };
-    let jobs: Vec<Value> = match cached {
-        Some(list) => list.iter().take(limit).map(|j| app.job_json(j)).collect(),
+    let read;
+    let list: &[JobRecord] = match cached {
+        Some(list) => &list[..limit.min(list.len())],
         None => {
             let history = app.h.history.clone();
             let vm = q.vm.clone();
-            let list = blocking(move || history.jobs(vm.as_deref(), limit)).await?;
-            list.iter().map(|j| app.job_json(j)).collect()
+            read = blocking(move || history.jobs(vm.as_deref(), limit)).await?;
+            &read
         }
     };
-    Ok(Json(
-        json!({ "jobs": jobs, "running": app.h.control.running() }),
-    ))
+    let body = JobsOut {
+        jobs: list.iter().map(|j| app.job_out(j)).collect(),
+        running: app.h.control.running(),
+    };
+    Ok(Json(body).into_response())
 }
 
 /// `GET /api/v1/jobs/{id}`: from the view when it holds the job, else from the database.
