@@ -23,6 +23,10 @@
 //! * storage (`/storage`, the vault series of `/metrics`): measured after each job and, while
 //!   someone reads it, whenever the last measurement is 15 s old; a reader is served the last
 //!   measurement while a new one is made.
+//!
+//! When a read of the view fails (the database, the vault's listing), the resources it feeds
+//! answer 500 with that error until a read succeeds: the history is tried again every 250 ms,
+//! the vault at the next job start or end, API prune, or after 10 s.
 //! * `GET /console/` (no token): the web console, static files built into the binary; the
 //!   data it shows comes from the API with the token the user pastes into it.
 //!
