@@ -3,6 +3,7 @@
 
     python3 benches/api_load.py [--bin target/debug/bulwark-controller] [--clients 200]
                                 [--seconds 30] [--vms 4] [--disk-mib 64] [--port 21420]
+                                [--client python|wrk] [--rounds 2]
 
 Plain-file disks (random data, rewritten in part every few seconds so every backup has
 work), a daemon (`serve`) backing every VM up every 10 s (`schedule_override_seconds`), an
@@ -11,7 +12,9 @@ asyncio task each, one connection each) request the read endpoints round-robin f
 
 Printed: per endpoint the request count and p50/p99/max latency (request written to the last
 body byte read, as the client saw it: the client's own event loop is part of it), errors; the
-daemon's RSS before (after a warm-up round) and after the load, and after a second round;
+daemon's RSS before (after a warm-up round) and after each round (with its anonymous part,
+threads and glibc malloc arenas: a growth that stops across rounds is the allocator's
+high-water mark, one that goes on is a leak);
 the jobs run meanwhile with their states, and `verify` of the vault afterwards (exit 0: every
 committed point restores). Runs as any user; root is not needed (plain files).
 """
@@ -43,12 +46,29 @@ POLICY = ('{ time_zone = "UTC", schedule = { frequency = "daily", times = ["02:0
           'retention = { daily = 3 }, consistency = { wanted = "crash", minimum = "crash" } }')
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return -1
+
+
+def heap_arenas(pid):
+    """glibc malloc arenas besides the main one: each is a 64 MiB-aligned anonymous mapping
+    reserved whole (its used part rw-p, the rest ---p), so count the 64 MiB reservations."""
+    n = 0
+    with open(f"/proc/{pid}/maps") as f:
+        rows = [l.split() for l in f]
+    for i, r in enumerate(rows):
+        lo, hi = (int(x, 16) for x in r[0].split("-"))
+        if len(r) == 5 and r[1] == "rw-p" and lo % (64 << 20) == 0:
+            end = hi
+            if i + 1 < len(rows) and len(rows[i + 1]) == 5 and rows[i + 1][1] == "---p":
+                end = int(rows[i + 1][0].split("-")[1], 16)
+            if end - lo == 64 << 20:
+                n += 1
+    return n
 
 
 def pct(values, p):
@@ -165,6 +185,9 @@ def main():
     ap.add_argument("--vms", type=int, default=4)
     ap.add_argument("--disk-mib", type=int, default=64)
     ap.add_argument("--port", type=int, default=21420)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="load rounds after the warm-up (the first with --client's client, the "
+                         "others with the asyncio one); RSS is printed after each")
     ap.add_argument("--dir", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--client", choices=["python", "wrk"], default="python",
                     help="the load round's client: this script's asyncio clients (per endpoint "
@@ -232,8 +255,18 @@ def main():
             stats, errors = stats[0], stats[1]
         load_avg_after = open("/proc/loadavg").read().split()[:3]
         rss_after = rss_kib(daemon.pid)
-        stats2, errors2 = asyncio.run(load(a.port, token, vms, a.clients, a.seconds))
-        rss_after2 = rss_kib(daemon.pid)
+        mem = [("load round", rss_after, rss_kib(daemon.pid, "RssAnon"),
+                rss_kib(daemon.pid, "Threads"), heap_arenas(daemon.pid))]
+        stats2, errors2 = {}, []
+        for r in range(2, a.rounds + 1):
+            st, er = asyncio.run(load(a.port, token, vms, a.clients, a.seconds))
+            if r == 2:
+                stats2, errors2 = st, er
+            else:
+                errors2 += er
+            mem.append((f"round {r}", rss_kib(daemon.pid), rss_kib(daemon.pid, "RssAnon"),
+                        rss_kib(daemon.pid, "Threads"), heap_arenas(daemon.pid)))
+        rss_after2 = mem[-1][1]
         # Let running jobs end, then stop the daemon (SIGTERM: running jobs finish).
         for _ in range(1200):
             j = http_json(a.port, token, "/api/v1/jobs?limit=1000")
@@ -255,7 +288,9 @@ def main():
           f"{a.disk_mib} MiB, a backup of each every 10 s")
     print(f"load average before/after the run: {' '.join(load_avg_before)} / "
           f"{' '.join(load_avg_after)}")
-    rounds = [("load round (backups running)", stats, errors), ("second round", stats2, errors2)]
+    rounds = [("load round (backups running)", stats, errors)]
+    if a.rounds >= 2:
+        rounds.append(("second round", stats2, errors2))
     if a.client == "wrk":
         print(f"\nload round (backups running), wrk -t2 -c{a.clients} -d{a.seconds}s over all "
               f"read endpoints:")
@@ -276,7 +311,10 @@ def main():
         print(f"{'all read endpoints':<28} {len(reads):>7} {pct(reads, 50) * 1000:>8.1f} "
               f"{pct(reads, 99) * 1000:>8.1f} {max(reads) * 1000:>8.1f}")
     print(f"\ndaemon RSS: {rss_before / 1024:.1f} MiB after warm-up, {rss_after / 1024:.1f} MiB "
-          f"after the load round, {rss_after2 / 1024:.1f} MiB after the second round")
+          f"after the load round, {rss_after2 / 1024:.1f} MiB after the last round")
+    for name, rss, anon, threads, arenas in mem:
+        print(f"  after {name}: VmRSS {rss / 1024:.1f} MiB, RssAnon {anon / 1024:.1f} MiB, "
+              f"{threads} threads, {arenas} malloc arenas besides the main one")
     print(f"jobs during the run: {states}")
     print(f"verify: exit {verify.returncode}: {verify.stdout.strip()[-300:]}"
           f"{verify.stderr.strip()[-300:]}")

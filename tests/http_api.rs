@@ -290,7 +290,16 @@ fn api_resources_actions_auth_and_cancel() {
 
     step("Storage, policies");
     // Storage, policies, leases.
-    let st = get(&ro, "/api/v1/storage");
+    // The storage figures follow a job's end after one measurement of the vault (made in the
+    // background: a reader is served the previous one meanwhile).
+    let st = wait_for(
+        "the measurement after big01's run",
+        Duration::from_secs(30),
+        || {
+            let st = get(&ro, "/api/v1/storage");
+            (st["points"] == 2).then_some(st)
+        },
+    );
     let (stored, logical) = (
         st["stored_bytes"].as_u64().unwrap(),
         st["logical_bytes"].as_u64().unwrap(),

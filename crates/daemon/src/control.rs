@@ -7,6 +7,7 @@
 //! a [`CancellationToken`] the backup checks at its safe points.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -75,6 +76,7 @@ struct Inner {
     requests: mpsc::Sender<RunNow>,
     jobs: Mutex<HashMap<i64, Live>>,
     ended: broadcast::Sender<JobEnded>,
+    ends: AtomicU64,
     lease_conflicts: Mutex<BTreeMap<String, u64>>,
     agents: Mutex<BTreeMap<String, AgentSeen>>,
 }
@@ -114,6 +116,7 @@ impl Control {
                 requests: tx,
                 jobs: Mutex::new(HashMap::new()),
                 ended,
+                ends: AtomicU64::new(0),
                 lease_conflicts: Mutex::new(BTreeMap::new()),
                 agents: Mutex::new(BTreeMap::new()),
             }),
@@ -169,6 +172,14 @@ impl Control {
     /// The per-disk progress of running job `id` (`None` when it does not run).
     pub fn progress(&self, id: i64) -> Option<BTreeMap<String, DiskProgress>> {
         self.jobs().get(&id).map(|l| l.disks.clone())
+    }
+
+    /// How many jobs ended since the daemon started. Each end is recorded in the history
+    /// before it counts here, so a reader of the history that saw this count first also sees
+    /// those ends (the HTTP API's view uses it to never serve a job as running after its end
+    /// was announced).
+    pub fn ends(&self) -> u64 {
+        self.inner.ends.load(Ordering::Acquire)
     }
 
     /// Every job end from now on (a lagging listener misses the oldest).
@@ -236,6 +247,7 @@ impl Control {
     }
 
     pub(crate) fn ended(&self, e: JobEnded) {
+        self.inner.ends.fetch_add(1, Ordering::AcqRel);
         // No listener is fine.
         let _ = self.inner.ended.send(e);
     }

@@ -324,6 +324,15 @@ impl History {
         Ok(h)
     }
 
+    /// A counter that grows with every row this history (any clone of it) inserts, updates or
+    /// deletes: SQLite's `total_changes` of the shared connection. Readers that keep a copy of
+    /// the history (the HTTP API's view) compare it to know when to read again. Only the
+    /// connection's own writes count, which are all of them: the daemon holds the state
+    /// directory, so no other process writes this database.
+    pub fn changes(&self) -> u64 {
+        self.lock().total_changes()
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -688,5 +697,28 @@ mod tests {
         let ro = History::open_read_only(dir.path()).unwrap();
         assert_eq!(ro.jobs(None, 10).unwrap().len(), 3);
         assert!(History::open_read_only(&dir.path().join("x")).is_err());
+    }
+
+    #[test]
+    fn changes_count_writes_not_reads() {
+        let h = History::in_memory().unwrap();
+        let c0 = h.changes();
+        let id = h
+            .start_job("web01", Trigger::Manual, None, t("2026-11-25T10:00:00Z"))
+            .unwrap();
+        let c1 = h.changes();
+        assert!(c1 > c0, "an insert counts");
+        h.jobs(None, 10).unwrap();
+        h.totals().unwrap();
+        assert_eq!(h.changes(), c1, "reads do not count");
+        h.set_phase(id, Phase::Snapshot, PhaseState::Running)
+            .unwrap();
+        let c2 = h.changes();
+        assert!(c2 > c1, "a phase update counts");
+        // A clone shares the connection, so its writes count too.
+        h.clone()
+            .finish(id, t("2026-11-25T10:01:00Z"), &JobEnd::default())
+            .unwrap();
+        assert!(h.changes() > c2, "a write through a clone counts");
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::view::{self, HistoryView, VmPoints};
+
 /// What the last verify said of a point.
 #[derive(Debug, Clone)]
 struct Verified {
@@ -35,13 +38,15 @@ pub(crate) struct App {
     verified: Mutex<HashMap<String, Verified>>,
     last_sample: Mutex<Option<StorageSample>>,
     storage_lock: tokio::sync::Mutex<()>,
+    /// A background storage measurement is under way (requests do not wait for it).
+    measuring: std::sync::atomic::AtomicBool,
     pub(crate) histograms: crate::metrics::JobHistograms,
+    /// What read requests are served from (see [`crate::view`]).
+    pub(crate) view: crate::view::View,
 }
 
 /// How long a storage measurement is reused (listing a big vault is not free).
 const STORAGE_TTL: SignedDuration = SignedDuration::from_secs(15);
-/// Storage samples returned for the plot.
-const MAX_SAMPLES: usize = 2000;
 /// A measurement made for a reader (not after a job) is recorded in the history only when the
 /// last recorded one is older than this: a scraper every 15 s must not flood the history.
 const RECORD_EVERY: SignedDuration = SignedDuration::from_hours(1);
@@ -50,7 +55,7 @@ pub(crate) type Shared = Arc<App>;
 
 /// An API error: a status and a message, as `{"error": "..."}`.
 #[derive(Debug)]
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -89,6 +94,34 @@ impl From<bulwark_daemon::Error> for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// See [`App::job_out`].
+#[derive(Debug, serde::Serialize)]
+struct JobOut<'a> {
+    #[serde(flatten)]
+    record: &'a JobRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_requested: Option<bool>,
+}
+
+/// `GET /jobs`'s body.
+#[derive(Debug, serde::Serialize)]
+struct JobsOut<'a> {
+    jobs: Vec<JobOut<'a>>,
+    running: Vec<i64>,
+}
+
+/// Runs a job-database call on a blocking thread (SQLite never runs on the async workers).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, bulwark_daemon::Error> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("history: {e}")))?
+        .map_err(ApiError::from)
+}
+
 impl App {
     pub(crate) fn new(h: Handles, overdue_grace: Duration) -> App {
         App {
@@ -97,6 +130,8 @@ impl App {
             verified: Mutex::new(HashMap::new()),
             last_sample: Mutex::new(None),
             storage_lock: tokio::sync::Mutex::new(()),
+            measuring: std::sync::atomic::AtomicBool::new(false),
+            view: crate::view::View::default(),
             histograms: crate::metrics::JobHistograms::start(&h.control),
             h,
         }
@@ -153,8 +188,8 @@ impl App {
         })
     }
 
-    fn vm_json(&self, vm: &VmConfig, now: Timestamp) -> Result<Value, ApiError> {
-        let jobs = self.h.history.jobs(Some(&vm.name), 200)?;
+    fn vm_json(&self, vm: &VmConfig, hv: &HistoryView, now: Timestamp) -> Value {
+        let jobs = hv.jobs_of(&vm.name);
         let c = vm.policy.consistency();
         let next = VmSchedule::of(vm).next_after(now);
         let schedule = match vm.schedule_override {
@@ -165,7 +200,7 @@ impl App {
         let running = last
             .filter(|j| j.state == JobState::InProgress)
             .map(|j| j.id);
-        Ok(json!({
+        json!({
             "name": vm.name,
             "disks": vm.disks.iter().map(|d| json!({"name": d.name, "path": d.path})).collect::<Vec<_>>(),
             "agent": vm.agent.as_ref().map(|a| a.address.to_string()),
@@ -176,36 +211,57 @@ impl App {
             "next_run": next,
             "last_job": last.map(|j| self.job_json(j)),
             "running_job": running,
-            "protection": self.protection(vm, &jobs, now),
-        }))
+            "protection": self.protection(vm, jobs, now),
+        })
     }
 
     fn job_json(&self, j: &JobRecord) -> Value {
-        let mut v = serde_json::to_value(j).unwrap_or(Value::Null);
-        if j.state == JobState::InProgress
-            && let Some(o) = v.as_object_mut()
-        {
+        serde_json::to_value(self.job_out(j)).unwrap_or(Value::Null)
+    }
+
+    /// A job as served: its record, and for a running job its live progress and whether a
+    /// cancel was asked. Serialized straight into the response (no `Value` tree per job).
+    fn job_out<'a>(&self, j: &'a JobRecord) -> JobOut<'a> {
+        let live = (j.state == JobState::InProgress).then(|| {
             let progress = self.h.control.progress(j.id).unwrap_or_default();
             let total: u64 = progress.values().map(|d| d.total).sum();
             let done: u64 = progress.values().map(|d| d.done).sum();
-            o.insert(
-                "progress".into(),
+            (
                 json!({ "disks": progress, "total": total, "done": done }),
-            );
-            o.insert(
-                "cancel_requested".into(),
-                json!(self.h.control.cancel_requested(j.id)),
-            );
+                self.h.control.cancel_requested(j.id),
+            )
+        });
+        JobOut {
+            record: j,
+            progress: live.as_ref().map(|l| l.0.clone()),
+            cancel_requested: live.map(|l| l.1),
         }
-        v
     }
 
-    /// The vault's size now (listing every object), or the last measurement if it is fresh;
-    /// with the recorded measurements (oldest first, from the job database).
-    pub(crate) async fn storage(&self) -> Result<(StorageSample, Vec<StorageSample>), ApiError> {
-        let sample = self.measure(false).await?;
-        let all = self.h.history.storage_samples(MAX_SAMPLES)?;
-        Ok((sample, all))
+    /// The last measurement of the vault's size, with the recorded measurements (oldest
+    /// first, from the view). A request never waits for a measurement but the very first: a
+    /// measurement older than its TTL is served while a new one is made in the background.
+    pub(crate) async fn storage(
+        self: &Arc<Self>,
+    ) -> Result<(StorageSample, Arc<HistoryView>), ApiError> {
+        let last = *self.last_sample.lock().unwrap_or_else(|p| p.into_inner());
+        let sample = match last {
+            Some(l) => {
+                let stale = Timestamp::now().duration_since(l.at) >= STORAGE_TTL;
+                if stale && !self.measuring.swap(true, Ordering::AcqRel) {
+                    let app = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = app.measure(false).await {
+                            tracing::warn!(error = ?e, "cannot measure the vault");
+                        }
+                        app.measuring.store(false, Ordering::Release);
+                    });
+                }
+                l
+            }
+            None => self.measure(false).await?,
+        };
+        Ok((sample, self.view.history()))
     }
 
     /// Measures the vault (`force`: even if the last measurement is fresh, and record it: the
@@ -248,16 +304,21 @@ impl App {
             .flat_map(|p| p.disks.iter().map(|d| d.size))
             .sum();
         *self.last_sample.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-        let record = force
-            || self
-                .h
-                .history
-                .storage_samples(1)?
-                .last()
-                .is_none_or(|r| now.duration_since(r.at) >= RECORD_EVERY);
-        if record {
-            self.h.history.record_storage(&s)?;
-        }
+        // The job database off the async threads.
+        let history = self.h.history.clone();
+        tokio::task::spawn_blocking(move || {
+            let record = force
+                || history
+                    .storage_samples(1)?
+                    .last()
+                    .is_none_or(|r| now.duration_since(r.at) >= RECORD_EVERY);
+            if record {
+                history.record_storage(&s)?;
+            }
+            Ok::<_, bulwark_daemon::Error>(())
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("history: {e}")))??;
         Ok(s)
     }
 }
@@ -274,39 +335,55 @@ pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// The history part of the view (once it includes every job end announced so far), or the
+/// error of its last read.
+pub(crate) async fn history_view(app: &App) -> Result<Arc<HistoryView>, ApiError> {
+    app.view
+        .caught_up(app.h.control.ends(), view::CATCH_UP)
+        .await;
+    let hv = app.view.history();
+    match &hv.error {
+        Some(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.clone())),
+        None => Ok(hv),
+    }
+}
+
 /// `GET /api/v1/vms`.
 pub(crate) async fn vms(State(app): State<Shared>) -> ApiResult {
     let now = Timestamp::now();
-    let vms = app
+    let hv = history_view(&app).await?;
+    let vms: Vec<Value> = app
         .h
         .config
         .vms
         .iter()
-        .map(|vm| app.vm_json(vm, now))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|vm| app.vm_json(vm, &hv, now))
+        .collect();
     Ok(Json(json!({ "vms": vms })))
 }
 
 /// `GET /api/v1/vms/{vm}`: the VM and its points.
 pub(crate) async fn vm(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let vm = app.vm(&name)?;
-    let mut v = app.vm_json(vm, Timestamp::now())?;
-    v["points"] = points_json(&app, &name).await?;
+    let hv = history_view(&app).await?;
+    let mut v = app.vm_json(vm, &hv, Timestamp::now());
+    v["points"] = points_json(&app, &name)?;
     Ok(Json(v))
 }
 
-async fn points_json(app: &App, vm: &str) -> Result<Value, ApiError> {
-    let list = app.h.vault.list_points(Some(vm)).await?;
-    let verified = app
-        .verified
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let mut out = Vec::new();
-    for p in list.points.iter().rev() {
-        let kept = app.h.store.get(&p.vm, &p.id).ok().flatten();
+fn points_json(app: &App, vm: &str) -> Result<Value, ApiError> {
+    let vv = app.view.vault();
+    if let Some(e) = &vv.error {
+        return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.clone()));
+    }
+    let empty = VmPoints::default();
+    let list = vv.points.get(vm).unwrap_or(&empty);
+    let verified = app.verified.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::with_capacity(list.points.len());
+    for e in list.points.iter().rev() {
+        let p = &e.point;
         let mut tiers = vec!["vault"];
-        if kept.is_some() {
+        if e.kept {
             tiers.insert(0, "snapshot");
         }
         let verify = match verified.get(&format!("{}/{}", p.vm, p.id)) {
@@ -335,7 +412,7 @@ async fn points_json(app: &App, vm: &str) -> Result<Value, ApiError> {
     let broken: Vec<Value> = list
         .broken
         .iter()
-        .map(|(k, e)| json!({"key": k, "error": e.to_string()}))
+        .map(|(k, e)| json!({"key": k, "error": e}))
         .collect();
     Ok(json!({ "points": out, "broken": broken }))
 }
@@ -343,7 +420,7 @@ async fn points_json(app: &App, vm: &str) -> Result<Value, ApiError> {
 /// `GET /api/v1/vms/{vm}/points`.
 pub(crate) async fn points(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     app.vm(&name)?;
-    Ok(Json(points_json(&app, &name).await?))
+    Ok(Json(points_json(&app, &name)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,19 +429,44 @@ pub(crate) struct JobsQuery {
     limit: Option<usize>,
 }
 
-/// `GET /api/v1/jobs?vm=&limit=`: newest first (default 50, at most 1000).
-pub(crate) async fn jobs(State(app): State<Shared>, Query(q): Query<JobsQuery>) -> ApiResult {
+/// `GET /api/v1/jobs?vm=&limit=`: newest first (default 50, at most 1000). From the view
+/// when it holds enough jobs; else (a VM no longer configured, more than the view keeps of
+/// one VM) from the database, off the async threads.
+pub(crate) async fn jobs(
+    State(app): State<Shared>,
+    Query(q): Query<JobsQuery>,
+) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(50).min(1000);
-    let jobs = app.h.history.jobs(q.vm.as_deref(), limit)?;
-    let jobs: Vec<Value> = jobs.iter().map(|j| app.job_json(j)).collect();
-    Ok(Json(
-        json!({ "jobs": jobs, "running": app.h.control.running() }),
-    ))
+    let hv = history_view(&app).await?;
+    let cached: Option<&[JobRecord]> = match &q.vm {
+        None => Some(&hv.recent),
+        Some(vm) if limit <= view::VM_JOBS => hv.by_vm.get(vm).map(Vec::as_slice),
+        Some(_) => None,
+    };
+    let read;
+    let list: &[JobRecord] = match cached {
+        Some(list) => &list[..limit.min(list.len())],
+        None => {
+            let history = app.h.history.clone();
+            let vm = q.vm.clone();
+            read = blocking(move || history.jobs(vm.as_deref(), limit)).await?;
+            &read
+        }
+    };
+    let body = JobsOut {
+        jobs: list.iter().map(|j| app.job_out(j)).collect(),
+        running: app.h.control.running(),
+    };
+    Ok(Json(body).into_response())
 }
 
-/// `GET /api/v1/jobs/{id}`.
+/// `GET /api/v1/jobs/{id}`: from the view when it holds the job, else from the database.
 pub(crate) async fn job(State(app): State<Shared>, Path(id): Path<i64>) -> ApiResult {
-    match app.h.history.job(id)? {
+    if let Some(j) = history_view(&app).await?.job(id) {
+        return Ok(Json(app.job_json(j)));
+    }
+    let history = app.h.history.clone();
+    match blocking(move || history.job(id)).await? {
         Some(j) => Ok(Json(app.job_json(&j))),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no job {id}"))),
     }
@@ -373,7 +475,8 @@ pub(crate) async fn job(State(app): State<Shared>, Path(id): Path<i64>) -> ApiRe
 /// `GET /api/v1/storage`: bytes stored, objects, the logical size of the live points and
 /// their ratio, and the measurements since the daemon started.
 pub(crate) async fn storage(State(app): State<Shared>) -> ApiResult {
-    let (s, all) = app.storage().await?;
+    let (s, hv) = app.storage().await?;
+    let all = &hv.samples;
     let growth = match (all.first(), all.last()) {
         (Some(a), Some(b)) if b.at.duration_since(a.at) >= SignedDuration::from_mins(1) => {
             let days = b.at.duration_since(a.at).as_secs_f64() / 86400.0;
@@ -430,15 +533,19 @@ pub(crate) async fn policies(State(app): State<Shared>) -> ApiResult {
     Ok(Json(json!({ "policies": list })))
 }
 
-/// `GET /api/v1/leases`: the vault's leases (running backups, prunes, GC).
+/// `GET /api/v1/leases`: the vault's leases (running backups, prunes, GC), from the view.
 pub(crate) async fn leases(State(app): State<Shared>) -> ApiResult {
     let now = Timestamp::now();
-    let list = bulwark_vault::lease::list_leases(&app.h.vault).await?;
-    let out: Vec<Value> = list
-        .into_iter()
+    let vv = app.view.vault();
+    if let Some(e) = &vv.error {
+        return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.clone()));
+    }
+    let out: Vec<Value> = vv
+        .leases
+        .iter()
         .map(|(key, r)| match r {
             Ok(rec) => json!({"key": key, "live": rec.is_live(now), "lease": rec}),
-            Err(e) => json!({"key": key, "error": e.to_string()}),
+            Err(e) => json!({"key": key, "error": e}),
         })
         .collect();
     Ok(Json(json!({ "leases": out })))
@@ -474,7 +581,8 @@ pub(crate) async fn cancel(
             Json(json!({ "job": id, "cancelling": true })),
         ));
     }
-    match app.h.history.job(id)? {
+    let history = app.h.history.clone();
+    match blocking(move || history.job(id)).await? {
         Some(j) => Err(ApiError(
             StatusCode::CONFLICT,
             format!("job {id} is not running (it is {})", j.state),
@@ -565,6 +673,9 @@ pub(crate) async fn prune(
                 tracing::warn!(vm = %vm.name, point = %id, error = %e, "cannot remove the kept snapshot of a pruned point");
             }
         }
+    }
+    if !dry_run {
+        app.view.invalidate_vault();
     }
     tracing::info!(vm = %vm.name, dry_run, deleted = r.deleted.len(), purged = r.purged.len(), "prune (API)");
     Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)))

@@ -8,6 +8,25 @@
 //!   `POST verify`, `POST vms/{vm}/prune`, `POST vms/{vm}/restore`.
 //!
 //! * `GET /metrics` (any valid token): Prometheus metrics (OpenMetrics text).
+//!
+//! Read requests are served from an in-memory view the daemon keeps, not from the job
+//! database or the vault (so 200 clients polling cost neither SQLite nor vault listings, and
+//! never wait behind a running backup). How fresh it is:
+//! * jobs (states, phases, the VMs' last job and protection, `/metrics` job series): a job
+//!   that starts or changes phase shows within 250 ms (plus one read of the database); a job
+//!   whose end was announced is never served as running: such a request waits for the read
+//!   that includes the end (at most 2 s). `GET /jobs/{id}` of a job the view does not hold
+//!   yet, and `GET /jobs?vm=` beyond the latest 200 jobs of a configured VM, read the database.
+//!   Live progress and cancel requests of running jobs are read per request.
+//! * points and leases: read again as soon as a job starts or ends and after a prune through
+//!   the API; changes made outside this daemon (CLI, another controller) within 10 s.
+//! * storage (`/storage`, the vault series of `/metrics`): measured after each job and, while
+//!   someone reads it, whenever the last measurement is 15 s old; a reader is served the last
+//!   measurement while a new one is made.
+//!
+//! When a read of the view fails (the database, the vault's listing), the resources it feeds
+//! answer 500 with that error until a read succeeds: the history is tried again every 250 ms,
+//! the vault at the next job start or end, API prune, or after 10 s.
 //! * `GET /console/` (no token): the web console, static files built into the binary; the
 //!   data it shows comes from the API with the token the user pastes into it.
 //!
@@ -29,6 +48,7 @@ mod console;
 mod metrics;
 mod notify;
 mod samples;
+mod view;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -125,10 +145,11 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Er
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The routes over the daemon's handles.
-fn router(handles: Handles, http: &HttpConfig) -> Router {
+/// The routes over the daemon's handles (after a first read of the view they serve).
+async fn router(handles: Handles, http: &HttpConfig) -> Router {
     let app: api::Shared = Arc::new(api::App::new(handles, http.overdue_grace));
     samples::start(app.clone());
+    view::start(app.clone()).await;
     let tokens = auth::Tokens(Arc::new(http.tokens.clone()));
     let protected = Router::new()
         .route("/api/v1/vms", get(api::vms))
@@ -173,7 +194,7 @@ impl Api {
         Ok(Api {
             listener,
             tls,
-            router: router(handles, http),
+            router: router(handles, http).await,
         })
     }
 

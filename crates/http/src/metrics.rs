@@ -1,8 +1,10 @@
 //! `GET /metrics`: Prometheus metrics (OpenMetrics text, through `prometheus-client`).
 //!
-//! Job counts, bytes and last successes come from the job history at each scrape (so they
-//! survive restarts); the duration and freeze-window histograms count the jobs that ended
-//! since the daemon started; vault sizes are the storage measurement (at most 15 s old).
+//! Job counts, bytes and last successes come from the job history (so they survive restarts),
+//! through the API's in-memory view of it ([`crate::view`]: at most a quarter second behind);
+//! the duration and freeze-window histograms count the jobs that ended since the daemon
+//! started; vault sizes are the last storage measurement (a new one is made in the background
+//! when it is older than 15 s, so a scrape never waits for a listing of the vault).
 
 use std::sync::atomic::AtomicU64;
 
@@ -173,7 +175,8 @@ fn to_prometheus_text(om: &str) -> String {
 }
 
 async fn render(app: &Shared) -> Result<String, String> {
-    let totals = app.h.history.totals().map_err(|e| e.to_string())?;
+    let hv = crate::api::history_view(app).await.map_err(|e| e.1)?;
+    let totals = &hv.totals;
     let mut reg = Registry::default();
 
     let jobs = Family::<VmState, Gauge>::default();
@@ -194,17 +197,12 @@ async fn render(app: &Shared) -> Result<String, String> {
         }
         let _ = read.get_or_create(&label);
         let _ = uploaded.get_or_create(&label);
-        let recent = app
-            .h
-            .history
-            .jobs(Some(&vm.name), 200)
-            .map_err(|e| e.to_string())?;
-        let p = app.protection(vm, &recent, now);
+        let p = app.protection(vm, hv.jobs_of(&vm.name), now);
         overdue
             .get_or_create(&label)
             .set(i64::from(p["overdue"] == true));
     }
-    for t in &totals {
+    for t in totals {
         let label = VmLabel { vm: t.vm.clone() };
         jobs.get_or_create(&VmState {
             vm: t.vm.clone(),
