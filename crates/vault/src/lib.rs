@@ -71,6 +71,7 @@ mod prune;
 mod report;
 pub mod retry;
 pub mod stats;
+pub mod unhide;
 mod verify;
 
 use std::collections::BTreeMap;
