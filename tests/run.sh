@@ -19,7 +19,8 @@ need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mk
       qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
       /usr/bin/time:time
       lintian:lintian systemd-analyze:systemd man:man-db dpkg-deb:dpkg gzip:gzip
-      mmdebstrap:mmdebstrap promtool:prometheus strip:binutils chromium:chromium)
+      mmdebstrap:mmdebstrap promtool:prometheus strip:binutils chromium:chromium
+      faketime:faketime)
 missing=()
 for pair in "${need[@]}"; do
     tool=${pair%%:*} pkg=${pair##*:}

@@ -11,6 +11,7 @@ mod keys;
 mod mount_cmd;
 mod retention_cmd;
 mod ui;
+mod vault_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,6 +93,10 @@ enum Command {
     /// Check a policy file, or show when it runs next.
     #[command(subcommand)]
     Policy(retention_cmd::PolicyCommand),
+    /// Vault repair: `vault undelete` brings back objects hidden by plain deletes in an
+    /// immutable S3 vault.
+    #[command(subcommand)]
+    Vault(vault_cmd::VaultCmd),
     /// Files from a point without a full restore: ls, get, cat (read in user space).
     #[command(subcommand)]
     Files(files_cmd::FilesCommand),
@@ -405,6 +410,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Enroll(a) => agent_cmd::enroll(a)?,
         Command::Prune(a) => retention_cmd::prune(a).await?,
         Command::Undelete(a) => retention_cmd::undelete(a).await?,
+        Command::Vault(c) => vault_cmd::run(c).await?,
         Command::Gc(a) => retention_cmd::gc(a).await?,
         Command::ListDeleted(a) => retention_cmd::list_deleted(a).await?,
         Command::Locks(a) => retention_cmd::locks(a).await?,

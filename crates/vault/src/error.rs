@@ -88,6 +88,22 @@ pub enum Error {
         /// This host.
         me: String,
     },
+    /// Another host claimed or took over the VM at the same moment, and its write won (see
+    /// [`crate::owner`]): this host does not own the VM and wrote nothing.
+    #[error(
+        "VM {vm}: {winner} claimed it at the same moment as this host ({me}) and won \
+         (ownership generation {generation}): refused, nothing written; {winner} now backs it up"
+    )]
+    ClaimLost {
+        /// The VM.
+        vm: String,
+        /// The host whose claim won.
+        winner: String,
+        /// This host.
+        me: String,
+        /// The ownership generation both tried to write.
+        generation: u64,
+    },
     /// An immutable vault cannot be made or used here.
     #[error("immutable vault at {location}: {why}")]
     Immutable {

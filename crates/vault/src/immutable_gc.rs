@@ -259,7 +259,8 @@ impl Vault {
                     continue;
                 }
             } else {
-                // Ownership records are rewritten by a take-over; nothing else is.
+                // Ownership records: older vaults rewrote them at a take-over (now each
+                // take-over is a new key); nothing else is rewritten.
                 if group.iter().filter(|v| !v.delete_marker).count() > 1
                     && !key.starts_with("owners/")
                 {

@@ -9,7 +9,8 @@
 //! points/<vm>/<point>.json              a recovery point: consistency, disks → manifest digests
 //! deleted/points/<vm>/<point>.json      a soft-deleted point (tombstone), see [`Vault::soft_delete`]
 //! locks/<backup|prune|gc>-<id>          leases that keep GC and backups apart, see [`lease`]
-//! owners/<vm>.json                      which host backs the VM up, see [`owner`]
+//! owners/<vm>.json                      which host backs the VM up (first claim), see [`owner`]
+//! owners/takeovers/<vm>/<n>.json        take-over n of the VM (create-only; the highest wins)
 //! ```
 //!
 //! Retention: prune soft-deletes points (`deleted/`), purges them after the policy's days, and
@@ -70,6 +71,7 @@ mod prune;
 mod report;
 pub mod retry;
 pub mod stats;
+pub mod unhide;
 mod verify;
 
 use std::collections::BTreeMap;
