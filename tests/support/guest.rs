@@ -1408,6 +1408,51 @@ pub fn create_slot_fs_disk(
     }
 }
 
+/// Creates a qcow2 overlay at `overlay` whose backing file is the raw image `backing` (e.g.
+/// [`DebianImage::root`], which a guest must never write).
+pub fn create_overlay(overlay: &Path, backing: &Path) {
+    run(
+        "qemu-img",
+        [
+            OsStr::new("create"),
+            OsStr::new("-q"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            OsStr::new("-F"),
+            OsStr::new("raw"),
+            OsStr::new("-b"),
+            backing.as_os_str(),
+            overlay.as_os_str(),
+        ],
+    );
+}
+
+/// Creates a raw ext4 disk `image` holding the files of `dir` (`mkfs.ext4 -d`; the files' sizes
+/// plus `headroom` bytes).
+pub fn create_payload_disk(dir: &Path, image: &Path, headroom: u64) {
+    let bytes: u64 = std::fs::read_dir(dir)
+        .expect("read the payload directory")
+        .map(|e| {
+            e.and_then(|e| e.metadata())
+                .expect("stat a payload file")
+                .len()
+        })
+        .sum();
+    let f = std::fs::File::create(image).expect("create the payload disk");
+    f.set_len(bytes + headroom).expect("size the payload disk");
+    drop(f);
+    run(
+        "mkfs.ext4",
+        [
+            OsStr::new("-q"),
+            OsStr::new("-F"),
+            OsStr::new("-d"),
+            dir.as_os_str(),
+            image.as_os_str(),
+        ],
+    );
+}
+
 /// Copies any image to a raw file (`qemu-img convert`), e.g. a qcow2 restore before checking.
 pub fn convert_to_raw(image: &Path, format: DiskFormat, out: &Path) -> Result<(), String> {
     let o = Command::new("qemu-img")
