@@ -37,8 +37,9 @@ use std::time::{Duration, Instant};
 
 use bulwark_protocol::{Client, connect_virtio_serial};
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget,
-    build_debian_guest, create_slot_fs_disk, verify_point,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterSpec, WriterTarget, build_debian_guest,
+    create_overlay, create_payload_disk, create_slot_fs_disk, last_generation, stalls,
+    verify_point,
 };
 use bulwark_tests::{agent_bin, controller_bin, controller_json, root_or_skip, stdout_of};
 
@@ -86,48 +87,6 @@ fn build_agent_deb(out: &Path) -> PathBuf {
                 .is_some_and(|f| f.to_string_lossy().starts_with("bulwark-agent_"))
         })
         .expect("build-debs.sh printed no bulwark-agent package")
-}
-
-/// A raw ext4 disk holding the files of `dir` (`mkfs.ext4 -d`).
-fn payload_disk(dir: &Path, image: &Path) {
-    let bytes: u64 = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    let f = std::fs::File::create(image).unwrap();
-    f.set_len(bytes + (64 << 20)).unwrap();
-    drop(f);
-    bulwark_tests::run(
-        "mkfs.ext4",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-d".as_ref(),
-            dir.as_os_str(),
-            image.as_os_str(),
-        ],
-    );
-}
-
-fn stalls(log: &[WriterEvent]) -> Vec<u64> {
-    log.iter()
-        .filter_map(|e| match e {
-            WriterEvent::Stall { gap_ms, .. } => Some(*gap_ms),
-            _ => None,
-        })
-        .collect()
-}
-
-fn last_generation(log: &[WriterEvent]) -> u64 {
-    log.iter()
-        .rev()
-        .find_map(|e| match e {
-            WriterEvent::Progress { generation, .. } | WriterEvent::Stall { generation, .. } => {
-                Some(*generation)
-            }
-            _ => None,
-        })
-        .unwrap_or(0)
 }
 
 /// Waits until the agent unit is active and has said it listens (in its journal since `since`,
@@ -236,20 +195,7 @@ fn agent_package_as_a_service_in_a_debian_guest() {
 
     // Disks: an overlay of the cached root, the writer's data disk, the payload.
     let overlay = t.join("root.qcow2");
-    bulwark_tests::run(
-        "qemu-img",
-        [
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            "-b".as_ref(),
-            image.root.as_os_str(),
-            overlay.as_os_str(),
-        ],
-    );
+    create_overlay(&overlay, &image.root);
     let spec = writer_spec();
     let data = t.join("data.raw");
     create_slot_fs_disk(
@@ -270,7 +216,7 @@ fn agent_package_as_a_service_in_a_debian_guest() {
     .unwrap();
     std::fs::write(payload_dir.join("agent.toml"), AGENT_TOML).unwrap();
     let payload = t.join("payload.raw");
-    payload_disk(&payload_dir, &payload);
+    create_payload_disk(&payload_dir, &payload, 64 << 20);
     std::fs::remove_dir_all(&payload_dir).unwrap();
 
     let mut guest = Guest::boot(

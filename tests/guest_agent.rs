@@ -26,9 +26,9 @@ use bulwark_protocol::{
 };
 use bulwark_qemu::qga::{FreezeStatus, Qga};
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget,
-    base64_encode, create_disk, create_slot_fs_disk, image_fs, qemu_ga_binary, start_guest_agent,
-    stop_guest_agent, stripped,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterSpec, base64_encode, create_os_and_data_disks,
+    image_fs, last_generation, qemu_ga_binary, stalls, start_guest_agent, stop_guest_agent,
+    stripped,
 };
 use bulwark_tests::{agent_bin, root_or_skip};
 use tokio::io::AsyncWriteExt;
@@ -40,39 +40,7 @@ const QGA_PORT: &str = "org.qemu.guest_agent.0";
 const TLS_PORT: u16 = 7070;
 
 fn writer_spec() -> WriterSpec {
-    WriterSpec {
-        targets: vec![
-            WriterTarget::Ext4Files {
-                disk: "os".into(),
-                slots: SLOTS,
-            },
-            WriterTarget::Block {
-                disk: "data".into(),
-                slots: SLOTS,
-            },
-        ],
-    }
-}
-
-fn stalls(log: &[WriterEvent]) -> Vec<u64> {
-    log.iter()
-        .filter_map(|e| match e {
-            WriterEvent::Stall { gap_ms, .. } => Some(*gap_ms),
-            _ => None,
-        })
-        .collect()
-}
-
-fn last_generation(log: &[WriterEvent]) -> u64 {
-    log.iter()
-        .rev()
-        .find_map(|e| match e {
-            WriterEvent::Progress { generation, .. } | WriterEvent::Stall { generation, .. } => {
-                Some(*generation)
-            }
-            _ => None,
-        })
-        .unwrap_or(0)
+    WriterSpec::os_files_and_data_blocks(SLOTS)
 }
 
 /// The longest writer stall that appeared after the first `before` stalls (the freeze window
@@ -114,17 +82,8 @@ fn agent_in_a_real_guest_over_virtio_serial_tls_and_qemu_guest_agent() {
         .unwrap();
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let fs = image_fs(tmp.path(), 512 << 20);
-    let os = fs.path().join("os.qcow2");
-    let data = fs.path().join("data.raw");
     let spec = writer_spec();
-    create_slot_fs_disk(
-        &os,
-        DiskFormat::Qcow2,
-        DISK_SIZE,
-        SLOTS,
-        spec.index_of("os"),
-    );
-    create_disk(&data, DiskFormat::Raw, DISK_SIZE);
+    let (os, data) = create_os_and_data_disks(fs.path(), &spec, DISK_SIZE, DISK_SIZE);
     let qga_bin = qemu_ga_binary(Path::new(env!("CARGO_TARGET_TMPDIR")));
 
     let mut guest = Guest::boot(

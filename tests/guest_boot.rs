@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget, create_disk,
-    create_slot_fs_disk, image_fs, verify_point,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, create_os_and_data_disks,
+    image_fs, verify_point,
 };
 use bulwark_tests::root_or_skip;
 
@@ -19,18 +19,7 @@ const SLOTS: u32 = 64;
 const DISK_SIZE: u64 = 64 << 20;
 
 fn writer_spec() -> WriterSpec {
-    WriterSpec {
-        targets: vec![
-            WriterTarget::Ext4Files {
-                disk: "os".into(),
-                slots: SLOTS,
-            },
-            WriterTarget::Block {
-                disk: "data".into(),
-                slots: SLOTS,
-            },
-        ],
-    }
+    WriterSpec::os_files_and_data_blocks(SLOTS)
 }
 
 #[test]
@@ -40,17 +29,8 @@ fn guest_writer_leaves_one_point_in_time_on_qcow2_and_raw_disks_on_ext4() {
     }
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let fs = image_fs(tmp.path(), 512 << 20);
-    let os = fs.path().join("os.qcow2");
-    let data = fs.path().join("data.raw");
     let spec = writer_spec();
-    create_slot_fs_disk(
-        &os,
-        DiskFormat::Qcow2,
-        DISK_SIZE,
-        SLOTS,
-        spec.index_of("os"),
-    );
-    create_disk(&data, DiskFormat::Raw, DISK_SIZE);
+    let (os, data) = create_os_and_data_disks(fs.path(), &spec, DISK_SIZE, DISK_SIZE);
 
     let mut guest = Guest::boot(
         &GuestSpec::default()

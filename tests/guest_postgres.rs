@@ -62,7 +62,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, build_debian_guest, start_guest_agent, stripped,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, build_debian_guest, create_overlay,
+    create_payload_disk, start_guest_agent, stripped,
 };
 use bulwark_tests::{agent_bin, controller, controller_json, root_or_skip, stderr_of};
 use serde_json::Value;
@@ -161,27 +162,6 @@ fn put(guest: &mut Guest, path: &str, mode: &str, content: &str) {
     guest.sh_ok(&format!(
         "cat >{path} <<'BULWARK_EOF'\n{content}BULWARK_EOF\nchmod {mode} {path}"
     ));
-}
-
-/// A raw ext4 disk holding the files of `dir` (`mkfs.ext4 -d`).
-fn payload_disk(dir: &Path, image: &Path) {
-    let bytes: u64 = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    let f = std::fs::File::create(image).unwrap();
-    f.set_len(bytes + (32 << 20)).unwrap();
-    drop(f);
-    bulwark_tests::run(
-        "mkfs.ext4",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-d".as_ref(),
-            dir.as_os_str(),
-            image.as_os_str(),
-        ],
-    );
 }
 
 /// An empty raw ext4 disk.
@@ -395,20 +375,7 @@ fn postgres_in_a_guest_application_points_start_without_recovery() {
 
     // Disks: an overlay of the cached root, the cluster's disk, the payload (the agent).
     let overlay = t.join("root.qcow2");
-    bulwark_tests::run(
-        "qemu-img",
-        [
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            "-b".as_ref(),
-            image.root.as_os_str(),
-            overlay.as_os_str(),
-        ],
-    );
+    create_overlay(&overlay, &image.root);
     let pg_disk = t.join("pg.raw");
     empty_ext4(&pg_disk, PG_DISK_SIZE);
     let payload_dir = t.join("payload");
@@ -416,7 +383,7 @@ fn postgres_in_a_guest_application_points_start_without_recovery() {
     let agent = stripped(&agent_bin(), Path::new(env!("CARGO_TARGET_TMPDIR")));
     std::fs::copy(&agent, payload_dir.join("bulwark-agent")).unwrap();
     let payload = t.join("payload.raw");
-    payload_disk(&payload_dir, &payload);
+    create_payload_disk(&payload_dir, &payload, 32 << 20);
     std::fs::remove_dir_all(&payload_dir).unwrap();
 
     let mut guest = Guest::boot(

@@ -30,8 +30,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulwark_tests::guest::{
-    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterEvent, WriterSpec, WriterTarget, create_disk,
-    create_slot_fs_disk, image_fs, qemu_ga_binary, start_guest_agent, stop_guest_agent, stripped,
+    DiskFormat, GUEST_TOOLS, Guest, GuestSpec, WriterSpec, create_os_and_data_disks, image_fs,
+    last_generation, qemu_ga_binary, stalls, start_guest_agent, stop_guest_agent, stripped,
     verify_point,
 };
 use bulwark_tests::{
@@ -46,44 +46,11 @@ const AGENT_PORT: &str = "org.bulwark.agent.0";
 const QGA_PORT: &str = "org.qemu.guest_agent.0";
 
 fn writer_spec() -> WriterSpec {
-    WriterSpec {
-        targets: vec![
-            WriterTarget::Ext4Files {
-                disk: "os".into(),
-                slots: SLOTS,
-            },
-            WriterTarget::Block {
-                disk: "data".into(),
-                slots: SLOTS,
-            },
-        ],
-    }
+    WriterSpec::os_files_and_data_blocks(SLOTS)
 }
 
 fn target_tmpdir() -> &'static Path {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn last_generation(log: &[WriterEvent]) -> u64 {
-    log.iter()
-        .rev()
-        .find_map(|e| match e {
-            WriterEvent::Progress { generation, .. } | WriterEvent::Stall { generation, .. } => {
-                Some(*generation)
-            }
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
-/// The writer's stalls (gaps over its 100 ms threshold), in ms.
-fn stalls(log: &[WriterEvent]) -> Vec<u64> {
-    log.iter()
-        .filter_map(|e| match e {
-            WriterEvent::Stall { gap_ms, .. } => Some(*gap_ms),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The writer makes progress within `within` (the guest is not frozen).
@@ -233,17 +200,8 @@ fn quiesced_backups_of_a_running_vm_through_its_guest_agents() {
     let started = Instant::now();
     let tmp = tempfile::tempdir_in(target_tmpdir()).unwrap();
     let fs = image_fs(tmp.path(), 512 << 20);
-    let os = fs.path().join("os.qcow2");
-    let data = fs.path().join("data.raw");
     let spec = writer_spec();
-    create_slot_fs_disk(
-        &os,
-        DiskFormat::Qcow2,
-        DISK_SIZE,
-        SLOTS,
-        spec.index_of("os"),
-    );
-    create_disk(&data, DiskFormat::Raw, DISK_SIZE);
+    let (os, data) = create_os_and_data_disks(fs.path(), &spec, DISK_SIZE, DISK_SIZE);
 
     let mut guest = Guest::boot(
         &GuestSpec {

@@ -9,32 +9,18 @@
 //! the point itself restores unchanged and verifies. Root only (the guest kit).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bulwark_tests::guest::{DiskFormat, GUEST_TOOLS, Guest, GuestSpec};
-use bulwark_tests::{TestEnv, controller_bin, file_digest, root_or_skip, run};
+use bulwark_tests::{ChildLines, TestEnv, controller_bin, file_digest, root_or_skip, run};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 64 * MIB;
 const FS: u64 = 32 * MIB;
 /// Where the guest writes one raw MiB (in the random part, after the file system).
 const RAW_AT_MIB: u64 = 40;
-
-/// Kills the command (by its pid) if the test ends early.
-struct Cmd(Option<Child>);
-
-impl Drop for Cmd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// `len` bytes from /dev/urandom (the test's pseudo-random generator is slow in debug builds).
 fn random_bytes(len: u64) -> Vec<u8> {
@@ -131,37 +117,18 @@ fn instant_restore_runs_a_guest_from_the_vault_and_streams_its_disk_local() {
     let socket = env.path("os.qcow2.nbd");
     let qmp_link = env.path("qmp.sock");
     let t0 = Instant::now();
-    let mut child = Command::new(controller_bin())
-        .args(["instant-restore", "--vault", &env.vault, "--vm", "vm"])
-        .args(["--disk", "os", "--json", "--overlay"])
-        .arg(&overlay)
-        .arg("--qmp")
-        .arg(format!("unix:{}", qmp_link.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut cmd = Cmd(Some(child));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let errlog = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let errlog2 = errlog.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("instant-restore: {line}");
-            errlog2.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("no ready line: {}", errlog.lock().unwrap()));
+    let mut cmd = ChildLines::spawn(
+        Command::new(controller_bin())
+            .args(["instant-restore", "--vault", &env.vault, "--vm", "vm"])
+            .args(["--disk", "os", "--json", "--overlay"])
+            .arg(&overlay)
+            .arg("--qmp")
+            .arg(format!("unix:{}", qmp_link.display())),
+        "instant-restore",
+    );
+    let first = cmd
+        .line(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no ready line: {}", cmd.stderr()));
     assert_eq!(first, format!("ready {}", overlay.display()));
     let t_ready = t0.elapsed();
     assert!(socket.exists(), "no export socket");
@@ -194,30 +161,15 @@ fn instant_restore_runs_a_guest_from_the_vault_and_streams_its_disk_local() {
 
     // Let the command reach QEMU: it streams, then stops the export and exits.
     std::os::unix::fs::symlink(guest.qmp_socket(), &qmp_link).unwrap();
-    let mut child = cmd.0.take().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "instant-restore did not finish streaming in 300 s: {}",
-            errlog.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = cmd.wait(Duration::from_secs(300));
     let t_done = t0.elapsed();
     assert!(
         status.success(),
         "instant-restore: {status}\n{}",
-        errlog.lock().unwrap()
+        cmd.stderr()
     );
-    let report: serde_json::Value = serde_json::from_str(
-        &rx.recv_timeout(Duration::from_secs(5))
-            .expect("the JSON report"),
-    )
-    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&cmd.line(Duration::from_secs(5)).expect("the JSON report")).unwrap();
     assert_eq!(report["streamed"], true, "{report}");
     assert!(!socket.exists(), "the export's socket is still there");
     assert!(

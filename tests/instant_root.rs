@@ -12,26 +12,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bulwark_tests::guest::{DiskFormat, GUEST_TOOLS, Guest, GuestSpec, build_debian_guest};
-use bulwark_tests::{TestEnv, controller, controller_bin, root_or_skip, run};
-
-/// Kills the command (by its pid) if the test ends early.
-struct Cmd(Option<Child>);
-
-impl Drop for Cmd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use bulwark_tests::{ChildLines, TestEnv, controller, controller_bin, root_or_skip, run};
 
 /// Every file under `dir` with its size and modification time.
 fn listing(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
@@ -82,35 +68,16 @@ fn instant_restore_boots_a_guest_from_its_served_root_disk() {
     let overlay = env.path("root.qcow2");
     let socket = env.path("root.qcow2.nbd");
     let t0 = Instant::now();
-    let mut child = Command::new(controller_bin())
-        .args(["instant-restore", "--vault", &env.vault, "--vm", "deb"])
-        .args(["--disk", "root", "--overlay"])
-        .arg(&overlay)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut cmd = Cmd(Some(child));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let errlog = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let errlog2 = errlog.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("instant-restore: {line}");
-            errlog2.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| panic!("no ready line: {}", errlog.lock().unwrap()));
+    let mut cmd = ChildLines::spawn(
+        Command::new(controller_bin())
+            .args(["instant-restore", "--vault", &env.vault, "--vm", "deb"])
+            .args(["--disk", "root", "--overlay"])
+            .arg(&overlay),
+        "instant-restore",
+    );
+    let first = cmd
+        .line(Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("no ready line: {}", cmd.stderr()));
     assert_eq!(first, format!("ready {}", overlay.display()));
     let t_ready = t0.elapsed();
     assert!(socket.exists(), "no export socket");
@@ -196,13 +163,12 @@ fn instant_restore_boots_a_guest_from_its_served_root_disk() {
     );
 
     // SIGTERM stops the export; the vault is untouched and verifies.
-    let mut child = cmd.0.take().unwrap();
-    run("kill", ["-TERM", &child.id().to_string()]);
-    let status = child.wait().unwrap();
+    run("kill", ["-TERM", &cmd.pid().to_string()]);
+    let status = cmd.wait(Duration::from_secs(300));
     assert!(
         status.success(),
         "instant-restore: {status}\n{}",
-        errlog.lock().unwrap()
+        cmd.stderr()
     );
     assert_eq!(
         listing(&vault_dir),

@@ -9,24 +9,16 @@
 mod vault_servers;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
-use bulwark_tests::{controller_bin, file_digest, stderr_of, write_random};
+use bulwark_tests::{file_digest, stderr_of, write_random};
 use vault_servers::{Backend, Place, place};
 
 const MIB: u64 = 1 << 20;
 
-fn command(place: &Place, args: &[&str]) -> Command {
-    let mut c = Command::new(controller_bin());
-    c.args(args).env_remove("BULWARK_VAULT");
-    for (k, v) in &place.options.store.vars {
-        c.env(k, v);
-    }
-    c
-}
-
 fn spawn(place: &Place, args: &[&str]) -> Child {
-    command(place, args)
+    place
+        .controller(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -45,7 +37,8 @@ fn scenario(backend: Backend, rounds: u64) {
     };
     let root = place.dir.path();
     let v = place.location.as_str();
-    let init = command(&place, &["init", "--vault", v, "--block-size", "256KiB"])
+    let init = place
+        .controller(&["init", "--vault", v, "--block-size", "256KiB"])
         .output()
         .unwrap();
     assert!(init.status.success(), "{}", stderr_of(&init));
@@ -66,21 +59,7 @@ fn scenario(backend: Backend, rounds: u64) {
         let backup = |vm: &str, disk: &str, snaps: &str| {
             spawn(
                 &place,
-                &[
-                    "backup",
-                    "--vault",
-                    v,
-                    "--vm",
-                    vm,
-                    "--disk",
-                    disk,
-                    "--snapshot",
-                    "copy",
-                    "--snapshot-dir",
-                    snaps,
-                    "--lease-wait",
-                    "2m",
-                ],
+                &place.copy_backup_args(vm, disk, snaps, &["--lease-wait", "2m"]),
             )
         };
         // Host 1 backs up vm-a, host 2 vm-b and vm-a too, GC runs meanwhile.
@@ -120,7 +99,10 @@ fn scenario(backend: Backend, rounds: u64) {
         spawn(&place, &["gc", "--vault", v, "--grace", "0"]),
         "final gc",
     );
-    let out = command(&place, &["verify", "--vault", v]).output().unwrap();
+    let out = place
+        .controller(&["verify", "--vault", v])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "verify: {}", stderr_of(&out));
     assert_eq!(
         points.len() as u64,
@@ -130,14 +112,12 @@ fn scenario(backend: Backend, rounds: u64) {
     for (id, (vm, digest)) in &points {
         let to = root.join("restored.img");
         let to_s = to.display().to_string();
-        let out = command(
-            &place,
-            &[
+        let out = place
+            .controller(&[
                 "restore", "--vault", v, "--vm", vm, "--point", id, "--disk", "os", "--to", &to_s,
-            ],
-        )
-        .output()
-        .unwrap();
+            ])
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "restore {vm}/{id}: {}",
@@ -171,20 +151,8 @@ fn single_writer_flag_on_a_store_without_conditional_writes() {
     write_random(&img, 0, MIB as usize, 5);
     let disk = format!("d={}", img.display());
     let snaps = root.join("snaps").display().to_string();
-    let run = |args: &[&str]| command(&place, args).output().unwrap();
-    let backup = [
-        "backup",
-        "--vault",
-        v,
-        "--vm",
-        "vm",
-        "--disk",
-        &disk,
-        "--snapshot",
-        "copy",
-        "--snapshot-dir",
-        &snaps,
-    ];
+    let run = |args: &[&str]| place.controller(args).output().unwrap();
+    let backup = place.copy_backup_args("vm", &disk, &snaps, &[]);
     assert!(run(&backup).status.success());
     let config = std::path::Path::new(v).join("bulwark-vault.json");
     let mut json: serde_json::Value =

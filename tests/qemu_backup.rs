@@ -56,7 +56,7 @@ use bulwark_snapshot::{Changes, Outcome, PreviousDisk, Snapshotter};
 use bulwark_tests::guest::slots::{BLOCK_BASE, SLOT_SIZE, slot_file_name};
 use bulwark_tests::guest::{
     DiskFormat, GUEST_TOOLS, Guest, GuestSpec, SLOT_DIR, WriterEvent, WriterSpec, WriterTarget,
-    create_disk, create_slot_fs_disk, image_fs, verify_point,
+    create_os_and_data_disks, image_fs, verify_point,
 };
 use bulwark_tests::root_or_skip;
 use bytes::Bytes;
@@ -69,18 +69,7 @@ const DATA_SIZE: u64 = 64 * MIB;
 const BLOCK: u64 = 64 * 1024;
 
 fn writer_spec() -> WriterSpec {
-    WriterSpec {
-        targets: vec![
-            WriterTarget::Ext4Files {
-                disk: "os".into(),
-                slots: SLOTS,
-            },
-            WriterTarget::Block {
-                disk: "data".into(),
-                slots: SLOTS,
-            },
-        ],
-    }
+    WriterSpec::os_files_and_data_blocks(SLOTS)
 }
 
 /// One backed-up point: the assembled raw images and what the next backup gets of it.
@@ -625,11 +614,8 @@ fn running_vm_full_and_incremental_points_through_qemu() {
     }
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let fs = image_fs(tmp.path(), 768 * MIB);
-    let os = fs.path().join("os.qcow2");
-    let data = fs.path().join("data.raw");
     let spec = writer_spec();
-    create_slot_fs_disk(&os, DiskFormat::Qcow2, OS_SIZE, SLOTS, spec.index_of("os"));
-    create_disk(&data, DiskFormat::Raw, DATA_SIZE);
+    let (os, data) = create_os_and_data_disks(fs.path(), &spec, OS_SIZE, DATA_SIZE);
     let mut sc = Scenario {
         rt: tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -9,9 +9,9 @@
 mod vault_servers;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use bulwark_tests::{controller_bin, file_digest, stderr_of, write_random};
+use bulwark_tests::{file_digest, stderr_of, write_random};
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
 use vault_servers::{Backend, Place, place};
@@ -20,12 +20,10 @@ const MIB: u64 = 1 << 20;
 
 /// Runs the controller with the place's store settings in its environment.
 fn cli(place: &Place, args: &[&str]) -> Output {
-    let mut c = Command::new(controller_bin());
-    c.args(args).env_remove("BULWARK_VAULT");
-    for (k, v) in &place.options.store.vars {
-        c.env(k, v);
-    }
-    c.output().expect("run bulwark-controller")
+    place
+        .controller(args)
+        .output()
+        .expect("run bulwark-controller")
 }
 
 fn json_of(out: &Output) -> serde_json::Value {
@@ -87,21 +85,7 @@ fn scenario(backend: Backend) {
     let disk = format!("os={}", image.display());
     let snaps = root.join("snaps").display().to_string();
     let backup = |extra: &[&str]| {
-        let mut args = vec![
-            "backup",
-            "--vault",
-            v,
-            "--vm",
-            "vm1",
-            "--disk",
-            &disk,
-            "--snapshot",
-            "copy",
-            "--snapshot-dir",
-            &snaps,
-            "--json",
-        ];
-        args.extend(extra);
+        let args = place.copy_backup_args("vm1", &disk, &snaps, &[&["--json"], extra].concat());
         ok_json(&place, &args)
     };
     assert!(cli(&place, &["init", "--vault", v]).status.success());
@@ -252,21 +236,7 @@ fn check_known_heals_a_block_nobody_recorded() {
     let disk = format!("d={}", image.display());
     let snaps = root.join("snaps").display().to_string();
     let backup = |extra: &[&str]| {
-        let mut args = vec![
-            "backup",
-            "--vault",
-            v,
-            "--vm",
-            "vm",
-            "--disk",
-            &disk,
-            "--snapshot",
-            "copy",
-            "--snapshot-dir",
-            &snaps,
-            "--json",
-        ];
-        args.extend(extra);
+        let args = place.copy_backup_args("vm", &disk, &snaps, &[&["--json"], extra].concat());
         ok_json(&place, &args)
     };
     backup(&[]);

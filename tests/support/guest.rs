@@ -1157,6 +1157,22 @@ impl WriterSpec {
             .position(|t| t.disk() == disk)
             .unwrap_or_else(|| panic!("the writer has no target on disk {disk}"))
     }
+    /// The usual two targets: `slots` slot files on the ext4 disk `os`, then `slots` slots on
+    /// the raw block device of disk `data` (make them with [`create_os_and_data_disks`]).
+    pub fn os_files_and_data_blocks(slots: u32) -> WriterSpec {
+        WriterSpec {
+            targets: vec![
+                WriterTarget::Ext4Files {
+                    disk: "os".into(),
+                    slots,
+                },
+                WriterTarget::Block {
+                    disk: "data".into(),
+                    slots,
+                },
+            ],
+        }
+    }
     /// Bytes a write of generation `g` dirties on the guest's disk (one slot).
     pub fn slot_bytes(&self) -> u64 {
         SLOT_SIZE as u64
@@ -1267,7 +1283,53 @@ impl WriterEvent {
     }
 }
 
+/// The writer's stalls (gaps over its 100 ms threshold) in a log, in ms, oldest first.
+pub fn stalls(log: &[WriterEvent]) -> Vec<u64> {
+    log.iter()
+        .filter_map(|e| match e {
+            WriterEvent::Stall { gap_ms, .. } => Some(*gap_ms),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The newest generation a log reports complete (progress or stall lines; 0 without any).
+pub fn last_generation(log: &[WriterEvent]) -> u64 {
+    log.iter()
+        .rev()
+        .find_map(|e| match e {
+            WriterEvent::Progress { generation, .. } | WriterEvent::Stall { generation, .. } => {
+                Some(*generation)
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 // ---- host-side disks and the checker ------------------------------------------------------
+
+/// The disks of `spec` (a [`WriterSpec::os_files_and_data_blocks`]) in `dir`: `os.qcow2`, ext4
+/// with the writer's generation-0 slot files ([`create_slot_fs_disk`]), and an empty
+/// `data.raw`. Returns their paths (os, data).
+pub fn create_os_and_data_disks(
+    dir: &Path,
+    spec: &WriterSpec,
+    os_size: u64,
+    data_size: u64,
+) -> (PathBuf, PathBuf) {
+    let os = dir.join("os.qcow2");
+    let data = dir.join("data.raw");
+    let index = spec.index_of("os");
+    create_slot_fs_disk(
+        &os,
+        DiskFormat::Qcow2,
+        os_size,
+        spec.targets[index].slots(),
+        index,
+    );
+    create_disk(&data, DiskFormat::Raw, data_size);
+    (os, data)
+}
 
 /// A loop-mounted ext4 file system for guest images, at `<dir>/images` (root only). Dropping it
 /// unmounts and detaches (see [`LoopFs`]); drop every [`Guest`] using it first.
@@ -1344,6 +1406,51 @@ pub fn create_slot_fs_disk(
             ],
         );
     }
+}
+
+/// Creates a qcow2 overlay at `overlay` whose backing file is the raw image `backing` (e.g.
+/// [`DebianImage::root`], which a guest must never write).
+pub fn create_overlay(overlay: &Path, backing: &Path) {
+    run(
+        "qemu-img",
+        [
+            OsStr::new("create"),
+            OsStr::new("-q"),
+            OsStr::new("-f"),
+            OsStr::new("qcow2"),
+            OsStr::new("-F"),
+            OsStr::new("raw"),
+            OsStr::new("-b"),
+            backing.as_os_str(),
+            overlay.as_os_str(),
+        ],
+    );
+}
+
+/// Creates a raw ext4 disk `image` holding the files of `dir` (`mkfs.ext4 -d`; the files' sizes
+/// plus `headroom` bytes).
+pub fn create_payload_disk(dir: &Path, image: &Path, headroom: u64) {
+    let bytes: u64 = std::fs::read_dir(dir)
+        .expect("read the payload directory")
+        .map(|e| {
+            e.and_then(|e| e.metadata())
+                .expect("stat a payload file")
+                .len()
+        })
+        .sum();
+    let f = std::fs::File::create(image).expect("create the payload disk");
+    f.set_len(bytes + headroom).expect("size the payload disk");
+    drop(f);
+    run(
+        "mkfs.ext4",
+        [
+            OsStr::new("-q"),
+            OsStr::new("-F"),
+            OsStr::new("-d"),
+            dir.as_os_str(),
+            image.as_os_str(),
+        ],
+    );
 }
 
 /// Copies any image to a raw file (`qemu-img convert`), e.g. a qcow2 restore before checking.

@@ -434,6 +434,112 @@ where
     })
 }
 
+/// A long-running command of the test's own (e.g. `instant-restore`): its standard output is
+/// read line by line into a channel ([`ChildLines::line`]), its standard error is echoed with a
+/// prefix and kept ([`ChildLines::stderr`]). Dropping it kills the command (by its pid) and
+/// reaps it, unless it already exited.
+#[derive(Debug)]
+pub struct ChildLines {
+    child: Option<std::process::Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ChildLines {
+    /// Starts `cmd` (its stdin null, stdout and stderr piped); `label` prefixes the echoed
+    /// standard error lines.
+    pub fn spawn(cmd: &mut Command, label: &str) -> ChildLines {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {label}: {e}"));
+        let (stdout, stderr) = match (child.stdout.take(), child.stderr.take()) {
+            (Some(o), Some(e)) => (o, e),
+            _ => panic!("{label}: no pipes"),
+        };
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept2 = kept.clone();
+        let label = label.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{label}: {line}");
+                kept2
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&(line + "\n"));
+            }
+        });
+        ChildLines {
+            child: Some(child),
+            lines,
+            stderr: kept,
+        }
+    }
+
+    /// The next line of standard output, waiting `timeout` at most (None: none came, or the
+    /// command closed its output).
+    pub fn line(&self, timeout: std::time::Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Standard error so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The command's pid (panics once it has been waited for).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("the command was waited for already")
+    }
+
+    /// Waits for the command to exit, polling every 100 ms; panics with its standard error
+    /// when it still runs after `limit`.
+    pub fn wait(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        let child = self
+            .child
+            .as_mut()
+            .expect("the command was waited for already");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the command") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the command did not exit within {limit:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ChildLines {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Standard error of a command, as text.
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -101,6 +101,45 @@ pub struct Place {
     pub dir: tempfile::TempDir,
 }
 
+impl Place {
+    /// `bulwark-controller ARGS` with this place's store settings (the server's endpoint and
+    /// credentials) in its environment and no inherited `BULWARK_VAULT`.
+    pub fn controller(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(bulwark_tests::controller_bin());
+        c.args(args).env_remove("BULWARK_VAULT");
+        for (k, v) in &self.options.store.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// The arguments of `backup --vault THIS --vm VM --disk DISK --snapshot copy
+    /// --snapshot-dir SNAPS`, then `extra`.
+    pub fn copy_backup_args<'a>(
+        &'a self,
+        vm: &'a str,
+        disk: &'a str,
+        snaps: &'a str,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec![
+            "backup",
+            "--vault",
+            self.location.as_str(),
+            "--vm",
+            vm,
+            "--disk",
+            disk,
+            "--snapshot",
+            "copy",
+            "--snapshot-dir",
+            snaps,
+        ];
+        args.extend(extra);
+        args
+    }
+}
+
 /// A new, empty place for a vault on `backend` (`None`: skip).
 pub fn place(backend: Backend, test: &str) -> Option<Place> {
     let dir = tempfile::tempdir().expect("tempdir");

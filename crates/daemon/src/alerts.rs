@@ -35,6 +35,7 @@ pub fn job_events(e: &JobEnded, now: Timestamp) -> Vec<Event> {
         _ => {}
     }
     let reached = r
+        .outcome
         .consistency
         .as_deref()
         .and_then(|c| c.parse::<Level>().ok());
@@ -54,19 +55,19 @@ pub fn job_events(e: &JobEnded, now: Timestamp) -> Vec<Event> {
                     "vm {}: job {} failed: {}",
                     r.vm,
                     r.id,
-                    r.error.as_deref().unwrap_or("no error recorded")
+                    r.outcome.error.as_deref().unwrap_or("no error recorded")
                 ),
                 EventKind::JobWarnings => format!(
                     "vm {}: job {} completed with warnings: {}",
                     r.vm,
                     r.id,
-                    r.consistency_reasons.join("; ")
+                    r.outcome.consistency_reasons.join("; ")
                 ),
                 _ => format!(
                     "vm {}: job {} reached {} consistency, the policy wants {}",
                     r.vm,
                     r.id,
-                    r.consistency.as_deref().unwrap_or("?"),
+                    r.outcome.consistency.as_deref().unwrap_or("?"),
                     e.consistency_wanted
                 ),
             };
@@ -224,7 +225,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{JobRecord, PhaseState, Trigger};
+    use crate::history::{JobOutcome, JobRecord, PhaseState, Trigger};
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -242,13 +243,15 @@ mod tests {
                 snapshot: PhaseState::Completed,
                 transfer: PhaseState::Completed,
                 state,
-                point: None,
-                consistency: consistency.map(String::from),
-                consistency_reasons: vec!["no guest agent".into()],
-                bytes_read: 0,
-                bytes_new: 0,
-                bytes_uploaded: 0,
-                error: Some("disk gone".into()),
+                outcome: JobOutcome {
+                    point: None,
+                    consistency: consistency.map(String::from),
+                    consistency_reasons: vec!["no guest agent".into()],
+                    bytes_read: 0,
+                    bytes_new: 0,
+                    bytes_uploaded: 0,
+                    error: Some("disk gone".into()),
+                },
             },
             freeze_window_ms: None,
             consistency_wanted: wanted.into(),

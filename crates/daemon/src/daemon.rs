@@ -48,7 +48,7 @@ use tokio::task::JoinSet;
 use crate::Error;
 use crate::config::{Config, VmConfig};
 use crate::control::{Control, Inbox, JobEnded, RunNowRefused};
-use crate::history::{History, JobEnd, JobState, Phase, PhaseState, Trigger};
+use crate::history::{History, JobEnd, JobOutcome, JobState, Phase, PhaseState, Trigger};
 use bulwark_controller::tiers::SnapshotStore;
 use bulwark_controller::{
     BackupRequest, KeepSnapshots, Observer, PhaseEvent, Quiesce, QuiesceOptions,
@@ -476,16 +476,15 @@ impl JobRunner for BackupRunner {
             let vm = &job.vm;
             let c = vm.policy.consistency();
             if vm.agent.is_none() && c.minimum > Level::Crash {
-                return JobEnd {
-                    state: Some(JobState::Failed),
-                    error: Some(format!(
+                return JobEnd::with_error(
+                    JobState::Failed,
+                    format!(
                         "policy {} requires at least {} consistency, and VM {} has no guest agent configured (crash consistency only)",
                         vm.policy.file_name(),
                         c.minimum,
                         vm.name
-                    )),
-                    ..JobEnd::default()
-                };
+                    ),
+                );
             }
             let result = match self.request(job) {
                 Ok(req) => bulwark_controller::run_backup(req, &self.vault)
@@ -500,31 +499,27 @@ impl JobRunner for BackupRunner {
                     } else {
                         JobState::CompletedWithWarnings
                     }),
-                    point: Some(r.point.clone()),
-                    consistency: Some(r.consistency.to_string()),
-                    consistency_reasons: r.consistency_reasons.clone(),
-                    bytes_read: r.disks.iter().map(|d| d.stats.bytes_read).sum(),
-                    bytes_new: r.disks.iter().map(|d| d.stats.bytes_new).sum(),
-                    bytes_uploaded: r.disks.iter().map(|d| d.stats.bytes_uploaded).sum(),
-                    error: None,
+                    outcome: JobOutcome {
+                        point: Some(r.point.clone()),
+                        consistency: Some(r.consistency.to_string()),
+                        consistency_reasons: r.consistency_reasons.clone(),
+                        bytes_read: r.disks.iter().map(|d| d.stats.bytes_read).sum(),
+                        bytes_new: r.disks.iter().map(|d| d.stats.bytes_new).sum(),
+                        bytes_uploaded: r.disks.iter().map(|d| d.stats.bytes_uploaded).sum(),
+                        error: None,
+                    },
                     freeze_window_ms: r.freeze_window_ms,
                 },
-                Err(e @ Error::Controller(bulwark_controller::Error::Cancelled { .. })) => JobEnd {
-                    state: Some(JobState::Cancelled),
-                    error: Some(e.to_string()),
-                    ..JobEnd::default()
-                },
+                Err(e @ Error::Controller(bulwark_controller::Error::Cancelled { .. })) => {
+                    JobEnd::with_error(JobState::Cancelled, e.to_string())
+                }
                 Err(e) => {
                     if let Error::Controller(c) = &e
                         && is_lease_conflict(c)
                     {
                         job.control.lease_conflict("backup");
                     }
-                    JobEnd {
-                        state: Some(JobState::Failed),
-                        error: Some(e.to_string()),
-                        ..JobEnd::default()
-                    }
+                    JobEnd::with_error(JobState::Failed, e.to_string())
                 }
             }
         })
@@ -894,25 +889,20 @@ impl Daemon {
                 };
                 let end = if e.is_cancelled() {
                     st.summary.cancelled += 1;
-                    JobEnd {
-                        state: Some(JobState::Cancelled),
-                        error: Some(format!(
+                    JobEnd::with_error(
+                        JobState::Cancelled,
+                        format!(
                             "cancelled at shutdown: it did not finish within {}s",
                             self.options.shutdown_timeout.as_secs()
-                        )),
-                        ..JobEnd::default()
-                    }
+                        ),
+                    )
                 } else {
-                    JobEnd {
-                        state: Some(JobState::Failed),
-                        error: Some(format!("the job panicked: {e}")),
-                        ..JobEnd::default()
-                    }
+                    JobEnd::with_error(JobState::Failed, format!("the job panicked: {e}"))
                 };
                 (vm, id, end)
             }
         };
-        tracing::info!(vm = %vm, job = id, state = ?end.state, error = ?end.error, "job ended");
+        tracing::info!(vm = %vm, job = id, state = ?end.state, error = ?end.outcome.error, "job ended");
         if let Err(e) = self.history.finish(id, self.clock.now(), &end) {
             tracing::error!(error = %e, job = id, "cannot record the end of the job");
         }
@@ -1289,6 +1279,7 @@ mod tests {
         assert_eq!(skipped.len(), 6);
         assert!(
             skipped[0]
+                .outcome
                 .error
                 .as_deref()
                 .unwrap()
@@ -1503,7 +1494,8 @@ mod tests {
         assert_eq!(slow.state, JobState::Cancelled);
         assert_eq!(slow.snapshot, PhaseState::Cancelled);
         assert!(
-            slow.error
+            slow.outcome
+                .error
                 .as_deref()
                 .unwrap()
                 .contains("cancelled at shutdown")

@@ -145,6 +145,14 @@ pub struct JobRecord {
     pub transfer: PhaseState,
     /// Overall state.
     pub state: JobState,
+    /// What it produced (flattened: its fields are the record's own in JSON).
+    #[serde(flatten)]
+    pub outcome: JobOutcome,
+}
+
+/// What a job produced: the stored part of [`JobEnd`], read back in [`JobRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JobOutcome {
     /// The recovery point made, if any.
     pub point: Option<String>,
     /// The consistency level reached.
@@ -166,23 +174,25 @@ pub struct JobRecord {
 pub struct JobEnd {
     /// Overall state (not `InProgress`).
     pub state: Option<JobState>,
-    /// The recovery point made, if any.
-    pub point: Option<String>,
-    /// The consistency level reached.
-    pub consistency: Option<String>,
-    /// Why the level reached is below the level wanted.
-    pub consistency_reasons: Vec<String>,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Plain bytes of new blocks.
-    pub bytes_new: u64,
-    /// Stored bytes uploaded.
-    pub bytes_uploaded: u64,
-    /// Error text.
-    pub error: Option<String>,
+    /// What it produced.
+    pub outcome: JobOutcome,
     /// How long the guest was frozen (not stored; told to [`crate::control::Control`]
     /// listeners).
     pub freeze_window_ms: Option<u64>,
+}
+
+impl JobEnd {
+    /// A job that ended in `state` with only an error to report.
+    pub fn with_error(state: JobState, error: String) -> JobEnd {
+        JobEnd {
+            state: Some(state),
+            outcome: JobOutcome {
+                error: Some(error),
+                ..JobOutcome::default()
+            },
+            freeze_window_ms: None,
+        }
+    }
 }
 
 /// Jobs of one VM in one state, summed ([`History::totals`]).
@@ -422,8 +432,8 @@ impl History {
             JobState::Completed | JobState::CompletedWithWarnings => PhaseState::Completed,
             _ => PhaseState::Failed,
         };
-        let reasons =
-            serde_json::to_string(&end.consistency_reasons).unwrap_or_else(|_| "[]".into());
+        let o = &end.outcome;
+        let reasons = serde_json::to_string(&o.consistency_reasons).unwrap_or_else(|_| "[]".into());
         self.lock()
             .execute(
                 "UPDATE jobs SET state = ?1, ended_ms = ?2, point = ?3, consistency = ?4,
@@ -435,13 +445,13 @@ impl History {
                 params![
                     state.as_str(),
                     ms(ended),
-                    end.point,
-                    end.consistency,
+                    o.point,
+                    o.consistency,
                     reasons,
-                    end.bytes_read as i64,
-                    end.bytes_new as i64,
-                    end.bytes_uploaded as i64,
-                    end.error,
+                    o.bytes_read as i64,
+                    o.bytes_new as i64,
+                    o.bytes_uploaded as i64,
+                    o.error,
                     running_to.as_str(),
                     id
                 ],
@@ -526,13 +536,15 @@ impl History {
                 snapshot: snap.parse().map_err(bad)?,
                 transfer: xfer.parse().map_err(bad)?,
                 state: state.parse().map_err(bad)?,
-                point,
-                consistency,
-                consistency_reasons: serde_json::from_str(&reasons).unwrap_or_default(),
-                bytes_read: read.max(0) as u64,
-                bytes_new: new.max(0) as u64,
-                bytes_uploaded: up.max(0) as u64,
-                error,
+                outcome: JobOutcome {
+                    point,
+                    consistency,
+                    consistency_reasons: serde_json::from_str(&reasons).unwrap_or_default(),
+                    bytes_read: read.max(0) as u64,
+                    bytes_new: new.max(0) as u64,
+                    bytes_uploaded: up.max(0) as u64,
+                    error,
+                },
             });
         }
         Ok(out)
@@ -620,6 +632,45 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The JSON of a record (`jobs --json`, the HTTP API) keeps its flat shape: the outcome's
+    /// fields are the record's own, in the order they always had.
+    #[test]
+    fn record_json_is_flat() {
+        let h = History::in_memory().unwrap();
+        let id = h
+            .start_job("web01", Trigger::Manual, None, t("2026-11-25T10:00:00Z"))
+            .unwrap();
+        h.finish(
+            id,
+            t("2026-11-25T10:00:02Z"),
+            &JobEnd {
+                state: Some(JobState::Completed),
+                outcome: JobOutcome {
+                    point: Some("p1".into()),
+                    consistency: Some("crash".into()),
+                    consistency_reasons: vec!["r".into()],
+                    bytes_read: 1,
+                    bytes_new: 2,
+                    bytes_uploaded: 3,
+                    error: None,
+                },
+                freeze_window_ms: Some(9),
+            },
+        )
+        .unwrap();
+        let json = serde_json::to_string(&h.job(id).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                "{{\"id\":{id},\"vm\":\"web01\",\"trigger\":\"manual\",\"scheduled\":null,\
+                 \"started\":\"2026-11-25T10:00:00Z\",\"ended\":\"2026-11-25T10:00:02Z\",\
+                 \"snapshot\":\"skipped\",\"transfer\":\"skipped\",\"state\":\"Completed\",\
+                 \"point\":\"p1\",\"consistency\":\"crash\",\"consistency_reasons\":[\"r\"],\
+                 \"bytes_read\":1,\"bytes_new\":2,\"bytes_uploaded\":3,\"error\":null}}"
+            )
+        );
+    }
+
     #[test]
     fn jobs_roundtrip_and_recovery() {
         let dir = tempfile::tempdir().unwrap();
@@ -642,13 +693,15 @@ mod tests {
             t("2026-11-25T10:01:00Z"),
             &JobEnd {
                 state: Some(JobState::CompletedWithWarnings),
-                point: Some("p1".into()),
-                consistency: Some("crash".into()),
-                consistency_reasons: vec!["no agent".into()],
-                bytes_read: 10,
-                bytes_new: 5,
-                bytes_uploaded: 3,
-                error: None,
+                outcome: JobOutcome {
+                    point: Some("p1".into()),
+                    consistency: Some("crash".into()),
+                    consistency_reasons: vec!["no agent".into()],
+                    bytes_read: 10,
+                    bytes_new: 5,
+                    bytes_uploaded: 3,
+                    error: None,
+                },
                 freeze_window_ms: None,
             },
         )
@@ -682,12 +735,15 @@ mod tests {
         assert_eq!(jobs[0].state, JobState::Failed);
         assert_eq!(jobs[0].snapshot, PhaseState::Failed);
         assert_eq!(jobs[0].transfer, PhaseState::Skipped);
-        assert_eq!(jobs[0].error.as_deref(), Some(STOPPED_DURING_JOB));
+        assert_eq!(jobs[0].outcome.error.as_deref(), Some(STOPPED_DURING_JOB));
         assert_eq!(jobs[0].ended, Some(t("2026-11-25T16:00:00Z")));
         assert_eq!(jobs[1].state, JobState::CompletedWithWarnings);
         assert_eq!(jobs[1].transfer, PhaseState::Completed);
-        assert_eq!(jobs[1].consistency_reasons, vec!["no agent".to_string()]);
-        assert_eq!(jobs[1].bytes_uploaded, 3);
+        assert_eq!(
+            jobs[1].outcome.consistency_reasons,
+            vec!["no agent".to_string()]
+        );
+        assert_eq!(jobs[1].outcome.bytes_uploaded, 3);
         assert_eq!(
             h.last_scheduled("web01").unwrap(),
             Some(t("2026-11-25T14:00:00Z"))

@@ -276,8 +276,8 @@ impl fmt::Display for crate::history::JobRecord {
             f,
             "{id:>5} {vm:<16} {trigger:<9} sched {scheduled:<19} start {started:<19} {secs:>6} \
              {state:<21} snap {snap:<9} xfer {xfer:<9} {} {}",
-            self.point.as_deref().unwrap_or("-"),
-            self.error.as_deref().unwrap_or("")
+            self.outcome.point.as_deref().unwrap_or("-"),
+            self.outcome.error.as_deref().unwrap_or("")
         )
     }
 }

@@ -14,30 +14,17 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
+/// [`os_and_data`], then a read-only `cdrom` (a `-drive`, raw, 1 MiB).
 fn two_disks() -> Vec<DiskSpec> {
-    vec![
-        DiskSpec {
-            drive: true,
-            name: "os",
-            format: "qcow2",
-            size: 64 * MIB,
-            read_only: false,
-        },
-        DiskSpec {
-            drive: false,
-            name: "data",
-            format: "raw",
-            size: 32 * MIB,
-            read_only: false,
-        },
-        DiskSpec {
-            drive: true,
-            name: "cdrom",
-            format: "raw",
-            size: MIB,
-            read_only: true,
-        },
-    ]
+    let mut disks = os_and_data();
+    disks.extend([DiskSpec {
+        drive: true,
+        name: "cdrom",
+        format: "raw",
+        size: MIB,
+        read_only: true,
+    }]);
+    disks
 }
 
 /// Everything named bulwark- that QEMU still holds, and bulwark- files in the VM's directory.

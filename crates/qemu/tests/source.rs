@@ -18,22 +18,7 @@ const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 64 * 1024;
 
 fn disks() -> Vec<DiskSpec> {
-    vec![
-        DiskSpec {
-            drive: true,
-            name: "os",
-            format: "qcow2",
-            size: 64 * MIB,
-            read_only: false,
-        },
-        DiskSpec {
-            drive: false,
-            name: "data",
-            format: "raw",
-            size: 32 * MIB,
-            read_only: false,
-        },
-    ]
+    os_and_data()
 }
 
 /// What a backup's scan would do: skip holes (next_data) and unchanged blocks, read the rest.

@@ -13,22 +13,7 @@ use common::*;
 const MIB: u64 = 1 << 20;
 
 fn disks() -> Vec<DiskSpec> {
-    vec![
-        DiskSpec {
-            drive: true,
-            name: "os",
-            format: "qcow2",
-            size: 64 * MIB,
-            read_only: false,
-        },
-        DiskSpec {
-            drive: false,
-            name: "data",
-            format: "raw",
-            size: 32 * MIB,
-            read_only: false,
-        },
-    ]
+    os_and_data()
 }
 
 async fn take(qmp: &Arc<Qmp>, vm: &Vm) -> Vec<TakenDisk> {

@@ -6,18 +6,7 @@ use super::slots::{self, Layout, SLOT_SIZE, SlotState};
 use super::*;
 
 fn two_disks(n: u32) -> WriterSpec {
-    WriterSpec {
-        targets: vec![
-            WriterTarget::Ext4Files {
-                disk: "os".into(),
-                slots: n,
-            },
-            WriterTarget::Block {
-                disk: "data".into(),
-                slots: n,
-            },
-        ],
-    }
+    WriterSpec::os_files_and_data_blocks(n)
 }
 
 /// The states of every slot after the writes `1..=cut` (per target: `cuts[t]`), from a
@@ -166,7 +155,47 @@ fn writer_log_lines_parse() {
     assert_eq!(WriterEvent::parse("garbage"), None);
 }
 
+#[test]
+fn stalls_and_last_generation_of_a_log() {
+    let log: Vec<WriterEvent> = [
+        "start gen=4 t=1",
+        "gen=7 t=2",
+        "stall gen=9 gap_ms=150 t=3",
+        "gen=12 t=4",
+        "paused gen=12 t=5",
+        "stall gen=13 gap_ms=900 t=6",
+        "resumed gen=13 t=7",
+    ]
+    .iter()
+    .filter_map(|l| WriterEvent::parse(l))
+    .collect();
+    assert_eq!(log.len(), 7);
+    assert_eq!(stalls(&log), vec![150, 900]);
+    assert_eq!(last_generation(&log), 13);
+    assert_eq!(last_generation(&log[..4]), 12);
+    assert_eq!(last_generation(&log[..1]), 0, "a start line is no progress");
+    assert_eq!(stalls(&log[..2]), Vec::<u64>::new());
+}
+
 // ---- synthetic images ---------------------------------------------------------------------
+
+/// The two disks [`create_os_and_data_disks`] makes hold the writer's generation 0: the
+/// checker finds the cut before the first write.
+#[test]
+fn new_os_and_data_disks_hold_generation_zero() {
+    if !tools_or_skip("new_os_and_data_disks_hold_generation_zero") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = two_disks(6);
+    let (os, data) = create_os_and_data_disks(dir.path(), &spec, 32 << 20, 8 << 20);
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), 8 << 20);
+    let images = HashMap::from([
+        ("os".to_string(), (os, DiskFormat::Qcow2)),
+        ("data".to_string(), (data, DiskFormat::Raw)),
+    ]);
+    assert_eq!(verify_point(&spec, &images, dir.path()).unwrap().cut, 0);
+}
 
 fn tools_or_skip(test: &str) -> bool {
     let missing: Vec<_> = ["qemu-img", "mkfs.ext4", "e2fsck", "debugfs"]

@@ -72,6 +72,28 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// The tests' usual two disks: `os`, a 64 MiB qcow2 `-drive`, and `data`, a 32 MiB raw
+/// `-blockdev` on a SCSI disk.
+pub fn os_and_data() -> Vec<DiskSpec> {
+    const MIB: u64 = 1 << 20;
+    vec![
+        DiskSpec {
+            drive: true,
+            name: "os",
+            format: "qcow2",
+            size: 64 * MIB,
+            read_only: false,
+        },
+        DiskSpec {
+            drive: false,
+            name: "data",
+            format: "raw",
+            size: 32 * MIB,
+            read_only: false,
+        },
+    ]
+}
+
 impl Vm {
     pub fn start(disks: &[DiskSpec]) -> Vm {
         let dir = tempfile::tempdir().unwrap();
