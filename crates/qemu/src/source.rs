@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(b.as_ref().len(), 4);
         let c = buffers.take(16);
         assert_eq!(c.as_ref().len(), 16);
-        assert_eq!(&c.as_ref()[..], &[0u8; 16], "a new buffer is zeroed");
+        assert_eq!(c.as_ref(), &[0u8; 16], "a new buffer is zeroed");
         drop((b, c));
         let kept = (0..KEEP_BUFFERS + 8)
             .map(|_| buffers.take(1))
