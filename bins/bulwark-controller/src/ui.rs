@@ -9,7 +9,8 @@ use std::time::Duration;
 use bulwark_controller::{DemoRequest, Observer};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Logs to stderr; `BULWARK_LOG` (an env-filter) wins over `-v`.
+/// Logs to stderr; `BULWARK_LOG` (an env-filter) wins over `-v`. With `BULWARK_LOG_SPANS=1`
+/// every span logs its busy and idle time when it closes (for profiling a backup's phases).
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -18,8 +19,14 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let spans = if std::env::var_os("BULWARK_LOG_SPANS").is_some_and(|v| v == "1") {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

@@ -173,7 +173,10 @@ pub async fn run_backup(req: BackupRequest, vault: &Vault) -> Result<BackupRepor
 
 async fn run(req: &BackupRequest, vault: &Vault, started: Instant) -> Result<BackupReport, Error> {
     // Only the VM's owner backs it up: checked before the guest is touched.
-    vault.claim_vm(&req.vm, req.take_over).await?;
+    vault
+        .claim_vm(&req.vm, req.take_over)
+        .instrument(tracing::info_span!("claim_vm"))
+        .await?;
     let created = Timestamp::now();
     let point = new_point_id(created);
     let observer = &req.observer;
@@ -209,7 +212,9 @@ async fn run(req: &BackupRequest, vault: &Vault, started: Instant) -> Result<Bac
         },
     );
     let keep = kept.is_some();
-    release(snapped.sources, result.as_ref().ok(), keep).await;
+    release(snapped.sources, result.as_ref().ok(), keep)
+        .instrument(tracing::info_span!("release"))
+        .await;
     if let (Some(k), Some(mut record)) = (&req.keep_snapshots, kept) {
         record.state = if result.is_ok() {
             KeptState::InVault
@@ -259,9 +264,14 @@ pub(crate) async fn take(
     let pending = req
         .snapshotter
         .prepare(&req.vm, point)
+        .instrument(tracing::info_span!("prepare"))
         .await
         .map_err(snap_err)?;
-    pending.take().await.map_err(snap_err)
+    pending
+        .take()
+        .instrument(tracing::info_span!("take"))
+        .await
+        .map_err(snap_err)
 }
 
 /// Ends every source: committed (with its manifest) or failed; kept when asked.

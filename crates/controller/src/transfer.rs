@@ -30,13 +30,19 @@ pub(crate) async fn transfer(
     started: Instant,
 ) -> Result<(BackupReport, RecoveryPoint), Error> {
     let holder = format!("backup of VM {}", req.vm);
-    let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease).await?;
+    let lease = Lease::acquire(vault, LeaseKind::Backup, &holder, &req.lease)
+        .instrument(tracing::info_span!("lease"))
+        .await?;
     let r = if req.cancel.is_cancelled() {
         Err(cancelled(req, "before the transfer"))
     } else {
         transfer_leased(vault, req, point, created, snapped, started, &lease).await
     };
-    if let Err(e) = lease.release().await {
+    if let Err(e) = lease
+        .release()
+        .instrument(tracing::info_span!("lease_release"))
+        .await
+    {
         tracing::warn!(error = %e, "cannot release the backup lease; it will expire");
     }
     r
@@ -53,7 +59,10 @@ async fn transfer_leased(
 ) -> Result<(BackupReport, RecoveryPoint), Error> {
     let storage_before = vault.store_stats();
     let transfer_started = Instant::now();
-    let previous = vault.latest_point(&req.vm).await?;
+    let previous = vault
+        .latest_point(&req.vm)
+        .instrument(tracing::info_span!("latest_point"))
+        .await?;
     tracing::info!(
         point,
         previous = previous.as_ref().map(|p| p.id.as_str()),
@@ -108,7 +117,10 @@ async fn transfer_leased(
     }
     // Blocks this job found in the vault are safe only while GC is kept out: the commit runs
     // under the lease, with a deadline no retry can outlive.
-    vault.commit_point_held(lease, &rp).await?;
+    vault
+        .commit_point_held(lease, &rp)
+        .instrument(tracing::info_span!("commit"))
+        .await?;
     tracing::info!(point, "recovery point committed");
     let storage = vault.store_stats().since(&storage_before);
     let c = &snapped.consistency;
@@ -171,8 +183,14 @@ impl DiskJob<'_> {
         prev: Option<(&RecoveryPoint, &DiskRecord)>,
     ) -> Result<(DiskRecord, DiskReport), Error> {
         let start = Instant::now();
-        let baseline = self.baseline(source, prev).await?;
-        let (map, mut stats) = self.scan_and_store(source, &baseline).await?;
+        let baseline = self
+            .baseline(source, prev)
+            .instrument(tracing::info_span!("baseline"))
+            .await?;
+        let (map, mut stats) = self
+            .scan_and_store(source, &baseline)
+            .instrument(tracing::info_span!("scan"))
+            .await?;
         let name = source.name();
         let (digest, manifest_bytes) = self
             .vault
@@ -184,6 +202,7 @@ impl DiskJob<'_> {
                 },
                 &map,
             )
+            .instrument(tracing::info_span!("manifest"))
             .await?;
         stats.bytes_uploaded += manifest_bytes;
         stats.duration_ms = start.elapsed().as_millis() as u64;
@@ -231,7 +250,12 @@ impl DiskJob<'_> {
             disk: source.name(),
             point: &p.id,
         };
-        let map = match self.vault.get_manifest(&m, &d.manifest_digest).await {
+        let map = match self
+            .vault
+            .get_manifest(&m, &d.manifest_digest)
+            .instrument(tracing::info_span!("previous_manifest"))
+            .await
+        {
             Ok(map) => map,
             Err(e) => {
                 tracing::warn!(error = %e, "previous manifest unreadable: this disk is backed up in full");
@@ -247,7 +271,11 @@ impl DiskJob<'_> {
             size: d.size,
             tracking: d.tracking.clone(),
         };
-        let (unchanged, unknown) = match source.changes_since(&previous).await {
+        let (unchanged, unknown) = match source
+            .changes_since(&previous)
+            .instrument(tracing::info_span!("changes_since"))
+            .await
+        {
             Ok(Changes::Unchanged(r)) => (r, None),
             Ok(Changes::Unknown { reason }) => (Vec::new(), Some(reason)),
             // Tracking is an optimisation: its failure means a full read, never a failed job.

@@ -133,8 +133,10 @@ impl Qmp {
         } else {
             format!("{} {subject}", C::NAME)
         };
-        tracing::trace!(command = %name, "QMP");
-        match tokio::time::timeout(self.timeout, self.service.execute(command)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.service.execute(command)).await;
+        tracing::debug!(command = %name, micros = started.elapsed().as_micros() as u64, "QMP");
+        match result {
             Err(_) => Err(Error::Timeout {
                 socket: self.socket.clone(),
                 command: name,

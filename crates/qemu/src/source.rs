@@ -308,13 +308,124 @@ pub struct NbdReader {
     client: Client,
     uri: String,
     size: u64,
+    /// The last `base:allocation` answer: the export is a frozen point in time, so what it
+    /// said stays true, and the scanner's next questions (the following blocks) are answered
+    /// from it instead of with one BLOCK_STATUS round trip per block.
+    allocation: std::sync::Mutex<Allocation>,
+    buffers: Arc<Buffers>,
+}
+
+/// Initialised buffers for [`NbdReader::read`], reused: the client reads into `&mut [u8]`.
+#[derive(Debug)]
+struct Buffers {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+/// Idle buffers kept (at most this many blocks' worth of memory stays allocated).
+const KEEP_BUFFERS: usize = 32;
+
+impl Buffers {
+    fn take(self: &Arc<Self>, len: usize) -> Reused {
+        let mut buf = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        // Only growth is zeroed; a buffer of the same size is handed out as it is (every byte
+        // of it is overwritten by the read, or the read fails and the buffer is dropped).
+        buf.resize(len, 0);
+        Reused {
+            buf,
+            home: self.clone(),
+        }
+    }
+}
+
+/// A buffer of [`Buffers`], returned to it when dropped.
+#[derive(Debug)]
+struct Reused {
+    buf: Vec<u8>,
+    home: Arc<Buffers>,
+}
+
+impl AsRef<[u8]> for Reused {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl AsMut<[u8]> for Reused {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for Reused {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.home.free.lock()
+            && free.len() < KEEP_BUFFERS
+        {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// `base:allocation` extents of `[start, end)`: contiguous, in order, from `start`.
+#[derive(Debug, Default)]
+struct Allocation {
+    extents: Vec<bulwark_nbd::Extent>,
+}
+
+/// What [`Allocation::next_data`] knows.
+#[derive(Debug, PartialEq, Eq)]
+enum Known {
+    /// Data may start here (the first extent at or after the offset without the zero flag).
+    Data(u64),
+    /// No data from the offset up to here, the end of what is known.
+    ZeroUntil(u64),
+    /// The offset is outside what is known.
+    Unknown,
+}
+
+impl Allocation {
+    fn next_data(&self, offset: u64) -> Known {
+        let (Some(first), Some(last)) = (self.extents.first(), self.extents.last()) else {
+            return Known::Unknown;
+        };
+        let end = last.offset + last.length;
+        if offset < first.offset || offset >= end {
+            return Known::Unknown;
+        }
+        let i = self
+            .extents
+            .partition_point(|e| e.offset + e.length <= offset);
+        match self.extents[i..].iter().find(|e| e.flags & STATE_ZERO == 0) {
+            Some(e) => Known::Data(e.offset.max(offset)),
+            None => Known::ZeroUntil(end),
+        }
+    }
 }
 
 impl NbdReader {
     /// A reader over `client`, described as `uri` in errors.
     pub fn new(client: Client, uri: String) -> Self {
         let size = client.size();
-        NbdReader { client, uri, size }
+        NbdReader {
+            client,
+            uri,
+            size,
+            allocation: std::sync::Mutex::new(Allocation::default()),
+            buffers: Arc::new(Buffers {
+                free: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn known(&self, offset: u64) -> Known {
+        self.allocation
+            .lock()
+            .map_or(Known::Unknown, |a| a.next_data(offset))
     }
 
     /// The disk ends at `size` when that is before the export's end: QEMU's raw driver
@@ -331,44 +442,121 @@ impl BlockSource for NbdReader {
         self.size
     }
 
+    /// Reads into a reused buffer (no page faults and zeroing of a fresh one per block); it
+    /// goes back to the reader when the block's last `Bytes` is dropped.
     fn read(&self, offset: u64, len: usize, _pool: &Arc<Pool>) -> io::Result<Bytes> {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.buffers.take(len);
         self.client
-            .read(offset, &mut buf)
+            .read(offset, buf.as_mut())
             .map_err(|e| io::Error::other(format!("{}: {e}", self.uri)))?;
-        Ok(Bytes::from(buf))
+        Ok(Bytes::from_owner(buf))
     }
 
+    /// One BLOCK_STATUS from `offset` to the end of the disk answers this call and the
+    /// following ones up to where QEMU's answer ends (it describes as much as it can at once).
     fn next_data(&self, offset: u64) -> io::Result<u64> {
         let size = self.size;
         let mut at = offset;
         while at < size {
+            match self.known(at) {
+                Known::Data(d) => return Ok(d.min(size)),
+                Known::ZeroUntil(end) if end > at => {
+                    at = end;
+                    continue;
+                }
+                Known::ZeroUntil(_) | Known::Unknown => {}
+            }
             let status = self
                 .client
                 .block_status(at, size - at)
                 .map_err(|e| io::Error::other(format!("{}: {e}", self.uri)))?;
-            let Some(extents) = status.extents(BASE_ALLOCATION) else {
-                return Ok(at);
+            let extents = match status.extents(BASE_ALLOCATION) {
+                Some(e) if !e.is_empty() => e.to_vec(),
+                // Nothing said: read it.
+                _ => return Ok(at),
             };
-            let mut next = at;
-            for e in extents {
-                if e.offset + e.length <= at {
-                    continue;
-                }
-                if e.flags & STATE_ZERO == 0 {
-                    return Ok(e.offset.max(at));
-                }
-                next = e.offset + e.length;
+            let answer = Allocation { extents };
+            let known = answer.next_data(at);
+            if let Ok(mut a) = self.allocation.lock() {
+                *a = answer;
             }
-            if next <= at {
-                return Ok(at);
+            match known {
+                Known::Data(d) => return Ok(d.min(size)),
+                Known::ZeroUntil(end) if end > at => at = end,
+                // The client checks that the extents start at the request: not reached.
+                Known::ZeroUntil(_) | Known::Unknown => return Ok(at),
             }
-            at = next;
         }
         Ok(size)
     }
 
     fn describe(&self) -> String {
         self.uri.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_nbd::Extent;
+
+    fn ext(offset: u64, length: u64, zero: bool) -> Extent {
+        Extent {
+            offset,
+            length,
+            flags: if zero { STATE_ZERO | 1 } else { 0 },
+        }
+    }
+
+    #[test]
+    fn allocation_answers_from_what_it_was_told() {
+        // [100, 200) data, [200, 500) zero, [500, 600) data, [600, 900) zero.
+        let a = Allocation {
+            extents: vec![
+                ext(100, 100, false),
+                ext(200, 300, true),
+                ext(500, 100, false),
+                ext(600, 300, true),
+            ],
+        };
+        assert_eq!(a.next_data(99), Known::Unknown);
+        assert_eq!(a.next_data(100), Known::Data(100));
+        assert_eq!(a.next_data(150), Known::Data(150));
+        assert_eq!(a.next_data(200), Known::Data(500));
+        assert_eq!(a.next_data(499), Known::Data(500));
+        assert_eq!(a.next_data(550), Known::Data(550));
+        assert_eq!(a.next_data(600), Known::ZeroUntil(900));
+        assert_eq!(a.next_data(899), Known::ZeroUntil(900));
+        assert_eq!(a.next_data(900), Known::Unknown);
+        assert_eq!(Allocation::default().next_data(0), Known::Unknown);
+    }
+
+    #[test]
+    fn read_buffers_are_reused_and_sized_to_the_request() {
+        let buffers = Arc::new(Buffers {
+            free: std::sync::Mutex::new(Vec::new()),
+        });
+        let mut a = buffers.take(8);
+        a.as_mut().copy_from_slice(b"abcdefgh");
+        let first = a.as_ref().as_ptr();
+        let bytes = Bytes::from_owner(a);
+        assert_eq!(&bytes[..], b"abcdefgh");
+        drop(bytes);
+        let b = buffers.take(4);
+        assert_eq!(
+            b.as_ref().as_ptr(),
+            first,
+            "the dropped buffer is handed out again"
+        );
+        assert_eq!(b.as_ref().len(), 4);
+        let c = buffers.take(16);
+        assert_eq!(c.as_ref().len(), 16);
+        assert_eq!(c.as_ref(), &[0u8; 16], "a new buffer is zeroed");
+        drop((b, c));
+        let kept = (0..KEEP_BUFFERS + 8)
+            .map(|_| buffers.take(1))
+            .collect::<Vec<_>>();
+        drop(kept);
+        assert_eq!(buffers.free.lock().unwrap().len(), KEEP_BUFFERS);
     }
 }
