@@ -221,26 +221,9 @@ fn no_panic(e: &Error) {
 
 /// Runs one damaged image on its own thread and runtime; fails on a panic or a hang.
 fn check(image: Vec<u8>) -> usize {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let errors = rt.block_on(async {
-            let vault = point(&image).await;
-            exercise(&vault).await
-        });
-        let _ = tx.send(errors);
-    });
-    match rx.recv_timeout(CASE_TIME) {
-        Ok(errors) => errors,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("a damaged image took longer than {CASE_TIME:?}")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("reading a damaged image panicked"),
-    }
+    on_point(image, |vault, _| {
+        Box::pin(async move { exercise(&vault).await })
+    })
 }
 
 fn damage(csum: bool, region: usize, flips: &[(usize, u8)]) -> Vec<u8> {
@@ -296,85 +279,35 @@ fn a_file_claiming_more_than_its_file_system_is_refused() {
     if !tools() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("huge.img");
-    fs::write(&img, &pristine(false).image).unwrap();
-    run(
-        "debugfs",
-        [
-            "-w",
-            "-R",
-            "sif /a/file size 0x10000000000",
-            img.to_str().unwrap(),
-        ],
-    );
-    let image = fs::read(&img).unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(async {
-            let vault = point(&image).await;
-            let src = Source {
-                vm: "vm".into(),
-                point: "latest".into(),
-                disk: "os".into(),
-                partition: None,
-                options: DiskOptions::default(),
-            };
+    let image = debugfs_damaged(&["sif /a/file size 0x10000000000"]);
+    let r = on_point(image, |vault, src| {
+        Box::pin(async move {
             files::cat(&vault, &src, "/a/file", std::io::sink())
                 .await
                 .map(|(_, report)| report.bytes_written)
-        });
-        let _ = tx.send(r);
+        })
     });
-    match rx.recv_timeout(CASE_TIME) {
-        Ok(Err(e)) => assert!(
+    match r {
+        Err(e) => assert!(
             e.to_string().contains("more than its whole file system"),
             "{e}"
         ),
-        Ok(Ok(n)) => panic!("a file claiming 1 TiB was read: {n} bytes"),
-        Err(e) => panic!("a file claiming 1 TiB was still being read after {CASE_TIME:?}: {e}"),
+        Ok(n) => panic!("a file claiming 1 TiB was read: {n} bytes"),
     }
 }
 
 /// Two directory entries that point back at the root (a loop no real ext4 can hold): `get`
-/// copies each directory once and names the loop in its report. Without the check it copied
-/// the tree 2^depth times, until the depth limit — a hang.
+/// copies each directory once and names the loop in its report. Without the check it recursed
+/// until the stack overflowed, aborting the process (a CI run of the property test did), and
+/// two such entries would have copied the tree 2^depth times.
 #[test]
 fn a_directory_loop_is_copied_once() {
     if !tools() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let img = tmp.path().join("loop.img");
-    fs::write(&img, &pristine(false).image).unwrap();
-    for link in ["/a/b/up1", "/a/b/up2"] {
-        run(
-            "debugfs",
-            ["-w", "-R", &format!("ln / {link}"), img.to_str().unwrap()],
-        );
-    }
-    let image = fs::read(&img).unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(async {
-            let vault = point(&image).await;
-            let src = Source {
-                vm: "vm".into(),
-                point: "latest".into(),
-                disk: "os".into(),
-                partition: None,
-                options: DiskOptions::default(),
-            };
+    let image = debugfs_damaged(&["ln / /a/b/up1", "ln / /a/b/up2"]);
+    let (dirs, skipped) = on_point(image, |vault, src| {
+        Box::pin(async move {
             let to = tempfile::tempdir().unwrap();
             files::get(
                 &vault,
@@ -385,19 +318,13 @@ fn a_directory_loop_is_copied_once() {
             )
             .await
             .map(|report| (report.dirs, report.skipped))
-        });
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(CASE_TIME) {
-        Ok(Ok((dirs, skipped))) => {
-            // lost+found, a, a/b, a/b/c, big: each once.
-            assert_eq!(dirs, 5, "{skipped:?}");
-            let loops: Vec<_> = skipped.iter().filter(|s| s.contains("loop")).collect();
-            assert_eq!(loops.len(), 2, "{skipped:?}");
-        }
-        Ok(Err(e)) => panic!("get failed on a directory loop: {e}"),
-        Err(e) => panic!("get of a tree with a directory loop still ran after {CASE_TIME:?}: {e}"),
-    }
+        })
+    })
+    .unwrap_or_else(|e| panic!("get failed on a directory loop: {e}"));
+    // lost+found, a, a/b, a/b/c, big: each once.
+    assert_eq!(dirs, 5, "{skipped:?}");
+    let loops: Vec<_> = skipped.iter().filter(|s| s.contains("loop")).collect();
+    assert_eq!(loops.len(), 2, "{skipped:?}");
 }
 
 /// A legitimate tree as deep as `get` allows (255 directories) is copied whole on the blocking
@@ -409,12 +336,9 @@ fn the_deepest_allowed_tree_is_copied() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let mut deep = src.clone();
-    for _ in 0..255 {
-        deep.push("d");
-    }
-    fs::create_dir_all(&deep).unwrap();
-    fs::write(deep.join("leaf"), b"bottom").unwrap();
+    let deep = |root: &std::path::Path| (0..255).fold(root.to_path_buf(), |p, _| p.join("d"));
+    fs::create_dir_all(deep(&src)).unwrap();
+    fs::write(deep(&src).join("leaf"), b"bottom").unwrap();
     let img = tmp.path().join("deep.img");
     fs::File::create(&img).unwrap().set_len(IMAGE).unwrap();
     run(
@@ -429,23 +353,8 @@ fn the_deepest_allowed_tree_is_copied() {
             img.to_str().unwrap(),
         ],
     );
-    let image = fs::read(&img).unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(async {
-            let vault = point(&image).await;
-            let src = Source {
-                vm: "vm".into(),
-                point: "latest".into(),
-                disk: "os".into(),
-                partition: None,
-                options: DiskOptions::default(),
-            };
+    let (dirs, leaf) = on_point(fs::read(&img).unwrap(), move |vault, src| {
+        Box::pin(async move {
             let to = tempfile::tempdir().unwrap();
             let report = files::get(
                 &vault,
@@ -455,22 +364,12 @@ fn the_deepest_allowed_tree_is_copied() {
                 GetOptions::default(),
             )
             .await?;
-            let mut leaf = to.path().to_path_buf();
-            for _ in 0..255 {
-                leaf.push("d");
-            }
-            Ok::<_, Error>((report.dirs, fs::read(leaf.join("leaf")).unwrap()))
-        });
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(CASE_TIME) {
-        Ok(Ok((dirs, leaf))) => {
-            assert_eq!(dirs, 256, "255 levels and lost+found");
-            assert_eq!(leaf, b"bottom");
-        }
-        Ok(Err(e)) => panic!("get failed on a deep tree: {e}"),
-        Err(e) => panic!("get of a deep tree did not finish: {e}"),
-    }
+            Ok::<_, Error>((report.dirs, fs::read(deep(to.path()).join("leaf")).unwrap()))
+        })
+    })
+    .unwrap_or_else(|e| panic!("get failed on a deep tree: {e}"));
+    assert_eq!(dirs, 256, "255 levels and lost+found");
+    assert_eq!(leaf, b"bottom");
 }
 
 /// Runs `f` on the vault of a point holding `image` on its own runtime, within `CASE_TIME`.
