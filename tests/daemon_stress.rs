@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use bulwark_tests::{Needs, controller_bin, skip, stderr_of};
+use bulwark_tests::{Needs, skip, stderr_of};
 use bulwark_vault::Vault;
 use vault_servers::{Backend, Place, noise, place};
 
@@ -61,13 +61,8 @@ fn libfaketime(test: &str) -> Option<PathBuf> {
 
 /// A command of the controller with the store's variables, and a skewed wall clock when `skew`.
 fn command(place: &Place, faketime: &Path, skew: Option<&str>, args: &[&str]) -> Command {
-    let mut c = Command::new(controller_bin());
-    c.args(args)
-        .env_remove("BULWARK_VAULT")
-        .env("NO_COLOR", "1");
-    for (k, v) in &place.options.store.vars {
-        c.env(k, v);
-    }
+    let mut c = place.controller(args);
+    c.env("NO_COLOR", "1");
     if let Some(skew) = skew {
         c.env("LD_PRELOAD", faketime)
             .env("FAKETIME", skew)

@@ -14,14 +14,11 @@ use object_store::ObjectStoreExt;
 use vault_servers::{Place, noise, s3_bucket_place};
 
 fn cli(place: &Place, args: &[&str]) -> Output {
-    let mut c = Command::new(controller_bin());
-    c.args(args)
-        .env_remove("BULWARK_VAULT")
-        .env("NO_COLOR", "1");
-    for (k, v) in &place.options.store.vars {
-        c.env(k, v);
-    }
-    c.output().unwrap()
+    place
+        .controller(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
 }
 
 fn ok(out: Output, what: &str) -> Output {
