@@ -131,9 +131,11 @@ pub struct RestoreReport {
 }
 
 /// Removes the partial file unless disarmed: a failed restore leaves nothing that looks done.
-struct Partial {
-    path: PathBuf,
-    armed: bool,
+/// A file being written beside its target, removed on drop unless disarmed (once renamed
+/// into place).
+pub(crate) struct Partial {
+    pub(crate) path: PathBuf,
+    pub(crate) armed: bool,
 }
 
 impl Drop for Partial {

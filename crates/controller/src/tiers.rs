@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use bulwark_snapshot::DiskSource;
 
 pub use crate::report::TieredList;
+use crate::restore::Partial;
 use crate::{Error, KeepSnapshots, RestoreReport, RestoreRequest};
 
 /// Where a recovery point can be restored from.
@@ -439,19 +440,6 @@ pub(crate) fn verify_image(
         r?;
     }
     Ok(count as u64)
-}
-
-struct Partial {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }
 
 fn same_device(a: &Path, b: &Path) -> bool {
