@@ -82,13 +82,16 @@ impl Vault {
         validate_name("vm", vm)?;
         // The highest take-over generation, if any; names that are not ours are skipped.
         let prefix = takeover_prefix(vm);
-        let mut listing = self.store.list(Some(&prefix));
+        // Listed whole under the vault's retry policy, like the leases: a listing cut short
+        // by a transient fault is repeated, never taken as "no take-over".
+        let store = self.store.clone();
+        let metas: Vec<_> = crate::retry::retry(&self.retry, prefix.as_ref(), |_| {
+            store.list(Some(&prefix)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::store(&prefix, e))?;
         let mut highest: Option<u64> = None;
-        while let Some(meta) = listing
-            .try_next()
-            .await
-            .map_err(|e| Error::store(&prefix, e))?
-        {
+        for meta in metas {
             let generation = meta
                 .location
                 .filename()
