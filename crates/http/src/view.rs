@@ -470,18 +470,7 @@ pub(crate) async fn start(app: crate::api::Shared) {
     let vms: Arc<Vec<String>> = Arc::new(app.h.config.vms.iter().map(|v| v.name.clone()).collect());
     let mut fresh = Freshness::default();
     let mut reader = VaultReader::default();
-    app.view
-        .refresh_history(&app.h.history, &vms, app.h.control.ends(), &mut fresh)
-        .await;
-    app.view
-        .refresh_vault(
-            &mut reader,
-            &app.h.vault,
-            &app.h.store,
-            &app.h.control.running(),
-            &mut fresh,
-        )
-        .await;
+    refresh_both(&app, &vms, &mut reader, &mut fresh).await;
     let mut ended = app.h.control.subscribe();
     tokio::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
@@ -498,20 +487,30 @@ pub(crate) async fn start(app: crate::api::Shared) {
                     Err(RecvError::Closed) => listening = false,
                 },
             }
-            app.view
-                .refresh_history(&app.h.history, &vms, app.h.control.ends(), &mut fresh)
-                .await;
-            app.view
-                .refresh_vault(
-                    &mut reader,
-                    &app.h.vault,
-                    &app.h.store,
-                    &app.h.control.running(),
-                    &mut fresh,
-                )
-                .await;
+            refresh_both(&app, &vms, &mut reader, &mut fresh).await;
         }
     });
+}
+
+/// Refreshes the history part, then the vault part, each only when it is due.
+async fn refresh_both(
+    app: &crate::api::Shared,
+    vms: &Arc<Vec<String>>,
+    reader: &mut VaultReader,
+    fresh: &mut Freshness,
+) {
+    app.view
+        .refresh_history(&app.h.history, vms, app.h.control.ends(), fresh)
+        .await;
+    app.view
+        .refresh_vault(
+            reader,
+            &app.h.vault,
+            &app.h.store,
+            &app.h.control.running(),
+            fresh,
+        )
+        .await;
 }
 
 #[cfg(test)]
