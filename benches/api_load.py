@@ -3,7 +3,7 @@
 
     python3 benches/api_load.py [--bin target/debug/bulwark-controller] [--clients 200]
                                 [--seconds 30] [--vms 4] [--disk-mib 64] [--port 21420]
-                                [--client python|wrk] [--rounds 2]
+                                [--client python|wrk] [--rounds 2] [--idle-rounds 0]
 
 Plain-file disks (random data, rewritten in part every few seconds so every backup has
 work), a daemon (`serve`) backing every VM up every 10 s (`schedule_override_seconds`), an
@@ -188,6 +188,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=2,
                     help="load rounds after the warm-up (the first with --client's client, the "
                          "others with the asyncio one); RSS is printed after each")
+    ap.add_argument("--idle-rounds", type=int, default=0,
+                    help="after the load rounds, this many rounds of --seconds with no client "
+                         "(backups still run); RSS is printed after each: growth that goes on "
+                         "there too comes from the jobs, not from requests")
     ap.add_argument("--dir", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--client", choices=["python", "wrk"], default="python",
                     help="the load round's client: this script's asyncio clients (per endpoint "
@@ -267,6 +271,10 @@ def main():
             mem.append((f"round {r}", rss_kib(daemon.pid), rss_kib(daemon.pid, "RssAnon"),
                         rss_kib(daemon.pid, "Threads"), heap_arenas(daemon.pid)))
         rss_after2 = mem[-1][1]
+        for r in range(1, a.idle_rounds + 1):
+            time.sleep(a.seconds)
+            mem.append((f"idle round {r}", rss_kib(daemon.pid), rss_kib(daemon.pid, "RssAnon"),
+                        rss_kib(daemon.pid, "Threads"), heap_arenas(daemon.pid)))
         # Let running jobs end, then stop the daemon (SIGTERM: running jobs finish).
         for _ in range(1200):
             j = http_json(a.port, token, "/api/v1/jobs?limit=1000")

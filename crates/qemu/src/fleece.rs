@@ -203,7 +203,7 @@ impl Fleecing {
         };
         let shared = Arc::new(Shared {
             qmp: qmp.clone(),
-            socket: options.socket_dir.join(socket_name),
+            socket: socket_path(&options.socket_dir, &socket_name)?,
             server_started: Mutex::new(false),
             live_disks: AtomicUsize::new(0),
         });
@@ -380,6 +380,13 @@ impl Drop for Fleecing {
             }
         });
     }
+}
+
+/// The NBD socket's path, made absolute: QEMU resolves a relative path against its own working
+/// directory, not the controller's (a relative `--runtime-dir` would put the socket elsewhere).
+fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, Error> {
+    let path = dir.join(name);
+    std::path::absolute(&path).map_err(|source| Error::File { path, source })
 }
 
 fn fleece_dir(disk: &VmDisk, options: &FleeceOptions) -> PathBuf {
@@ -966,4 +973,25 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
         tracing::warn!(socket = %qmp.socket().display(), ?left, "removed leftovers of an earlier run");
     }
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_socket_dir_gives_an_absolute_socket_path() {
+        let p = socket_path(Path::new("run/bulwark"), "bulwark-nbd-1.sock").unwrap();
+        assert!(p.is_absolute(), "{}", p.display());
+        assert!(p.ends_with("run/bulwark/bulwark-nbd-1.sock"));
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            p.starts_with(&cwd),
+            "{} not under {}",
+            p.display(),
+            cwd.display()
+        );
+        let abs = socket_path(Path::new("/run/bulwark"), "s.sock").unwrap();
+        assert_eq!(abs, Path::new("/run/bulwark/s.sock"));
+    }
 }
