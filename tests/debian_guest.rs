@@ -41,7 +41,9 @@ use bulwark_tests::guest::{
     create_overlay, create_payload_disk, create_slot_fs_disk, last_generation, stalls,
     verify_point,
 };
-use bulwark_tests::{agent_bin, controller_bin, controller_json, root_or_skip, stdout_of};
+use bulwark_tests::{
+    agent_bin, controller_bin, controller_json, root_or_skip, shell_cargo_env, stdout_of,
+};
 
 const AGENT_PORT: &str = "org.bulwark.agent.0";
 const SLOTS: u32 = 64;
@@ -68,7 +70,9 @@ fn root() -> PathBuf {
 /// Builds the agent's package (debug binary) into `out`; returns its path.
 fn build_agent_deb(out: &Path) -> PathBuf {
     let _ = (controller_bin(), agent_bin());
-    let o = Command::new("bash")
+    // As from a shell: the test's CARGO_* variables would make its cargo build rebuild ring and
+    // everything above it (see shell_cargo_env).
+    let o = shell_cargo_env(&mut Command::new("bash"))
         .arg(root().join("packaging/build-debs.sh"))
         .args(["--profile", "dev", "--only", "agent", "--out"])
         .arg(out)

@@ -10,8 +10,26 @@
 # BULWARK_REQUIRE_ROOT_TESTS=1, which makes them fail instead (CI sets it); server tests skip
 # without their servers unless BULWARK_REQUIRE_SERVERS=1. Every skip appends "<test>: <reason>"
 # to $BULWARK_SKIP_LOG (target/test-skips.log), emptied at the start of each run.
+#
+# `bash tests/run.sh --prepare` does only the preparation (the packages, the test guests, the
+# Debian image, cargo-deb, the test servers' npm/pip installs; no server started, no test run)
+# and exits non-zero when a part of it failed. .ci/run runs it in the background while it
+# compiles; the full run afterwards finds all of it done (each step is a cached no-op then).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+prepare_only=0
+if [ "${1:-}" = --prepare ]; then
+    prepare_only=1
+    shift
+fi
+# In --prepare mode a failed step fails the whole preparation (at the end, after the others):
+# the caller cannot see the messages among the test output.
+prep_failed=()
+step_failed() {
+    echo "tests/run.sh: $1"
+    prep_failed+=("$1")
+}
 
 # tool:package pairs the tests call.
 need=(mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs flock:util-linux mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs
@@ -61,18 +79,31 @@ if ! qemu_ok; then
 fi
 if qemu_ok; then
     [ -n "$(apt-cache depends linux-image-amd64 2>/dev/null)" ] || { [ "$(id -u)" = 0 ] && apt-get update -qq; } || true
-    bash tests/guest/build.sh >/dev/null || echo "tests/run.sh: the test guest did not build (see above)"
+    bash tests/guest/build.sh >/dev/null || step_failed "the test guest did not build (see above)"
     # The Debian guest of tests/debian_guest.rs and tests/guest_postgres.rs (mmdebstrap, root
     # only; with the suite's PostgreSQL server, pgbench and pg_amcheck inside the image, nothing of
     # PostgreSQL on the host; about 5 minutes the first time, cached under
     # target/guest/debian-KEY afterwards).
     if [ "$(id -u)" = 0 ]; then
-        bash tests/guest/debian.sh >/dev/null || echo "tests/run.sh: the Debian test guest did not build (see above)"
+        bash tests/guest/debian.sh >/dev/null || step_failed "the Debian test guest did not build (see above)"
     fi
 fi
 
 # tests/packaging.rs builds the Debian packages with the pinned cargo-deb.
 bash packaging/build-debs.sh --install-tool
+
+if [ "$prepare_only" = 1 ]; then
+    # The servers' installs only (npm, pip); `start` (below, in the full run) starts them.
+    if [ -f tests/servers.sh ]; then
+        bash tests/servers.sh install || step_failed "the test servers did not install (see above)"
+    fi
+    if [ ${#prep_failed[@]} -gt 0 ]; then
+        echo "tests/run.sh --prepare: FAILED: ${prep_failed[*]}"
+        exit 1
+    fi
+    echo "tests/run.sh --prepare: done"
+    exit 0
+fi
 
 if [ -f tests/servers.sh ]; then
     bash tests/servers.sh start
