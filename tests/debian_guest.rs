@@ -133,8 +133,9 @@ async fn client(socket: &Path) -> Client<tokio::net::UnixStream> {
 }
 
 /// Freezes `/mnt/data` through the agent (deadline [`DEADLINE_MS`]), runs `action` in the guest
-/// while frozen, then waits the deadline + 1.5 s. Returns how long the guest was frozen (the
-/// writer's longest new stall), panicking when the writer is still blocked.
+/// while frozen, then waits for the writer's next generation (at most the deadline + 2.5 s after
+/// the freeze). Returns how long the guest was frozen (the writer's longest new stall),
+/// panicking when the writer is still blocked.
 fn frozen_then(
     rt: &tokio::runtime::Runtime,
     guest: &mut Guest,
@@ -153,17 +154,24 @@ fn frozen_then(
         drop(c);
     });
     let acted = t.elapsed();
-    std::thread::sleep(Duration::from_millis(DEADLINE_MS + 1500).saturating_sub(acted));
+    // Polled, not a fixed wait to the deadline: once the writer completes a generation after
+    // the action, the guest is thawed and the write that the freeze blocked has logged its
+    // stall. Bounded by the deadline + 2.5 s after the freeze (the old fixed wait's end).
     let g0 = last_generation(&guest.writer_log());
-    std::thread::sleep(Duration::from_millis(1000));
-    let log = guest.writer_log();
-    let g1 = last_generation(&log);
-    assert!(
-        g1 > g0,
-        "{what}: the writer made no progress ({g0} -> {g1}): the guest is still frozen {:?} \
-         after the freeze (deadline {DEADLINE_MS} ms)",
-        t.elapsed()
-    );
+    let log = loop {
+        let log = guest.writer_log();
+        let g1 = last_generation(&log);
+        if g1 > g0 {
+            break log;
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(DEADLINE_MS + 2500),
+            "{what}: the writer made no progress ({g0} -> {g1}): the guest is still frozen \
+             {:?} after the freeze (deadline {DEADLINE_MS} ms)",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     // A thaw quicker than the writer's 100 ms stall threshold logs no stall.
     let window = stalls(&log)[before..].iter().copied().max().unwrap_or(0);
     eprintln!("{what}: the guest was frozen {window} ms (action done after {acted:.1?})");
