@@ -41,7 +41,9 @@ use bulwark_tests::guest::{
     create_overlay, create_payload_disk, create_slot_fs_disk, last_generation, stalls,
     verify_point,
 };
-use bulwark_tests::{agent_bin, controller_bin, controller_json, root_or_skip, stdout_of};
+use bulwark_tests::{
+    agent_bin, controller_bin, controller_json, root_or_skip, shell_cargo_env, stdout_of,
+};
 
 const AGENT_PORT: &str = "org.bulwark.agent.0";
 const SLOTS: u32 = 64;
@@ -68,7 +70,9 @@ fn root() -> PathBuf {
 /// Builds the agent's package (debug binary) into `out`; returns its path.
 fn build_agent_deb(out: &Path) -> PathBuf {
     let _ = (controller_bin(), agent_bin());
-    let o = Command::new("bash")
+    // As from a shell: the test's CARGO_* variables would make its cargo build rebuild ring and
+    // everything above it (see shell_cargo_env).
+    let o = shell_cargo_env(&mut Command::new("bash"))
         .arg(root().join("packaging/build-debs.sh"))
         .args(["--profile", "dev", "--only", "agent", "--out"])
         .arg(out)
@@ -129,8 +133,9 @@ async fn client(socket: &Path) -> Client<tokio::net::UnixStream> {
 }
 
 /// Freezes `/mnt/data` through the agent (deadline [`DEADLINE_MS`]), runs `action` in the guest
-/// while frozen, then waits the deadline + 1.5 s. Returns how long the guest was frozen (the
-/// writer's longest new stall), panicking when the writer is still blocked.
+/// while frozen, then waits for the writer's next generation (at most the deadline + 2.5 s after
+/// the freeze). Returns how long the guest was frozen (the writer's longest new stall),
+/// panicking when the writer is still blocked.
 fn frozen_then(
     rt: &tokio::runtime::Runtime,
     guest: &mut Guest,
@@ -149,17 +154,24 @@ fn frozen_then(
         drop(c);
     });
     let acted = t.elapsed();
-    std::thread::sleep(Duration::from_millis(DEADLINE_MS + 1500).saturating_sub(acted));
+    // Polled, not a fixed wait to the deadline: once the writer completes a generation after
+    // the action, the guest is thawed and the write that the freeze blocked has logged its
+    // stall. Bounded by the deadline + 2.5 s after the freeze (the old fixed wait's end).
     let g0 = last_generation(&guest.writer_log());
-    std::thread::sleep(Duration::from_millis(1000));
-    let log = guest.writer_log();
-    let g1 = last_generation(&log);
-    assert!(
-        g1 > g0,
-        "{what}: the writer made no progress ({g0} -> {g1}): the guest is still frozen {:?} \
-         after the freeze (deadline {DEADLINE_MS} ms)",
-        t.elapsed()
-    );
+    let log = loop {
+        let log = guest.writer_log();
+        let g1 = last_generation(&log);
+        if g1 > g0 {
+            break log;
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(DEADLINE_MS + 2500),
+            "{what}: the writer made no progress ({g0} -> {g1}): the guest is still frozen \
+             {:?} after the freeze (deadline {DEADLINE_MS} ms)",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     // A thaw quicker than the writer's 100 ms stall threshold logs no stall.
     let window = stalls(&log)[before..].iter().copied().max().unwrap_or(0);
     eprintln!("{what}: the guest was frozen {window} ms (action done after {acted:.1?})");

@@ -20,7 +20,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bulwark_tests::{agent_bin, controller_bin, root_or_skip, stderr_of, stdout_of};
+use bulwark_tests::{
+    agent_bin, controller_bin, root_or_skip, shell_cargo_env, stderr_of, stdout_of,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -44,7 +46,9 @@ fn sh(cmd: &mut Command) -> Output {
 fn build_debs(out: &Path) -> (PathBuf, PathBuf) {
     // The test kit's binaries are built already; the script reuses them (--profile dev).
     let _ = (controller_bin(), agent_bin());
-    let o = sh(Command::new("bash")
+    // As from a shell: the test's CARGO_* variables would make its cargo build rebuild ring and
+    // everything above it (see shell_cargo_env).
+    let o = sh(shell_cargo_env(&mut Command::new("bash"))
         .arg(root().join("packaging/build-debs.sh"))
         .args(["--profile", "dev", "--out"])
         .arg(out));

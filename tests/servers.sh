@@ -4,6 +4,8 @@
 #
 #   bash tests/servers.sh start    install if needed, start (idempotent), wait until ready,
 #                                  create the shared test container and bucket, write the env file
+#   bash tests/servers.sh install  only the installs `start` does when needed (npm, pip), no server
+#                                  started (tests/run.sh --prepare); fails like `start`
 #   bash tests/servers.sh stop     stop the servers this script started (by their pid files)
 #   bash tests/servers.sh status   print the env file if both servers answer; exit 1 otherwise
 #   bash tests/servers.sh azure-container URL NAME   create a container on an Azurite at URL
@@ -184,6 +186,15 @@ start)
     fi
     cat "$ENV_FILE"
     ;;
+install)
+    if ! (install); then
+        if [ "${BULWARK_REQUIRE_SERVERS:-}" = 1 ]; then
+            log "could not install the test servers (BULWARK_REQUIRE_SERVERS=1)"
+            exit 1
+        fi
+        log "could not install the test servers: the tests that need them will skip"
+    fi
+    ;;
 stop)
     stop_one azurite
     stop_one s3
@@ -196,7 +207,7 @@ azure-container)
     azure_container "$2" "$3"
     ;;
 *)
-    echo "usage: $0 start|stop|status|azure-container URL NAME" >&2
+    echo "usage: $0 start|install|stop|status|azure-container URL NAME" >&2
     exit 2
     ;;
 esac

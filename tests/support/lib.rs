@@ -365,27 +365,35 @@ fn built_binaries() -> &'static PathBuf {
         if release {
             cmd.arg("--release");
         }
-        // `cargo test` sets these for the test process (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...).
-        // Passed on, they reach build scripts that watch them (ring's does), so this build and
-        // the next `cargo test` would each see a changed environment and rebuild ring, rustls,
-        // reqwest and everything above them: minutes per test binary. Build as a shell would.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key == "CARGO_MANIFEST_DIR"
-                || key == "CARGO_MANIFEST_PATH"
-                || key == "CARGO_CRATE_NAME"
-                || key == "CARGO_PRIMARY_PACKAGE"
-                || key == "CARGO_TARGET_TMPDIR"
-                || key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_BIN_")
-            {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        let status = cmd.status().expect("run cargo build for the binaries");
+        let status = shell_cargo_env(&mut cmd)
+            .status()
+            .expect("run cargo build for the binaries");
         assert!(status.success(), "building the bulwark binaries failed");
         profile_dir
     })
+}
+
+/// Removes from `cmd` the variables `cargo test` sets for the test process (CARGO_MANIFEST_DIR,
+/// CARGO_PKG_*, ...), so that a `cargo build` it runs, directly or through a script such as
+/// `packaging/build-debs.sh`, sees the environment of a shell. Passed on, they reach build
+/// scripts that watch them (ring's watches CARGO_MANIFEST_DIR), so that build and the next one
+/// from a shell or another test would each see a changed environment and rebuild ring, rustls,
+/// reqwest and everything above them: minutes each time.
+pub fn shell_cargo_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key == "CARGO_MANIFEST_DIR"
+            || key == "CARGO_MANIFEST_PATH"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd
 }
 
 /// Path of the built `bulwark-controller` binary.
