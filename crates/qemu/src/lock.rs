@@ -100,7 +100,7 @@ impl ImageLock {
                 return Err(Error::ImageLocked {
                     path: path.to_path_buf(),
                     why: format!(
-                        "another process does not share the \"{}\" permission (byte {})",
+                        "another process holds QEMU's lock against sharing \"{}\" (byte {})",
                         perm.name(),
                         SHARED_BASE + perm as i64
                     ),
@@ -112,7 +112,7 @@ impl ImageLock {
                 return Err(Error::ImageLocked {
                     path: path.to_path_buf(),
                     why: format!(
-                        "another process holds its \"{}\" permission (byte {}): a QEMU process (a running VM?) has it open for writing",
+                        "QEMU's \"{}\" lock (byte {}) is held by another process: a QEMU process (a running VM?) has it open for writing",
                         perm.name(),
                         PERM_BASE + perm as i64
                     ),
