@@ -133,6 +133,14 @@ fn detect_format(path: &Path) -> Result<&'static str, bulwark_snapshot::Error> {
     }
 }
 
+/// A disk whose image cannot be locked; the message names the image (and the lock in conflict).
+fn lock_err(disk: &str, e: crate::Error) -> bulwark_snapshot::Error {
+    bulwark_snapshot::Error::InvalidDisk {
+        spec: disk.to_string(),
+        why: e.to_string(),
+    }
+}
+
 fn meta_mode(meta: &std::fs::Metadata) -> rustix::fs::RawMode {
     use std::os::unix::fs::MetadataExt;
     meta.mode() as rustix::fs::RawMode
@@ -302,7 +310,7 @@ fn start_daemon(
         // takes the write permission and shares neither write nor resize); our own read lock
         // would keep the daemon from taking it.
         if d.track.is_err() {
-            locks.push(ImageLock::read_only(&d.path).map_err(|e| err(&d.path, e.to_string()))?);
+            locks.push(ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?);
         }
     }
     let token = random_token();
@@ -844,7 +852,7 @@ impl InPlaceDisk {
     /// after the open (an image renamed or replaced meanwhile is refused, not read unlocked).
     fn open(d: Planned) -> Result<InPlaceDisk, bulwark_snapshot::Error> {
         use std::os::unix::fs::MetadataExt;
-        let lock = ImageLock::read_only(&d.path).map_err(|e| err(&d.path, e.to_string()))?;
+        let lock = ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?;
         let reader =
             bulwark_blockdiff::Disk::open(&d.path).map_err(|e| err(&d.path, e.to_string()))?;
         let locked = lock
