@@ -1,5 +1,5 @@
-//! Offline qcow2 and raw images through qemu-storage-daemon: the guest-visible bytes, read-only
-//! and locked against a VM starting meanwhile, no copy of the disk written.
+//! Offline images (qcow2 through qemu-storage-daemon, raw read in place): the guest-visible
+//! bytes, read-only and locked against a VM starting meanwhile, no copy of the disk written.
 #![allow(clippy::unwrap_used)]
 
 mod common;
