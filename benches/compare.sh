@@ -15,8 +15,8 @@
 # Cases (--cases, default all three):
 #  xfs   the image on a reflink XFS datastore (steps 1-5 below; all --tools).
 #  ext4  the same image on a loop-mounted ext4 datastore (the most common host): Bulwark with
-#        its defaults (--snapshot auto reads a raw image on ext4 in place through
-#        qemu-storage-daemon, under QEMU's image locks, no copy), restic and borg on the file.
+#        its defaults (--snapshot auto reads a raw image on ext4 directly in place, holding
+#        QEMU's image locks itself, no copy, no qemu-storage-daemon), restic and borg on the file.
 #        Tools ext4-bulwark, ext4-restic, ext4-borg. Then the same image converted to qcow2
 #        (untimed; tools ext4q-*): the 1% of writes go through qemu-io (a QEMU program, as a VM
 #        would write), so Bulwark's incremental reads only what the image's persistent dirty

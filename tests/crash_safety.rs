@@ -24,7 +24,16 @@ fn sigkill_during_backup_never_breaks_committed_points() {
         f.write_all_at(&pseudo_random(MIB as usize, b), b * MIB)
             .unwrap();
     }
-    let disk = format!("d={}", img.display());
+    // A qcow2 image: only those go through qemu-storage-daemon (a raw one is read in place).
+    let qcow = dir.path().join("disk.qcow2");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&img)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let disk = format!("d={}", qcow.display());
     let backup_args = [
         "backup", "--vault", vault, "--vm", "vm", "--disk", &disk, "--json",
     ];
@@ -207,14 +216,18 @@ impl Drop for KillLeftovers {
     }
 }
 
-/// A controller SIGKILLed while `qemu-storage-daemon` reads its offline image (no Drop runs)
+/// A controller SIGKILLed while `qemu-storage-daemon` reads its offline qcow2 image (no Drop runs)
 /// leaves no daemon behind: the kernel kills it with its parent (parent-death signal). The next
 /// backup removes the socket and record that were left, and succeeds.
 #[test]
 fn sigkill_during_offline_backup_leaves_no_storage_daemon() {
     let test = "sigkill_during_offline_backup_leaves_no_storage_daemon";
-    if which("qemu-storage-daemon").is_none() {
-        skip(test, Needs::Root, "needs the `qemu-storage-daemon` command");
+    if which("qemu-storage-daemon").is_none() || which("qemu-img").is_none() {
+        skip(
+            test,
+            Needs::Root,
+            "needs the `qemu-storage-daemon` and `qemu-img` commands",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -229,7 +242,16 @@ fn sigkill_during_offline_backup_leaves_no_storage_daemon() {
         f.write_all_at(&pseudo_random(MIB as usize, b), b * MIB)
             .unwrap();
     }
-    let disk = format!("d={}", img.display());
+    // A qcow2 image: only those go through qemu-storage-daemon (a raw one is read in place).
+    let qcow = dir.path().join("disk.qcow2");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&img)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let disk = format!("d={}", qcow.display());
     let backup_args = [
         "backup",
         "--vault",

@@ -252,3 +252,96 @@ fn offline_qcow2_on_ext4_incrementals_read_only_the_dirty_clusters() {
     assert!(disk(&again, "os")["bytes_read"].as_u64().unwrap() <= 2 * GRAIN);
     s.assert_restores(&again, "os", &os, "qcow2");
 }
+
+/// The `points` of VM `vm1` as `list --json` gives them.
+fn point_count(env: &TestEnv) -> usize {
+    let list =
+        bulwark_tests::controller_json(["list", "--vault", &env.vault, "--vm", "vm1", "--json"]);
+    list["points"].as_array().map_or(0, |p| p.len())
+}
+
+/// A raw image on ext4 (no reflink) is read directly in place under QEMU's image locks that
+/// Bulwark takes itself: no copy (nothing of the disk's size written beside the image), the
+/// restore is bit for bit; while a QEMU process holds the image open for writing, the backup
+/// fails with an error naming the image and the lock, and commits nothing.
+#[test]
+fn offline_raw_on_ext4_is_read_in_place_under_qemus_locks() {
+    let test = "offline_raw_on_ext4_is_read_in_place_under_qemus_locks";
+    if !root_or_skip(
+        test,
+        &[
+            "mkfs.ext4",
+            "losetup",
+            "qemu-img",
+            "qemu-io",
+            "qemu-storage-daemon",
+        ],
+    ) {
+        return;
+    }
+    let env = TestEnv::init(&["--block-size", "64KiB"]);
+    let fs = LoopFs::create(&env.root, "datastore", 160 * MIB, FsType::Ext4);
+    let run = env.path("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let s = Setup { env, fs, run };
+    let raw = s.fs.path().join("data.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    // 40 MiB of data: a copy of it would show on the datastore (Setup::backup allows 4 MiB).
+    io_ok("raw", &raw, "write -P 0x71 4M 40M");
+    let disks = [("data", raw.as_path())];
+
+    let full = s.backup(&disks);
+    assert_eq!(disk(&full, "data")["snapshot"], "in-place", "{full}");
+    assert!(disk(&full, "data")["bytes_read"].as_u64().unwrap() >= 40 * MIB);
+    s.assert_restores(&full, "data", &raw, "raw");
+    io_ok("raw", &raw, "write -P 0x72 20M 4k");
+    let incr = s.backup(&disks);
+    assert!(reason(&incr, "data").contains("raw image"), "{incr}");
+    s.assert_restores(&incr, "data", &raw, "raw");
+
+    // A QEMU process with the image open for writing (a writable NBD export of it).
+    let socket = s.env.path("qsd.sock");
+    let mut daemon = Command::new("qemu-storage-daemon");
+    daemon.args([
+        "--blockdev",
+        &format!("driver=file,node-name=f,filename={}", raw.display()),
+        "--blockdev",
+        "driver=raw,node-name=d,file=f",
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", socket.display()),
+        "--export",
+        "type=nbd,id=e,node-name=d,writable=on",
+    ]);
+    let holder = bulwark_tests::ChildLines::spawn(&mut daemon, "qemu-storage-daemon");
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(socket.exists(), "{}", holder.stderr());
+    let points = point_count(&s.env);
+    let used = used_bytes(s.fs.path());
+    let out = Command::new(controller_bin())
+        .args(["backup", "--vault", &s.env.vault, "--vm", "vm1", "--disk"])
+        .arg(format!("data={}", raw.display()))
+        .arg("--runtime-dir")
+        .arg(&s.run)
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "backed up an image a QEMU writes");
+    assert!(
+        err.contains(&raw.display().to_string()) && err.contains("\"write\" lock"),
+        "{err}"
+    );
+    assert_eq!(point_count(&s.env), points, "a point was committed");
+    assert!(used_bytes(s.fs.path()) < used + MIB, "bytes were written");
+    drop(holder);
+    // The writer gone, the image backs up again.
+    let after = s.backup(&disks);
+    s.assert_restores(&after, "data", &raw, "raw");
+}

@@ -32,8 +32,9 @@
 //!    the 16 MiB the killed backup never committed;
 //! 9. nothing named `bulwark-` is left in QEMU or next to the images;
 //! 10. the VM shut down: `backup --disk os=IMAGE.qcow2 --disk data=IMAGE.raw` reads both in place
-//!     (qemu-storage-daemon, locked) with the image file system's used space watched throughout
-//!     (no growth beyond 4 MiB, no new file beside the images), and both restore (raw and qcow2)
+//!     (the qcow2 through qemu-storage-daemon, the raw image directly; both under QEMU's locks)
+//!     with the image file system's used space watched throughout (no growth beyond 4 MiB, no
+//!     new file beside the images), and both restore (raw and qcow2)
 //!     to exactly the guest's view of the images (`qemu-img compare`).
 //!
 //! Root only (loop mount), and QEMU 7.2 (tests/run.sh installs it).

@@ -207,7 +207,8 @@ struct BackupArgs {
     qmp: Option<String>,
     /// For image files: auto (qcow2 through qemu-storage-daemon; raw: a reflink on XFS or
     /// btrfs, else read in place), reflink, copy (a sparse copy of each raw image), or in-place
-    /// (read through qemu-storage-daemon, locked the way QEMU locks images).
+    /// (no snapshot: qcow2 through qemu-storage-daemon, raw read directly; either way locked
+    /// the way QEMU locks images, so no VM can open them for writing meanwhile).
     #[arg(long, default_value = "auto")]
     snapshot: bulwark_controller::sources::SnapshotMode,
     /// Private directory for the NBD sockets of QEMU's exports. A later backup finds here what

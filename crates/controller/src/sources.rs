@@ -10,8 +10,9 @@
 //!     tracks the changes for the next backup (off with `change_tracking: false`);
 //!   - a raw image: with [`SnapshotMode::Auto`], a reflink snapshot with extent change tracking
 //!     where the file system is XFS or btrfs ([`bulwark_snapshot::ImageSnapshotter`]), else read
-//!     in place under QEMU's image locks (no copy of the disk is made); `reflink` and `copy`
-//!     when asked for; `in-place` always in place.
+//!     directly in place while Bulwark holds QEMU's image locks on it
+//!     ([`bulwark_qemu::ImageLock`]; no copy of the disk is made, no qemu-storage-daemon);
+//!     `reflink` and `copy` when asked for; `in-place` always in place.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,8 @@ pub enum SnapshotMode {
     Reflink,
     /// Sparse copy of the image (raw images only): costs a disk's worth of writes.
     Copy,
-    /// Read in place through `qemu-storage-daemon`, locked the way QEMU locks images.
+    /// No snapshot: qcow2 through `qemu-storage-daemon`, raw read directly; either way locked
+    /// the way QEMU locks images for as long as the backup reads.
     InPlace,
 }
 

@@ -93,6 +93,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An image file is in use by a QEMU process (QEMU's image locks, see [`crate::ImageLock`]).
+    #[error(
+        "{path}: the image is in use: {why}; an offline backup needs the VM stopped (or back up the running VM through its QMP socket)"
+    )]
+    ImageLocked {
+        /// The image.
+        path: PathBuf,
+        /// Which lock conflicts.
+        why: String,
+    },
     /// The qemu-guest-agent channel failed or qemu-ga refused a command.
     #[error("QGA {socket}: {what}: {message}")]
     Qga {

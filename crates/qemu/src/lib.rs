@@ -10,8 +10,9 @@
 //!   traits, each disk read over NBD ([`NbdReader`]) with change tracking from the bitmap.
 //! * [`qga`]: a qemu-guest-agent client (fsfreeze, `guest-info`) and the out-of-process
 //!   watchdog that enforces the freeze deadline qemu-ga does not have.
-//! * [`OfflineSnapshotter`]: images with no VM running, read through `qemu-storage-daemon`
-//!   (with QEMU's image locks; the export is read-only). A qcow2 image keeps a persistent dirty
+//! * [`OfflineSnapshotter`]: images with no VM running, under QEMU's image locks: a qcow2
+//!   through `qemu-storage-daemon` (a read-only export), a raw image read directly in place
+//!   while [`ImageLock`] holds QEMU's locks on it. A qcow2 image keeps a persistent dirty
 //!   bitmap between backups, handed over as for a running VM, so its incrementals read only
 //!   the dirty clusters ([`judge_bitmaps`] decides); a raw image has nowhere to keep one and is
 //!   read in full ([`RAW_UNTRACKED`]).
@@ -37,6 +38,7 @@
 mod disks;
 mod error;
 mod fleece;
+mod lock;
 mod offline;
 pub mod qga;
 mod qmp;
@@ -51,6 +53,7 @@ pub use fleece::{
     BitmapInfo, FleeceDisk, FleeceOptions, Fleecing, Leftovers, PREFIX, TakenDisk, bitmaps,
     cleanup_leftovers,
 };
+pub use lock::ImageLock;
 pub use offline::{OfflineOptions, OfflineSnapshotter, RAW_UNTRACKED};
 pub use qmp::{MAX_LINE, QemuIdentity, Qmp};
 pub use source::{MAX_UNCHANGED_RANGES, NbdReader, QemuDisk, QemuOptions, QemuSnapshotter};

@@ -1,7 +1,9 @@
-//! Offline images (no VM running): each disk is read through `qemu-storage-daemon`, with
-//! QEMU's own image locking, so that a VM cannot start writing the image meanwhile. A qcow2
-//! image is read as the guest sees it (never its file bytes); a raw image likewise. No copy of
-//! the disk is made.
+//! Offline images (no VM running), under QEMU's own image locking, so that a VM cannot start
+//! writing an image meanwhile (and an image a VM writes is refused). A qcow2 image is read
+//! through `qemu-storage-daemon`, as the guest sees it (never its file bytes). A raw image *is*
+//! what the guest sees: it is read directly, in place, with the reader a reflink snapshot gets
+//! (holes skipped, `O_DIRECT`), while Bulwark itself holds QEMU's locks on it ([`ImageLock`]).
+//! No copy of the disk is made.
 //!
 //! # Change tracking of offline qcow2 images
 //!
@@ -48,7 +50,7 @@ use crate::fleece::{
 };
 use crate::source::{NbdReader, unchanged_from_bitmap};
 use crate::tracking::{BitmapRecord, Trust, judge_bitmaps};
-use crate::{Qmp, VmDisk};
+use crate::{ImageLock, Qmp, VmDisk};
 
 /// Why a raw offline image is always read in full.
 pub const RAW_UNTRACKED: &str = "raw image: a raw file has nowhere to keep a dirty bitmap between QEMU runs (only qcow2 stores one), so every block is read";
@@ -86,7 +88,8 @@ impl OfflineOptions {
     }
 }
 
-/// Reads offline images through `qemu-storage-daemon` (read-only, locked).
+/// Reads offline images under QEMU's image locks: qcow2 through `qemu-storage-daemon`
+/// (read-only export), raw directly in place.
 #[derive(Debug, Clone)]
 pub struct OfflineSnapshotter {
     options: OfflineOptions,
@@ -127,6 +130,14 @@ fn detect_format(path: &Path) -> Result<&'static str, bulwark_snapshot::Error> {
     match f.read_exact(&mut magic) {
         Ok(()) if &magic == b"QFI\xfb" => Ok("qcow2"),
         _ => Ok("raw"),
+    }
+}
+
+/// A disk whose image cannot be locked; the message names the image (and the lock in conflict).
+fn lock_err(disk: &str, e: crate::Error) -> bulwark_snapshot::Error {
+    bulwark_snapshot::Error::InvalidDisk {
+        spec: disk.to_string(),
+        why: e.to_string(),
     }
 }
 
@@ -185,71 +196,6 @@ struct PendingOffline {
     options: OfflineOptions,
 }
 
-/// QEMU's image locking (block/file-posix.c): an OFD lock on byte `100 + bit` says "I hold
-/// permission bit", on `200 + bit` "I don't let others have it". Bits: 0 consistent read,
-/// 1 write, 2 write unchanged, 3 resize.
-const LOCK_PERM_BASE: i64 = 100;
-const LOCK_SHARED_BASE: i64 = 200;
-const PERM_CONSISTENT_READ: i64 = 0;
-const PERM_WRITE: i64 = 1;
-const PERM_RESIZE: i64 = 3;
-
-fn ofd_lock(
-    file: &std::fs::File,
-    byte: i64,
-    kind: libc::c_short,
-    test: bool,
-) -> std::io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `flock` is plain data; all-zero is a valid value before the fields are set.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    let cmd = if test {
-        libc::F_OFD_GETLK
-    } else {
-        libc::F_OFD_SETLK
-    };
-    // SAFETY: the descriptor is open for the call's duration and `fl` is a valid, exclusively
-    // borrowed `flock` the kernel reads (and, for GETLK, writes).
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(!test || fl.l_type == libc::F_UNLCK as libc::c_short)
-}
-
-/// Locks `path` the way a read-only QEMU that shares nothing but reading would: refused when a
-/// writer (a running VM) holds it; while held, QEMU refuses to open it for writing or resizing.
-fn lock_image(path: &Path) -> Result<std::fs::File, bulwark_snapshot::Error> {
-    let file = std::fs::File::open(path).map_err(|e| bulwark_snapshot::Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let io = |e: std::io::Error| bulwark_snapshot::Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let rd = libc::F_RDLCK as libc::c_short;
-    let wr = libc::F_WRLCK as libc::c_short;
-    if !ofd_lock(&file, LOCK_PERM_BASE + PERM_WRITE, wr, true).map_err(io)? {
-        return Err(err(
-            path,
-            "the image is open for writing (\"write\" lock held): a VM is using it; an offline backup needs it stopped, or back up the running VM through QMP",
-        ));
-    }
-    for byte in [
-        LOCK_PERM_BASE + PERM_CONSISTENT_READ,
-        LOCK_SHARED_BASE + PERM_WRITE,
-        LOCK_SHARED_BASE + PERM_RESIZE,
-    ] {
-        ofd_lock(&file, byte, rd, false).map_err(io)?;
-    }
-    Ok(file)
-}
-
 /// The storage daemon, killed (by its pid) when the last disk lets go of it, and the image
 /// locks held meanwhile. A controller killed outright takes the daemon with it (parent-death
 /// signal, see [`crate::tied`]); its record and socket go at the next start.
@@ -260,7 +206,7 @@ struct Daemon {
     /// The QMP monitor's socket, when an image is open read-write (change tracking).
     qmp_socket: Option<PathBuf>,
     record: PathBuf,
-    locks: std::sync::Mutex<Vec<std::fs::File>>,
+    locks: std::sync::Mutex<Vec<ImageLock>>,
 }
 
 /// How long the daemon has to store its bitmaps and exit after SIGTERM before it is killed.
@@ -364,7 +310,7 @@ fn start_daemon(
         // takes the write permission and shares neither write nor resize); our own read lock
         // would keep the daemon from taking it.
         if d.track.is_err() {
-            locks.push(lock_image(&d.path)?);
+            locks.push(ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?);
         }
     }
     let token = random_token();
@@ -625,100 +571,115 @@ async fn hand_over(
 impl PendingSnapshot for PendingOffline {
     async fn take(self: Box<Self>) -> Result<Vec<Box<dyn DiskSource>>, bulwark_snapshot::Error> {
         let PendingOffline { disks, options } = *self;
-        let daemon = {
-            let (options, disks) = (options.clone(), disks.clone());
-            tokio::task::spawn_blocking(move || start_daemon(&options, &disks))
-                .await
-                .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))??
-        };
-        let qmp = match &daemon.qmp_socket {
-            Some(q) => match connect_qmp(q, options.qmp_timeout).await {
-                Ok(qmp) => Some(Arc::new(qmp)),
-                Err(e) => {
-                    let why = daemon.exited();
-                    return Err(err(q, format!("{e}{why}")));
-                }
-            },
-            None => None,
-        };
-        let mut tracked: Vec<Result<Tracked, String>> = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
-            let node = format!("d{i}");
-            let t = match (&d.track, &qmp) {
-                (Err(why), _) => Err(why.clone()),
-                (Ok(()), None) => Err("no QMP monitor to keep a bitmap with".into()),
-                (Ok(()), Some(qmp)) => hand_over(qmp, &node, &format!("e{i}"), d).await.map_err(|e| {
-                    tracing::warn!(disk = %d.name, error = %e, "no dirty bitmap kept in the image");
-                    format!("no dirty bitmap could be kept in the image ({e}): every block is read")
-                }),
-            };
-            if let (Ok(()), Some(qmp)) = (&d.track, &qmp) {
-                let bitmaps: Vec<&str> = match &t {
-                    Ok(t) => t.frozen.iter().map(|b| b.name.as_str()).collect(),
-                    Err(_) => Vec::new(),
-                };
-                let exported = qmp
-                    .run_json::<qapi::qmp::block_export_add>(
-                        json!({"type": "nbd", "id": format!("e{i}"), "node-name": node,
-                               "name": d.name, "writable": false, "bitmaps": bitmaps}),
-                        &d.name,
-                    )
-                    .await;
-                if let Err(e) = exported {
-                    tracked.push(t);
-                    roll_back_all(tracked).await;
-                    return Err(qmp_err(&d.path, e));
-                }
-            }
-            tracked.push(t);
-        }
-        let socket = daemon.socket.clone();
-        let connected = tokio::task::spawn_blocking(move || {
-            let mut readers = Vec::new();
-            for d in &disks {
-                let client = Client::connect(
-                    Address::Unix(socket.clone()),
-                    ClientOptions::new(d.name.clone())
-                        .meta_context(BASE_ALLOCATION)
-                        .connections(options.nbd_connections),
-                )
-                .map_err(|e| err(&d.path, e.to_string()))?;
-                let uri = client.describe();
-                let mut reader = NbdReader::new(client, uri);
-                if d.format == "raw" {
-                    let len = std::fs::metadata(&d.path)
-                        .map_err(|e| err(&d.path, e.to_string()))?
-                        .len();
-                    reader = reader.with_size(len);
-                }
-                readers.push((d.name.clone(), reader));
-            }
-            Ok::<_, bulwark_snapshot::Error>(readers)
+        // Raw images first: each locked and opened in place (no daemon, no copy).
+        let (raw, qcow2): (Vec<_>, Vec<_>) = disks.into_iter().partition(|d| d.format == "raw");
+        let mut sources: Vec<Box<dyn DiskSource>> = tokio::task::spawn_blocking(move || {
+            raw.into_iter()
+                .map(|d| InPlaceDisk::open(d).map(|d| Box::new(d) as Box<dyn DiskSource>))
+                .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))?;
-        let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
-        let readers = match connected {
-            Ok(r) => r,
-            Err(e) => {
-                roll_back_all(tracked).await;
-                return Err(e);
-            }
-        };
-        for ((name, reader), mut tracked) in readers.into_iter().zip(tracked) {
-            // The size the guest sees is what the NBD export says.
-            if let Ok(t) = &mut tracked {
-                t.disk.size = reader.size();
-            }
-            sources.push(Box::new(OfflineDisk {
-                name,
-                reader: Arc::new(reader),
-                daemon: daemon.clone(),
-                tracked,
-            }));
+        .map_err(|e| bulwark_snapshot::Error::Worker(e.to_string()))??;
+        if !qcow2.is_empty() {
+            sources.extend(through_daemon(qcow2, options).await?);
         }
         Ok(sources)
     }
+}
+
+/// The qcow2 images, through one `qemu-storage-daemon` (see the module docs).
+async fn through_daemon(
+    disks: Vec<Planned>,
+    options: OfflineOptions,
+) -> Result<Vec<Box<dyn DiskSource>>, bulwark_snapshot::Error> {
+    let daemon = {
+        let (options, disks) = (options.clone(), disks.clone());
+        tokio::task::spawn_blocking(move || start_daemon(&options, &disks))
+            .await
+            .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))??
+    };
+    let qmp = match &daemon.qmp_socket {
+        Some(q) => match connect_qmp(q, options.qmp_timeout).await {
+            Ok(qmp) => Some(Arc::new(qmp)),
+            Err(e) => {
+                let why = daemon.exited();
+                return Err(err(q, format!("{e}{why}")));
+            }
+        },
+        None => None,
+    };
+    let mut tracked: Vec<Result<Tracked, String>> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let node = format!("d{i}");
+        let t = match (&d.track, &qmp) {
+            (Err(why), _) => Err(why.clone()),
+            (Ok(()), None) => Err("no QMP monitor to keep a bitmap with".into()),
+            (Ok(()), Some(qmp)) => hand_over(qmp, &node, &format!("e{i}"), d)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(disk = %d.name, error = %e, "no dirty bitmap kept in the image");
+                    format!("no dirty bitmap could be kept in the image ({e}): every block is read")
+                }),
+        };
+        if let (Ok(()), Some(qmp)) = (&d.track, &qmp) {
+            let bitmaps: Vec<&str> = match &t {
+                Ok(t) => t.frozen.iter().map(|b| b.name.as_str()).collect(),
+                Err(_) => Vec::new(),
+            };
+            let exported = qmp
+                .run_json::<qapi::qmp::block_export_add>(
+                    json!({"type": "nbd", "id": format!("e{i}"), "node-name": node,
+                               "name": d.name, "writable": false, "bitmaps": bitmaps}),
+                    &d.name,
+                )
+                .await;
+            if let Err(e) = exported {
+                tracked.push(t);
+                roll_back_all(tracked).await;
+                return Err(qmp_err(&d.path, e));
+            }
+        }
+        tracked.push(t);
+    }
+    let socket = daemon.socket.clone();
+    let connected = tokio::task::spawn_blocking(move || {
+        let mut readers = Vec::new();
+        for d in &disks {
+            let client = Client::connect(
+                Address::Unix(socket.clone()),
+                ClientOptions::new(d.name.clone())
+                    .meta_context(BASE_ALLOCATION)
+                    .connections(options.nbd_connections),
+            )
+            .map_err(|e| err(&d.path, e.to_string()))?;
+            let uri = client.describe();
+            readers.push((d.name.clone(), NbdReader::new(client, uri)));
+        }
+        Ok::<_, bulwark_snapshot::Error>(readers)
+    })
+    .await
+    .map_err(|e| err(Path::new("qemu-storage-daemon"), e.to_string()))?;
+    let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
+    let readers = match connected {
+        Ok(r) => r,
+        Err(e) => {
+            roll_back_all(tracked).await;
+            return Err(e);
+        }
+    };
+    for ((name, reader), mut tracked) in readers.into_iter().zip(tracked) {
+        // The size the guest sees is what the NBD export says.
+        if let Ok(t) = &mut tracked {
+            t.disk.size = reader.size();
+        }
+        sources.push(Box::new(OfflineDisk {
+            name,
+            reader: Arc::new(reader),
+            daemon: daemon.clone(),
+            tracked,
+        }));
+    }
+    Ok(sources)
 }
 
 /// A failed start: the bitmaps go back as for a failed backup.
@@ -755,7 +716,7 @@ impl Tracked {
     }
 }
 
-/// An offline image read through `qemu-storage-daemon`.
+/// An offline qcow2 image read through `qemu-storage-daemon`.
 #[derive(Debug)]
 struct OfflineDisk {
     name: String,
@@ -872,5 +833,87 @@ impl DiskSource for OfflineDisk {
             Some(e) => Err(e),
             None => Ok(Released::default()),
         }
+    }
+}
+
+/// A raw offline image read in place: QEMU's image locks held ([`ImageLock`]) for as long as
+/// the source lives, the file read directly with the reader a reflink snapshot gets (holes
+/// skipped with `SEEK_DATA`, `O_DIRECT` where the file system allows it, bounded buffers).
+#[derive(Debug)]
+struct InPlaceDisk {
+    name: String,
+    reader: Arc<bulwark_blockdiff::Disk>,
+    /// Held until the source is released or dropped.
+    lock: ImageLock,
+}
+
+impl InPlaceDisk {
+    /// Locks `d`'s image, then opens it for reading. The path must still name the locked file
+    /// after the open (an image renamed or replaced meanwhile is refused, not read unlocked).
+    fn open(d: Planned) -> Result<InPlaceDisk, bulwark_snapshot::Error> {
+        use std::os::unix::fs::MetadataExt;
+        let lock = ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?;
+        let reader =
+            bulwark_blockdiff::Disk::open(&d.path).map_err(|e| err(&d.path, e.to_string()))?;
+        let locked = lock
+            .file()
+            .metadata()
+            .map_err(|e| err(&d.path, e.to_string()))?;
+        let now = std::fs::metadata(&d.path).map_err(|e| err(&d.path, e.to_string()))?;
+        if (locked.dev(), locked.ino()) != (now.dev(), now.ino()) {
+            return Err(err(
+                &d.path,
+                "the image was replaced while it was being locked; try again",
+            ));
+        }
+        tracing::info!(disk = %d.name, path = %d.path.display(), size = reader.size(), "raw image read in place, locked");
+        Ok(InPlaceDisk {
+            name: d.name,
+            reader: Arc::new(reader),
+            lock,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl DiskSource for InPlaceDisk {
+    fn kind(&self) -> &str {
+        "in-place"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn origin(&self) -> String {
+        self.lock.path().display().to_string()
+    }
+
+    fn reader(&self) -> Arc<dyn BlockSource> {
+        self.reader.clone()
+    }
+
+    async fn changes_since(
+        &self,
+        _previous: &PreviousDisk,
+    ) -> Result<Changes, bulwark_snapshot::Error> {
+        Ok(Changes::Unknown {
+            reason: RAW_UNTRACKED.to_string(),
+        })
+    }
+
+    fn tracking(&self) -> Option<Tracking> {
+        None
+    }
+
+    async fn release(
+        self: Box<Self>,
+        _outcome: Outcome,
+    ) -> Result<Released, bulwark_snapshot::Error> {
+        // The reader's descriptors close first; the locks go with `lock`'s.
+        let InPlaceDisk { reader, lock, .. } = *self;
+        drop(reader);
+        drop(lock);
+        Ok(Released::default())
     }
 }

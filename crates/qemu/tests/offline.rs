@@ -1,5 +1,5 @@
-//! Offline qcow2 and raw images through qemu-storage-daemon: the guest-visible bytes, read-only
-//! and locked against a VM starting meanwhile, no copy of the disk written.
+//! Offline images (qcow2 through qemu-storage-daemon, raw read in place): the guest-visible
+//! bytes, read-only and locked against a VM starting meanwhile, no copy of the disk written.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -101,13 +101,32 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
         "{}",
         String::from_utf8_lossy(&busy.stderr)
     );
-    assert!(
-        !qemu_io("raw", &raw, "write -P 0x66 0 4k").status.success(),
-        "raw image not locked"
+    // The raw image is read in place, locked by Bulwark itself (no daemon holds it): a QEMU
+    // program opening it for writing fails with QEMU's own message.
+    assert_eq!(
+        sources.iter().map(|s| s.kind()).collect::<Vec<_>>(),
+        ["in-place", "qemu-offline"]
     );
-    for (i, s) in sources.iter().enumerate() {
+    let busy = qemu_io("raw", &raw, "write -P 0x66 0 4k");
+    assert!(!busy.status.success(), "raw image not locked");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("Failed to get \"write\" lock"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    // A reader that shares writing (`qemu-io -r`) may still open it: Bulwark shares reading.
+    assert!(
+        std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read 0 4k", raw.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success(),
+        "a read-only QEMU reader was refused"
+    );
+    for s in sources.iter() {
+        let want = &want[usize::from(s.name() == "data")];
         let (got, read) = read_all(&s.reader());
-        assert_same(&got, &want[i], s.name());
+        assert_same(&got, want, s.name());
         assert!(
             read <= 3 * MIB,
             "{}: read {read} bytes, holes must be skipped",
@@ -160,28 +179,33 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
             .status
             .success()
     );
+    assert!(qemu_io("raw", &raw, "write -P 0x66 0 4k").status.success());
 
-    // An image a VM holds is refused with a clear error.
-    let vm = Vm::start(&[DiskSpec {
-        drive: true,
-        name: "os",
-        format: "qcow2",
-        size: 64 * MIB,
-        read_only: false,
-    }]);
-    let held = OfflineSnapshotter::new(OfflineOptions::new(
-        vec![("os".into(), vm.image("os", "qcow2"))],
-        vm.path(),
-    ));
-    let err = held
-        .prepare("vm2", "p1")
-        .await
-        .unwrap()
-        .take()
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("lock") && err.contains("VM"), "{err}");
+    // An image a VM holds is refused with a clear error naming it: the qcow2 (by the daemon's
+    // lock failure) and the raw image (by Bulwark's own lock).
+    let vm = Vm::start(&os_and_data());
+    for (name, format) in [("os", "qcow2"), ("data", "raw")] {
+        let image = vm.image(name, format);
+        let held = OfflineSnapshotter::new(OfflineOptions::new(
+            vec![(name.into(), image.clone())],
+            vm.path(),
+        ));
+        let err = held
+            .prepare("vm2", "p1")
+            .await
+            .unwrap()
+            .take()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lock") && err.contains("VM"), "{err}");
+        if format == "raw" {
+            assert!(
+                err.contains(&image.display().to_string()) && err.contains("\"write\""),
+                "{err}"
+            );
+        }
+    }
     let missing = OfflineSnapshotter::new(OfflineOptions::new(
         vec![("x".into(), dir.path().join("nope"))],
         dir.path(),
