@@ -211,27 +211,13 @@ impl Vm {
     }
 
     pub async fn qmp(&self) -> Arc<Qmp> {
-        Arc::new(
-            Qmp::connect(
-                &format!("unix:{}", self.qmp_socket.display()),
-                Duration::from_secs(20),
-            )
-            .await
-            .unwrap(),
-        )
+        Arc::new(connect(&self.qmp_socket).await)
     }
 
     /// A session on the second monitor, for guest writes beside Bulwark's session.
     pub async fn test_qmp(&self) -> Arc<Qmp> {
         let socket = self.path().join("qmp-test.sock");
-        Arc::new(
-            Qmp::connect(
-                &format!("unix:{}", socket.display()),
-                Duration::from_secs(20),
-            )
-            .await
-            .unwrap(),
-        )
+        Arc::new(connect(&socket).await)
     }
 
     /// Kills QEMU (by its pid) and gives the directory back, for a restart on the same images.
@@ -331,5 +317,25 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
             "{what}: first difference at byte {i}: got 0x{:02x}, want 0x{:02x}",
             got[i], want[i]
         );
+    }
+}
+
+/// Connects to a QMP socket of a QEMU this file started. QEMU creates the socket file when it
+/// binds, a moment before it listens: a connection in between is refused (seen once in CI on
+/// a loaded machine), so refusals are retried for up to 10 s.
+async fn connect(socket: &Path) -> Qmp {
+    let addr = format!("unix:{}", socket.display());
+    let mut tries = 0;
+    loop {
+        match Qmp::connect(&addr, Duration::from_secs(20)).await {
+            Ok(q) => return q,
+            Err(bulwark_qemu::Error::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused && tries < 200 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("QMP {}: {e}", socket.display()),
+        }
     }
 }
