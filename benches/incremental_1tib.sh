@@ -11,7 +11,8 @@
 #         persistent dirty bitmap.
 #
 # Usage (as root): bash benches/incremental_1tib.sh [BINARY] [xfs|qemu|both]
-#   BINARY defaults to target/release/bulwark-controller. Results go to stdout, one line per
+#   BINARY defaults to target/release/bulwark-controller. BLOCK_SIZE=262144 (say) makes the
+#   vaults with that block size. Results go to stdout, one line per
 #   case: case, wall seconds, peak RSS (KiB), and the incremental's statistics.
 # Needs: xfsprogs, qemu-system-x86, qemu-utils, python3. Work files in $BENCH_DIR (default
 # /tmp/bulwark-1tib): a 1.1 TiB *sparse* file holding the XFS (a few hundred MiB used).
@@ -80,7 +81,7 @@ run_xfs() {
         head -c 1M /dev/urandom | dd of="$img" bs=1M seek=$((off >> 20)) conv=notrunc status=none
     done
     sync
-    "$BIN" init --vault "$vault" > /dev/null
+    "$BIN" init --vault "$vault" ${BLOCK_SIZE:+--block-size "$BLOCK_SIZE"} > /dev/null
     timed xfs-full backup --vault "$vault" --vm big --disk "os=$img" --snapshot reflink \
         --snapshot-dir "$MNT/snaps" --json
     # One 4 KiB write into a hole, 700 GiB in.
@@ -129,7 +130,7 @@ run_qemu() {
         -drive "id=os,file=$img,format=qcow2,if=none" &
     QEMU_PID=$!
     for _ in $(seq 100); do [ -S "$DIR/run/qmp-bench.sock" ] && break; sleep 0.1; done
-    "$BIN" init --vault "$vault" > /dev/null
+    "$BIN" init --vault "$vault" ${BLOCK_SIZE:+--block-size "$BLOCK_SIZE"} > /dev/null
     timed qemu-full backup --vault "$vault" --vm big --qmp "unix:$DIR/run/qmp.sock" \
         --runtime-dir "$DIR/run/bulwark" --json
     # One 4 KiB write through QEMU (what a guest's write does to the dirty bitmap), 700 GiB in.

@@ -3,16 +3,21 @@
 //!
 //! The QMP sequence (QEMU 7.2):
 //!
-//! * prepare: `query-block` (disks), `query-named-block-nodes` (bitmaps); per disk
-//!   `qemu-img create -f qcow2 FILE SIZE` and `blockdev-add` of a qcow2 node on it whose
-//!   backing is the live disk's node;
+//! * prepare: `query-block` (disks), `query-named-block-nodes` (bitmaps); per disk the
+//!   fleecing image, made by QEMU itself (no `qemu-img` process: that process was the largest
+//!   fixed cost of a backup): an empty file, a `file` node on it (`bulwark-file-…`, with
+//!   `cache.no-flush`: scratch space, never needed after a crash), a
+//!   `blockdev-create` job of qcow2 on that node (`bulwark-create-…`, dismissed once
+//!   concluded), and `blockdev-add` of a qcow2 node on the `file` node whose backing is the
+//!   live disk's node;
 //! * take: one `transaction` of, per disk, `block-dirty-bitmap-add` (the new bitmap:
 //!   persistent on qcow2), `block-dirty-bitmap-disable` of each enabled `bulwark-` bitmap (the
 //!   base, now frozen: the changes since the previous point), and `blockdev-backup sync=none`
 //!   from the disk into the fleecing node (copy-before-write: a guest write first copies the old
 //!   data into the fleecing image); then `nbd-server-start` on a Unix socket and, per disk,
 //!   `block-export-add` of the fleecing node, read-only, with the frozen bitmaps;
-//! * release: `block-export-del` (hard), `block-job-cancel`, `blockdev-del`, remove the file,
+//! * release: `block-export-del` (hard), `block-job-cancel`, `blockdev-del` of the qcow2 node
+//!   and then of its `file` node, remove the file,
 //!   `nbd-server-stop` after the last disk; then either `block-dirty-bitmap-remove` of the frozen
 //!   bases (committed: the new bitmap is the next base) or `block-dirty-bitmap-merge` of the new
 //!   bitmap into each base, `block-dirty-bitmap-enable` of the bases and
@@ -36,6 +41,11 @@ use crate::{Error, Qmp};
 /// The prefix of every object Bulwark makes in QEMU (nodes, jobs, exports, bitmaps, files).
 pub const PREFIX: &str = "bulwark-";
 
+/// The start of a fleecing (qcow2) node's name.
+const FLEECE_NODE: &str = "bulwark-fleece-";
+/// The start of the name of the `file` node under a fleecing node.
+const FILE_NODE: &str = "bulwark-file-";
+
 /// Where and how to make the point in time.
 #[derive(Debug, Clone)]
 pub struct FleeceOptions {
@@ -43,8 +53,6 @@ pub struct FleeceOptions {
     pub fleece_dir: Option<PathBuf>,
     /// Directory for the NBD server's Unix socket.
     pub socket_dir: PathBuf,
-    /// The `qemu-img` program.
-    pub qemu_img: PathBuf,
     /// The disks to take (names as [`VmDisk::name`]); empty: every writable disk.
     pub disks: Vec<String>,
     /// Refuse to start unless each fleecing directory has room for the whole of its disks
@@ -55,12 +63,11 @@ pub struct FleeceOptions {
 }
 
 impl FleeceOptions {
-    /// Defaults: fleecing images next to the images, `qemu-img` from the PATH, every disk.
+    /// Defaults: fleecing images next to the images, every disk.
     pub fn new(socket_dir: impl Into<PathBuf>) -> Self {
         FleeceOptions {
             fleece_dir: None,
             socket_dir: socket_dir.into(),
-            qemu_img: PathBuf::from("qemu-img"),
             disks: Vec::new(),
             require_space: true,
         }
@@ -153,6 +160,19 @@ pub struct FleeceDisk {
     pub taken_at_ms: u64,
 }
 
+impl FleeceDisk {
+    /// The `file` node under the fleecing node, `bulwark-file-TOKEN-I` (QEMU takes node names
+    /// of at most 31 bytes).
+    fn file_node(&self) -> String {
+        self.fleece_node.replacen(FLEECE_NODE, FILE_NODE, 1)
+    }
+
+    /// The `blockdev-create` job that formats the fleecing image.
+    fn create_job(&self) -> String {
+        self.fleece_node.replacen(FLEECE_NODE, "bulwark-create-", 1)
+    }
+}
+
 /// What the controller's side shares between a point's disks: the QMP session and the NBD server.
 #[derive(Debug)]
 struct Shared {
@@ -234,7 +254,7 @@ impl Fleecing {
                 .filter(|b| b.recording && !b.inconsistent)
                 .collect();
             let fd = FleeceDisk {
-                fleece_node: format!("{PREFIX}fleece-{token}-{i}"),
+                fleece_node: format!("{FLEECE_NODE}{token}-{i}"),
                 fleece_file: dir.join(format!("{PREFIX}fleece-{token}-{i}.qcow2")),
                 job: format!("{PREFIX}job-{token}-{i}"),
                 export: format!("{PREFIX}export-{token}-{i}"),
@@ -245,18 +265,19 @@ impl Fleecing {
                 frozen,
                 disk,
             };
-            let created = create_fleece_image(&qmp, options, &fd).await;
+            // Armed before anything is made: `abort` removes whatever of it exists.
+            fleecing.disks.push(fd.clone());
+            let created = create_fleece_image(&qmp, &fd).await;
             if let Err(e) = created {
                 fleecing.abort().await;
                 return Err(e);
             }
-            fleecing.disks.push(fd.clone());
             let added = qmp
                 .run_json::<qapi::qmp::blockdev_add>(
                     json!({
                         "driver": "qcow2",
                         "node-name": fd.fleece_node,
-                        "file": {"driver": "file", "filename": path_str(&fd.fleece_file)},
+                        "file": fd.file_node(),
                         "backing": fd.disk.node,
                         "read-only": false,
                     }),
@@ -351,8 +372,7 @@ impl Fleecing {
         remove_quietly(&qmp, "NBD server", stop_server(&self.shared).await).await;
         for d in std::mem::take(&mut self.disks) {
             remove_quietly(&qmp, &d.job, cancel_job(&qmp, &d.job).await).await;
-            remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
-            remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
+            remove_quietly(&qmp, "fleecing image", remove_fleece(&qmp, &d).await).await;
             remove_quietly(
                 &qmp,
                 &d.new_bitmap,
@@ -375,8 +395,7 @@ impl Drop for Fleecing {
         spawn_cleanup(async move {
             remove_quietly(&qmp, "NBD server", stop_server(&shared).await).await;
             for d in disks {
-                remove_quietly(&qmp, &d.fleece_node, del_node(&qmp, &d.fleece_node).await).await;
-                remove_quietly(&qmp, "fleecing file", remove_file(&d.fleece_file)).await;
+                remove_quietly(&qmp, "fleecing image", remove_fleece(&qmp, &d).await).await;
             }
         });
     }
@@ -447,39 +466,23 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-async fn create_fleece_image(
-    qmp: &Qmp,
-    options: &FleeceOptions,
-    d: &FleeceDisk,
-) -> Result<(), Error> {
-    let args = vec![
-        "create".to_string(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        path_str(&d.fleece_file),
-        d.disk.size.to_string(),
-    ];
-    let out = tokio::process::Command::new(&options.qemu_img)
-        .args(&args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| Error::Tool {
-            program: path_str(&options.qemu_img),
-            args: args.join(" "),
-            reason: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(Error::Tool {
-            program: path_str(&options.qemu_img),
-            args: args.join(" "),
-            reason: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+/// Makes the fleecing image inside QEMU: an empty file of ours (handed to QEMU's user), a
+/// `file` node on it, and a `blockdev-create` job that formats it as qcow2 of the disk's size.
+/// What it made stays for [`remove_fleece`] (or [`cleanup_leftovers`]) on any failure.
+async fn create_fleece_image(qmp: &Qmp, d: &FleeceDisk) -> Result<(), Error> {
+    let file_err = |e: std::io::Error| Error::File {
+        path: d.fleece_file.clone(),
+        source: e,
+    };
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A random name, never an existing file: no one else's file is ever opened.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&d.fleece_file)
+            .map_err(file_err)?;
     }
     // QEMU opens the file itself: give it to QEMU's user when that is another one.
     if let Some(id) = qmp.identity()
@@ -491,12 +494,78 @@ async fn create_fleece_image(
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
         )
-        .map_err(|e| Error::File {
-            path: d.fleece_file.clone(),
-            source: e.into(),
-        })?;
+        .map_err(|e| file_err(e.into()))?;
     }
-    Ok(())
+    let file_node = d.file_node();
+    // No flushes: the image is scratch space that nothing reads after a crash (the next backup
+    // removes it). Its creation's flush cost 10-150 ms on a loaded host, and without this every
+    // guest flush during the backup would also flush the fleecing file.
+    qmp.run_json::<qapi::qmp::blockdev_add>(
+        json!({"driver": "file", "node-name": file_node, "filename": path_str(&d.fleece_file),
+               "cache": {"no-flush": true}}),
+        &file_node,
+    )
+    .await?;
+    let job = d.create_job();
+    qmp.run_json::<qapi::qmp::blockdev_create>(
+        json!({"job-id": job, "options": {"driver": "qcow2", "file": file_node, "size": d.disk.size}}),
+        &job,
+    )
+    .await?;
+    // The job formats a few clusters: it ends within milliseconds. Polled (a QMP round trip
+    // costs ~0.1 ms), then dismissed; an error leaves it to the caller's cleanup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut pause = Duration::from_micros(500);
+    loop {
+        let jobs = qmp.run(qapi::qmp::query_jobs {}, &job).await?;
+        let Some(j) = jobs.iter().find(|j| j.id == job) else {
+            return Err(Error::Job {
+                socket: qmp.socket().to_path_buf(),
+                job,
+                reason: "the job creating the fleecing image vanished".into(),
+            });
+        };
+        if matches!(j.status, qapi::qmp::JobStatus::concluded) {
+            if let Some(e) = &j.error {
+                return Err(Error::Job {
+                    socket: qmp.socket().to_path_buf(),
+                    job,
+                    reason: format!(
+                        "creating the fleecing image {}: {e}",
+                        d.fleece_file.display()
+                    ),
+                });
+            }
+            qmp.run(qapi::qmp::job_dismiss { id: job.clone() }, &job)
+                .await?;
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Job {
+                socket: qmp.socket().to_path_buf(),
+                job,
+                reason: format!(
+                    "creating the fleecing image took over 60 s (status {:?})",
+                    j.status
+                ),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Removes a disk's fleecing image: the creation job if it is still there, the qcow2 node, then
+/// its `file` node (a node in use by another cannot go first), then the file. Each step is
+/// done even when an earlier one failed; the first error is returned.
+async fn remove_fleece(qmp: &Qmp, d: &FleeceDisk) -> Result<(), Error> {
+    let steps = [
+        cancel_job(qmp, &d.create_job()).await,
+        del_node(qmp, &d.fleece_node).await,
+        del_node(qmp, &d.file_node()).await,
+        remove_file(&d.fleece_file),
+    ];
+    steps.into_iter().collect()
 }
 
 async fn start_server(shared: &Shared) -> Result<(), Error> {
@@ -666,8 +735,7 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
     };
     note(del_export(qmp, &d.export).await);
     note(cancel_job(qmp, &d.job).await);
-    note(del_node(qmp, &d.fleece_node).await);
-    note(remove_file(&d.fleece_file));
+    note(remove_fleece(qmp, &d).await);
     if shared.live_disks.fetch_sub(1, Ordering::SeqCst) == 1 {
         note(stop_server(&shared).await);
     }
@@ -920,12 +988,16 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
                 .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{PREFIX}fleece-")))
         })
         .collect();
-    for n in nodes {
-        let Some(name) = n.node_name else { continue };
-        if name.starts_with(PREFIX) {
-            del_node(qmp, &name).await?;
-            left.nodes.push(name);
-        }
+    // A fleecing node first, then the `file` node under it (in use until then).
+    let mut ours: Vec<String> = nodes
+        .into_iter()
+        .filter_map(|n| n.node_name)
+        .filter(|name| name.starts_with(PREFIX))
+        .collect();
+    ours.sort_by_key(|name| name.starts_with(FILE_NODE));
+    for name in ours {
+        del_node(qmp, &name).await?;
+        left.nodes.push(name);
     }
     for file in fleece_files {
         remove_file(&file)?;

@@ -334,6 +334,30 @@ async fn dropping_a_taken_point_cleans_up_and_rolls_back() {
     // A prepared point dropped before the instant: its nodes and files go.
     let prepared = Fleecing::prepare(qmp.clone(), &options).await.unwrap();
     assert!(!bulwark_objects(&qmp, vm.path()).await.is_empty());
+    // QEMU made each fleecing image itself (no qemu-img): a qcow2 of the disk's size, opened
+    // through a `bulwark-file-` node.
+    for d in prepared.disks() {
+        let header = std::fs::read(&d.fleece_file).unwrap();
+        assert_eq!(&header[..4], b"QFI\xfb", "{}", d.fleece_file.display());
+        let size = u64::from_be_bytes(header[24..32].try_into().unwrap());
+        assert_eq!(
+            size,
+            d.disk.size,
+            "virtual size of {}",
+            d.fleece_file.display()
+        );
+        let file_node = d.fleece_node.replace("bulwark-fleece-", "bulwark-file-");
+        let nodes = qmp
+            .run(qapi::qmp::query_named_block_nodes { flat: Some(true) }, "")
+            .await
+            .unwrap();
+        let node = nodes
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(file_node.as_str()))
+            .unwrap_or_else(|| panic!("no node {file_node}"));
+        // Scratch space: never flushed (nor the guest's flushes slowed by it).
+        assert!(node.cache.no_flush, "{file_node} flushes");
+    }
     drop(prepared);
     wait_clean(&qmp, vm.path()).await;
     // A taken point dropped without release: as a failed one.
@@ -480,7 +504,8 @@ async fn a_killed_controller_leaves_only_what_the_next_backup_removes() {
     let removed = cleanup_leftovers(&qmp, vm.path()).await.unwrap();
     assert_eq!(removed.exports.len(), 2, "{removed:?}");
     assert_eq!(removed.jobs.len(), 2);
-    assert_eq!(removed.nodes.len(), 2);
+    // Per disk the qcow2 fleecing node and the `file` node under it.
+    assert_eq!(removed.nodes.len(), 4, "{removed:?}");
     assert!(removed.nbd_server);
     assert_eq!(removed.bitmaps.iter().filter(|(_, b)| b == &b2).count(), 2);
     let left = bulwark_objects(&qmp, vm.path()).await;
