@@ -24,16 +24,8 @@ fn sigkill_during_backup_never_breaks_committed_points() {
         f.write_all_at(&pseudo_random(MIB as usize, b), b * MIB)
             .unwrap();
     }
-    // A qcow2 image: only those go through qemu-storage-daemon (a raw one is read in place).
-    let qcow = dir.path().join("disk.qcow2");
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&img)
-        .arg(&qcow)
-        .status()
-        .unwrap();
-    assert!(converted.success());
-    let disk = format!("d={}", qcow.display());
+    // The raw image itself, read in place: each round below writes into it.
+    let disk = format!("d={}", img.display());
     let backup_args = [
         "backup", "--vault", vault, "--vm", "vm", "--disk", &disk, "--json",
     ];
@@ -169,6 +161,18 @@ fn sigkill_during_backup_never_breaks_committed_points() {
     assert_eq!(file_digest(&to), file_digest(&img));
 }
 
+/// `raw` converted to the qcow2 image `qcow` (`qemu-img convert`); gives `qcow` back.
+fn to_qcow2(raw: &Path, qcow: &Path) -> std::path::PathBuf {
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(qcow)
+        .status()
+        .unwrap();
+    assert!(converted.success(), "qemu-img convert {}", raw.display());
+    qcow.to_path_buf()
+}
+
 /// Files under `dir`, recursively (0 when it does not exist).
 fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -243,14 +247,7 @@ fn sigkill_during_offline_backup_leaves_no_storage_daemon() {
             .unwrap();
     }
     // A qcow2 image: only those go through qemu-storage-daemon (a raw one is read in place).
-    let qcow = dir.path().join("disk.qcow2");
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&img)
-        .arg(&qcow)
-        .status()
-        .unwrap();
-    assert!(converted.success());
+    let qcow = to_qcow2(&img, &dir.path().join("disk.qcow2"));
     let disk = format!("d={}", qcow.display());
     let backup_args = [
         "backup",

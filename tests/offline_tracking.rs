@@ -50,6 +50,26 @@ struct Setup {
 }
 
 impl Setup {
+    /// A vault with 64 KiB blocks and a 160 MiB loop-mounted ext4 datastore; `None` (the test
+    /// skips) without root or QEMU's tools.
+    fn new(test: &str) -> Option<Setup> {
+        let tools = [
+            "mkfs.ext4",
+            "losetup",
+            "qemu-img",
+            "qemu-io",
+            "qemu-storage-daemon",
+        ];
+        if !root_or_skip(test, &tools) {
+            return None;
+        }
+        let env = TestEnv::init(&["--block-size", "64KiB"]);
+        let fs = LoopFs::create(&env.root, "datastore", 160 * MIB, FsType::Ext4);
+        let run = env.path("run");
+        std::fs::create_dir_all(&run).unwrap();
+        Some(Setup { env, fs, run })
+    }
+
     /// `backup --disk os=IMAGE [--disk data=RAW]`, watching the datastore's used bytes while
     /// it runs: nothing of the disk's size may be written there.
     fn backup(&self, disks: &[(&str, &Path)]) -> serde_json::Value {
@@ -141,24 +161,10 @@ fn bitmap_names(image: &Path) -> Vec<String> {
 
 #[test]
 fn offline_qcow2_on_ext4_incrementals_read_only_the_dirty_clusters() {
-    let test = "offline_qcow2_on_ext4_incrementals_read_only_the_dirty_clusters";
-    if !root_or_skip(
-        test,
-        &[
-            "mkfs.ext4",
-            "losetup",
-            "qemu-img",
-            "qemu-io",
-            "qemu-storage-daemon",
-        ],
-    ) {
+    let Some(s) = Setup::new("offline_qcow2_on_ext4_incrementals_read_only_the_dirty_clusters")
+    else {
         return;
-    }
-    let env = TestEnv::init(&["--block-size", "64KiB"]);
-    let fs = LoopFs::create(&env.root, "datastore", 160 * MIB, FsType::Ext4);
-    let run = env.path("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let s = Setup { env, fs, run };
+    };
     let os = s.fs.path().join("os.qcow2");
     let data = s.fs.path().join("data.img");
     let made = Command::new("qemu-img")
@@ -266,24 +272,9 @@ fn point_count(env: &TestEnv) -> usize {
 /// fails with an error naming the image and the lock, and commits nothing.
 #[test]
 fn offline_raw_on_ext4_is_read_in_place_under_qemus_locks() {
-    let test = "offline_raw_on_ext4_is_read_in_place_under_qemus_locks";
-    if !root_or_skip(
-        test,
-        &[
-            "mkfs.ext4",
-            "losetup",
-            "qemu-img",
-            "qemu-io",
-            "qemu-storage-daemon",
-        ],
-    ) {
+    let Some(s) = Setup::new("offline_raw_on_ext4_is_read_in_place_under_qemus_locks") else {
         return;
-    }
-    let env = TestEnv::init(&["--block-size", "64KiB"]);
-    let fs = LoopFs::create(&env.root, "datastore", 160 * MIB, FsType::Ext4);
-    let run = env.path("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let s = Setup { env, fs, run };
+    };
     let raw = s.fs.path().join("data.img");
     std::fs::File::create(&raw)
         .unwrap()
