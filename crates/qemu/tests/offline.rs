@@ -184,6 +184,14 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
     // An image a VM holds is refused with a clear error naming it: the qcow2 (by the daemon's
     // lock failure) and the raw image (by Bulwark's own lock).
     let vm = Vm::start(&os_and_data());
+    // QEMU creates its QMP socket before it opens its drives: its monitor answers once the
+    // machine is built, with every drive open and locked (without this wait CI once locked
+    // the raw image before QEMU did).
+    vm.qmp()
+        .await
+        .run(qapi::qmp::query_status {}, "")
+        .await
+        .unwrap();
     for (name, format) in [("os", "qcow2"), ("data", "raw")] {
         let image = vm.image(name, format);
         let held = OfflineSnapshotter::new(OfflineOptions::new(
