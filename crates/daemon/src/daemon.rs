@@ -1041,9 +1041,16 @@ impl Daemon {
         while !st.tasks.is_empty() || house.task.is_some() {
             tokio::select! {
                 Some(res) = st.tasks.join_next_with_id(), if !st.tasks.is_empty() => {
-                    self.reap(&mut st, res)
+                    self.reap(&mut st, res);
+                    // "After each job" holds for a job that ends during the shutdown too.
+                    house.request(&keeper);
                 }
-                _ = house.finished() => {}
+                _ = house.finished() => {
+                    // A pass asked for while one ran (a job that ended meanwhile) still runs.
+                    if std::mem::take(&mut house.again) {
+                        house.request(&keeper);
+                    }
+                }
                 _ = &mut deadline => break,
             }
         }
@@ -1356,6 +1363,61 @@ mod tests {
         // One pass at start, still running when the daemon stops: passes never overlap, and
         // the requests made meanwhile wait for it instead of starting more.
         assert_eq!(*slow.passes.lock().unwrap(), 1);
+    }
+
+    /// Housekeeping that counts its passes and ends at once.
+    struct CountingMaintenance {
+        passes: Mutex<u32>,
+    }
+
+    impl Maintenance for CountingMaintenance {
+        fn run<'a>(
+            &'a self,
+            _vms: &'a [Arc<VmConfig>],
+            _now: Timestamp,
+        ) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async move {
+                *self.passes.lock().unwrap() += 1;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_ends_during_shutdown_still_gets_its_housekeeping() {
+        let h = History::in_memory().unwrap();
+        let start = t("2026-11-23T00:00:00Z");
+        // The only job starts at 00:01:00 and runs 150 s: the shutdown comes at 00:01:30,
+        // while it runs.
+        let stop = t("2026-11-23T00:01:30Z");
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(start));
+        let runner = Arc::new(Recorder {
+            clock: clock.clone(),
+            durations: [("busy".to_string(), Duration::from_secs(150))].into(),
+            log: Mutex::new(Vec::new()),
+        });
+        let counting = Arc::new(CountingMaintenance {
+            passes: Mutex::new(0),
+        });
+        let daemon = Daemon::new(
+            vec![vm("busy", daily("02:00"), Some(60))],
+            h.clone(),
+            clock.clone(),
+            runner.clone(),
+            DaemonOptions {
+                shutdown_timeout: Duration::from_secs(300),
+                ..options()
+            },
+        )
+        .with_maintenance(counting.clone());
+        let c2 = clock.clone();
+        let summary = daemon
+            .run(async move { c2.sleep_until(stop).await })
+            .await
+            .unwrap();
+        assert_eq!(summary.started, 1);
+        // One pass at start, one after the job that ended during the shutdown.
+        assert_eq!(*counting.passes.lock().unwrap(), 2);
     }
 
     #[test]

@@ -320,9 +320,10 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-/// Connects to a QMP socket of a QEMU this file started. QEMU creates the socket file when it
-/// binds, a moment before it listens: a connection in between is refused (seen once in CI on
-/// a loaded machine), so refusals are retried for up to 10 s.
+/// Connects to a QMP socket of a QEMU this file started. `Vm::start` waits for the first
+/// monitor's socket only; the second one comes a moment later, and QEMU creates each socket
+/// file when it binds, a moment before it listens (CI hit both windows once on a loaded
+/// machine). So a missing socket and a refused connection are retried for up to 10 s.
 async fn connect(socket: &Path) -> Qmp {
     let addr = format!("unix:{}", socket.display());
     let mut tries = 0;
@@ -330,7 +331,10 @@ async fn connect(socket: &Path) -> Qmp {
         match Qmp::connect(&addr, Duration::from_secs(20)).await {
             Ok(q) => return q,
             Err(bulwark_qemu::Error::Connect { source, .. })
-                if source.kind() == std::io::ErrorKind::ConnectionRefused && tries < 200 =>
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && tries < 200 =>
             {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
