@@ -1300,12 +1300,13 @@ mod tests {
         );
     }
 
-    /// Housekeeping that takes 1000 s (a GC waiting on a lease) at each pass.
-    struct SlowMaintenance {
+    /// Housekeeping that counts its passes, each taking `pass_takes`.
+    struct CountingMaintenance {
         passes: Mutex<u32>,
+        pass_takes: Duration,
     }
 
-    impl Maintenance for SlowMaintenance {
+    impl Maintenance for CountingMaintenance {
         fn run<'a>(
             &'a self,
             _vms: &'a [Arc<VmConfig>],
@@ -1313,43 +1314,60 @@ mod tests {
         ) -> BoxFuture<'a, Result<(), String>> {
             Box::pin(async move {
                 *self.passes.lock().unwrap() += 1;
-                tokio::time::sleep(Duration::from_secs(1000)).await;
+                tokio::time::sleep(self.pass_takes).await;
                 Ok(())
             })
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn slow_housekeeping_never_holds_up_the_schedule() {
+    /// A daemon from 2026-11-23T00:00:00Z over one VM `busy` due every 60 s whose jobs take
+    /// 150 s, with housekeeping passes of `pass_takes`, stopped at `stop`: its summary, the
+    /// job starts and the number of housekeeping passes.
+    async fn busy_vm_with_housekeeping(
+        pass_takes: Duration,
+        stop: Timestamp,
+        shutdown_timeout: Duration,
+    ) -> (DaemonSummary, Vec<(String, Timestamp, Trigger)>, u32) {
         let h = History::in_memory().unwrap();
-        let start = t("2026-11-23T00:00:00Z");
-        let end = t("2026-11-23T00:09:50Z");
-        let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(start));
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(t("2026-11-23T00:00:00Z")));
         let runner = Arc::new(Recorder {
             clock: clock.clone(),
             durations: [("busy".to_string(), Duration::from_secs(150))].into(),
             log: Mutex::new(Vec::new()),
         });
-        let slow = Arc::new(SlowMaintenance {
+        let counting = Arc::new(CountingMaintenance {
             passes: Mutex::new(0),
+            pass_takes,
         });
         let daemon = Daemon::new(
             vec![vm("busy", daily("02:00"), Some(60))],
-            h.clone(),
+            h,
             clock.clone(),
             runner.clone(),
             DaemonOptions {
-                shutdown_timeout: Duration::from_secs(5),
+                shutdown_timeout,
                 ..options()
             },
         )
-        .with_maintenance(slow.clone());
-        let c2 = clock.clone();
+        .with_maintenance(counting.clone());
         let summary = daemon
-            .run(async move { c2.sleep_until(end).await })
+            .run(async move { clock.sleep_until(stop).await })
             .await
             .unwrap();
         let log = runner.log.lock().unwrap().clone();
+        let passes = *counting.passes.lock().unwrap();
+        (summary, log, passes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_housekeeping_never_holds_up_the_schedule() {
+        // Each pass takes 1000 s (a GC waiting on a lease).
+        let (summary, log, passes) = busy_vm_with_housekeeping(
+            Duration::from_secs(1000),
+            t("2026-11-23T00:09:50Z"),
+            Duration::from_secs(5),
+        )
+        .await;
         // The same runs and skips as with no housekeeping at all.
         assert_eq!(
             starts(&log, "busy"),
@@ -1362,62 +1380,22 @@ mod tests {
         assert_eq!(summary.skipped, 6);
         // One pass at start, still running when the daemon stops: passes never overlap, and
         // the requests made meanwhile wait for it instead of starting more.
-        assert_eq!(*slow.passes.lock().unwrap(), 1);
-    }
-
-    /// Housekeeping that counts its passes and ends at once.
-    struct CountingMaintenance {
-        passes: Mutex<u32>,
-    }
-
-    impl Maintenance for CountingMaintenance {
-        fn run<'a>(
-            &'a self,
-            _vms: &'a [Arc<VmConfig>],
-            _now: Timestamp,
-        ) -> BoxFuture<'a, Result<(), String>> {
-            Box::pin(async move {
-                *self.passes.lock().unwrap() += 1;
-                Ok(())
-            })
-        }
+        assert_eq!(passes, 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_job_that_ends_during_shutdown_still_gets_its_housekeeping() {
-        let h = History::in_memory().unwrap();
-        let start = t("2026-11-23T00:00:00Z");
         // The only job starts at 00:01:00 and runs 150 s: the shutdown comes at 00:01:30,
         // while it runs.
-        let stop = t("2026-11-23T00:01:30Z");
-        let clock: Arc<dyn Clock> = Arc::new(TokioClock::starting_at(start));
-        let runner = Arc::new(Recorder {
-            clock: clock.clone(),
-            durations: [("busy".to_string(), Duration::from_secs(150))].into(),
-            log: Mutex::new(Vec::new()),
-        });
-        let counting = Arc::new(CountingMaintenance {
-            passes: Mutex::new(0),
-        });
-        let daemon = Daemon::new(
-            vec![vm("busy", daily("02:00"), Some(60))],
-            h.clone(),
-            clock.clone(),
-            runner.clone(),
-            DaemonOptions {
-                shutdown_timeout: Duration::from_secs(300),
-                ..options()
-            },
+        let (summary, _, passes) = busy_vm_with_housekeeping(
+            Duration::ZERO,
+            t("2026-11-23T00:01:30Z"),
+            Duration::from_secs(300),
         )
-        .with_maintenance(counting.clone());
-        let c2 = clock.clone();
-        let summary = daemon
-            .run(async move { c2.sleep_until(stop).await })
-            .await
-            .unwrap();
+        .await;
         assert_eq!(summary.started, 1);
         // One pass at start, one after the job that ended during the shutdown.
-        assert_eq!(*counting.passes.lock().unwrap(), 2);
+        assert_eq!(passes, 2);
     }
 
     #[test]
