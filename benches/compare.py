@@ -160,24 +160,26 @@ def report(out, image_bytes):
         lines.append("| case | Bulwark full | vs restic | vs borg | Bulwark incremental | vs restic | vs borg "
                      "| Bulwark restore | vs restic | vs borg | full / full on XFS |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for label, p in cases:
-            if (p + "bulwark", "full") not in med:
+        for (label, p), variant in [(c, v) for c in cases for v in ["bulwark", "bulwark-256k"]]:
+            if (p + variant, "full") not in med:
                 continue
+            if variant != "bulwark":
+                label += ", 256 KiB blocks"
             cells = []
             for op in ["full", "incremental", "restore"]:
-                b = med.get((p + "bulwark", op))
+                b = med.get((p + variant, op))
                 cells.append(f"{b:.2f} s" if b is not None else "-")
                 for other in ["restic", "borg"]:
                     o = med.get((p + other, op))
                     cells.append(f"{o / b:.1f}x" if b and o is not None else "-")
             xfs = med.get(("bulwark", "full"))
-            full = med.get((p + "bulwark", "full"))
+            full = med.get((p + variant, "full"))
             cells.append(f"{full / xfs:.2f}" if xfs and full else "-")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("What each Bulwark incremental read (run 1, from its --json report):")
     lines.append("")
-    for tool in BULWARKS + ["ext4-bulwark", "ext4q-bulwark", "vm-bulwark"]:
+    for tool in BULWARKS + [c + b for c in ["ext4-", "ext4q-", "vm-"] for b in ["bulwark", "bulwark-256k"]]:
         log = os.path.join(out, f"log-{tool}-incremental-1.txt")
         if not os.path.exists(log):
             continue

@@ -28,7 +28,8 @@
 #        sees them; restic and borg read the image file of the running VM (not consistent, as
 #        they would be used). Tools vm-bulwark, vm-restic, vm-borg. The VM is stopped before
 #        each restore.
-# The ext4 and vm cases run whichever of bulwark, restic, borg are in --tools.
+# The ext4 and vm cases run whichever of bulwark, bulwark-256k, restic, borg are in --tools
+# (tools ext4-bulwark-256k, ext4q-bulwark-256k, vm-bulwark-256k for the 256 KiB vaults).
 #
 # What it does (see BENCHMARKS.md for the reasoning):
 #  1. A sparse XFS file system (reflink=1, the design's datastore) is loop-mounted under the work
@@ -336,7 +337,7 @@ if has_case ext4 || has_case vm; then
         python3 "$HERE/compare.py" qmp "$VMDIR/qmp.sock" query-status | grep -q '"running": true'
     }
     case_tools=()
-    for t in bulwark restic borg; do [[ ",$TOOLS," == *,$t,* ]] && case_tools+=("$t"); done
+    for t in bulwark bulwark-256k restic borg; do [[ ",$TOOLS," == *,$t,* ]] && case_tools+=("$t"); done
     for run in $(seq 1 "$RUNS"); do
         for c in ext4 ext4q vm; do
             if [[ $c == ext4q ]]; then has_case ext4 || continue; else has_case "$c" || continue; fi
@@ -358,8 +359,9 @@ if has_case ext4 || has_case vm; then
                     change() { scatter "$run"; }
                 fi
                 case $t in
-                bulwark)
-                    "$BULWARK" init --vault "$repo" > /dev/null
+                bulwark|bulwark-256k)
+                    init=(); [[ $t == bulwark-256k ]] && init=(--block-size 262144)
+                    "$BULWARK" init --vault "$repo" "${init[@]}" > /dev/null
                     if [[ $c == vm ]]; then src=(--qmp "unix:$VMDIR/qmp.sock"); else src=(--disk "os=$IMG"); fi
                     measure "$tool" full "$run" -- "$BULWARK" backup --vault "$repo" --vm guest "${src[@]}" --runtime-dir "$RUNDIR" --json
                     change
@@ -394,7 +396,7 @@ if has_case ext4 || has_case vm; then
                     out="$EXT4/restore/$tool/$NAME"
                     ;;
                 esac
-                if [[ $tool == ext4q-bulwark ]]; then
+                if [[ $tool == ext4q-bulwark* ]]; then
                     # Bulwark restores the guest's disk (raw), the others the qcow2 file.
                     if [[ $run == 1 ]]; then
                         qemu-img compare -q -f raw -F qcow2 "$out" "$IMG" || { echo "RESTORE DIFFERS: $out" >&2; exit 1; }
