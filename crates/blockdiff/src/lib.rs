@@ -63,7 +63,7 @@ pub use blockmap::{
 };
 pub use scan::{
     BlockEvent, Disk, ScanOptions, content_address, default_parallelism, is_zero, scan,
-    scan_tracked,
+    scan_tracked, union_of,
 };
 pub use source::{BlockSource, Tracking};
 

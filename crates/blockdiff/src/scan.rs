@@ -341,6 +341,21 @@ pub fn scan_tracked(
 /// The runs of blocks (sorted, disjoint, not adjacent) that lie wholly inside the union of
 /// `unchanged` and have the same length in `previous` as on a disk of `size` bytes. Costs a
 /// sort of the ranges and a few steps per range, never a step per block.
+/// The union of `ranges` (in any order, overlapping or touching, empty ones ignored) as
+/// sorted, disjoint, non-touching ranges: the form [`scan_tracked`]'s callers can search.
+pub fn union_of(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.retain(|r| r.start < r.end);
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 fn carried_runs(
     mut unchanged: Vec<Range<u64>>,
     previous: &BlockMap,
@@ -632,6 +647,15 @@ mod tests {
     use super::*;
     use crate::blockmap::MIN_BLOCK_SIZE;
     use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn union_of_sorts_and_merges_overlapping_and_touching_ranges() {
+        assert_eq!(
+            union_of(vec![10..20, 0..5, 5..7, 15..30, 40..40, 35..36]),
+            vec![0..7, 10..30, 35..36]
+        );
+        assert!(union_of(Vec::new()).is_empty());
+    }
 
     fn opts() -> ScanOptions {
         ScanOptions {

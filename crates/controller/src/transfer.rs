@@ -6,10 +6,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bulwark_blockdiff::{Address, BlockEvent, BlockMap, BlockMapBuilder, Entry, scan_tracked};
+use bulwark_blockdiff::{
+    Address, BlockEvent, BlockMap, BlockMapBuilder, Entry, scan_tracked, union_of,
+};
 use bulwark_snapshot::{Changes, DiskSource, PreviousDisk};
 use bulwark_vault::{
-    DiskRecord, DiskStats, Lease, LeaseKind, ManifestRef, PutBlock, RecoveryPoint, Vault,
+    DiskRecord, DiskStats, Lease, LeaseKind, ManifestRef, PutBlock, RecoveryPoint, Replaced, Vault,
 };
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -411,6 +413,9 @@ impl DiskJob<'_> {
             ..Default::default()
         };
         let mut map = BlockMapBuilder::new(bs, size, baseline.map.clone());
+        // What tracking says is unchanged, sorted and merged: a changed block's untouched
+        // spans let the vault reuse the replaced block's compressed frames.
+        let untouched = Arc::new(union_of(baseline.unchanged.clone()));
         let events = scan_tracked(
             reader,
             baseline.map.clone(),
@@ -421,9 +426,11 @@ impl DiskJob<'_> {
             events
                 .map(|ev| {
                     let known = known.clone();
+                    let untouched = untouched.clone();
                     async move {
                         let ev = ev.map_err(scan_err)?;
-                        let put = self.store(&ev, &known).await?;
+                        let replaced = replaced(&ev, baseline.map.as_deref(), &untouched, bs);
+                        let put = self.store(&ev, &known, replaced).await?;
                         Ok::<_, Error>((ev, put))
                     }
                 })
@@ -461,6 +468,7 @@ impl DiskJob<'_> {
         &self,
         ev: &BlockEvent,
         known: &Mutex<HashSet<Address>>,
+        replaced: Option<Replaced>,
     ) -> Result<Option<(PutBlock, bool)>, Error> {
         let BlockEvent::Changed { address, data, .. } = ev else {
             return Ok(None);
@@ -469,7 +477,7 @@ impl DiskJob<'_> {
             return Ok(Some((
                 PutBlock {
                     existed: true,
-                    stored_bytes: 0,
+                    ..PutBlock::default()
                 },
                 false,
             )));
@@ -494,16 +502,49 @@ impl DiskJob<'_> {
                 PutBlock {
                     existed: false,
                     stored_bytes: stored,
+                    ..PutBlock::default()
                 },
                 true,
             )));
         }
-        let r = self.vault.put_block(*address, data.clone()).await?;
+        let r = self
+            .vault
+            .put_block_replacing(*address, data.clone(), replaced)
+            .await?;
         if let Ok(mut k) = known.lock() {
             k.insert(*address);
         }
         Ok(Some((r, false)))
     }
+}
+
+/// For a changed block that had data at the previous point: that block, and the spans of it
+/// that `untouched` (sorted, merged; disk offsets) covers, relative to the block's start.
+/// `None` when nothing of the block is known untouched (nothing to reuse).
+fn replaced(
+    ev: &BlockEvent,
+    previous: Option<&BlockMap>,
+    untouched: &[std::ops::Range<u64>],
+    bs: bulwark_blockdiff::BlockSize,
+) -> Option<Replaced> {
+    let BlockEvent::Changed { index, data, .. } = ev else {
+        return None;
+    };
+    let Some(Entry::Data { address, .. }) = previous?.entry(*index) else {
+        return None;
+    };
+    let start = index.checked_mul(bs.bytes())?;
+    let end = start.checked_add(data.len() as u64)?;
+    let first = untouched.partition_point(|r| r.end <= start);
+    let spans: Vec<std::ops::Range<u64>> = untouched[first..]
+        .iter()
+        .take_while(|r| r.start < end)
+        .map(|r| r.start.max(start) - start..r.end.min(end) - start)
+        .collect();
+    (!spans.is_empty()).then_some(Replaced {
+        address,
+        untouched: spans,
+    })
 }
 
 /// `ranges` less every range of `holes`.
@@ -571,9 +612,83 @@ fn count(
                 } else {
                     stats.blocks_uploaded += 1;
                     stats.bytes_new += len;
+                    stats.bytes_reused += o.reused_bytes;
                     stats.bytes_uploaded += o.stored_bytes;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_blockdiff::BlockSize;
+    use bytes::Bytes;
+
+    fn changed(index: u64, len: usize) -> BlockEvent {
+        BlockEvent::Changed {
+            index,
+            change: 0,
+            address: Address([index as u8; 32]),
+            data: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    #[test]
+    fn a_changed_block_names_the_block_it_replaces_and_its_untouched_spans() {
+        let bs = BlockSize::new(1 << 20).unwrap();
+        let old = |i: u8| Entry::Data {
+            change: 1,
+            address: Address([100 + i; 32]),
+        };
+        // Blocks 0 and 2 had data, block 1 was zero; the last block (3) is 4 KiB short.
+        let map = BlockMap::new(
+            bs,
+            (4 << 20) - 4096,
+            vec![old(0), Entry::Zero, old(2), old(3)],
+        )
+        .unwrap();
+        let mib = 1u64 << 20;
+        let untouched = union_of(vec![
+            0..100,
+            mib / 2..2 * mib + 4096,
+            3 * mib + 8192..4 * mib,
+        ]);
+        let r = replaced(&changed(0, 1 << 20), Some(&map), &untouched, bs).unwrap();
+        assert_eq!(r.address, Address([100; 32]));
+        assert_eq!(r.untouched, vec![0..100, mib / 2..mib]);
+        let r = replaced(&changed(2, 1 << 20), Some(&map), &untouched, bs).unwrap();
+        assert_eq!(
+            r.untouched,
+            vec![0..4096],
+            "the range across the boundary, cut to the block"
+        );
+        let r = replaced(&changed(3, (1 << 20) - 4096), Some(&map), &untouched, bs).unwrap();
+        assert_eq!(
+            r.untouched,
+            vec![8192..mib - 4096],
+            "cut to the short last block"
+        );
+        assert_eq!(
+            replaced(&changed(1, 1 << 20), Some(&map), &untouched, bs),
+            None,
+            "was zero"
+        );
+        assert_eq!(
+            replaced(&changed(0, 1 << 20), None, &untouched, bs),
+            None,
+            "no previous map"
+        );
+        assert_eq!(
+            replaced(&changed(0, 1 << 20), Some(&map), &[], bs),
+            None,
+            "nothing untouched"
+        );
+        let unchanged = BlockEvent::Unchanged {
+            index: 0,
+            entry: old(0),
+        };
+        assert_eq!(replaced(&unchanged, Some(&map), &untouched, bs), None);
     }
 }

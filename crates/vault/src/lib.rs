@@ -123,12 +123,26 @@ impl Default for CreateOptions {
 }
 
 /// What [`Vault::put_block`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PutBlock {
     /// The vault already held the block: nothing was uploaded.
     pub existed: bool,
     /// Bytes uploaded (0 when it existed).
     pub stored_bytes: u64,
+    /// Plain bytes whose compressed frames came from the replaced block
+    /// ([`Vault::put_block_replacing`]) instead of being compressed again.
+    pub reused_bytes: u64,
+}
+
+/// The block a changed block replaces, and what change tracking says of it, for
+/// [`Vault::put_block_replacing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    /// The address the same block had at the previous point.
+    pub address: Address,
+    /// Byte ranges of the block (from its start) that change tracking reports unchanged
+    /// since then.
+    pub untouched: Vec<std::ops::Range<u64>>,
 }
 
 /// The points of a vault, and the point objects that could not be read.
@@ -159,6 +173,8 @@ pub struct Vault {
     host: Arc<str>,
     /// The Object Lock client of an immutable vault opened from its location.
     locker: Option<Arc<immutable::ObjectLockClient>>,
+    /// Whether [`Vault::put_block_replacing`] reads the replaced block to reuse its frames.
+    reuse_frames: bool,
 }
 
 /// How to open (or create) a vault: storage settings, the key of an encrypted vault, the
@@ -301,9 +317,23 @@ impl Vault {
     /// Opens the vault at `location` with explicit options (storage settings, key).
     pub async fn open_with(location: &str, options: &OpenOptions) -> Result<Vault, Error> {
         let store = location::open_store(location, &options.store, false)?;
-        Self::open_store_with(store.clone(), location, &for_location(location, options))
-            .await?
-            .attach_locker(location, &options.store, store)
+        let local = matches!(Location::parse(location), Ok(Location::Local(_)));
+        Ok(
+            Self::open_store_with(store.clone(), location, &for_location(location, options))
+                .await?
+                .attach_locker(location, &options.store, store)?
+                .with_frame_reuse(local),
+        )
+    }
+
+    /// Whether [`Vault::put_block_replacing`] reads the block a changed block replaces, to
+    /// take the compressed frames of its unchanged spans instead of compressing them again.
+    /// On by default for a local directory vault (a read from the local disk costs far less
+    /// than compressing), off for object stores, where it would be one more request per
+    /// changed block.
+    pub fn with_frame_reuse(mut self, on: bool) -> Self {
+        self.reuse_frames = on;
+        self
     }
 
     /// Opens the vault held by `store` (any `object_store` backend). `label` names it in errors.
@@ -405,6 +435,7 @@ impl Vault {
                 .unwrap_or_else(lease::kernel_host_name)
                 .into(),
             locker: None,
+            reuse_frames: false,
         })
     }
 
@@ -532,7 +563,12 @@ impl Vault {
         open: &OpenOptions,
     ) -> Result<Vault, Error> {
         let store = location::open_store(location, &open.store, true)?;
-        Self::create_store_with(store, location, options, &for_location(location, open)).await
+        let local = matches!(Location::parse(location), Ok(Location::Local(_)));
+        Ok(
+            Self::create_store_with(store, location, options, &for_location(location, open))
+                .await?
+                .with_frame_reuse(local),
+        )
     }
 
     /// Creates a vault in `store`. Fails with [`Error::VaultExists`] if one is there already.
@@ -734,18 +770,48 @@ impl Vault {
     /// Stores a block under its address, unless the vault already holds it. Compression runs
     /// on the blocking pool. `address` must be the content address of `data`.
     pub async fn put_block(&self, address: Address, data: Bytes) -> Result<PutBlock, Error> {
+        self.put_block_replacing(address, data, None).await
+    }
+
+    /// [`Vault::put_block`] for a changed block: with frame reuse on (see
+    /// [`Vault::with_frame_reuse`]) and `replaced` given, the compressed frames of the spans
+    /// that change tracking reports untouched, and whose checksums match, are taken from the
+    /// replaced block's object, and only the rest is compressed (see
+    /// [`envelope::compress_block_reusing`]). The object is the same as `put_block` would
+    /// store, frame for frame where a span was compressed, and opens to `data` exactly; a
+    /// replaced block that cannot be read or is not framed only means compressing it all.
+    pub async fn put_block_replacing(
+        &self,
+        address: Address,
+        data: Bytes,
+        replaced: Option<Replaced>,
+    ) -> Result<PutBlock, Error> {
         if self.has_block(&address).await? {
             return Ok(PutBlock {
                 existed: true,
-                stored_bytes: 0,
+                ..PutBlock::default()
             });
         }
         let key = block_key(&address);
         let level = self.config.zstd_level();
+        let old = match (&replaced, level) {
+            (Some(r), Some(_)) if self.reuse_frames && r.address != address => {
+                let old_key = block_key(&r.address);
+                match self.get_raw(&old_key, Kind::Block).await {
+                    Ok(raw) => Some((old_key, raw)),
+                    Err(e) => {
+                        tracing::debug!(block = %r.address.to_hex(), error = %e, "replaced block unreadable: compressing the whole block");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let this = self.clone();
         let k2 = key.clone();
-        let sealed =
-            blocking(move || this.seal(Kind::Block, &k2, &data, level, Some(address.0))).await??;
+        let (sealed, reused_bytes) =
+            blocking(move || this.seal_block(&k2, &data, level, address, replaced.as_ref(), old))
+                .await??;
         let stored = sealed.bytes.len() as u64;
         // Converted once: each attempt clones the handle, not the (up to 16 MiB) bytes.
         let sealed = Bytes::from(sealed.bytes);
@@ -774,14 +840,65 @@ impl Vault {
         Ok(if r {
             PutBlock {
                 existed: true,
-                stored_bytes: 0,
+                ..PutBlock::default()
             }
         } else {
             PutBlock {
                 existed: false,
                 stored_bytes: stored,
+                reused_bytes,
             }
         })
+    }
+
+    /// Seals a block, reusing the frames of `old` (the replaced block's key and stored bytes)
+    /// where [`Replaced::untouched`] and the checksums allow. Returns the object and the plain
+    /// bytes reused.
+    fn seal_block(
+        &self,
+        key: &ObjPath,
+        data: &[u8],
+        level: Option<i32>,
+        address: Address,
+        replaced: Option<&Replaced>,
+        old: Option<(ObjPath, Bytes)>,
+    ) -> Result<(envelope::Sealed, u64), Error> {
+        let reused = match (level, replaced, old) {
+            (Some(level), Some(r), Some((old_key, raw))) => {
+                envelope::block_payload(old_key.as_ref(), &raw, self.cipher.as_deref())
+                    .filter(|(_, len)| *len == data.len() as u64)
+                    .and_then(|(payload, _)| {
+                        let untouched = untouched_frames(&r.untouched, data.len());
+                        envelope::compress_block_reusing(data, level, &payload, &untouched)
+                    })
+            }
+            _ => None,
+        };
+        let Some((compressed, reused)) = reused else {
+            return Ok((
+                self.seal(Kind::Block, key, data, level, Some(address.0))?,
+                0,
+            ));
+        };
+        if reused.mismatched > 0 {
+            tracing::warn!(
+                block = %address.to_hex(),
+                spans = reused.mismatched,
+                "spans that change tracking called unchanged differ from the previous block; compressed anew"
+            );
+        }
+        let sealed = match &self.cipher {
+            Some(c) => envelope::seal_encrypted_compressed(
+                Kind::Block,
+                key.as_ref(),
+                data,
+                Some(compressed),
+                Some(address.0),
+                c,
+            )?,
+            None => envelope::seal_compressed(Kind::Block, data, Some(compressed), Some(address.0)),
+        };
+        Ok((sealed, reused.bytes))
     }
 
     /// Reads and verifies a block: decompressed, hashed and compared with its address. The bytes
@@ -1093,3 +1210,18 @@ mod gc_tests;
 mod lease_clock_tests;
 #[cfg(test)]
 mod tests;
+
+/// For each [`envelope::FRAME_LEN`] span of a block of `len` bytes: whether it lies wholly in
+/// the union of `untouched` (ranges from the block's start, in any order).
+fn untouched_frames(untouched: &[std::ops::Range<u64>], len: usize) -> Vec<bool> {
+    let union = bulwark_blockdiff::union_of(untouched.to_vec());
+    let frame = envelope::FRAME_LEN as u64;
+    (0..(len as u64).div_ceil(frame))
+        .map(|i| {
+            let span = i * frame..((i + 1) * frame).min(len as u64);
+            union
+                .iter()
+                .any(|r| r.start <= span.start && span.end <= r.end)
+        })
+        .collect()
+}

@@ -222,6 +222,10 @@ pub struct DiskStats {
     pub blocks_healed: u64,
     /// Plain bytes of the blocks uploaded.
     pub bytes_new: u64,
+    /// Of `bytes_new`, those not compressed again: their compressed frames were taken from
+    /// the block they replace (spans change tracking reported unchanged).
+    #[serde(default)]
+    pub bytes_reused: u64,
     /// Stored bytes uploaded (after compression), blocks and manifest.
     pub bytes_uploaded: u64,
     /// Wall time of the transfer, milliseconds.

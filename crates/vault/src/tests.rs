@@ -287,3 +287,83 @@ fn store_options_come_from_the_variables_given() {
         StoreOptions::default().max_retries
     );
 }
+
+/// A 1 MiB block of varied, compressible bytes.
+fn block_text(seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((1 << 20) + 64);
+    let mut i = 0u64;
+    while out.len() < 1 << 20 {
+        out.extend_from_slice(
+            format!("{seed:>6} {i:>12} {:>20}\n", i.wrapping_mul(seed | 1)).as_bytes(),
+        );
+        i += 1;
+    }
+    out.truncate(1 << 20);
+    out
+}
+
+async fn replace_one_span(v: &Vault) -> (PutBlock, Vec<u8>, Address) {
+    let old = block_text(1);
+    let old_address = v.address_of(&old);
+    v.put_block(old_address, Bytes::from(old.clone()))
+        .await
+        .unwrap();
+    let mut new = old.clone();
+    new[10..20].copy_from_slice(b"0123456789"); // the first 128 KiB only
+    let address = v.address_of(&new);
+    let put = v
+        .put_block_replacing(
+            address,
+            Bytes::from(new.clone()),
+            Some(Replaced {
+                address: old_address,
+                // Out of order, and touching inside a frame (200 KiB): their union counts.
+                untouched: vec![200 << 10..1 << 20, 128 << 10..200 << 10],
+            }),
+        )
+        .await
+        .unwrap();
+    (put, new, address)
+}
+
+#[tokio::test]
+async fn a_changed_block_reuses_the_untouched_frames_of_the_one_it_replaces() {
+    for key in [None, Some(MasterKey::from_bytes([7; 32]))] {
+        let open = OpenOptions {
+            key: key.clone(),
+            ..OpenOptions::default()
+        };
+        let create = CreateOptions::default();
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let v = Vault::create_store_with(store, "memory:", &create, &open)
+            .await
+            .unwrap()
+            .with_frame_reuse(true);
+        let (put, new, address) = replace_one_span(&v).await;
+        assert!(!put.existed, "encrypted: {}", key.is_some());
+        assert_eq!(
+            put.reused_bytes,
+            7 << 17,
+            "7 of the 8 frames, encrypted: {}",
+            key.is_some()
+        );
+        assert_eq!(v.get_block(address).await.unwrap(), new);
+    }
+    // Off (an object store): the whole block is compressed, to the same bytes.
+    let v = mem().await;
+    let (put, new, address) = replace_one_span(&v).await;
+    assert_eq!(put.reused_bytes, 0);
+    assert_eq!(v.get_block(address).await.unwrap(), new);
+}
+
+#[tokio::test]
+async fn a_local_vault_reuses_frames_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().join("v");
+    let loc = loc.to_str().unwrap();
+    Vault::create(loc, &CreateOptions::default()).await.unwrap();
+    let v = Vault::open(loc).await.unwrap();
+    let (put, new, address) = replace_one_span(&v).await;
+    assert_eq!(put.reused_bytes, 7 << 17);
+    assert_eq!(v.get_block(address).await.unwrap(), new);
+}
