@@ -317,12 +317,11 @@ impl Vault {
     /// Opens the vault at `location` with explicit options (storage settings, key).
     pub async fn open_with(location: &str, options: &OpenOptions) -> Result<Vault, Error> {
         let store = location::open_store(location, &options.store, false)?;
-        let local = matches!(Location::parse(location), Ok(Location::Local(_)));
         Ok(
             Self::open_store_with(store.clone(), location, &for_location(location, options))
                 .await?
                 .attach_locker(location, &options.store, store)?
-                .with_frame_reuse(local),
+                .with_frame_reuse(is_local(location)),
         )
     }
 
@@ -563,11 +562,10 @@ impl Vault {
         open: &OpenOptions,
     ) -> Result<Vault, Error> {
         let store = location::open_store(location, &open.store, true)?;
-        let local = matches!(Location::parse(location), Ok(Location::Local(_)));
         Ok(
             Self::create_store_with(store, location, options, &for_location(location, open))
                 .await?
-                .with_frame_reuse(local),
+                .with_frame_reuse(is_local(location)),
         )
     }
 
@@ -1210,6 +1208,11 @@ mod gc_tests;
 mod lease_clock_tests;
 #[cfg(test)]
 mod tests;
+
+/// Whether `location` is a local directory (where frame reuse is on by default).
+fn is_local(location: &str) -> bool {
+    matches!(Location::parse(location), Ok(Location::Local(_)))
+}
 
 /// For each [`envelope::FRAME_LEN`] span of a block of `len` bytes: whether it lies wholly in
 /// the union of `untouched` (ranges from the block's start, in any order).
