@@ -603,7 +603,8 @@ async fn through_daemon(
                 // refused connection to its monitor is only the consequence.
                 return Err(match daemon.exited() {
                     Some(why) => err(q, why),
-                    None => qmp_err(q, e),
+                    // It names the monitor's socket itself.
+                    None => bulwark_snapshot::Error::Provider(Box::new(e)),
                 });
             }
         },
