@@ -307,6 +307,13 @@ fn a_missing_vault_is_a_clear_error() {
             "{}",
             stderr_of(&out)
         );
+        // Named once (the reason used to repeat the path).
+        assert_eq!(
+            stderr_of(&out).matches(nowhere).count(),
+            1,
+            "{}",
+            stderr_of(&out)
+        );
     }
     let out = controller([
         "restore",
