@@ -307,6 +307,13 @@ fn a_missing_vault_is_a_clear_error() {
             "{}",
             stderr_of(&out)
         );
+        // Named once (the reason used to repeat the path).
+        assert_eq!(
+            stderr_of(&out).matches(nowhere).count(),
+            1,
+            "{}",
+            stderr_of(&out)
+        );
     }
     let out = controller([
         "restore",
@@ -326,6 +333,29 @@ fn a_missing_vault_is_a_clear_error() {
         stderr_of(&out)
     );
     assert!(!Path::new("/tmp/never-written.img").exists());
+}
+
+/// A running VM's QMP socket that is not there: the error names the socket and says what
+/// failed, each once (the snapshot layer used to prefix QEMU's message, which names the socket
+/// itself, with the socket again, and the CLI then printed each layer's cause again).
+#[test]
+fn a_missing_qmp_socket_is_named_once() {
+    let env = TestEnv::init(&[]);
+    let socket = env.path("no-such-vm.qmp");
+    let out = controller([
+        "backup",
+        "--vault",
+        &env.vault,
+        "--vm",
+        "a",
+        "--qmp",
+        &format!("unix:{}", socket.display()),
+    ]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    for once in [socket.to_str().unwrap(), "cannot connect", "No such file"] {
+        assert_eq!(err.matches(once).count(), 1, "{once:?} not once in:\n{err}");
+    }
 }
 
 #[test]

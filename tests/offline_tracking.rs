@@ -107,6 +107,68 @@ impl Setup {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// A QEMU process with `image` open for writing (a writable NBD export of it), as a
+    /// running VM has; it lets go when dropped.
+    fn hold_for_writing(&self, image: &Path, format: &str) -> bulwark_tests::ChildLines {
+        let socket = self.env.path(&format!("qsd-{format}.sock"));
+        let mut daemon = Command::new("qemu-storage-daemon");
+        daemon.args([
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={}", image.display()),
+            "--blockdev",
+            &format!("driver={format},node-name=d,file=f"),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", socket.display()),
+            "--export",
+            "type=nbd,id=e,node-name=d,writable=on",
+        ]);
+        let holder = bulwark_tests::ChildLines::spawn(&mut daemon, "qemu-storage-daemon");
+        for _ in 0..500 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(socket.exists(), "{}", holder.stderr());
+        holder
+    }
+
+    /// `backup --disk NAME=IMAGE` of an image a QEMU process writes: refused, nothing
+    /// committed, and the error names the image and the lock, saying each thing once (each
+    /// error layer used to repeat its cause's text, so the reason came two or three times).
+    fn assert_refused_once(&self, name: &str, image: &Path) {
+        let points = point_count(&self.env);
+        let out = Command::new(controller_bin())
+            .args([
+                "backup",
+                "--vault",
+                &self.env.vault,
+                "--vm",
+                "vm1",
+                "--disk",
+            ])
+            .arg(format!("{name}={}", image.display()))
+            .arg("--runtime-dir")
+            .arg(&self.run)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "backed up an image a QEMU writes");
+        assert!(
+            err.contains(&image.display().to_string()) && err.contains("\"write\" lock"),
+            "{err}"
+        );
+        for once in [
+            "the image is in use",
+            "\"write\" lock",
+            "an offline backup needs the VM stopped",
+        ] {
+            assert_eq!(err.matches(once).count(), 1, "{once:?} not once in:\n{err}");
+        }
+        assert_eq!(point_count(&self.env), points, "a point was committed");
+    }
+
     /// Restores `disk` of the point and compares it with the image (`qemu-img compare`).
     fn assert_restores(&self, report: &serde_json::Value, disk: &str, image: &Path, format: &str) {
         let point = report["point"].as_str().unwrap();
@@ -257,6 +319,11 @@ fn offline_qcow2_on_ext4_incrementals_read_only_the_dirty_clusters() {
     );
     assert!(disk(&again, "os")["bytes_read"].as_u64().unwrap() <= 2 * GRAIN);
     s.assert_restores(&again, "os", &os, "qcow2");
+
+    // Written by a QEMU process meanwhile: refused, saying why once.
+    let holder = s.hold_for_writing(&os, "qcow2");
+    s.assert_refused_once("os", &os);
+    drop(holder);
 }
 
 /// The `points` of VM `vm1` as `list --json` gives them.
@@ -293,43 +360,9 @@ fn offline_raw_on_ext4_is_read_in_place_under_qemus_locks() {
     assert!(reason(&incr, "data").contains("raw image"), "{incr}");
     s.assert_restores(&incr, "data", &raw, "raw");
 
-    // A QEMU process with the image open for writing (a writable NBD export of it).
-    let socket = s.env.path("qsd.sock");
-    let mut daemon = Command::new("qemu-storage-daemon");
-    daemon.args([
-        "--blockdev",
-        &format!("driver=file,node-name=f,filename={}", raw.display()),
-        "--blockdev",
-        "driver=raw,node-name=d,file=f",
-        "--nbd-server",
-        &format!("addr.type=unix,addr.path={}", socket.display()),
-        "--export",
-        "type=nbd,id=e,node-name=d,writable=on",
-    ]);
-    let holder = bulwark_tests::ChildLines::spawn(&mut daemon, "qemu-storage-daemon");
-    for _ in 0..500 {
-        if socket.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(socket.exists(), "{}", holder.stderr());
-    let points = point_count(&s.env);
+    let holder = s.hold_for_writing(&raw, "raw");
     let used = used_bytes(s.fs.path());
-    let out = Command::new(controller_bin())
-        .args(["backup", "--vault", &s.env.vault, "--vm", "vm1", "--disk"])
-        .arg(format!("data={}", raw.display()))
-        .arg("--runtime-dir")
-        .arg(&s.run)
-        .output()
-        .unwrap();
-    let err = stderr_of(&out);
-    assert!(!out.status.success(), "backed up an image a QEMU writes");
-    assert!(
-        err.contains(&raw.display().to_string()) && err.contains("\"write\" lock"),
-        "{err}"
-    );
-    assert_eq!(point_count(&s.env), points, "a point was committed");
+    s.assert_refused_once("data", &raw);
     assert!(used_bytes(s.fs.path()) < used + MIB, "bytes were written");
     drop(holder);
     // The writer gone, the image backs up again.

@@ -923,7 +923,11 @@ fn running_vm_full_and_incremental_points_through_qemu() {
                 Duration::from_secs(10),
             )
             .await?;
-            bulwark_qemu::cleanup_leftovers(&qmp, sc.sockets.path()).await
+            bulwark_qemu::cleanup_leftovers(
+                &qmp,
+                &bulwark_qemu::FleeceOptions::new(sc.sockets.path()),
+            )
+            .await
         })
         .unwrap();
     assert!(leftovers.is_empty(), "QEMU still holds {leftovers:?}");

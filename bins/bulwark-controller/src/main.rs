@@ -341,7 +341,7 @@ fn main() -> ExitCode {
         Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", ui::error_text(&e));
         ExitCode::FAILURE
     })
 }

@@ -206,9 +206,73 @@ impl DemoArgs {
     }
 }
 
+/// An error and its causes on one line, each piece of text once: a cause whose text the line
+/// already holds is left out. The library errors name their cause in their own message (their
+/// `Display` is what the daemon's history, the HTTP API and the logs show) and also return it
+/// as their `source()`, so anyhow's `{:#}` printed the same text once per layer (a locked
+/// image's reason two or three times); a context added here with `.context(..)` still gets its
+/// cause appended.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Like the library errors: names its cause in its message and returns it as source.
+    #[derive(Debug)]
+    struct Embeds {
+        name: &'static str,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Embeds {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "outer {}: {}", self.name, self.source)
+        }
+    }
+
+    impl std::error::Error for Embeds {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_shown_once() {
+        let inner = || std::io::Error::other("the image is in use");
+        // A library error that names its cause and returns it as its source, twice over.
+        let e = anyhow::Error::new(Embeds {
+            name: "a",
+            source: std::io::Error::other(Embeds {
+                name: "b",
+                source: inner(),
+            }),
+        });
+        assert_eq!(
+            error_text(&e),
+            "outer a: outer b: the image is in use",
+            "{e:#}"
+        );
+        assert_eq!(format!("{e:#}").matches("the image is in use").count(), 3);
+        // A context added by the binary keeps its cause.
+        let e = anyhow::Error::new(inner()).context("reading the config");
+        assert_eq!(error_text(&e), "reading the config: the image is in use");
+        let e = anyhow::anyhow!("plain");
+        assert_eq!(error_text(&e), "plain");
+    }
 
     #[test]
     fn sizes_and_durations() {

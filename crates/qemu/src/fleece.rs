@@ -45,6 +45,20 @@ pub const PREFIX: &str = "bulwark-";
 const FLEECE_NODE: &str = "bulwark-fleece-";
 /// The start of the name of the `file` node under a fleecing node.
 const FILE_NODE: &str = "bulwark-file-";
+/// The start of a fleecing image's file name, `bulwark-fleece-PID-START-TOKEN-I.qcow2`: named
+/// after the QEMU process it is made for (see [`qemu_tag`]), like the NBD socket, so that the
+/// cleanup for one VM only ever touches that VM's files.
+const FLEECE_FILE: &str = "bulwark-fleece-";
+
+/// `PID-START` of the QEMU process (its pid and start time), the part of the names of the
+/// files Bulwark makes for it; `0-0` when the kernel did not tell who the peer is (such files
+/// are never found by [`cleanup_leftovers`]: they could be any VM's).
+fn qemu_tag(qmp: &Qmp) -> String {
+    match qmp.identity() {
+        Some(id) => format!("{}-{}", id.pid, id.start_time),
+        None => "0-0".into(),
+    }
+}
 
 /// Where and how to make the point in time.
 #[derive(Debug, Clone)]
@@ -210,17 +224,14 @@ impl Fleecing {
     /// The slow part, before any freeze: removes leftovers of a killed run, finds the disks,
     /// creates and opens the fleecing images.
     pub async fn prepare(qmp: Arc<Qmp>, options: &FleeceOptions) -> Result<Fleecing, Error> {
-        cleanup_leftovers(&qmp, &options.socket_dir).await?;
+        cleanup_leftovers(&qmp, options).await?;
         let disks = select(&qmp, discover(&qmp).await?, &options.disks)?;
         if options.require_space {
             check_space(&disks, options)?;
         }
         let token = random_token();
-        let identity = qmp.identity().cloned();
-        let socket_name = match &identity {
-            Some(id) => format!("{PREFIX}nbd-{}-{}-{token}.sock", id.pid, id.start_time),
-            None => format!("{PREFIX}nbd-0-0-{token}.sock"),
-        };
+        let owner = qemu_tag(&qmp);
+        let socket_name = format!("{PREFIX}nbd-{owner}-{token}.sock");
         let shared = Arc::new(Shared {
             qmp: qmp.clone(),
             socket: socket_path(&options.socket_dir, &socket_name)?,
@@ -255,7 +266,7 @@ impl Fleecing {
                 .collect();
             let fd = FleeceDisk {
                 fleece_node: format!("{FLEECE_NODE}{token}-{i}"),
-                fleece_file: dir.join(format!("{PREFIX}fleece-{token}-{i}.qcow2")),
+                fleece_file: dir.join(format!("{FLEECE_FILE}{owner}-{token}-{i}.qcow2")),
                 job: format!("{PREFIX}job-{token}-{i}"),
                 export: format!("{PREFIX}export-{token}-{i}"),
                 new_bitmap: format!("{PREFIX}bitmap-{token}"),
@@ -411,11 +422,16 @@ fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, Error> {
 fn fleece_dir(disk: &VmDisk, options: &FleeceOptions) -> PathBuf {
     match &options.fleece_dir {
         Some(d) => d.clone(),
-        None => Path::new(&disk.file)
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(".")),
+        None => image_dir(disk),
     }
+}
+
+/// The directory of a disk's image file.
+fn image_dir(disk: &VmDisk) -> PathBuf {
+    Path::new(&disk.file)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Each fleecing directory must hold the whole of its disks (plus qcow2 metadata: 1/8192 of
@@ -957,10 +973,20 @@ impl Leftovers {
 }
 
 /// Removes what a killed run left in this QEMU: `bulwark-` exports, jobs, fleecing nodes and
-/// their files, the NBD server Bulwark started (known by its socket in `socket_dir`, named after
-/// this QEMU process), and rolls the bitmaps back as a failed backup would (enabled `bulwark-`
-/// bitmaps are merged into the frozen ones, which record again). Never pauses the VM.
-pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers, Error> {
+/// their files, the NBD server Bulwark started (known by its socket in `options.socket_dir`,
+/// named after this QEMU process), and rolls the bitmaps back as a failed backup would (enabled
+/// `bulwark-` bitmaps are merged into the frozen ones, which record again). Never pauses the VM.
+///
+/// Fleecing files of this QEMU process that no node holds (a run killed between creating the
+/// file and handing it to QEMU) are removed too: they are looked for next to each of the VM's
+/// writable disks' images and in `options.fleece_dir`, by the name that ties them to this
+/// QEMU's pid and start time; another VM's files, and any other file, are left alone.
+///
+/// Backups of one VM must not run at the same time (the controller's callers serialise them:
+/// the daemon runs one job per VM): everything of this VM named `bulwark-` is taken for a
+/// leftover.
+pub async fn cleanup_leftovers(qmp: &Qmp, options: &FleeceOptions) -> Result<Leftovers, Error> {
+    let socket_dir = options.socket_dir.as_path();
     let mut left = Leftovers::default();
     for e in qmp.run(qapi::qmp::query_block_exports {}, "").await? {
         if e.id.starts_with(PREFIX) {
@@ -1003,8 +1029,37 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
         remove_file(&file)?;
         left.files.push(file);
     }
-    if let Some(id) = qmp.identity() {
-        let mine = format!("{PREFIX}nbd-{}-{}-", id.pid, id.start_time);
+    // Files of this QEMU that no node holds: every node of ours is gone by now.
+    let disks = discover(qmp).await?;
+    if qmp.identity().is_some() {
+        let mine = format!("{FLEECE_FILE}{}-", qemu_tag(qmp));
+        let mut dirs: Vec<PathBuf> = disks
+            .iter()
+            .map(image_dir)
+            .chain(options.fleece_dir.clone())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            // A directory that cannot be listed holds nothing we made.
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Only regular files (never a symlink's target) by the exact name we give.
+                if name.starts_with(&mine)
+                    && name.ends_with(".qcow2")
+                    && entry.file_type().is_ok_and(|t| t.is_file())
+                {
+                    remove_file(&entry.path())?;
+                    left.files.push(entry.path());
+                }
+            }
+        }
+    }
+    if qmp.identity().is_some() {
+        let mine = format!("{PREFIX}nbd-{}-", qemu_tag(qmp));
         if let Ok(entries) = std::fs::read_dir(socket_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -1017,7 +1072,7 @@ pub async fn cleanup_leftovers(qmp: &Qmp, socket_dir: &Path) -> Result<Leftovers
             }
         }
     }
-    for disk in discover(qmp).await? {
+    for disk in disks {
         let ours: Vec<BitmapInfo> = bitmaps(qmp, &disk.node)
             .await?
             .into_iter()

@@ -261,32 +261,22 @@ impl Daemon {
 
 impl Daemon {
     /// When the daemon has exited: its status and what it said, for an error message.
-    fn exited(&self) -> String {
+    fn exited(&self) -> Option<String> {
         let Ok(mut guard) = self.child.lock() else {
-            return String::new();
+            return None;
         };
-        let Some(child) = guard.as_mut() else {
-            return String::new();
-        };
+        let child = guard.as_mut()?;
         for _ in 0..100 {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut stderr = String::new();
                 if let Some(mut e) = child.stderr.take() {
                     let _ = e.read_to_string(&mut stderr);
                 }
-                return format!(
-                    " (qemu-storage-daemon {status}: {}{})",
-                    stderr.trim(),
-                    if stderr.contains("lock") {
-                        "; a VM is using the image: an offline backup needs it stopped, or back up the running VM through QMP"
-                    } else {
-                        ""
-                    }
-                );
+                return Some(daemon_exit_text(status, &stderr));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        String::new()
+        None
     }
 }
 
@@ -294,6 +284,19 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// What an exited qemu-storage-daemon said, with a hint when it failed on an image's lock.
+fn daemon_exit_text(status: std::process::ExitStatus, stderr: &str) -> String {
+    format!(
+        "qemu-storage-daemon {status}: {}{}",
+        stderr.trim(),
+        if stderr.contains("lock") {
+            " (a VM is using the image: an offline backup needs it stopped, or back up the running VM through QMP)"
+        } else {
+            ""
+        }
+    )
 }
 
 fn start_daemon(
@@ -311,6 +314,11 @@ fn start_daemon(
         // would keep the daemon from taking it.
         if d.track.is_err() {
             locks.push(ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?);
+        } else {
+            // Only a probe, released at once: a VM holding the image is refused with the same
+            // clear error as for a read-only image, not through the daemon's failure to start
+            // (which stays the guard for a VM that takes the image in between).
+            drop(ImageLock::read_only(&d.path).map_err(|e| lock_err(&d.name, e))?);
         }
     }
     let token = random_token();
@@ -401,18 +409,7 @@ fn start_daemon(
                 let _ = e.read_to_string(&mut stderr);
             }
             let path = disks.first().map_or(PathBuf::new(), |d| d.path.clone());
-            return Err(err(
-                &path,
-                format!(
-                    "qemu-storage-daemon {status}: {}{}",
-                    stderr.trim(),
-                    if stderr.contains("lock") {
-                        " (a VM is using the image: an offline backup needs it stopped, or back up the running VM through QMP)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
+            return Err(err(&path, daemon_exit_text(status, &stderr)));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -602,8 +599,13 @@ async fn through_daemon(
         Some(q) => match connect_qmp(q, options.qmp_timeout).await {
             Ok(qmp) => Some(Arc::new(qmp)),
             Err(e) => {
-                let why = daemon.exited();
-                return Err(err(q, format!("{e}{why}")));
+                // A daemon that exited (e.g. an image's lock taken meanwhile) says why; the
+                // refused connection to its monitor is only the consequence.
+                return Err(match daemon.exited() {
+                    Some(why) => err(q, why),
+                    // It names the monitor's socket itself.
+                    None => bulwark_snapshot::Error::Provider(Box::new(e)),
+                });
             }
         },
         None => None,

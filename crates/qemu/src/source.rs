@@ -61,11 +61,10 @@ impl QemuSnapshotter {
     }
 }
 
-fn to_snapshot(socket: &str, e: Error) -> bulwark_snapshot::Error {
-    bulwark_snapshot::Error::Io {
-        path: PathBuf::from(socket.strip_prefix("unix:").unwrap_or(socket)),
-        source: io::Error::other(e),
-    }
+/// QEMU's error as the snapshot's: it names the socket (or the image) itself, so it is not
+/// prefixed with the socket again.
+fn to_snapshot(e: Error) -> bulwark_snapshot::Error {
+    bulwark_snapshot::Error::Provider(Box::new(e))
 }
 
 #[async_trait::async_trait]
@@ -78,10 +77,10 @@ impl Snapshotter for QemuSnapshotter {
         let socket = &self.options.qmp;
         let qmp = Qmp::connect(socket, self.options.qmp_timeout)
             .await
-            .map_err(|e| to_snapshot(socket, e))?;
+            .map_err(to_snapshot)?;
         let fleecing = Fleecing::prepare(Arc::new(qmp), &self.options.fleece)
             .await
-            .map_err(|e| to_snapshot(socket, e))?;
+            .map_err(to_snapshot)?;
         tracing::info!(
             vm,
             disks = fleecing.disks().len(),
@@ -103,12 +102,7 @@ struct PendingQemu {
 #[async_trait::async_trait]
 impl PendingSnapshot for PendingQemu {
     async fn take(self: Box<Self>) -> Result<Vec<Box<dyn DiskSource>>, bulwark_snapshot::Error> {
-        let socket = self.options.qmp.clone();
-        let taken = self
-            .fleecing
-            .take()
-            .await
-            .map_err(|e| to_snapshot(&socket, e))?;
+        let taken = self.fleecing.take().await.map_err(to_snapshot)?;
         let mut sources: Vec<Box<dyn DiskSource>> = Vec::new();
         let mut rest = taken.into_iter();
         while let Some(disk) = rest.next() {
@@ -124,7 +118,7 @@ impl PendingSnapshot for PendingQemu {
                     for s in sources {
                         let _ = s.release(Outcome::Failed { keep: false }).await;
                     }
-                    return Err(to_snapshot(&socket, e));
+                    return Err(to_snapshot(e));
                 }
             }
         }
@@ -284,7 +278,6 @@ impl DiskSource for QemuDisk {
                 path: PathBuf::from(&self.name),
                 source: io::Error::other("released twice"),
             })?;
-        let socket = taken.qmp().socket().display().to_string();
         let committed = matches!(outcome, Outcome::Committed { .. });
         // A copy-before-write job that stopped means the export stopped holding the instant.
         let job = if committed {
@@ -292,11 +285,8 @@ impl DiskSource for QemuDisk {
         } else {
             Ok(())
         };
-        taken
-            .release(committed)
-            .await
-            .map_err(|e| to_snapshot(&socket, e))?;
-        job.map_err(|e| to_snapshot(&socket, e))?;
+        taken.release(committed).await.map_err(to_snapshot)?;
+        job.map_err(to_snapshot)?;
         Ok(Released::default())
     }
 }

@@ -501,7 +501,42 @@ async fn a_killed_controller_leaves_only_what_the_next_backup_removes() {
         left.iter().any(|l| l.starts_with("export")) && left.iter().any(|l| l.starts_with("job")),
         "{left:?}"
     );
-    let removed = cleanup_leftovers(&qmp, vm.path()).await.unwrap();
+    // A run killed between creating its fleecing file and handing it to QEMU leaves a file no
+    // node holds: next to the images, or in the configured fleecing directory. Named after
+    // this QEMU, it is removed; another QEMU's (a pid and start time not this one's, in the
+    // same directory) and a file not named bulwark- are left alone.
+    let id = qmp.identity().unwrap().clone();
+    let fleece_dir = tempfile::tempdir().unwrap();
+    let stray = vm.path().join(format!(
+        "bulwark-fleece-{}-{}-0123456789ab-0.qcow2",
+        id.pid, id.start_time
+    ));
+    let stray_in_dir = fleece_dir.path().join(format!(
+        "bulwark-fleece-{}-{}-0123456789ab-1.qcow2",
+        id.pid, id.start_time
+    ));
+    let other_vm = vm.path().join(format!(
+        "bulwark-fleece-{}-{}-0123456789ab-0.qcow2",
+        id.pid,
+        id.start_time + 1
+    ));
+    let not_ours = vm.path().join(format!(
+        "fleece-{}-{}-0123456789ab-0.qcow2",
+        id.pid, id.start_time
+    ));
+    for f in [&stray, &stray_in_dir, &other_vm, &not_ours] {
+        std::fs::File::create_new(f).unwrap();
+    }
+    let mut cleanup_options = FleeceOptions::new(vm.path());
+    cleanup_options.fleece_dir = Some(fleece_dir.path().to_path_buf());
+    let removed = cleanup_leftovers(&qmp, &cleanup_options).await.unwrap();
+    assert!(!stray.exists() && !stray_in_dir.exists(), "{removed:?}");
+    assert!(removed.files.contains(&stray), "{removed:?}");
+    assert!(removed.files.contains(&stray_in_dir), "{removed:?}");
+    assert!(other_vm.exists() && not_ours.exists(), "{removed:?}");
+    assert!(!removed.files.contains(&other_vm));
+    std::fs::remove_file(&other_vm).unwrap();
+    std::fs::remove_file(&not_ours).unwrap();
     assert_eq!(removed.exports.len(), 2, "{removed:?}");
     assert_eq!(removed.jobs.len(), 2);
     // Per disk the qcow2 fleecing node and the `file` node under it.
@@ -512,7 +547,10 @@ async fn a_killed_controller_leaves_only_what_the_next_backup_removes() {
     assert!(left.is_empty(), "{left:?}");
     assert_eq!(bitmap_names(&qmp, &node).await, vec![(b1.clone(), true)]);
     assert!(
-        cleanup_leftovers(&qmp, vm.path()).await.unwrap().is_empty(),
+        cleanup_leftovers(&qmp, &FleeceOptions::new(vm.path()))
+            .await
+            .unwrap()
+            .is_empty(),
         "idempotent"
     );
 

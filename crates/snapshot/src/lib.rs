@@ -98,6 +98,10 @@ pub enum Error {
     /// An unknown provider name.
     #[error("unknown snapshot provider {0:?}: expected auto, reflink or copy")]
     UnknownProvider(String),
+    /// A snapshot provider's own error (e.g. QEMU's), shown as it is: it names what failed and
+    /// where (the QMP socket, the image) itself.
+    #[error(transparent)]
+    Provider(Box<dyn std::error::Error + Send + Sync>),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -465,18 +465,24 @@ fn local_store(
         std::fs::create_dir_all(path)
             .map_err(|e| unsupported(format!("cannot create directory {}: {e}", path.display())))?;
     }
+    // The path only when the location does not already say it (a plain path does).
+    let named = if Path::new(location) == path {
+        String::new()
+    } else {
+        format!("{}: ", path.display())
+    };
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
             return Err(Error::NoVault {
                 location: location.into(),
-                why: format!("{} is not a directory", path.display()),
+                why: format!("{named}not a directory"),
             });
         }
         Err(e) => {
             return Err(Error::NoVault {
                 location: location.into(),
-                why: format!("{}: {e}", path.display()),
+                why: format!("{named}{e}"),
             });
         }
     }
