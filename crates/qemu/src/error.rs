@@ -123,6 +123,18 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+    /// Another Bulwark run holds this QEMU process's lock (see `Fleecing::prepare`).
+    #[error(
+        "VM at {socket}: another Bulwark backup of this VM (QEMU pid {pid}) is running (lock {lock}); try again when it ends"
+    )]
+    Busy {
+        /// The socket path.
+        socket: PathBuf,
+        /// The QEMU process.
+        pid: u32,
+        /// The lock file.
+        lock: PathBuf,
+    },
 }
 
 impl Error {

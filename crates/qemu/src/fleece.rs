@@ -191,6 +191,8 @@ impl FleeceDisk {
 #[derive(Debug)]
 struct Shared {
     qmp: Arc<Qmp>,
+    /// This QEMU process's lock, held until the last disk is released (see [`lock_vm`]).
+    _lock: Option<std::fs::File>,
     socket: PathBuf,
     server_started: Mutex<bool>,
     live_disks: AtomicUsize,
@@ -224,6 +226,9 @@ impl Fleecing {
     /// The slow part, before any freeze: removes leftovers of a killed run, finds the disks,
     /// creates and opens the fleecing images.
     pub async fn prepare(qmp: Arc<Qmp>, options: &FleeceOptions) -> Result<Fleecing, Error> {
+        // First the lock: the cleanup below removes every `bulwark-` object of this QEMU,
+        // which must not be those of a run still working on it.
+        let lock = lock_vm(&qmp, &options.socket_dir)?;
         cleanup_leftovers(&qmp, options).await?;
         let disks = select(&qmp, discover(&qmp).await?, &options.disks)?;
         if options.require_space {
@@ -234,6 +239,7 @@ impl Fleecing {
         let socket_name = format!("{PREFIX}nbd-{owner}-{token}.sock");
         let shared = Arc::new(Shared {
             qmp: qmp.clone(),
+            _lock: lock,
             socket: socket_path(&options.socket_dir, &socket_name)?,
             server_started: Mutex::new(false),
             live_disks: AtomicUsize::new(0),
@@ -414,6 +420,45 @@ impl Drop for Fleecing {
 
 /// The NBD socket's path, made absolute: QEMU resolves a relative path against its own working
 /// directory, not the controller's (a relative `--runtime-dir` would put the socket elsewhere).
+/// Takes this QEMU process's lock: an exclusive `flock` on `.bulwark-vm-PID-START.lock` in
+/// `dir` (the runtime directory, `/run/bulwark` by default for the CLI and the daemon alike),
+/// held by the returned file until it is dropped. Two runs on one VM (a CLI backup while the
+/// daemon's job runs) would otherwise remove each other's nodes and files as leftovers; the
+/// second now fails at once with [`Error::Busy`] and touches nothing. `None` when the kernel
+/// did not tell which process QEMU is (nothing to name the lock after). The file stays (empty;
+/// removing a lock file races with its next taker); the runtime directory is usually a tmpfs.
+fn lock_vm(qmp: &Qmp, dir: &Path) -> Result<Option<std::fs::File>, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(id) = qmp.identity() else {
+        return Ok(None);
+    };
+    // Hidden, and not `bulwark-…`: it is not a leftover, and stays.
+    let path = dir.join(format!(".{PREFIX}vm-{}-{}.lock", id.pid, id.start_time));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Busy {
+            socket: qmp.socket().to_path_buf(),
+            pid: id.pid,
+            lock: path,
+        }),
+        Err(e) => Err(Error::File {
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
 fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, Error> {
     let path = dir.join(name);
     std::path::absolute(&path).map_err(|source| Error::File { path, source })

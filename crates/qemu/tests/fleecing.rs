@@ -333,7 +333,17 @@ async fn dropping_a_taken_point_cleans_up_and_rolls_back() {
     let before = bitmap_names(&qmp, &node).await;
     // A prepared point dropped before the instant: its nodes and files go.
     let prepared = Fleecing::prepare(qmp.clone(), &options).await.unwrap();
-    assert!(!bulwark_objects(&qmp, vm.path()).await.is_empty());
+    let objects = bulwark_objects(&qmp, vm.path()).await;
+    assert!(!objects.is_empty());
+    // A second run on this QEMU (through a second QMP socket, say) is refused while the first
+    // holds it, before its cleanup could take the first run's objects for leftovers.
+    let err = Fleecing::prepare(qmp.clone(), &options).await.unwrap_err();
+    assert!(matches!(err, Error::Busy { .. }), "{err}");
+    assert_eq!(
+        bulwark_objects(&qmp, vm.path()).await,
+        objects,
+        "nothing touched"
+    );
     // QEMU made each fleecing image itself (no qemu-img): a qcow2 of the disk's size, opened
     // through a `bulwark-file-` node.
     for d in prepared.disks() {
