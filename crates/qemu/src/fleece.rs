@@ -433,7 +433,7 @@ fn lock_vm(qmp: &Qmp, dir: &Path) -> Result<Option<std::fs::File>, Error> {
         return Ok(None);
     };
     // Hidden, and not `bulwark-…`: it is not a leftover, and stays.
-    let path = dir.join(format!(".{PREFIX}vm-{}-{}.lock", id.pid, id.start_time));
+    let path = dir.join(format!(".{PREFIX}vm-{}.lock", qemu_tag(qmp)));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -1027,9 +1027,9 @@ impl Leftovers {
 /// writable disks' images and in `options.fleece_dir`, by the name that ties them to this
 /// QEMU's pid and start time; another VM's files, and any other file, are left alone.
 ///
-/// Backups of one VM must not run at the same time (the controller's callers serialise them:
-/// the daemon runs one job per VM): everything of this VM named `bulwark-` is taken for a
-/// leftover.
+/// Everything of this VM named `bulwark-` is taken for a leftover: [`Fleecing::prepare`] calls
+/// this only while holding the QEMU process's lock (see `lock_vm`), so never during another
+/// run's backup of the same VM; a caller of its own must ensure the same.
 pub async fn cleanup_leftovers(qmp: &Qmp, options: &FleeceOptions) -> Result<Leftovers, Error> {
     let socket_dir = options.socket_dir.as_path();
     let mut left = Leftovers::default();

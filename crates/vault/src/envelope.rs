@@ -196,7 +196,7 @@ pub const FRAME_LEN: usize = 128 << 10;
 
 /// Compresses `plain` as `kind` is stored: a block as one frame per [`FRAME_LEN`] bytes with
 /// checksums, anything else as one frame.
-fn compress_kind(kind: Kind, plain: &[u8], level: i32) -> Option<Vec<u8>> {
+pub(crate) fn compress_kind(kind: Kind, plain: &[u8], level: i32) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(plain.len() / 2);
     match kind {
         Kind::Block => {

@@ -709,9 +709,30 @@ impl Vault {
         level: Option<i32>,
         digest: Option<[u8; 32]>,
     ) -> Result<envelope::Sealed, Error> {
+        let compressed = level.and_then(|l| envelope::compress_kind(kind, plain, l));
+        self.seal_payload(kind, key, plain, compressed, digest)
+    }
+
+    /// Seals `plain` with its compressed payload already made (`None`: raw), encrypted when
+    /// the vault is.
+    fn seal_payload(
+        &self,
+        kind: Kind,
+        key: &ObjPath,
+        plain: &[u8],
+        compressed: Option<Vec<u8>>,
+        digest: Option<[u8; 32]>,
+    ) -> Result<envelope::Sealed, Error> {
         match &self.cipher {
-            Some(c) => envelope::seal_encrypted(kind, key.as_ref(), plain, level, digest, c),
-            None => Ok(envelope::seal(kind, plain, level, digest)),
+            Some(c) => envelope::seal_encrypted_compressed(
+                kind,
+                key.as_ref(),
+                plain,
+                compressed,
+                digest,
+                c,
+            ),
+            None => Ok(envelope::seal_compressed(kind, plain, compressed, digest)),
         }
     }
 
@@ -792,15 +813,25 @@ impl Vault {
         }
         let key = block_key(&address);
         let level = self.config.zstd_level();
+        // The replaced block is read only when a whole frame of it is untouched.
         let old = match (&replaced, level) {
             (Some(r), Some(_)) if self.reuse_frames && r.address != address => {
-                let old_key = block_key(&r.address);
-                match self.get_raw(&old_key, Kind::Block).await {
-                    Ok(raw) => Some((old_key, raw)),
-                    Err(e) => {
-                        tracing::debug!(block = %r.address.to_hex(), error = %e, "replaced block unreadable: compressing the whole block");
-                        None
+                let untouched = untouched_frames(&r.untouched, data.len());
+                if untouched.contains(&true) {
+                    let old_key = block_key(&r.address);
+                    match self.get_raw(&old_key, Kind::Block).await {
+                        Ok(raw) => Some(OldBlock {
+                            key: old_key,
+                            raw,
+                            untouched,
+                        }),
+                        Err(e) => {
+                            tracing::debug!(block = %r.address.to_hex(), error = %e, "replaced block unreadable: compressing the whole block");
+                            None
+                        }
                     }
+                } else {
+                    None
                 }
             }
             _ => None,
@@ -808,8 +839,7 @@ impl Vault {
         let this = self.clone();
         let k2 = key.clone();
         let (sealed, reused_bytes) =
-            blocking(move || this.seal_block(&k2, &data, level, address, replaced.as_ref(), old))
-                .await??;
+            blocking(move || this.seal_block(&k2, &data, level, address, old)).await??;
         let stored = sealed.bytes.len() as u64;
         // Converted once: each attempt clones the handle, not the (up to 16 MiB) bytes.
         let sealed = Bytes::from(sealed.bytes);
@@ -849,25 +879,22 @@ impl Vault {
         })
     }
 
-    /// Seals a block, reusing the frames of `old` (the replaced block's key and stored bytes)
-    /// where [`Replaced::untouched`] and the checksums allow. Returns the object and the plain
-    /// bytes reused.
+    /// Seals a block, reusing the frames of `old` where its untouched spans and the checksums
+    /// allow. Returns the object and the plain bytes reused.
     fn seal_block(
         &self,
         key: &ObjPath,
         data: &[u8],
         level: Option<i32>,
         address: Address,
-        replaced: Option<&Replaced>,
-        old: Option<(ObjPath, Bytes)>,
+        old: Option<OldBlock>,
     ) -> Result<(envelope::Sealed, u64), Error> {
-        let reused = match (level, replaced, old) {
-            (Some(level), Some(r), Some((old_key, raw))) => {
-                envelope::block_payload(old_key.as_ref(), &raw, self.cipher.as_deref())
+        let reused = match (level, old) {
+            (Some(level), Some(old)) => {
+                envelope::block_payload(old.key.as_ref(), &old.raw, self.cipher.as_deref())
                     .filter(|(_, len)| *len == data.len() as u64)
                     .and_then(|(payload, _)| {
-                        let untouched = untouched_frames(&r.untouched, data.len());
-                        envelope::compress_block_reusing(data, level, &payload, &untouched)
+                        envelope::compress_block_reusing(data, level, &payload, &old.untouched)
                     })
             }
             _ => None,
@@ -885,17 +912,8 @@ impl Vault {
                 "spans that change tracking called unchanged differ from the previous block; compressed anew"
             );
         }
-        let sealed = match &self.cipher {
-            Some(c) => envelope::seal_encrypted_compressed(
-                Kind::Block,
-                key.as_ref(),
-                data,
-                Some(compressed),
-                Some(address.0),
-                c,
-            )?,
-            None => envelope::seal_compressed(Kind::Block, data, Some(compressed), Some(address.0)),
-        };
+        let sealed =
+            self.seal_payload(Kind::Block, key, data, Some(compressed), Some(address.0))?;
         Ok((sealed, reused.bytes))
     }
 
@@ -1208,6 +1226,15 @@ mod gc_tests;
 mod lease_clock_tests;
 #[cfg(test)]
 mod tests;
+
+/// The block a changed block replaces, read for [`Vault::put_block_replacing`]: its key, its
+/// stored bytes, and which of its [`envelope::FRAME_LEN`] spans change tracking reports
+/// untouched.
+struct OldBlock {
+    key: ObjPath,
+    raw: Bytes,
+    untouched: Vec<bool>,
+}
 
 /// Whether `location` is a local directory (where frame reuse is on by default).
 fn is_local(location: &str) -> bool {

@@ -367,3 +367,39 @@ async fn a_local_vault_reuses_frames_by_default() {
     assert_eq!(put.reused_bytes, 7 << 17);
     assert_eq!(v.get_block(address).await.unwrap(), new);
 }
+
+#[tokio::test]
+async fn the_replaced_block_is_read_only_when_a_whole_frame_is_untouched() {
+    let v = mem().await.with_frame_reuse(true);
+    let old = block_text(2);
+    let old_address = v.address_of(&old);
+    v.put_block(old_address, Bytes::from(old.clone()))
+        .await
+        .unwrap();
+    let mut new = old.clone();
+    new[0] ^= 1;
+    let address = v.address_of(&new);
+    let before = v.store_stats();
+    // Untouched spans, none of which covers a whole 128 KiB frame.
+    let untouched = (0..8u64)
+        .map(|i| i * (128 << 10) + 4096..(i + 1) * (128 << 10) - 4096)
+        .collect();
+    let put = v
+        .put_block_replacing(
+            address,
+            Bytes::from(new.clone()),
+            Some(Replaced {
+                address: old_address,
+                untouched,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(put.reused_bytes, 0);
+    assert_eq!(
+        v.store_stats().since(&before).gets,
+        0,
+        "the old block was read"
+    );
+    assert_eq!(v.get_block(address).await.unwrap(), new);
+}
