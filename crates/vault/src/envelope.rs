@@ -201,7 +201,7 @@ pub(crate) fn compress_kind(kind: Kind, plain: &[u8], level: i32) -> Option<Vec<
     match kind {
         Kind::Block => {
             for chunk in plain.chunks(FRAME_LEN) {
-                compress_into(chunk, level, true, &mut out)?;
+                compress_frame(chunk, level, &mut out)?;
             }
         }
         Kind::Manifest | Kind::Point => compress_into(plain, level, false, &mut out)?,
@@ -231,6 +231,30 @@ fn compress_into(plain: &[u8], level: i32, checksum: bool, out: &mut Vec<u8>) ->
         scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
         let n = comp.compress_to_buffer(plain, scratch).ok()?;
         out.extend_from_slice(scratch.get(..n)?);
+        Some(())
+    })
+}
+
+/// Appends the frame of one [`FRAME_LEN`] span of a block (with its checksum) to `out`. An
+/// all-zero span, common in a block the guest wrote only part of, takes the frame compressing
+/// zeroes makes, made once per thread and level: byte for byte what [`compress_into`] gives,
+/// for a zero test instead of a compression and a checksum (about 40 µs instead of 330 µs
+/// for a MiB here).
+fn compress_frame(chunk: &[u8], level: i32, out: &mut Vec<u8>) -> Option<()> {
+    thread_local! {
+        static ZERO_FRAME: std::cell::RefCell<Option<(i32, Vec<u8>)>> = const { std::cell::RefCell::new(None) };
+    }
+    if chunk.len() != FRAME_LEN || !bulwark_blockdiff::is_zero(chunk) {
+        return compress_into(chunk, level, true, out);
+    }
+    ZERO_FRAME.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut frame = Vec::new();
+            compress_into(chunk, level, true, &mut frame)?;
+            *z = Some((level, frame));
+        }
+        out.extend_from_slice(&z.as_ref()?.1);
         Some(())
     })
 }
@@ -296,7 +320,7 @@ pub fn compress_block_reusing(
             }
             reused.mismatched += 1;
         }
-        compress_into(chunk, level, true, &mut out)?;
+        compress_frame(chunk, level, &mut out)?;
     }
     Some((out, reused))
 }
@@ -304,13 +328,14 @@ pub fn compress_block_reusing(
 /// The compressed payload of a stored block (decrypted) and its plain length, for
 /// [`compress_block_reusing`]: `None` if the block is stored raw or does not parse (then the
 /// new block is compressed whole).
-pub(crate) fn block_payload(
+/// The payload is borrowed from `bytes` unless it had to be decrypted.
+pub(crate) fn block_payload<'a>(
     key: &str,
-    bytes: &[u8],
+    bytes: &'a [u8],
     cipher: Option<&ObjectCipher>,
-) -> Option<(Vec<u8>, u64)> {
+) -> Option<(std::borrow::Cow<'a, [u8]>, u64)> {
     let p = parse(Kind::Block, key, bytes, cipher).ok()?;
-    p.compressed.then(|| (p.payload.into_owned(), p.plain_len))
+    p.compressed.then_some((p.payload, p.plain_len))
 }
 
 /// Opens an object read from `key`: checks the header, decompresses within the kind's bound and
@@ -669,6 +694,43 @@ mod tests {
         let m = seal(Kind::Manifest, &plain, Some(1), None);
         assert!(block_frames(&m.bytes[HEADER_LEN..], plain.len()).is_none());
         assert_eq!(open(Kind::Manifest, "k", &m.bytes).unwrap().0, plain);
+    }
+
+    /// The frames of `plain` as compressing every span gives them, without the zero shortcut.
+    fn frames_compressed_one_by_one(plain: &[u8], level: i32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in plain.chunks(FRAME_LEN) {
+            compress_into(chunk, level, true, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn a_zero_span_takes_the_frame_compressing_zeroes_gives() {
+        // A block the guest wrote a little of: zero spans, a span zero but for its last byte,
+        // and a short zero tail.
+        let mut block = vec![0u8; (1 << 20) + 4096];
+        block[300 << 10..364 << 10].copy_from_slice(&text(64 << 10, 9));
+        block[(5 * FRAME_LEN) - 1] = 1;
+        // Levels in turn, as two vaults in one process would use them.
+        for level in [1, 3, 1, 19] {
+            let got = compress_kind(Kind::Block, &block, level).unwrap();
+            assert_eq!(
+                got,
+                frames_compressed_one_by_one(&block, level),
+                "level {level}"
+            );
+        }
+        let s = seal(Kind::Block, &block, Some(1), None);
+        assert_eq!(open(Kind::Block, "k", &s.bytes).unwrap().0, block);
+        // Reuse compresses a changed zero span the same way.
+        let old = text(1 << 20, 10);
+        let old_payload = payload_of(&seal(Kind::Block, &old, Some(1), None));
+        let mut new = old.clone();
+        new[..2 * FRAME_LEN].fill(0);
+        let untouched: Vec<bool> = (0..8).map(|i| i >= 2).collect();
+        let (payload, _) = compress_block_reusing(&new, 1, &old_payload, &untouched).unwrap();
+        assert_eq!(payload, frames_compressed_one_by_one(&new, 1));
     }
 
     #[test]
