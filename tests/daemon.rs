@@ -132,6 +132,14 @@ fn points(s: &Setup, vm: &str) -> Vec<Value> {
     v["points"].as_array().cloned().unwrap_or_default()
 }
 
+/// Whether a prune lease object is in the vault now.
+fn prune_lease_held(s: &Setup) -> bool {
+    std::fs::read_dir(Path::new(&s.vault).join("locks")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("prune-"))
+    })
+}
+
 fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -187,13 +195,19 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
             .into_iter()
             .find(|j| j["vm"] == "web01" && j["state"] == "CompletedWithWarnings")
     });
+    // Housekeeping prunes after every job, often while db01's transfer runs: a kill during a
+    // prune would leave its lease for 60 s (see the wait for retention below), so the kill
+    // waits for a moment without one.
     let interrupted = wait_for(
-        "a db01 job in its transfer phase",
+        "a db01 job in its transfer phase, and no prune running",
         Duration::from_secs(60),
         || {
-            jobs(&s).into_iter().find(|j| {
-                j["vm"] == "db01" && j["state"] == "InProgress" && j["transfer"] == "running"
-            })
+            jobs(&s)
+                .into_iter()
+                .find(|j| {
+                    j["vm"] == "db01" && j["state"] == "InProgress" && j["transfer"] == "running"
+                })
+                .filter(|_| !prune_lease_held(&s))
         },
     );
     daemon.kill().unwrap();
@@ -308,9 +322,10 @@ fn daemon_runs_jobs_survives_sigkill_and_stops_on_sigterm() {
     );
 
     // Retention has caught up with the second life's jobs. A SIGKILL that landed while a
-    // housekeeping pass held its prune lease leaves that lease for its TTL (60 s): prunes wait
-    // for it, by design, so this can take that long (and a SIGTERM meanwhile would cut the
-    // waiting pass short at the shutdown timeout).
+    // housekeeping pass held its prune lease (a prune starting between the check above and
+    // the kill) leaves that lease for its TTL (60 s): prunes wait for it, by design, so this
+    // can take that long (and a SIGTERM meanwhile would cut the waiting pass short at the
+    // shutdown timeout).
     wait_for(
         "retention to keep at most two web01 points",
         Duration::from_secs(150),
