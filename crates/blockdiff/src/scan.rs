@@ -338,9 +338,6 @@ pub fn scan_tracked(
     })
 }
 
-/// The runs of blocks (sorted, disjoint, not adjacent) that lie wholly inside the union of
-/// `unchanged` and have the same length in `previous` as on a disk of `size` bytes. Costs a
-/// sort of the ranges and a few steps per range, never a step per block.
 /// The union of `ranges` (in any order, overlapping or touching, empty ones ignored) as
 /// sorted, disjoint, non-touching ranges: the form [`scan_tracked`]'s callers can search.
 pub fn union_of(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
@@ -378,7 +375,6 @@ fn carried_runs(
             _ => runs.push(r),
         }
     };
-    let mut merged: Option<Range<u64>> = None;
     let mut flush = |r: Range<u64>| {
         // Block i lies wholly inside r when i·bs ≥ r.start and min((i+1)·bs, size) ≤ r.end.
         let first = r.start.div_ceil(bs.bytes());
@@ -398,18 +394,8 @@ fn carried_runs(
             }
         }
     };
-    for r in unchanged {
-        merged = match merged {
-            Some(m) if r.start <= m.end => Some(m.start..m.end.max(r.end)),
-            Some(m) => {
-                flush(m);
-                Some(r)
-            }
-            None => Some(r),
-        };
-    }
-    if let Some(m) = merged {
-        flush(m);
+    for r in union_of(unchanged) {
+        flush(r);
     }
     runs
 }
