@@ -302,15 +302,28 @@ fn block_text(seed: u64) -> Vec<u8> {
     out
 }
 
-async fn replace_one_span(v: &Vault) -> (PutBlock, Vec<u8>, Address) {
-    let old = block_text(1);
+/// Stores the 1 MiB text block of `seed`, then makes a copy changed by `edit`: the old
+/// block's address, the new block and its address.
+async fn stored_and_changed(
+    v: &Vault,
+    seed: u64,
+    edit: impl FnOnce(&mut [u8]),
+) -> (Address, Vec<u8>, Address) {
+    let old = block_text(seed);
     let old_address = v.address_of(&old);
     v.put_block(old_address, Bytes::from(old.clone()))
         .await
         .unwrap();
-    let mut new = old.clone();
-    new[10..20].copy_from_slice(b"0123456789"); // the first 128 KiB only
+    let mut new = old;
+    edit(&mut new);
     let address = v.address_of(&new);
+    (old_address, new, address)
+}
+
+async fn replace_one_span(v: &Vault) -> (PutBlock, Vec<u8>, Address) {
+    // The first 128 KiB only.
+    let (old_address, new, address) =
+        stored_and_changed(v, 1, |b| b[10..20].copy_from_slice(b"0123456789")).await;
     let put = v
         .put_block_replacing(
             address,
@@ -371,14 +384,7 @@ async fn a_local_vault_reuses_frames_by_default() {
 #[tokio::test]
 async fn the_replaced_block_is_read_only_when_a_whole_frame_is_untouched() {
     let v = mem().await.with_frame_reuse(true);
-    let old = block_text(2);
-    let old_address = v.address_of(&old);
-    v.put_block(old_address, Bytes::from(old.clone()))
-        .await
-        .unwrap();
-    let mut new = old.clone();
-    new[0] ^= 1;
-    let address = v.address_of(&new);
+    let (old_address, new, address) = stored_and_changed(&v, 2, |b| b[0] ^= 1).await;
     let before = v.store_stats();
     // Untouched spans, none of which covers a whole 128 KiB frame.
     let untouched = (0..8u64)
