@@ -287,6 +287,17 @@ mod tests {
             .arg(&socket)
             .spawn()
             .unwrap();
+        // `spawn` returns once the exec has begun, before the kernel has set up the new
+        // command line: until then /proc shows none, and the helper would not be recognised
+        // (a real record is written only after its helper has made its socket).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runs_with(helper.id(), &socket.to_string_lossy()) {
+            assert!(
+                Instant::now() < deadline,
+                "the helper never showed its command line"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::write(
             dir.path().join("bulwark-offline-c.pid"),
             format!("1 999999999999 {}\n", helper.id()),
@@ -296,7 +307,19 @@ mod tests {
             remove_stale(dir.path(), "bulwark-offline-"),
             vec![socket.clone()]
         );
-        let status = helper.wait().unwrap();
+        // Bounded: a helper left running fails the test instead of hanging it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = helper.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = helper.kill();
+                let _ = helper.wait();
+                panic!("the helper of a dead owner was not killed");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
         assert!(!socket.exists());
