@@ -414,7 +414,8 @@ impl DiskJob<'_> {
         };
         let mut map = BlockMapBuilder::new(bs, size, baseline.map.clone());
         // What tracking says is unchanged, sorted and merged: a changed block's untouched
-        // spans let the vault reuse the replaced block's compressed frames.
+        // spans let the vault reuse the replaced block's compressed frames without comparing
+        // their bytes.
         let untouched = Arc::new(union_of(baseline.unchanged.clone()));
         let events = scan_tracked(
             reader,
@@ -519,8 +520,9 @@ impl DiskJob<'_> {
 }
 
 /// For a changed block that had data at the previous point: that block, and the spans of it
-/// that `untouched` (sorted, merged; disk offsets) covers, relative to the block's start.
-/// `None` when nothing of the block is known untouched (nothing to reuse).
+/// that `untouched` (sorted, merged; disk offsets) covers, relative to the block's start (none
+/// without tracking: the vault then compares every span's bytes). `None` when the block had no
+/// data at the previous point (nothing to reuse).
 fn replaced(
     ev: &BlockEvent,
     previous: Option<&BlockMap>,
@@ -541,7 +543,7 @@ fn replaced(
         .take_while(|r| r.start < end)
         .map(|r| r.start.max(start) - start..r.end.min(end) - start)
         .collect();
-    (!spans.is_empty()).then_some(Replaced {
+    Some(Replaced {
         address,
         untouched: spans,
     })
@@ -682,8 +684,11 @@ mod tests {
         );
         assert_eq!(
             replaced(&changed(0, 1 << 20), Some(&map), &[], bs),
-            None,
-            "nothing untouched"
+            Some(Replaced {
+                address: Address([100; 32]),
+                untouched: Vec::new()
+            }),
+            "nothing untouched: the vault compares every span"
         );
         let unchanged = BlockEvent::Unchanged {
             index: 0,

@@ -35,8 +35,11 @@
 //! What it buys is the incremental's cost: when a guest rewrote 64 KiB of a 1 MiB block, the
 //! new block's object takes the compressed frames of the old one for every 128 KiB that change
 //! tracking says is untouched *and* whose checksum matches the new bytes, and compresses only
-//! the rest ([`compress_block_reusing`]). The new object's digest is still the BLAKE3 of the
-//! whole new block, read from the snapshot: a frame taken wrongly could not open.
+//! the rest ([`compress_block_reusing`]). A span tracking does not vouch for (a raw image
+//! scanned without tracking, a dirty range) is taken only when its checksum matches and the
+//! old frame decompresses to exactly the new bytes: decompressing and comparing costs a
+//! fraction of compressing. The new object's digest is still the BLAKE3 of the whole new
+//! block, read from the snapshot: a frame taken wrongly could not open.
 
 use crate::Error;
 use crate::crypto::ObjectCipher;
@@ -267,6 +270,9 @@ pub struct Reused {
     /// Spans change tracking called untouched whose checksum did not match the new bytes
     /// (compressed anew: tracking missed a write, or the old object is damaged).
     pub mismatched: u64,
+    /// Of [`Reused::bytes`], those of spans tracking did not vouch for, taken because the old
+    /// frame decompressed to exactly the new bytes.
+    pub compared: u64,
 }
 
 /// The frames of a block payload written by [`compress_kind`]: `(frame bytes, checksum)` for
@@ -296,12 +302,16 @@ fn block_frames(payload: &[u8], plain_len: usize) -> Option<Vec<(&[u8], u32)>> {
     rest.is_empty().then_some(frames)
 }
 
-/// Compresses the block `plain` as [`seal`] does, taking from `old_payload` (the decrypted,
-/// compressed payload of the block this one replaces, of the same length) the frame of every
-/// [`FRAME_LEN`] span that `untouched` marks *and* whose zstd checksum matches `plain`'s bytes
-/// there; every other span is compressed. `untouched[i]` is change tracking's word that span
-/// `i` did not change since the old block. `None` when `old_payload` is not a framed payload
-/// of a block that size (then the whole block is compressed).
+/// Compresses the block `plain` as [`seal`] does, taking frames from `old_payload` (the
+/// decrypted, compressed payload of the block this one replaces, of the same length) where
+/// they hold `plain`'s bytes, and compressing every other [`FRAME_LEN`] span:
+/// - a span `untouched` marks (change tracking's word that span `i` did not change since the
+///   old block) takes the old frame when its zstd checksum matches `plain`'s bytes there;
+/// - any other span takes it only when the checksum matches *and* the old frame decompresses
+///   to exactly those bytes (a 32-bit checksum alone is not proof of equal content).
+///
+/// `None` when `old_payload` is not a framed payload of a block that size (then the whole
+/// block is compressed).
 pub fn compress_block_reusing(
     plain: &[u8],
     level: i32,
@@ -312,17 +322,50 @@ pub fn compress_block_reusing(
     let mut out = Vec::with_capacity(old_payload.len() + FRAME_LEN / 2);
     let mut reused = Reused::default();
     for (i, (chunk, (frame, sum))) in plain.chunks(FRAME_LEN).zip(frames).enumerate() {
+        let same_sum = xxhash_rust::xxh64::xxh64(chunk, 0) as u32 == sum;
         if untouched.get(i).copied().unwrap_or(false) {
-            if xxhash_rust::xxh64::xxh64(chunk, 0) as u32 == sum {
+            if same_sum {
                 out.extend_from_slice(frame);
                 reused.bytes += chunk.len() as u64;
                 continue;
             }
             reused.mismatched += 1;
+        } else if same_sum && frame_holds(frame, chunk) {
+            out.extend_from_slice(frame);
+            reused.bytes += chunk.len() as u64;
+            reused.compared += chunk.len() as u64;
+            continue;
         }
         compress_frame(chunk, level, &mut out)?;
     }
     Some((out, reused))
+}
+
+/// Whether the zstd frame `frame` decompresses to exactly `chunk` (at most [`FRAME_LEN`]
+/// bytes). It is decompressed into a buffer of that size, kept per thread: a frame that holds
+/// more, or does not decompress, is not equal.
+fn frame_holds(frame: &[u8], chunk: &[u8]) -> bool {
+    type Ctx = (zstd::bulk::Decompressor<'static>, Vec<u8>);
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<Ctx>> = const { std::cell::RefCell::new(None) };
+    }
+    if chunk.len() > FRAME_LEN {
+        return false;
+    }
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new()
+                .ok()
+                .map(|z| (z, Vec::with_capacity(FRAME_LEN)));
+        }
+        let Some((dec, scratch)) = d.as_mut() else {
+            return false;
+        };
+        scratch.clear();
+        matches!(dec.decompress_to_buffer(frame, scratch), Ok(n) if n == chunk.len())
+            && scratch.as_slice() == chunk
+    })
 }
 
 /// The compressed payload of a stored block (decrypted) and its plain length, for
@@ -747,7 +790,8 @@ mod tests {
             reused,
             Reused {
                 bytes: 7 * FRAME_LEN as u64,
-                mismatched: 0
+                mismatched: 0,
+                compared: 0
             }
         );
         let s = seal_compressed(Kind::Block, &new, Some(payload.clone()), None);
@@ -768,11 +812,70 @@ mod tests {
             reused,
             Reused {
                 bytes: 7 * FRAME_LEN as u64,
-                mismatched: 1
+                mismatched: 1,
+                compared: 0
             }
         );
         let s = seal_compressed(Kind::Block, &new, Some(payload), None);
         assert_eq!(open(Kind::Block, "k", &s.bytes).unwrap().0, new);
+    }
+
+    /// Two different spans of [`FRAME_LEN`] bytes with the same zstd checksum (the low 32
+    /// bits of XXH64): `base` with its last 8 bytes replaced, found by a birthday search.
+    fn colliding_spans(base: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let head = &base[..FRAME_LEN - 8];
+        let mut prefix = xxhash_rust::xxh64::Xxh64::new(0);
+        prefix.update(head);
+        let mut seen = std::collections::HashMap::new();
+        for tail in 0u64.. {
+            let mut h = prefix.clone();
+            h.update(&tail.to_le_bytes());
+            if let Some(other) = seen.insert(h.digest() as u32, tail) {
+                let with = |t: u64| [head, &t.to_le_bytes()[..]].concat();
+                return (with(other), with(tail));
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn a_span_tracking_does_not_vouch_for_is_taken_only_when_its_bytes_are_equal() {
+        let old = text(1 << 20, 6);
+        let old_payload = payload_of(&seal(Kind::Block, &old, Some(1), None));
+        let mut new = old.clone();
+        new[300 << 10..364 << 10].copy_from_slice(&text(64 << 10, 7)); // inside frame 2
+        // No tracking at all: every span is compared with the old frame.
+        let (payload, reused) = compress_block_reusing(&new, 1, &old_payload, &[false; 8]).unwrap();
+        let seven = 7 * FRAME_LEN as u64;
+        assert_eq!(
+            reused,
+            Reused {
+                bytes: seven,
+                mismatched: 0,
+                compared: seven
+            }
+        );
+        assert_eq!(payload, payload_of(&seal(Kind::Block, &new, Some(1), None)));
+
+        // Frame 2 old and new differ in their last 8 bytes, with the same checksum: equal
+        // checksums are not taken as equal bytes.
+        let (a, b) = colliding_spans(&old[2 * FRAME_LEN..3 * FRAME_LEN]);
+        assert_ne!(a, b);
+        let mut old = old;
+        old[2 * FRAME_LEN..3 * FRAME_LEN].copy_from_slice(&a);
+        let old_payload = payload_of(&seal(Kind::Block, &old, Some(1), None));
+        let mut new = old.clone();
+        new[2 * FRAME_LEN..3 * FRAME_LEN].copy_from_slice(&b);
+        let (payload, reused) = compress_block_reusing(&new, 1, &old_payload, &[false; 8]).unwrap();
+        assert_eq!(reused.compared, seven, "frame 2 compressed anew");
+        let s = seal_compressed(Kind::Block, &new, Some(payload), None);
+        assert_eq!(open(Kind::Block, "k", &s.bytes).unwrap().0, new);
+        // Where tracking vouches for the span, its checksum is trusted; a frame taken wrongly
+        // then makes an object that fails to open, never one that opens to wrong bytes.
+        let (payload, reused) = compress_block_reusing(&new, 1, &old_payload, &[true; 8]).unwrap();
+        assert_eq!(reused.bytes, 8 * FRAME_LEN as u64);
+        let s = seal_compressed(Kind::Block, &new, Some(payload), None);
+        assert!(open(Kind::Block, "k", &s.bytes).is_err());
     }
 
     #[test]
@@ -804,7 +907,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// Whatever tracking says (right or wrong) and whatever changed, the new object opens
-        /// to the new bytes, and only spans called untouched are reused.
+        /// to the new bytes; of the spans not called untouched, exactly those with unchanged
+        /// bytes are reused.
         #[test]
         fn prop_reuse_always_opens_to_the_new_block(
             len in 1usize..(600 << 10),
@@ -822,7 +926,10 @@ mod tests {
             }
             let (payload, reused) = compress_block_reusing(&new, 1, &old_payload, &untouched).unwrap();
             let marked: u64 = new.chunks(FRAME_LEN).zip(&untouched).filter(|(_, u)| **u).map(|(c, _)| c.len() as u64).sum();
-            prop_assert!(reused.bytes <= marked);
+            let equal_unmarked: u64 = new.chunks(FRAME_LEN).zip(old.chunks(FRAME_LEN)).zip(&untouched)
+                .filter(|((n, o), u)| !**u && n == o).map(|((n, _), _)| n.len() as u64).sum();
+            prop_assert!(reused.bytes - reused.compared <= marked);
+            prop_assert_eq!(reused.compared, equal_unmarked);
             let s = seal_compressed(Kind::Block, &new, Some(payload), None);
             prop_assert_eq!(open(Kind::Block, "k", &s.bytes).unwrap().0, new);
         }

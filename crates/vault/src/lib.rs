@@ -141,7 +141,7 @@ pub struct Replaced {
     /// The address the same block had at the previous point.
     pub address: Address,
     /// Byte ranges of the block (from its start) that change tracking reports unchanged
-    /// since then.
+    /// since then; empty without tracking (every span is then compared byte for byte).
     pub untouched: Vec<std::ops::Range<u64>>,
 }
 
@@ -793,9 +793,10 @@ impl Vault {
     }
 
     /// [`Vault::put_block`] for a changed block: with frame reuse on (see
-    /// [`Vault::with_frame_reuse`]) and `replaced` given, the compressed frames of the spans
-    /// that change tracking reports untouched, and whose checksums match, are taken from the
-    /// replaced block's object, and only the rest is compressed (see
+    /// [`Vault::with_frame_reuse`]) and `replaced` given, the replaced block's object is read,
+    /// and its compressed frames are taken for the spans that change tracking reports
+    /// untouched and whose checksums match, and for the other spans whose old frame holds
+    /// exactly the new bytes; only the rest is compressed (see
     /// [`envelope::compress_block_reusing`]). The object is the same as `put_block` would
     /// store, frame for frame where a span was compressed, and opens to `data` exactly; a
     /// replaced block that cannot be read or is not framed only means compressing it all.
@@ -813,25 +814,19 @@ impl Vault {
         }
         let key = block_key(&address);
         let level = self.config.zstd_level();
-        // The replaced block is read only when a whole frame of it is untouched.
         let old = match (&replaced, level) {
             (Some(r), Some(_)) if self.reuse_frames && r.address != address => {
-                let untouched = untouched_frames(&r.untouched, data.len());
-                if untouched.contains(&true) {
-                    let old_key = block_key(&r.address);
-                    match self.get_raw(&old_key, Kind::Block).await {
-                        Ok(raw) => Some(OldBlock {
-                            key: old_key,
-                            raw,
-                            untouched,
-                        }),
-                        Err(e) => {
-                            tracing::debug!(block = %r.address.to_hex(), error = %e, "replaced block unreadable: compressing the whole block");
-                            None
-                        }
+                let old_key = block_key(&r.address);
+                match self.get_raw(&old_key, Kind::Block).await {
+                    Ok(raw) => Some(OldBlock {
+                        key: old_key,
+                        raw,
+                        untouched: untouched_frames(&r.untouched, data.len()),
+                    }),
+                    Err(e) => {
+                        tracing::debug!(block = %r.address.to_hex(), error = %e, "replaced block unreadable: compressing the whole block");
+                        None
                     }
-                } else {
-                    None
                 }
             }
             _ => None,
