@@ -194,18 +194,27 @@ impl DiskJob<'_> {
             .instrument(tracing::info_span!("scan"))
             .await?;
         let name = source.name();
-        let (digest, manifest_bytes) = self
-            .vault
-            .put_manifest(
-                &ManifestRef {
-                    vm: self.vm,
-                    disk: name,
-                    point: self.point,
-                },
-                &map,
-            )
-            .instrument(tracing::info_span!("manifest"))
-            .await?;
+        // The reads are over: the source says whether its point in time held throughout (and
+        // frees what served them) while the manifest is written. Both must succeed before
+        // the commit.
+        let manifest_ref = ManifestRef {
+            vm: self.vm,
+            disk: name,
+            point: self.point,
+        };
+        let (ended, manifest) = tokio::join!(
+            source
+                .end_read()
+                .instrument(tracing::info_span!("end_read")),
+            self.vault
+                .put_manifest(&manifest_ref, &map)
+                .instrument(tracing::info_span!("manifest")),
+        );
+        ended.map_err(|source| Error::Snapshot {
+            vm: self.vm.to_string(),
+            source,
+        })?;
+        let (digest, manifest_bytes) = manifest?;
         stats.bytes_uploaded += manifest_bytes;
         stats.duration_ms = start.elapsed().as_millis() as u64;
         self.observer.finish(name);
@@ -695,5 +704,97 @@ mod tests {
             entry: old(0),
         };
         assert_eq!(replaced(&unchanged, Some(&map), &untouched, bs), None);
+    }
+
+    /// Image snapshots whose sources say, at the end of the reads, that their point in time
+    /// did not hold (as a QEMU source whose copy-before-write job stopped).
+    #[derive(Debug)]
+    struct NotHeld(bulwark_snapshot::ImageSnapshotter);
+
+    #[derive(Debug)]
+    struct NotHeldPending(Box<dyn bulwark_snapshot::PendingSnapshot>);
+
+    #[derive(Debug)]
+    struct NotHeldDisk(Box<dyn DiskSource>);
+
+    #[async_trait::async_trait]
+    impl bulwark_snapshot::Snapshotter for NotHeld {
+        async fn prepare(
+            &self,
+            vm: &str,
+            point: &str,
+        ) -> Result<Box<dyn bulwark_snapshot::PendingSnapshot>, bulwark_snapshot::Error> {
+            Ok(Box::new(NotHeldPending(self.0.prepare(vm, point).await?)))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl bulwark_snapshot::PendingSnapshot for NotHeldPending {
+        async fn take(
+            self: Box<Self>,
+        ) -> Result<Vec<Box<dyn DiskSource>>, bulwark_snapshot::Error> {
+            Ok(self
+                .0
+                .take()
+                .await?
+                .into_iter()
+                .map(|d| Box::new(NotHeldDisk(d)) as Box<dyn DiskSource>)
+                .collect())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DiskSource for NotHeldDisk {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn kind(&self) -> &str {
+            self.0.kind()
+        }
+        fn reader(&self) -> Arc<dyn bulwark_blockdiff::BlockSource> {
+            self.0.reader()
+        }
+        async fn changes_since(
+            &self,
+            previous: &PreviousDisk,
+        ) -> Result<Changes, bulwark_snapshot::Error> {
+            self.0.changes_since(previous).await
+        }
+        fn tracking(&self) -> Option<bulwark_snapshot::Tracking> {
+            self.0.tracking()
+        }
+        async fn end_read(&self) -> Result<(), bulwark_snapshot::Error> {
+            Err(bulwark_snapshot::Error::Io {
+                path: "not-held".into(),
+                source: std::io::Error::other("the point in time did not hold"),
+            })
+        }
+        async fn release(
+            self: Box<Self>,
+            outcome: bulwark_snapshot::Outcome,
+        ) -> Result<bulwark_snapshot::Released, bulwark_snapshot::Error> {
+            self.0.release(outcome).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_whose_point_did_not_hold_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("os.img");
+        std::fs::write(&img, vec![7u8; 3 << 20]).unwrap();
+        let disk = bulwark_snapshot::ImageDisk::parse(&format!("os={}", img.display())).unwrap();
+        let images = bulwark_snapshot::ImageSnapshotter::new(vec![disk]).unwrap();
+        let vault = Vault::create("memory:", &Default::default()).await.unwrap();
+        let req = BackupRequest::new("vm1", Arc::new(NotHeld(images.clone())));
+        let err = crate::run_backup(req, &vault).await.unwrap_err();
+        assert!(
+            err.to_string().contains("the point in time did not hold"),
+            "{err}"
+        );
+        assert!(vault.list_points(None).await.unwrap().points.is_empty());
+        // The same disk through the plain source commits.
+        let req = BackupRequest::new("vm1", Arc::new(images));
+        crate::run_backup(req, &vault).await.unwrap();
+        assert_eq!(vault.list_points(None).await.unwrap().points.len(), 1);
     }
 }

@@ -16,9 +16,13 @@
 //!   from the disk into the fleecing node (copy-before-write: a guest write first copies the old
 //!   data into the fleecing image); then `nbd-server-start` on a Unix socket and, per disk,
 //!   `block-export-add` of the fleecing node, read-only, with the frozen bitmaps;
-//! * release: `block-export-del` (hard), `block-job-cancel`, `blockdev-del` of the qcow2 node
-//!   and then of its `file` node, remove the file,
-//!   `nbd-server-stop` after the last disk; then either `block-dirty-bitmap-remove` of the frozen
+//! * end of the reads (before the point is committed, [`TakenDisk::end_read`]): `query-jobs`
+//!   (a copy-before-write job that stopped fails the backup: the export no longer held the
+//!   point), then `block-export-del` (hard), `block-job-cancel`, `blockdev-del` of the qcow2
+//!   node and then of its `file` node, remove the file, `nbd-server-stop` after the last disk:
+//!   the guest's writes stop paying for copy-before-write while the point is committed;
+//! * release: the same removals if the reads were not ended; then either
+//!   `block-dirty-bitmap-remove` of the frozen
 //!   bases (committed: the new bitmap is the next base) or `block-dirty-bitmap-merge` of the new
 //!   bitmap into each base, `block-dirty-bitmap-enable` of the bases and
 //!   `block-dirty-bitmap-remove` of the new one (failed: the next backup still sees every change
@@ -29,7 +33,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -214,6 +218,9 @@ pub struct TakenDisk {
     shared: Arc<Shared>,
     info: FleeceDisk,
     released: bool,
+    /// The read side (export, job, fleecing image; the server after the last disk) is
+    /// removed, by [`TakenDisk::end_read`] or the release.
+    read_released: AtomicBool,
 }
 
 async fn remove_quietly(qmp: &Qmp, what: &str, r: Result<(), Error>) {
@@ -361,6 +368,7 @@ impl Fleecing {
                     shared: self.shared.clone(),
                     info,
                     released: false,
+                    read_released: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -756,12 +764,42 @@ impl TakenDisk {
         }
     }
 
+    /// Ends the reads, before the point is committed: fails if the copy-before-write job
+    /// stopped (see [`TakenDisk::check_job`]; the export then no longer held the point), else
+    /// removes the export, the job and the fleecing image (the NBD server after the last
+    /// disk), so the guest's writes stop paying for copy-before-write while the point is
+    /// committed. The bitmaps stay until [`TakenDisk::release`]. A removal that fails is
+    /// logged and left to the next backup's [`cleanup_leftovers`]: the point is sound. Once
+    /// it succeeded, a second call does nothing.
+    pub async fn end_read(&self) -> Result<(), Error> {
+        if self.read_ended() {
+            return Ok(());
+        }
+        self.check_job().await?;
+        if !self.read_released.swap(true, Ordering::SeqCst) {
+            remove_quietly(
+                &self.shared.qmp,
+                "ending the reads",
+                release_read(&self.shared, &self.info).await,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Whether [`TakenDisk::end_read`] succeeded (the job was checked, the reads are over).
+    pub fn read_ended(&self) -> bool {
+        self.read_released.load(Ordering::SeqCst)
+    }
+
     /// Ends this disk's point: removes the export, job, node and file (the NBD server with the
-    /// last disk), then hands the bitmaps over: `committed` makes the new bitmap the only base;
-    /// otherwise the new bitmap is merged back into the frozen bases, which record again.
+    /// last disk) unless [`TakenDisk::end_read`] did, then hands the bitmaps over: `committed`
+    /// makes the new bitmap the only base; otherwise the new bitmap is merged back into the
+    /// frozen bases, which record again.
     pub async fn release(mut self, committed: bool) -> Result<(), Error> {
         self.released = true;
-        release_disk(self.shared.clone(), self.info.clone(), committed).await
+        let read = !self.read_released.swap(true, Ordering::SeqCst);
+        release_disk(self.shared.clone(), self.info.clone(), committed, read).await
     }
 }
 
@@ -773,19 +811,43 @@ impl Drop for TakenDisk {
         self.released = true;
         let shared = self.shared.clone();
         let info = self.info.clone();
+        let read = !self.read_released.swap(true, Ordering::SeqCst);
         spawn_cleanup(async move {
             let qmp = shared.qmp.clone();
             remove_quietly(
                 &qmp,
                 "releasing a dropped disk",
-                release_disk(shared, info, false).await,
+                release_disk(shared, info, false, read).await,
             )
             .await;
         });
     }
 }
 
-async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Result<(), Error> {
+/// Removes what served a disk's reads: its export, its copy-before-write job and its fleecing
+/// image, then the NBD server if no other disk's reads are left. Called once per disk. Each
+/// step is done even when an earlier one failed; the first error is returned.
+async fn release_read(shared: &Shared, d: &FleeceDisk) -> Result<(), Error> {
+    let qmp = &shared.qmp;
+    let mut steps = vec![
+        del_export(qmp, &d.export).await,
+        cancel_job(qmp, &d.job).await,
+        remove_fleece(qmp, d).await,
+    ];
+    if shared.live_disks.fetch_sub(1, Ordering::SeqCst) == 1 {
+        steps.push(stop_server(shared).await);
+    }
+    steps.into_iter().collect()
+}
+
+/// Ends a disk's point: its read side first when `read` (see [`release_read`]), then its
+/// bitmaps (see [`TakenDisk::release`]).
+async fn release_disk(
+    shared: Arc<Shared>,
+    d: FleeceDisk,
+    committed: bool,
+    read: bool,
+) -> Result<(), Error> {
     let qmp = &shared.qmp;
     let mut first: Option<Error> = None;
     let mut note = |r: Result<(), Error>| {
@@ -794,11 +856,8 @@ async fn release_disk(shared: Arc<Shared>, d: FleeceDisk, committed: bool) -> Re
             first.get_or_insert(e);
         }
     };
-    note(del_export(qmp, &d.export).await);
-    note(cancel_job(qmp, &d.job).await);
-    note(remove_fleece(qmp, &d).await);
-    if shared.live_disks.fetch_sub(1, Ordering::SeqCst) == 1 {
-        note(stop_server(&shared).await);
+    if read {
+        note(release_read(&shared, &d).await);
     }
     if committed {
         for b in &d.frozen {

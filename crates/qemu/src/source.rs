@@ -267,6 +267,12 @@ impl DiskSource for QemuDisk {
         self.taken.as_ref().map(|t| t.record().to_tracking())
     }
 
+    /// Fails if the copy-before-write job stopped during the reads; else ends the fleecing
+    /// (see [`TakenDisk::end_read`]).
+    async fn end_read(&self) -> Result<(), bulwark_snapshot::Error> {
+        self.taken()?.end_read().await.map_err(to_snapshot)
+    }
+
     async fn release(
         mut self: Box<Self>,
         outcome: Outcome,
@@ -280,7 +286,8 @@ impl DiskSource for QemuDisk {
             })?;
         let committed = matches!(outcome, Outcome::Committed { .. });
         // A copy-before-write job that stopped means the export stopped holding the instant.
-        let job = if committed {
+        // `end_read` checked that before the commit; a caller that skipped it is checked here.
+        let job = if committed && !taken.read_ended() {
             taken.check_job().await
         } else {
             Ok(())

@@ -171,8 +171,23 @@ async fn export_holds_the_instant_and_bitmaps_hand_over() {
             .any(|(o, _, d)| *o >= 4 * MIB && d.contains("hole")),
         "{alloc:?}"
     );
+    // The reads are over: the job is checked, and the export, the job, the fleecing nodes,
+    // their files and the NBD socket go before the commit; the bitmaps wait for the release.
     for d in &taken {
-        d.check_job().await.unwrap();
+        d.end_read().await.unwrap();
+        assert!(d.read_ended());
+    }
+    taken[0].end_read().await.unwrap();
+    assert_eq!(bulwark_objects(&qmp, vm.path()).await, Vec::<String>::new());
+    assert!(!taken[0].socket().exists());
+    for d in &taken {
+        let names: Vec<String> = bitmaps(&qmp, &d.info().disk.node)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert!(names.contains(&d.info().new_bitmap), "{names:?}");
     }
     let new_os = taken[0].info().new_bitmap.clone();
     for d in taken {
@@ -277,6 +292,32 @@ async fn a_failed_point_gives_its_changes_back_to_the_base() {
     let b2 = taken[0].info().new_bitmap.clone();
     assert_eq!(taken[0].info().frozen[0].name, b1);
     guest_write(&qmp, "os", 0x02, 10 * MIB, 64 * 1024).await; // W2: while point 2 is read
+    // The copy-before-write job stops during the reads (as when the fleecing image's file
+    // system fills up): the export stopped holding the point, so the end of the reads fails
+    // and the point must not be committed.
+    let job = taken[0].info().job.clone();
+    qmp.run(
+        qapi::qmp::block_job_cancel {
+            device: job.clone(),
+            force: Some(true),
+        },
+        &job,
+    )
+    .await
+    .unwrap();
+    for _ in 0..500 {
+        let jobs = qmp.run(qapi::qmp::query_jobs {}, &job).await.unwrap();
+        if !jobs.iter().any(|j| j.id == job) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = taken[0].end_read().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Job { .. }) && err.to_string().contains(&job),
+        "{err}"
+    );
+    assert!(!taken[0].read_ended());
     for d in taken {
         d.release(false).await.unwrap();
     }

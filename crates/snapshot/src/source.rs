@@ -102,6 +102,15 @@ pub trait DiskSource: Send + Sync + Debug {
     /// The record to store in the new point, for the next backup's [`DiskSource::changes_since`].
     fn tracking(&self) -> Option<Tracking>;
 
+    /// Called once the transfer has read all it needs from [`DiskSource::reader`], before the
+    /// point is committed. A source whose point in time may not have held for the whole read
+    /// fails here, so nothing read from it is committed. It may also free what served the
+    /// reads (the reader is not used again); [`DiskSource::release`] still follows. Default:
+    /// nothing to check or free.
+    async fn end_read(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Ends the source's life after the job: see [`Outcome`]. Called exactly once; a source
     /// dropped without it cleans up as for [`Outcome::Failed`] without `keep`.
     async fn release(self: Box<Self>, outcome: Outcome) -> Result<Released, Error>;
