@@ -847,6 +847,29 @@ struct InPlaceDisk {
     reader: Arc<bulwark_blockdiff::Disk>,
     /// Held until the source is released or dropped.
     lock: ImageLock,
+    /// The image's size, modification and change times once locked: a program that ignores
+    /// QEMU's locks and writes the image during the reads changes them.
+    stamp: Stamp,
+}
+
+/// What a write to a file changes: its size, its modification and change times (to the
+/// nanosecond).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 impl InPlaceDisk {
@@ -873,6 +896,7 @@ impl InPlaceDisk {
             name: d.name,
             reader: Arc::new(reader),
             lock,
+            stamp: Stamp::of(&locked),
         })
     }
 }
@@ -906,6 +930,31 @@ impl DiskSource for InPlaceDisk {
 
     fn tracking(&self) -> Option<Tracking> {
         None
+    }
+
+    /// Fails when the image was written while it was read: its size or times moved since it
+    /// was locked (a program that ignores QEMU's locks, `dd` or `cp` say). What was read may
+    /// then mix two states of the disk, and is not committed. A change of owner or mode moves
+    /// the change time too, and fails the same way: nothing is lost, the next backup reads
+    /// it again. On a kernel whose file times are coarse (without multigrain timestamps), a
+    /// write within the same clock tick as the lock can go unseen.
+    async fn end_read(&self) -> Result<(), bulwark_snapshot::Error> {
+        let path = self.lock.path();
+        let now = self
+            .lock
+            .file()
+            .metadata()
+            .map_err(|e| err(path, e.to_string()))?;
+        if Stamp::of(&now) != self.stamp {
+            return Err(err(
+                path,
+                "the image changed during the backup (its size, modification or change time \
+                 moved), though it was locked the way QEMU locks images: a program that \
+                 ignores those locks wrote or changed it; nothing is committed, back it up \
+                 again once it is left alone",
+            ));
+        }
+        Ok(())
     }
 
     async fn release(

@@ -143,6 +143,26 @@ async fn offline_images_are_read_as_the_guest_sees_them_and_locked() {
             Changes::Unknown { .. }
         ));
     }
+    // The reads are over and nothing wrote the images: both sources end their reads.
+    for s in sources.iter() {
+        s.end_read().await.unwrap();
+    }
+    // A program that ignores QEMU's locks (a plain write(2)) writes the raw image after the
+    // reads began: the in-place source says so at the end of the reads, so nothing is
+    // committed from it.
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .write_all_at(&[0x67; 4096], 8 * MIB)
+        .unwrap();
+    let in_place = sources.iter().find(|s| s.kind() == "in-place").unwrap();
+    let e = in_place.end_read().await.unwrap_err().to_string();
+    assert!(
+        e.contains("changed during the backup") && e.contains("data,1.img"),
+        "{e}"
+    );
     // Nothing of the disk's size was written beside the images: one socket, no copy.
     let mut extra: Vec<(String, u64)> = std::fs::read_dir(dir.path())
         .unwrap()
